@@ -1,0 +1,180 @@
+"""Collections: a row in `collections` plus a partition of `documents` with its own fixed-dim HNSW index.
+
+Identifiers are built from the numeric collection id, never from the user's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+from psycopg import AsyncConnection, sql
+from psycopg.rows import class_row
+
+from embedpool.errors import AlreadyExists, InvalidArgument, NotFound
+from embedpool.store.records import CollectionInfo, CollectionStats
+
+__all__ = [
+    "MAX_DIM",
+    "METRICS",
+    "Metric",
+    "check_name",
+    "create",
+    "drop",
+    "get",
+    "index_name",
+    "list_all",
+    "lookup",
+    "partition_name",
+    "stats",
+]
+
+MAX_DIM: Final = 2000  # pgvector's HNSW limit for `vector`
+MAX_NAME_CHARS: Final = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """How one metric is spelt in SQL: the distance operator and the HNSW operator class."""
+
+    operator: sql.SQL
+    opclass: sql.SQL
+
+
+METRICS: Final = {
+    "cosine": Metric(sql.SQL("<=>"), sql.SQL("vector_cosine_ops")),
+    "l2": Metric(sql.SQL("<->"), sql.SQL("vector_l2_ops")),
+    "ip": Metric(sql.SQL("<#>"), sql.SQL("vector_ip_ops")),
+}
+
+_COLUMNS = sql.SQL("id, name, model, dim, metric, created_at")
+
+
+def partition_name(info: CollectionInfo) -> str:
+    return f"documents_c{info.id}"
+
+
+def index_name(info: CollectionInfo) -> str:
+    return f"documents_c{info.id}_hnsw"
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument("collection name must be a non-empty string")
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidArgument(f"collection name is longer than {MAX_NAME_CHARS} characters")
+    if "\x00" in name:
+        raise InvalidArgument("collection name contains a NUL character")
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgument("collection name is not valid Unicode (lone surrogate)") from None
+    return name
+
+
+async def create(conn: AsyncConnection[Any], name: str, *, model: str, dim: int, metric: str) -> CollectionInfo:
+    """Idempotent for the same definition; AlreadyExists when the name is taken by a different one."""
+    check_name(name)
+    if not isinstance(model, str) or not model or "\x00" in model:
+        raise InvalidArgument("model must be a non-empty string")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= MAX_DIM:
+        raise InvalidArgument(f"dim must be an integer in 1..{MAX_DIM}, got {dim!r}")
+    if metric not in METRICS:
+        raise InvalidArgument(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+    async with conn.transaction():
+        cur = conn.cursor(row_factory=class_row(CollectionInfo))
+        # ON CONFLICT makes a concurrent create of the same name wait for the first one, then see its row.
+        await cur.execute(
+            sql.SQL(
+                "INSERT INTO collections (name, model, dim, metric) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (name) DO NOTHING RETURNING {}"
+            ).format(_COLUMNS),
+            (name, model, dim, metric),
+        )
+        created = await cur.fetchone()
+        if created is None:
+            existing = await lookup(conn, name)
+            if (existing.model, existing.dim, existing.metric) != (model, dim, metric):
+                raise AlreadyExists(
+                    f"collection '{name}' already exists with model={existing.model!r}, dim={existing.dim},"
+                    f" metric={existing.metric!r}"
+                )
+            return existing
+        await _create_partition(conn, created)
+        return created
+
+
+async def _create_partition(conn: AsyncConnection[Any], info: CollectionInfo) -> None:
+    part, dim = sql.Identifier(partition_name(info)), sql.Literal(info.dim)
+    await conn.execute(
+        sql.SQL(
+            "CREATE TABLE {part} PARTITION OF documents"
+            " (CONSTRAINT embedding_dim CHECK (vector_dims(embedding) = {dim})) FOR VALUES IN ({id})"
+        ).format(part=part, dim=dim, id=sql.Literal(info.id))
+    )
+    await conn.execute(
+        sql.SQL("CREATE INDEX {index} ON {part} USING hnsw ((embedding::vector({dim})) {opclass})").format(
+            index=sql.Identifier(index_name(info)), part=part, dim=dim, opclass=METRICS[info.metric].opclass
+        )
+    )
+
+
+async def lookup(conn: AsyncConnection[Any], name: str, *, lock: bool = False) -> CollectionInfo:
+    """The collection's row; with lock=True (inside a transaction) a concurrent drop waits for us."""
+    check_name(name)
+    cur = conn.cursor(row_factory=class_row(CollectionInfo))
+    query = sql.SQL("SELECT {} FROM collections WHERE name = %s").format(_COLUMNS)
+    if lock:
+        query += sql.SQL(" FOR KEY SHARE")
+    await cur.execute(query, (name,))
+    info = await cur.fetchone()
+    if info is None:
+        raise NotFound(f"collection '{name}' does not exist")
+    return info
+
+
+async def get(conn: AsyncConnection[Any], name: str) -> CollectionInfo:
+    infos = await _with_counts(conn, sql.SQL("WHERE c.name = %s"), (check_name(name),))
+    if not infos:
+        raise NotFound(f"collection '{name}' does not exist")
+    return infos[0]
+
+
+async def list_all(conn: AsyncConnection[Any]) -> list[CollectionInfo]:
+    return await _with_counts(conn, sql.SQL(""), ())
+
+
+async def _with_counts(conn: AsyncConnection[Any], where: sql.SQL, params: tuple[Any, ...]) -> list[CollectionInfo]:
+    cur = conn.cursor(row_factory=class_row(CollectionInfo))
+    await cur.execute(
+        sql.SQL(
+            "SELECT c.id, c.name, c.model, c.dim, c.metric, c.created_at,"
+            " (SELECT count(*) FROM documents d WHERE d.collection_id = c.id) AS count"
+            " FROM collections c {} ORDER BY c.name"
+        ).format(where),
+        params,
+    )
+    return await cur.fetchall()
+
+
+async def drop(conn: AsyncConnection[Any], name: str) -> None:
+    async with conn.transaction():
+        info = await lookup(conn, name)
+        # Deleting the row first: it waits for upserts holding FOR KEY SHARE on it, then blocks new ones.
+        await conn.execute("DELETE FROM collections WHERE id = %s", (info.id,))
+        await conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(partition_name(info))))
+
+
+async def stats(conn: AsyncConnection[Any], name: str) -> CollectionStats:
+    info = await lookup(conn, name)
+    part, index = partition_name(info), index_name(info)
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT (SELECT count(*) FROM {part}), pg_relation_size(%(index)s::regclass),"
+            " pg_total_relation_size(%(part)s::regclass) - pg_relation_size(%(index)s::regclass)"
+        ).format(part=sql.Identifier(part)),
+        {"part": part, "index": index},
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return CollectionStats(count=row[0], index_bytes=row[1], table_bytes=row[2])

@@ -1,0 +1,128 @@
+"""`Store`: the async facade over a connection pool. Each method is one short transaction or statement."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import numpy as np
+import psycopg
+from numpy.typing import NDArray
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from embedpool.errors import Unavailable
+from embedpool.store import collections, search, writer
+from embedpool.store._codec import configure_connection
+from embedpool.store.migrations import migrate_up
+from embedpool.store.records import Candidate, CollectionInfo, CollectionStats, DocumentRow, UpsertResult
+
+__all__ = ["Store"]
+
+
+@contextlib.asynccontextmanager
+async def _unavailable_on_connection_errors() -> AsyncIterator[None]:
+    # OperationalError covers a server that is down, shutting down or restarting, a dropped connection and
+    # the pool's own timeout (PoolTimeout subclasses it): all mean "retry later", none is the caller's fault.
+    try:
+        yield
+    except psycopg.OperationalError as e:
+        raise Unavailable(f"database unavailable: {e}".strip()) from e
+
+
+class Store:
+    def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Any]]) -> None:
+        """Use `await Store.open(url)`."""
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, url: str, *, min_size: int = 1, max_size: int = 8, timeout: float = 10.0) -> Store:
+        """Connect, migrate the schema up, and open a pool. `timeout`: seconds to wait for a connection."""
+        connect_timeout = max(1, math.ceil(timeout))
+        async with _unavailable_on_connection_errors():
+            async with await AsyncConnection.connect(url, autocommit=True, connect_timeout=connect_timeout) as conn:
+                await migrate_up(conn)
+            pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                kwargs={"autocommit": True, "connect_timeout": connect_timeout},
+                configure=configure_connection,
+                # One empty round trip per checkout: after a database restart, stale connections are replaced
+                # instead of failing the first request that draws each of them.
+                check=AsyncConnectionPool.check_connection,
+                timeout=timeout,
+                open=False,
+                name="embedpool-store",
+            )
+            try:
+                await pool.open(wait=True, timeout=timeout)
+            except BaseException:
+                await pool.close()
+                raise
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[AsyncConnection[Any]]:
+        async with _unavailable_on_connection_errors(), self._pool.connection() as conn:
+            yield conn
+
+    async def create_collection(self, name: str, *, model: str, dim: int, metric: str = "cosine") -> CollectionInfo:
+        """Idempotent for the same definition; AlreadyExists when `name` has a different one."""
+        async with self._connection() as conn:
+            return await collections.create(conn, name, model=model, dim=dim, metric=metric)
+
+    async def get_collection(self, name: str) -> CollectionInfo:
+        """With its document count; NotFound when missing."""
+        async with self._connection() as conn:
+            return await collections.get(conn, name)
+
+    async def list_collections(self) -> list[CollectionInfo]:
+        """By name, each with its document count."""
+        async with self._connection() as conn:
+            return await collections.list_all(conn)
+
+    async def drop_collection(self, name: str) -> None:
+        async with self._connection() as conn:
+            await collections.drop(conn, name)
+
+    async def upsert(self, collection: str, docs: Sequence[DocumentRow]) -> UpsertResult:
+        """Store the valid rows in one transaction; invalid ones come back in `rejected`."""
+        async with self._connection() as conn:
+            return await writer.upsert(conn, collection, docs)
+
+    async def existing_hashes(self, collection: str, ids: Sequence[str]) -> dict[str, bytes]:
+        async with self._connection() as conn:
+            return await writer.existing_hashes(conn, collection, ids)
+
+    async def search_candidates(
+        self,
+        collection: str,
+        query: NDArray[np.float32],
+        *,
+        candidates: int,
+        filter: dict[str, Any] | None = None,
+        max_distance: float | None = None,
+    ) -> list[Candidate]:
+        """Up to `candidates` approximate nearest documents, nearest first (metadata @> filter when given)."""
+        async with self._connection() as conn:
+            return await search.search_candidates(
+                conn, collection, query, candidates=candidates, filter=filter, max_distance=max_distance
+            )
+
+    async def delete(self, collection: str, ids: Sequence[str]) -> int:
+        async with self._connection() as conn:
+            return await writer.delete(conn, collection, ids)
+
+    async def delete_where(self, collection: str, filter: dict[str, Any]) -> int:
+        async with self._connection() as conn:
+            return await writer.delete_where(conn, collection, filter)
+
+    async def stats(self, collection: str) -> CollectionStats:
+        async with self._connection() as conn:
+            return await collections.stats(conn, collection)
