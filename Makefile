@@ -35,8 +35,9 @@ serve: model ## build, prepare the model, start embedded Postgres and serve gRPC
 	$(VENV)/bin/embedpool serve
 
 .PHONY: proto
-proto: install ## regenerate python/embedpool/v1 from proto/
-	$(PY) -m embedpool.tools.genproto
+proto: install ## regenerate python/embedpool/v1 from proto/ (committed; tests fail on drift)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=python --grpc_python_out=python \
+		--mypy_out=python --mypy_grpc_out=python proto/embedpool/v1/*.proto
 
 .PHONY: lint
 lint: install ## ruff, mypy (+ stubtest), rustfmt, clippy

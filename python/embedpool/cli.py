@@ -1,0 +1,126 @@
+"""Command line: `embedpool serve | model prepare | model convert | embed | search`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+
+from embedpool import config
+from embedpool.errors import EmbedpoolError
+from embedpool.logs import configure
+
+
+async def _serve(settings: config.Settings) -> None:
+    from embedpool.server.app import serve
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(serve, settings)
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                tg.cancel_scope.cancel()
+                break
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    settings = config.load(args)
+    configure(settings.log_level, settings.log_format)
+    anyio.run(_serve, settings, backend="asyncio")
+    return 0
+
+
+def _cmd_model_prepare(args: argparse.Namespace) -> int:
+    from embedpool.engine import prepare
+
+    settings = config.load(args)
+    bundle = prepare(settings)
+    print(json.dumps({"path": str(bundle.root), "name": bundle.config.name, "dim": bundle.config.dim}))
+    return 0
+
+
+def _cmd_model_convert(args: argparse.Namespace) -> int:
+    from embedpool.model import convert_checkpoint
+
+    out = convert_checkpoint(Path(args.src), Path(args.out))
+    print(out)
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    import grpc
+    import numpy as np
+
+    from embedpool.v1 import embedpool_pb2 as pb
+    from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        stub = pb_grpc.EmbedderStub(channel)
+        docs = [pb.Document(text=t) for t in args.texts]
+        reply = stub.Embed(pb.EmbedRequest(documents=docs, collection=args.collection))
+    for text, raw, ident in zip(args.texts, reply.vectors, list(reply.ids) or [""] * len(args.texts), strict=True):
+        vec = np.frombuffer(raw, dtype="<f4")
+        print(json.dumps({"id": ident, "text": text[:60], "dim": reply.dim, "head": vec[:4].round(4).tolist()}))
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import grpc
+
+    from embedpool.v1 import embedpool_pb2 as pb
+    from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        reply = pb_grpc.EmbedderStub(channel).Search(pb.SearchRequest(collection=args.collection, text=args.query, k=args.k))
+    for hit in reply.hits:
+        print(json.dumps({"id": hit.id, "score": round(hit.score, 4), "text": hit.text[:80]}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedpool", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gRPC server (embedded Postgres unless --database-url)")
+    config.add_arguments(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    model = sub.add_parser("model", help="model preparation").add_subparsers(dest="model_command", required=True)
+    prepare = model.add_parser("prepare", help="convert the configured model into the cache (idempotent)")
+    config.add_arguments(prepare)
+    prepare.set_defaults(func=_cmd_model_prepare)
+    convert = model.add_parser("convert", help="convert a safetensors BERT checkpoint dir to an ONNX model dir")
+    convert.add_argument("src")
+    convert.add_argument("out")
+    convert.set_defaults(func=_cmd_model_convert)
+
+    embed = sub.add_parser("embed", help="embed texts with a running server")
+    embed.add_argument("texts", nargs="+")
+    embed.add_argument("--collection", default="")
+    embed.add_argument("--target", default="127.0.0.1:50051")
+    embed.set_defaults(func=_cmd_embed)
+
+    search = sub.add_parser("search", help="search a collection of a running server")
+    search.add_argument("collection")
+    search.add_argument("query")
+    search.add_argument("-k", type=int, default=5)
+    search.add_argument("--target", default="127.0.0.1:50051")
+    search.set_defaults(func=_cmd_search)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except EmbedpoolError as exc:
+        print(f"embedpool: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

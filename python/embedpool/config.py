@@ -1,0 +1,122 @@
+"""One settings object. Each field is a CLI flag (`--max-batch-tokens`) and an env var (`EMBEDPOOL_MAX_BATCH_TOKENS`).
+
+Precedence: CLI flag > env var > default. Values are parsed and validated once, here; the rest of the code
+trusts a `Settings`. Defaults that depend on the device (batch budget, threads) are resolved by `resolved()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from embedpool.errors import InvalidArgument
+
+ENV_PREFIX = "EMBEDPOOL_"
+
+
+def _setting(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _setting("127.0.0.1", "address the gRPC server binds")
+    port: int = _setting(50051, "gRPC port (0 picks a free one)")
+    metrics_port: int = _setting(9464, "Prometheus /metrics port (0 picks a free one, -1 disables)")
+    data_dir: Path = _setting(
+        Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "embedpool",
+        "where the embedded Postgres and converted models live",
+    )
+    database_url: str = _setting("", "external Postgres with pgvector; empty starts the embedded one")
+    model: str = _setting("", "model dir (ONNX or safetensors checkpoint); empty = bundled all-MiniLM-L6-v2")
+    device: str = _setting("auto", "inference device", choices=("auto", "cpu", "cuda"))
+    variant: str = _setting("auto", "model variant (auto: fp16 on cuda, int8 on cpu)", choices=("auto", "fp32", "fp16", "int8"))
+    sessions_per_device: int = _setting(1, "ONNX Runtime sessions (one feeder thread each)")
+    intra_op_threads: int = _setting(0, "ONNX Runtime threads per session (0: derived from cores)")
+    tokenizer_threads: int = _setting(0, "threads tokenizing concurrently (0: derived from cores)")
+    max_batch_tokens: int = _setting(0, "padded-token budget of one batch (0: 65536 on cuda, 8192 on cpu)")
+    max_batch_size: int = _setting(0, "documents in one batch (0: 256 on cuda, 64 on cpu)")
+    max_concurrent_inputs: int = _setting(8192, "documents admitted at once; beyond it RESOURCE_EXHAUSTED")
+    max_request_documents: int = _setting(1024, "documents in one Embed request")
+    max_request_bytes: int = _setting(16 * 1024 * 1024, "largest request message")
+    max_search_k: int = _setting(1000, "largest k a Search may ask for")
+    grace_seconds: float = _setting(10.0, "drain time for in-flight requests on shutdown")
+    log_level: str = _setting("info", "log level", choices=("debug", "info", "warning", "error"))
+    log_format: str = _setting("json", "log format", choices=("json", "text"))
+
+    def resolved(self, *, cuda: bool, cores: int | None = None) -> Settings:
+        """Fills the 0/auto defaults from the device the server actually got."""
+        cores = cores or os.cpu_count() or 1
+        updates: dict[str, Any] = {}
+        if self.max_batch_tokens == 0:
+            updates["max_batch_tokens"] = 65536 if cuda else 8192
+        if self.max_batch_size == 0:
+            updates["max_batch_size"] = 256 if cuda else 64
+        if self.intra_op_threads == 0:
+            # On CPU, inference and tokenization share the cores; leave none idle but do not oversubscribe.
+            updates["intra_op_threads"] = 1 if cuda else max(1, cores // max(1, self.sessions_per_device))
+        if self.tokenizer_threads == 0:
+            updates["tokenizer_threads"] = max(1, min(4, cores))
+        return dataclasses.replace(self, **updates)
+
+    def validate(self) -> Settings:
+        positive = ("sessions_per_device", "max_concurrent_inputs", "max_request_documents", "max_request_bytes")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_batch_tokens", "max_batch_size", "intra_op_threads", "tokenizer_threads", "port"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 1 <= self.max_search_k <= 100_000:
+            raise InvalidArgument(f"max_search_k must be in 1..100000, got {self.max_search_k}")
+        return self
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = type(f.default)
+    try:
+        if kind is bool:
+            return raw.lower() in ("1", "true", "yes", "on")
+        return kind(raw)
+    except ValueError as exc:
+        raise InvalidArgument(f"{ENV_PREFIX}{f.name.upper()}: cannot parse {raw!r} as {kind.__name__}") from exc
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per setting; the defaults shown are the built-in ones (env vars override them)."""
+    for f in dataclasses.fields(Settings):
+        env = ENV_PREFIX + f.name.upper()
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            choices=f.metadata["choices"],
+            help=f"{f.metadata['help']} [env {env}, default {f.default}]",
+        )
+
+
+def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = getattr(args, f.name, None) if args is not None else None
+        if raw is None:
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+        if raw is not None:
+            values[f.name] = _parse(f, str(raw))
+    return Settings(**values).validate()
+
+
+def settings_table() -> str:
+    """Markdown table of every setting, for the README (kept honest by a test)."""
+    rows = ["| CLI flag | env var | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        default = "~/.local/share/embedpool" if f.name == "data_dir" else (f.default if f.default != "" else "(empty)")
+        flag = "--" + f.name.replace("_", "-")
+        rows.append(f"| `{flag}` | `{ENV_PREFIX}{f.name.upper()}` | `{default}` | {f.metadata['help']} |")
+    return "\n".join(rows)

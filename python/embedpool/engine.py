@@ -1,0 +1,80 @@
+"""Loads what inference needs for the configured model and device: tokenizer, sessions, serving metadata."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+from embedpool import _native
+from embedpool.config import Settings
+from embedpool.model import EmbeddingSession, ModelBundle, default_checkpoint, load_model_dir
+
+log = logging.getLogger(__name__)
+
+# Padding lengths to a multiple of 16 bounds the number of distinct shapes the engine sees (and warms).
+PAD_MULTIPLE = 16
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """What clients are told about the model (GetModelInfo) and what collections are tagged with."""
+
+    name: str
+    dim: int
+    max_tokens: int
+    variant: str
+    device: str
+    pooling: str
+
+
+@dataclass(frozen=True)
+class Engine:
+    settings: Settings  # with device-derived defaults filled in
+    bundle: ModelBundle
+    tokenizer: _native.Tokenizer
+    sessions: list[EmbeddingSession]
+    model: ServingModel
+    pad_multiple: int
+
+
+def pick_device(requested: str) -> str:
+    available = ort.get_available_providers()
+    if requested == "cuda" or (requested == "auto" and "CUDAExecutionProvider" in available):
+        return "cuda"
+    return "cpu"
+
+
+def model_source(settings: Settings) -> Path:
+    return Path(settings.model).expanduser() if settings.model else default_checkpoint()
+
+
+def prepare(settings: Settings) -> ModelBundle:
+    """Converts a safetensors checkpoint into the model cache if needed (idempotent), else loads the ONNX dir."""
+    return load_model_dir(model_source(settings), cache_root=settings.data_dir / "models")
+
+
+def load_engine(settings: Settings) -> Engine:
+    device = pick_device(settings.device)
+    settings = settings.resolved(cuda=device == "cuda", cores=os.cpu_count())
+    bundle = prepare(settings)
+    variant = settings.variant
+    sessions = [
+        EmbeddingSession(bundle, variant=variant, device=device, intra_op_threads=settings.intra_op_threads)
+        for _ in range(settings.sessions_per_device)
+    ]
+    tokenizer = _native.Tokenizer(
+        str(bundle.tokenizer_path), max_length=bundle.config.max_tokens, pad_to_multiple_of=PAD_MULTIPLE
+    )
+    model = ServingModel(
+        name=bundle.config.name,
+        dim=bundle.config.dim,
+        max_tokens=bundle.config.max_tokens,
+        variant=sessions[0].variant,
+        device=device,
+        pooling=bundle.config.pooling,
+    )
+    return Engine(settings, bundle, tokenizer, sessions, model, PAD_MULTIPLE)

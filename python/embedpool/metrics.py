@@ -1,0 +1,34 @@
+"""Prometheus metrics, defined once. The pool and the server record into them; /metrics exposes them."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+RPC_LATENCY = Histogram(
+    "embedpool_rpc_duration_seconds", "RPC latency by method and status code", ["method", "code"], buckets=_LATENCY_BUCKETS
+)
+QUEUE_INPUTS = Gauge("embedpool_queue_inputs", "documents waiting for a batch")
+QUEUE_TOKENS = Gauge("embedpool_queue_tokens", "tokens waiting for a batch")
+PERMITS_IN_USE = Gauge("embedpool_permits_in_use", "documents admitted and not yet answered")
+REJECTIONS = Counter("embedpool_rejections_total", "requests refused for lack of capacity")
+BATCH_INPUTS = Histogram(
+    "embedpool_batch_inputs", "documents per batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+)
+BATCH_TOKENS = Histogram(
+    "embedpool_batch_padded_tokens",
+    "padded tokens per batch (longest x count)",
+    buckets=(64, 256, 1024, 4096, 8192, 16384, 32768, 65536, 131072),
+)
+PADDING_EFFICIENCY = Histogram(
+    "embedpool_batch_padding_efficiency",
+    "real tokens / padded tokens per batch",
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0),
+)
+INFERENCE_SECONDS = Histogram(
+    "embedpool_inference_duration_seconds", "time the engine spent on one batch", buckets=_LATENCY_BUCKETS
+)
+TOKENS = Counter("embedpool_tokens_total", "real (unpadded) tokens embedded")
+DOCUMENTS = Counter("embedpool_documents_total", "documents embedded")
+BATCH_FAILURES = Counter("embedpool_batch_failures_total", "batches the engine failed on")

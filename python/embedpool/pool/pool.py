@@ -1,0 +1,157 @@
+"""The worker pool facade: admit, tokenize, queue, batch, infer, fan results back to each caller."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+import anyio
+import anyio.to_thread
+import numpy as np
+from anyio.abc import TaskStatus
+from anyio.lowlevel import current_token
+from numpy.typing import NDArray
+
+from embedpool import metrics
+from embedpool.errors import DeadlineExceeded, InferenceFailed, InvalidArgument, Unavailable
+from embedpool.pool.admission import Permits
+from embedpool.pool.feeder import Feeder, InferenceSession
+from embedpool.pool.job import Job
+from embedpool.pool.scheduler import Batch, BatchLimits, Scheduler
+
+
+class Tokenizer(Protocol):
+    def encode_ragged(self, texts: Sequence[str], *, truncate: bool = True) -> tuple[NDArray[np.int64], NDArray[np.int64]]: ...
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    dim: int
+    limits: BatchLimits
+    max_concurrent_inputs: int
+    tokenizer_threads: int
+    pipeline_depth: int = 2  # batches cut ahead per session, so the next one is ready when the engine frees up
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: NDArray[np.float32]  # [n, dim], unit length, in input order
+    token_counts: NDArray[np.int64]  # [n], after truncation
+
+
+class EmbeddingPool:
+    def __init__(self, tokenizer: Tokenizer, sessions: Sequence[InferenceSession], config: PoolConfig) -> None:
+        if not sessions:
+            raise ValueError("the pool needs at least one inference session")
+        self._tokenizer = tokenizer
+        self._sessions = list(sessions)
+        self._config = config
+        self._permits = Permits(config.max_concurrent_inputs)
+        self._tokenize_limiter = anyio.CapacityLimiter(config.tokenizer_threads)
+        # Every admitted job fits: a job holds >= 1 permit, so the channel can never hold more jobs than this.
+        self._ingress_send, self._ingress_receive = anyio.create_memory_object_stream[Job](config.max_concurrent_inputs)
+        depth = len(self._sessions) * config.pipeline_depth
+        self._batch_send, self._batch_receive = anyio.create_memory_object_stream[Batch](depth)
+        self._free_slots = anyio.Semaphore(depth)
+        self._closed = False
+
+    @property
+    def dim(self) -> int:
+        return self._config.dim
+
+    @property
+    def permits_in_use(self) -> int:
+        return self._permits.in_use
+
+    async def embed(self, texts: Sequence[str], *, truncate: bool = True, deadline: float = math.inf) -> Embeddings:
+        """Embeds `texts` in order. Raises Overloaded at once when no permits are free."""
+        if self._closed:
+            raise Unavailable("the server is shutting down")
+        n = len(texts)
+        self._permits.acquire(n)
+        job: Job | None = None
+        try:
+            with anyio.fail_after(max(0.0, deadline - anyio.current_time()) if deadline < math.inf else None):
+                ids, offsets = await self._tokenize(texts, truncate)
+                job = Job(ids=ids, offsets=offsets, dim=self._config.dim, deadline=deadline)
+                await self._ingress_send.send(job)
+                await job.done.wait()
+        except TimeoutError as exc:
+            raise DeadlineExceeded(f"deadline passed with {job.remaining if job else n} of {n} documents pending") from exc
+        except anyio.ClosedResourceError as exc:
+            raise Unavailable("the server is shutting down") from exc
+        finally:
+            if job is not None:
+                job.abandoned = True  # no-op when done; otherwise its queued documents are skipped
+            self._permits.release(n)
+        if job.error is not None:
+            raise job.error
+        return Embeddings(vectors=job.vectors, token_counts=np.diff(offsets))
+
+    async def _tokenize(self, texts: Sequence[str], truncate: bool) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        try:
+            return await anyio.to_thread.run_sync(
+                lambda: self._tokenizer.encode_ragged(texts, truncate=truncate), limiter=self._tokenize_limiter
+            )
+        except ValueError as exc:  # the extension's NativeError family: bad input, message names the document
+            raise InvalidArgument(str(exc)) from exc
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Runs the scheduler and the feeders until `close()`; then drains queued work and joins the threads."""
+        token = current_token()
+        scheduler = Scheduler(self._ingress_receive, self._batch_send, self._free_slots, self._config.limits)
+        feeders = [
+            Feeder(f"feeder-{k}", session, self._batch_receive.clone(), self._complete, token)
+            for k, session in enumerate(self._sessions)
+        ]
+        self._batch_receive.close()
+        for feeder in feeders:
+            feeder.start()
+        task_status.started()
+        try:
+            await scheduler.run()
+        finally:
+            with anyio.CancelScope(shield=True):
+                for feeder in feeders:
+                    await anyio.to_thread.run_sync(feeder.join)
+
+    def close(self) -> None:
+        """Stops admitting work; `run` returns once everything admitted is answered."""
+        self._closed = True
+        self._ingress_send.close()
+
+    def _complete(self, batch: Batch, out: NDArray[np.float32] | None, error: Exception | None, seconds: float) -> None:
+        """Runs on the event loop: fans a batch's rows back to their jobs and frees the feeder slot."""
+        self._free_slots.release()
+        metrics.INFERENCE_SECONDS.observe(seconds)
+        if out is None:
+            metrics.BATCH_FAILURES.inc()
+            failure = InferenceFailed(f"inference failed on a batch of {len(batch.entries)} documents: {error}")
+            for job, _ in batch.entries:
+                job.fail(failure)
+            return
+        metrics.BATCH_INPUTS.observe(len(batch.entries))
+        metrics.BATCH_TOKENS.observe(batch.padded_tokens)
+        metrics.PADDING_EFFICIENCY.observe(batch.real_tokens / max(1, batch.padded_tokens))
+        metrics.TOKENS.inc(batch.real_tokens)
+        metrics.DOCUMENTS.inc(len(batch.entries))
+        for row, (job, i) in enumerate(batch.entries):
+            if not job.done.is_set():
+                job.deliver(i, out[row])
+
+
+@asynccontextmanager
+async def running_pool(
+    tokenizer: Tokenizer, sessions: Sequence[InferenceSession], config: PoolConfig
+) -> AsyncIterator[EmbeddingPool]:
+    """`async with running_pool(...) as pool:` — the pool serves inside the block and drains on exit."""
+    pool = EmbeddingPool(tokenizer, sessions, config)
+    async with anyio.create_task_group() as tg:
+        await tg.start(pool.run)
+        try:
+            yield pool
+        finally:
+            pool.close()

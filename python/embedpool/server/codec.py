@@ -1,0 +1,37 @@
+"""Wire formats: packed little-endian float32 vectors and protobuf Struct <-> JSON-compatible dicts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format, struct_pb2
+from numpy.typing import NDArray
+
+from embedpool.errors import InvalidArgument
+
+_LE_F32 = np.dtype("<f4")
+
+
+def pack_vectors(vectors: NDArray[np.float32]) -> list[bytes]:
+    rows = np.ascontiguousarray(vectors, dtype=_LE_F32)
+    return [row.tobytes() for row in rows]
+
+
+def unpack_vector(data: bytes, dim: int, what: str) -> NDArray[np.float32]:
+    if len(data) != 4 * dim:
+        raise InvalidArgument(f"{what}: expected {dim} float32 values ({4 * dim} bytes), got {len(data)} bytes")
+    vector = np.frombuffer(data, dtype=_LE_F32).astype(np.float32)
+    if not np.isfinite(vector).all():
+        raise InvalidArgument(f"{what}: contains NaN or infinity")
+    return vector
+
+
+def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(message)
+
+
+def dict_to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(value)
+    return message

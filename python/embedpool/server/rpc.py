@@ -1,0 +1,77 @@
+"""The wrapper every RPC goes through: request id, latency metric, access log, and the error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Concatenate, TypeVar
+
+import grpc
+import grpc.aio
+
+from embedpool import metrics
+from embedpool.errors import EmbedpoolError
+from embedpool.logs import request_id
+from embedpool.server.errors import status_for
+
+log = logging.getLogger("embedpool.rpc")
+
+S = TypeVar("S")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[S, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+
+REQUEST_ID_KEY = "x-request-id"
+
+
+def _incoming_request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return uuid.uuid4().hex
+
+
+def rpc(
+    method: Callable[Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], ...], Awaitable[Resp]],
+) -> Callable[Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], ...], Awaitable[Resp]]:
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp], /) -> Resp:
+        rid = _incoming_request_id(context)
+        token = request_id.set(rid)
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+            return await method(self, request, context)
+        except EmbedpoolError as exc:
+            code = status_for(exc)
+            message = str(exc) if code != grpc.StatusCode.INTERNAL else f"{exc} (request id {rid})"
+            await context.abort(code, message)
+        except grpc.aio.AbortError:
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("unexpected error in %s", name)
+            await context.abort(code, f"internal error (request id {rid}): {type(exc).__name__}")
+        finally:
+            elapsed = time.perf_counter() - started
+            metrics.RPC_LATENCY.labels(name, code.name).observe(elapsed)
+            log.info(
+                "%s %s",
+                name,
+                code.name,
+                extra={"method": name, "code": code.name, "duration_ms": round(elapsed * 1000, 3)},
+            )
+            request_id.reset(token)
+        raise AssertionError("unreachable: abort raises")
+
+    return wrapper

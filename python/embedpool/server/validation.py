@@ -1,0 +1,92 @@
+"""Request validation. Each check raises InvalidArgument with a message naming the field (and document index)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from embedpool.errors import InvalidArgument
+from embedpool.server.codec import struct_to_dict
+from embedpool.v1 import embedpool_pb2 as pb
+
+COLLECTION_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,63}")
+MAX_ID_BYTES = 512
+MAX_CANDIDATES = 10_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_documents: int
+    max_request_bytes: int
+    max_search_k: int
+
+
+def collection_name(name: str, field: str = "collection") -> str:
+    if not name:
+        raise InvalidArgument(f"{field}: must not be empty")
+    if not COLLECTION_NAME.fullmatch(name):
+        raise InvalidArgument(f"{field}: {name[:80]!r} is not a valid name (1-63 of A-Z a-z 0-9 _ . -)")
+    return name
+
+
+def request_size(request: pb.EmbedRequest | pb.SearchRequest, limits: Limits) -> None:
+    size = request.ByteSize()
+    if size > limits.max_request_bytes:
+        raise InvalidArgument(f"request is {size} bytes, over the limit of {limits.max_request_bytes}")
+
+
+def embed_request(request: pb.EmbedRequest, limits: Limits) -> None:
+    n = len(request.documents)
+    if n == 0:
+        raise InvalidArgument("documents: must contain at least one document")
+    if n > limits.max_request_documents:
+        raise InvalidArgument(f"documents: {n} documents, over the limit of {limits.max_request_documents} per request")
+    request_size(request, limits)
+    storing = bool(request.collection)
+    if storing:
+        collection_name(request.collection)
+    for i, doc in enumerate(request.documents):
+        if not doc.text.strip():
+            raise InvalidArgument(f"documents[{i}].text: must not be empty or only whitespace")
+        if storing:
+            _storable(doc, i)
+
+
+def _storable(doc: pb.Document, i: int) -> None:
+    """Postgres text and jsonb cannot hold NUL characters; say so instead of failing in COPY."""
+    if len(doc.id.encode()) > MAX_ID_BYTES:
+        raise InvalidArgument(f"documents[{i}].id: longer than {MAX_ID_BYTES} bytes")
+    if "\x00" in doc.id:
+        raise InvalidArgument(f"documents[{i}].id: contains a NUL character")
+    if "\x00" in doc.text:
+        raise InvalidArgument(f"documents[{i}].text: contains a NUL character, which cannot be stored")
+    if _has_nul(struct_to_dict(doc.metadata)):
+        raise InvalidArgument(f"documents[{i}].metadata: contains a NUL character, which cannot be stored")
+
+
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def search_request(request: pb.SearchRequest, limits: Limits) -> None:
+    request_size(request, limits)
+    collection_name(request.collection)
+    which = request.WhichOneof("query")
+    if which is None:
+        raise InvalidArgument("query: set either text or vector")
+    if which == "text" and not request.text.strip():
+        raise InvalidArgument("text: must not be empty or only whitespace")
+    if not 1 <= request.k <= limits.max_search_k:
+        raise InvalidArgument(f"k: must be in 1..{limits.max_search_k}, got {request.k}")
+    if request.candidates > MAX_CANDIDATES:
+        raise InvalidArgument(f"candidates: must be at most {MAX_CANDIDATES}, got {request.candidates}")
+    if request.candidates and request.candidates < request.k:
+        raise InvalidArgument(f"candidates: must be 0 or at least k ({request.k}), got {request.candidates}")
+    if request.HasField("min_score") and not -1.0 <= request.min_score <= 1.0:
+        raise InvalidArgument(f"min_score: must be in [-1, 1], got {request.min_score}")

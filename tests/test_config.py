@@ -1,0 +1,43 @@
+"""Settings: flag > env var > default, validated once, and the README's table is the real one."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from embedpool import config
+from embedpool.errors import InvalidArgument
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_flag_beats_env_beats_default() -> None:
+    env = {"EMBEDPOOL_PORT": "6000", "EMBEDPOOL_MAX_SEARCH_K": "50"}
+    settings = config.load(_parse(["--port", "7000"]), env)
+    assert (settings.port, settings.max_search_k, settings.host) == (7000, 50, "127.0.0.1")
+
+
+def test_bad_values_are_refused_with_the_variable_named() -> None:
+    with pytest.raises(InvalidArgument, match="EMBEDPOOL_PORT"):
+        config.load(None, {"EMBEDPOOL_PORT": "many"})
+    with pytest.raises(InvalidArgument, match="max_concurrent_inputs"):
+        config.load(None, {"EMBEDPOOL_MAX_CONCURRENT_INPUTS": "0"})
+
+
+def test_device_defaults_are_filled() -> None:
+    cpu = config.Settings().resolved(cuda=False, cores=2)
+    gpu = config.Settings().resolved(cuda=True, cores=16)
+    assert (cpu.max_batch_tokens, cpu.max_batch_size, cpu.intra_op_threads) == (8192, 64, 2)
+    assert (gpu.max_batch_tokens, gpu.max_batch_size) == (65536, 256)
+
+
+def test_readme_lists_every_setting() -> None:
+    assert config.settings_table() in README.read_text(), "README settings table is stale: regenerate it"
