@@ -77,11 +77,21 @@ class EmbeddedPostgres:
         pgdata.mkdir(parents=True, exist_ok=True)
         # cleanup_mode=None: the library's atexit hook must not race our own stop(); we stop it ourselves.
         self._server = PostgresServer(pgdata, cleanup_mode=None)
-        admin_uri: str = self._server.get_uri("postgres")
-        _ensure_database(admin_uri, self._database)
-        self._uri = self._server.get_uri(self._database)
+        self._uri = self.create_database(self._database)
         atexit.register(self.stop)
         return self._uri
+
+    def create_database(self, name: str) -> str:
+        """Create database `name` unless it exists (tests use one per concern); return its URI."""
+        if self._server is None:
+            raise RuntimeError("EmbeddedPostgres was never started")
+        with psycopg.connect(self._server.get_uri("postgres"), autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+                # Another process may win the race between the check and the CREATE; that is fine.
+                with contextlib.suppress(psycopg.errors.DuplicateDatabase):
+                    conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        uri: str = self._server.get_uri(name)
+        return uri
 
     def stop(self) -> None:
         """Fast shutdown (clients are disconnected, committed work is flushed); no-op when not running."""
@@ -161,11 +171,3 @@ def _wait_exit(pid: int, timeout: float) -> bool:
             return False
         time.sleep(0.05)
     return True
-
-
-def _ensure_database(admin_uri: str, name: str) -> None:
-    with psycopg.connect(admin_uri, autocommit=True) as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
-            # Another process may win the race between the check and the CREATE; that is fine.
-            with contextlib.suppress(psycopg.errors.DuplicateDatabase):
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import anyio
+import pytest
+from embedpool.store import EmbeddedPostgres
+from embedpool.store.migrations import applied_versions, discover, migrate_down, migrate_up
+from psycopg import AsyncConnection
+
+pytestmark = pytest.mark.anyio
+
+
+async def _tables(conn: AsyncConnection[object]) -> set[str]:
+    cur = await conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    return {row[0] for row in await cur.fetchall()}
+
+
+async def test_up_down_up(postgres: EmbeddedPostgres) -> None:
+    uri = postgres.create_database("migrations_up_down")
+    latest = discover()[-1].version
+    async with await AsyncConnection.connect(uri, autocommit=True) as conn:
+        await migrate_down(conn, 0)  # a clean slate, whatever a previous run left
+        assert await migrate_up(conn) == [m.version for m in discover()]
+        assert await applied_versions(conn) == [m.version for m in discover()]
+        assert {"collections", "documents", "schema_migrations"} <= await _tables(conn)
+        assert await migrate_up(conn) == []  # idempotent
+
+        assert await migrate_down(conn, 0) == [m.version for m in reversed(discover())]
+        assert await _tables(conn) == {"schema_migrations"}
+        assert await applied_versions(conn) == []
+
+        assert await migrate_up(conn, target=latest) == [m.version for m in discover()]
+        assert {"collections", "documents"} <= await _tables(conn)
+
+
+async def test_concurrent_runners_apply_each_migration_once(postgres: EmbeddedPostgres) -> None:
+    uri = postgres.create_database("migrations_concurrent")
+    applied: list[list[int]] = []
+
+    async def run() -> None:
+        async with await AsyncConnection.connect(uri, autocommit=True) as conn:
+            applied.append(await migrate_up(conn))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(run)
+    assert sorted(v for batch in applied for v in batch) == [m.version for m in discover()]
+
+
+async def test_runner_needs_autocommit(postgres: EmbeddedPostgres) -> None:
+    async with await AsyncConnection.connect(postgres.uri) as conn:
+        with pytest.raises(ValueError, match="autocommit"):
+            await migrate_up(conn)

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from embedpool.errors import InvalidArgument
+from embedpool.store import DocumentRow, Store
+
+from .conftest import rows, unique_name, unit_vectors
+
+pytestmark = pytest.mark.anyio
+DIM = 16
+
+
+@pytest.fixture
+async def collection(store: Store) -> str:
+    name = unique_name()
+    await store.create_collection(name, model="m", dim=DIM)
+    return name
+
+
+async def _stored(store: Store, collection: str, n: int) -> dict[str, str]:
+    """id -> text of everything in the collection (exact: `n` candidates from a tiny collection)."""
+    found = await store.search_candidates(collection, unit_vectors(1, DIM, seed=99)[0], candidates=n)
+    return {c.id: c.text for c in found}
+
+
+async def test_reupsert_of_same_rows_changes_nothing(store: Store, collection: str) -> None:
+    batch = rows(unit_vectors(50, DIM))
+    first = await store.upsert(collection, batch)
+    assert (first.inserted, first.updated, first.unchanged, first.rejected) == (50, 0, 0, [])
+    again = await store.upsert(collection, batch)
+    assert (again.inserted, again.updated, again.unchanged) == (0, 0, 50)
+    assert (await store.stats(collection)).count == 50
+
+
+async def test_changed_content_updates_in_place(store: Store, collection: str) -> None:
+    vectors = unit_vectors(10, DIM)
+    await store.upsert(collection, rows(vectors))
+    changed = rows(vectors[:4], tag="v2")
+    result = await store.upsert(collection, changed + rows(vectors[4:], start=4))
+    assert (result.inserted, result.updated, result.unchanged) == (0, 4, 6)
+    stored = await _stored(store, collection, 10)
+    assert len(stored) == 10
+    assert stored["d0"] == "text 0 v2"
+    assert stored["d9"] == "text 9 v1"
+    assert await store.existing_hashes(collection, ["d0", "d9", "nope"]) == {"d0": b"0:v2", "d9": b"9:v1"}
+
+
+async def test_duplicate_ids_in_one_batch_keep_the_last(store: Store, collection: str) -> None:
+    vectors = unit_vectors(3, DIM)
+    batch = rows(vectors[:2]) + rows(vectors[2:3], start=0, tag="last")  # d0 twice
+    result = await store.upsert(collection, batch)
+    assert (result.inserted, result.updated, result.unchanged) == (2, 0, 0)
+    assert (await _stored(store, collection, 5))["d0"] == "text 0 last"
+
+
+async def test_invalid_rows_are_reported_and_the_rest_stored(store: Store, collection: str) -> None:
+    good = rows(unit_vectors(3, DIM))
+    v = unit_vectors(1, DIM)[0]
+    nan = v.copy()
+    nan[3] = np.nan
+    bad = [
+        DocumentRow("wrong-dim", "t", {}, b"h", unit_vectors(1, DIM + 1)[0]),
+        DocumentRow("nan", "t", {}, b"h", nan),
+        DocumentRow("zero", "t", {}, b"h", np.zeros(DIM, np.float32)),
+        DocumentRow("", "t", {}, b"h", v),
+        DocumentRow("x" * 513, "t", {}, b"h", v),
+        DocumentRow("nul-text", "a\x00b", {}, b"h", v),
+        DocumentRow("not-object", "t", [1, 2], b"h", v),  # type: ignore[arg-type]
+        DocumentRow("nan-meta", "t", {"x": float("nan")}, b"h", v),
+        DocumentRow("nul-meta", "t", {"x": "\x00"}, b"h", v),
+        DocumentRow("hash", "t", {}, "not bytes", v),  # type: ignore[arg-type]
+    ]
+    result = await store.upsert(collection, [bad[0], *good[:2], *bad[1:], good[2]])
+    assert result.inserted == 3
+    assert [rid for rid, _ in result.rejected] == [r.id for r in bad]
+    reasons = dict(result.rejected)
+    assert "collection dim is 16" in reasons["wrong-dim"]
+    assert "NaN" in reasons["nan"]
+    assert set(await _stored(store, collection, 10)) == {"d0", "d1", "d2"}
+
+
+async def test_a_batch_of_only_rejects_stores_nothing(store: Store, collection: str) -> None:
+    result = await store.upsert(collection, [DocumentRow("a", "t", {}, b"h", np.ones(3, np.float32))])
+    assert (result.inserted, len(result.rejected)) == (0, 1)
+    assert (await store.stats(collection)).count == 0
+
+
+async def test_metadata_with_an_escaped_backslash_u0000_is_fine(store: Store, collection: str) -> None:
+    meta = {"path": "C:\\u0000\\x"}  # a backslash, then the letters u0000: no NUL character
+    result = await store.upsert(collection, [DocumentRow("a", "t", meta, b"h", unit_vectors(1, DIM)[0])])
+    assert result.rejected == []
+    (only,) = await store.search_candidates(collection, unit_vectors(1, DIM)[0], candidates=1)
+    assert only.metadata == meta
+
+
+async def test_delete_and_delete_where(store: Store, collection: str) -> None:
+    batch = rows(unit_vectors(20, DIM))
+    for i, row in enumerate(batch):
+        row.metadata["parity"] = i % 2
+    await store.upsert(collection, batch)
+    assert await store.delete(collection, ["d0", "d1", "missing"]) == 2
+    assert await store.delete(collection, []) == 0
+    assert await store.delete_where(collection, {"parity": 1}) == 9
+    assert sorted(await _stored(store, collection, 20), key=lambda i: int(i[1:])) == [f"d{i}" for i in range(2, 20, 2)]
+    with pytest.raises(InvalidArgument, match="empty filter"):
+        await store.delete_where(collection, {})
+    with pytest.raises(InvalidArgument):
+        await store.delete(collection, "d2")  # a str is a Sequence[str] of characters: refused
