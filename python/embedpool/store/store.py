@@ -54,6 +54,10 @@ class Store:
                 # instead of failing the first request that draws each of them.
                 check=AsyncConnectionPool.check_connection,
                 timeout=timeout,
+                # The pool retries a failed connect with doubling delays, without bound but this one: after a
+                # minute-long outage it would wait a minute more once the database is back. Giving up after
+                # `timeout` instead lets the next request start a fresh, immediate attempt.
+                reconnect_timeout=timeout,
                 open=False,
                 name="embedpool-store",
             )
