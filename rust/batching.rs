@@ -27,7 +27,8 @@ pub fn plan(lengths: &[usize], budget: Budget) -> Vec<Vec<usize>> {
     for i in order {
         // Sorted ascending, so the newcomer is the longest of the batch it would join.
         let cost = round_up(lengths[i], budget.multiple).saturating_mul(current.len() + 1);
-        if !current.is_empty() && (cost > budget.max_tokens || current.len() + 1 > budget.max_size) {
+        if !current.is_empty() && (cost > budget.max_tokens || current.len() + 1 > budget.max_size)
+        {
             batches.push(std::mem::take(&mut current));
         }
         current.push(i);
@@ -67,13 +68,19 @@ pub fn plan_batches<'py>(
         .iter()
         .enumerate()
         .map(|(i, &len)| {
-            usize::try_from(len).map_err(|_| Error::array("lengths", format!("lengths[{i}] is negative: {len}")))
+            usize::try_from(len)
+                .map_err(|_| Error::array("lengths", format!("lengths[{i}] is negative: {len}")))
         })
         .collect::<Result<Vec<usize>>>()?;
     let batches = py.detach(|| plan(&lengths, budget));
     Ok(batches
         .into_iter()
-        .map(|b| b.into_iter().map(|i| i as i64).collect::<Vec<i64>>().into_pyarray(py))
+        .map(|b| {
+            b.into_iter()
+                .map(|i| i as i64)
+                .collect::<Vec<i64>>()
+                .into_pyarray(py)
+        })
         .collect())
 }
 
@@ -141,7 +148,9 @@ mod tests {
         for n in 0..200 {
             let lengths: Vec<usize> = (0..n % 37)
                 .map(|_| {
-                    state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1);
                     (state >> 33) as usize % 90
                 })
                 .collect();

@@ -49,8 +49,11 @@ where
     Padded { ids, mask }
 }
 
+/// `(ids, attention_mask)` as numpy arrays.
+pub type PaddedArrays<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<i64>>);
+
 impl Padded {
-    pub fn into_py(self, py: Python<'_>) -> (Bound<'_, PyArray2<i64>>, Bound<'_, PyArray2<i64>>) {
+    pub fn into_py(self, py: Python<'_>) -> PaddedArrays<'_> {
         (self.ids.into_pyarray(py), self.mask.into_pyarray(py))
     }
 }
@@ -62,7 +65,7 @@ pub fn pad_batch<'py>(
     pieces: Vec<PyReadonlyArray1<'py, i64>>,
     pad_id: i64,
     multiple: i64,
-) -> PyResult<(Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<i64>>)> {
+) -> PyResult<PaddedArrays<'py>> {
     let multiple = check_multiple("multiple", multiple)?;
     // Views of a contiguous encode_ragged buffer borrow; anything strided is copied once.
     let rows: Vec<Cow<'_, [i64]>> = pieces

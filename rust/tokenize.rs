@@ -8,7 +8,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyString;
 use rayon::prelude::*;
 use tokenizers::{
-    PostProcessor, Tokenizer as HfTokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+    PostProcessor, Tokenizer as HfTokenizer, TruncationDirection, TruncationParams,
+    TruncationStrategy,
 };
 
 use crate::errors::{Error, Result};
@@ -31,8 +32,14 @@ pub struct Encoder {
 pub type Rows = Vec<Vec<u32>>;
 
 impl Encoder {
-    pub fn from_file(path: &Path, max_length: usize, multiple: usize, max_chars: Option<usize>) -> Result<Self> {
-        let mut tokenizer = HfTokenizer::from_file(path).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    pub fn from_file(
+        path: &Path,
+        max_length: usize,
+        multiple: usize,
+        max_chars: Option<usize>,
+    ) -> Result<Self> {
+        let mut tokenizer =
+            HfTokenizer::from_file(path).map_err(|e| Error::Tokenizer(e.to_string()))?;
         // Keep the file's pad id, but none of its padding: it would pad every row to a fixed length.
         let pad_id = tokenizer
             .get_padding()
@@ -40,7 +47,9 @@ impl Encoder {
             .or_else(|| tokenizer.token_to_id("[PAD]"))
             .or_else(|| tokenizer.token_to_id("<pad>"))
             .unwrap_or(0);
-        let specials = tokenizer.get_post_processor().map_or(0, |p| p.added_tokens(false));
+        let specials = tokenizer
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false));
         if max_length <= specials {
             return Err(Error::argument(
                 "max_length",
@@ -102,7 +111,10 @@ impl Encoder {
             }
         }
         let encoding = encode(text)?;
-        Ok(encoding.get_overflowing().is_empty().then(|| encoding.get_ids().to_vec()))
+        Ok(encoding
+            .get_overflowing()
+            .is_empty()
+            .then(|| encoding.get_ids().to_vec()))
     }
 
     fn encode_truncated(&self, text: &str) -> Result<Vec<u32>> {
@@ -142,7 +154,10 @@ impl Encoder {
     pub fn encode_padded(&self, texts: &[&str], truncate: bool) -> Result<(Padded, Array1<i64>)> {
         let rows = self.encode_rows(texts, truncate)?;
         let lengths = rows.iter().map(|r| r.len() as i64).collect();
-        Ok((pad_rows(&rows, i64::from(self.pad_id), self.multiple), lengths))
+        Ok((
+            pad_rows(&rows, i64::from(self.pad_id), self.multiple),
+            lengths,
+        ))
     }
 
     pub fn encode_ragged(&self, texts: &[&str], truncate: bool) -> Result<(Vec<i64>, Vec<i64>)> {
@@ -173,7 +188,7 @@ fn char_capped(text: &str, max_chars: usize) -> Option<&str> {
 }
 
 /// Borrows the UTF-8 of each `str` in `texts`; the strings stay alive in `owners`.
-fn borrow_texts<'a, 'py>(owners: &'a [Bound<'py, PyString>]) -> Result<Vec<&'a str>> {
+fn borrow_texts<'a>(owners: &'a [Bound<'_, PyString>]) -> Result<Vec<&'a str>> {
     owners
         .iter()
         .enumerate()
@@ -198,6 +213,15 @@ fn collect_strings<'py>(texts: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, Py
         .collect()
 }
 
+/// `(ids, attention_mask, lengths)` as numpy arrays.
+type Encoded<'py> = (
+    Bound<'py, PyArray2<i64>>,
+    Bound<'py, PyArray2<i64>>,
+    Bound<'py, PyArray1<i64>>,
+);
+/// `(flat_ids, offsets)` as numpy arrays.
+type Ragged<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>);
+
 /// A Hugging Face tokenizer configured for embedding: no fixed padding, truncation at `max_length`.
 #[pyclass(frozen, module = "embedpool._native")]
 pub struct Tokenizer {
@@ -208,9 +232,14 @@ pub struct Tokenizer {
 impl Tokenizer {
     #[new]
     #[pyo3(signature = (path, *, max_length, pad_to_multiple_of = 8, max_chars = None))]
-    fn new(path: std::path::PathBuf, max_length: i64, pad_to_multiple_of: i64, max_chars: Option<i64>) -> PyResult<Self> {
-        let max_length =
-            usize::try_from(max_length).map_err(|_| Error::argument("max_length", "positive", max_length))?;
+    fn new(
+        path: std::path::PathBuf,
+        max_length: i64,
+        pad_to_multiple_of: i64,
+        max_chars: Option<i64>,
+    ) -> PyResult<Self> {
+        let max_length = usize::try_from(max_length)
+            .map_err(|_| Error::argument("max_length", "positive", max_length))?;
         let multiple = check_multiple("pad_to_multiple_of", pad_to_multiple_of)?;
         let max_chars = max_chars
             .map(|c| usize::try_from(c).map_err(|_| Error::argument("max_chars", "at least 1", c)))
@@ -241,17 +270,12 @@ impl Tokenizer {
     }
 
     #[pyo3(signature = (texts, *, truncate = true))]
-    #[allow(clippy::type_complexity)]
     fn encode<'py>(
         &self,
         py: Python<'py>,
         texts: &Bound<'py, PyAny>,
         truncate: bool,
-    ) -> PyResult<(
-        Bound<'py, PyArray2<i64>>,
-        Bound<'py, PyArray2<i64>>,
-        Bound<'py, PyArray1<i64>>,
-    )> {
+    ) -> PyResult<Encoded<'py>> {
         let owners = collect_strings(texts)?;
         let texts = borrow_texts(&owners)?;
         let (padded, lengths) = py.detach(|| self.encoder.encode_padded(&texts, truncate))?;
@@ -265,7 +289,7 @@ impl Tokenizer {
         py: Python<'py>,
         texts: &Bound<'py, PyAny>,
         truncate: bool,
-    ) -> PyResult<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>)> {
+    ) -> PyResult<Ragged<'py>> {
         let owners = collect_strings(texts)?;
         let texts = borrow_texts(&owners)?;
         let (flat, offsets) = py.detach(|| self.encoder.encode_ragged(&texts, truncate))?;
@@ -275,7 +299,10 @@ impl Tokenizer {
     fn __repr__(&self) -> String {
         format!(
             "Tokenizer(max_length={}, pad_to_multiple_of={}, pad_id={}, max_chars={})",
-            self.encoder.max_length, self.encoder.multiple, self.encoder.pad_id, self.encoder.max_chars
+            self.encoder.max_length,
+            self.encoder.multiple,
+            self.encoder.pad_id,
+            self.encoder.max_chars
         )
     }
 }

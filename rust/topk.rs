@@ -11,7 +11,9 @@ use std::collections::BinaryHeap;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use ndarray::Array2;
-use numpy::{IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::{
+    IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArray, PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 use rayon::prelude::*;
 
@@ -145,10 +147,14 @@ pub fn top_k_cosine(queries: &[f32], corpus: Corpus<'_>, dim: usize, k: usize) -
     if k == 0 {
         return Err(Error::argument("k", "at least 1", k));
     }
-    let (n_queries, n_rows) = if dim == 0 {
-        return Err(Error::array("queries", "vectors must have at least one dimension"));
-    } else {
-        (queries.len() / dim, corpus.len() / dim)
+    let (Some(n_queries), Some(n_rows)) = (
+        queries.len().checked_div(dim),
+        corpus.len().checked_div(dim),
+    ) else {
+        return Err(Error::array(
+            "queries",
+            "vectors must have at least one dimension",
+        ));
     };
     let units = unit_queries(queries, dim)?;
     let k = k.min(n_rows);
@@ -184,9 +190,16 @@ fn unit_queries(queries: &[f32], dim: usize) -> Result<Vec<f32>> {
     let mut units = Vec::with_capacity(queries.len());
     for (row, query) in queries.chunks_exact(dim).enumerate() {
         if query.iter().any(|v| !v.is_finite()) {
-            return Err(Error::NonFinite { name: "queries", row });
+            return Err(Error::NonFinite {
+                name: "queries",
+                row,
+            });
         }
-        let norm = query.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
+        let norm = query
+            .iter()
+            .map(|&v| f64::from(v).powi(2))
+            .sum::<f64>()
+            .sqrt();
         let scale = if norm > 0.0 { norm.recip() } else { 0.0 };
         units.extend(query.iter().map(|&v| (f64::from(v) * scale) as f32));
     }
@@ -247,17 +260,28 @@ fn inverse_norm(row: &[f32], index: usize) -> Result<f32> {
         return Ok(norm_sq.sqrt().recip());
     }
     if row.iter().any(|v| !v.is_finite()) {
-        return Err(Error::NonFinite { name: "corpus", row: index });
+        return Err(Error::NonFinite {
+            name: "corpus",
+            row: index,
+        });
     }
     Ok(f32::NAN)
 }
 
 fn extreme_row_score(unit_query: &[f32], row: &[f32]) -> f32 {
-    let norm = row.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
+    let norm = row
+        .iter()
+        .map(|&v| f64::from(v).powi(2))
+        .sum::<f64>()
+        .sqrt();
     if norm == 0.0 {
         return 0.0;
     }
-    let dot: f64 = unit_query.iter().zip(row).map(|(&q, &c)| f64::from(q) * f64::from(c)).sum();
+    let dot: f64 = unit_query
+        .iter()
+        .zip(row)
+        .map(|(&q, &c)| f64::from(q) * f64::from(c))
+        .sum();
     (dot / norm) as f32
 }
 
@@ -294,6 +318,8 @@ unsafe fn dot_tile_avx2_fma(tile: &[f32], block: &[f32], dim: usize, out: &mut [
 }
 
 /// Dispatches on the tile's query count so the kernel's loops have constant trip counts.
+// Inlined so the kernel is compiled with the caller's target features (AVX2/FMA or baseline).
+#[allow(clippy::inline_always)]
 #[inline(always)]
 fn dot_tile_portable<const FUSED: bool>(tile: &[f32], block: &[f32], dim: usize, out: &mut [f32]) {
     match tile.len() / dim {
@@ -305,8 +331,14 @@ fn dot_tile_portable<const FUSED: bool>(tile: &[f32], block: &[f32], dim: usize,
 }
 
 /// Written as fixed-width lane arrays so LLVM vectorises it for whatever target it compiles for.
+#[allow(clippy::inline_always)]
 #[inline(always)]
-fn dot_kernel<const Q: usize, const FUSED: bool>(tile: &[f32], block: &[f32], dim: usize, out: &mut [f32]) {
+fn dot_kernel<const Q: usize, const FUSED: bool>(
+    tile: &[f32],
+    block: &[f32],
+    dim: usize,
+    out: &mut [f32],
+) {
     let n_rows = block.len() / dim;
     let queries: [&[f32]; Q] = std::array::from_fn(|t| &tile[t * dim..(t + 1) * dim]);
     let body = dim - dim % LANES;
@@ -326,7 +358,11 @@ fn dot_kernel<const Q: usize, const FUSED: bool>(tile: &[f32], block: &[f32], di
             }
         }
         for (t, (a, query)) in acc.iter().zip(&queries).enumerate() {
-            let tail: f32 = query[body..].iter().zip(&row[body..]).map(|(q, c)| q * c).sum();
+            let tail: f32 = query[body..]
+                .iter()
+                .zip(&row[body..])
+                .map(|(q, c)| q * c)
+                .sum();
             out[t * n_rows + r] = a.iter().sum::<f32>() + tail;
         }
     }
@@ -335,7 +371,10 @@ fn dot_kernel<const Q: usize, const FUSED: bool>(tile: &[f32], block: &[f32], di
 fn dims(name: &'static str, array: &Bound<'_, PyUntypedArray>) -> Result<(usize, usize)> {
     match array.shape() {
         &[rows, dim] => Ok((rows, dim)),
-        shape => Err(Error::array(name, format!("expected a 2-D array, got shape {shape:?}"))),
+        shape => Err(Error::array(
+            name,
+            format!("expected a 2-D array, got shape {shape:?}"),
+        )),
     }
 }
 
@@ -346,9 +385,17 @@ fn contiguous<'a, T: numpy::Element + Copy>(array: &'a PyReadonlyArray2<'_, T>) 
     }
 }
 
-fn typed<'py, T: numpy::Element>(array: &Bound<'py, PyUntypedArray>) -> Option<PyReadonlyArray2<'py, T>> {
-    array.cast::<numpy::PyArray2<T>>().ok().map(|a| a.readonly())
+fn typed<'py, T: numpy::Element>(
+    array: &Bound<'py, PyUntypedArray>,
+) -> Option<PyReadonlyArray2<'py, T>> {
+    array
+        .cast::<numpy::PyArray2<T>>()
+        .ok()
+        .map(PyArrayMethods::readonly)
 }
+
+/// `(indices, scores)` as numpy arrays.
+type TopKArrays<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>);
 
 #[pyfunction]
 #[pyo3(signature = (queries, corpus, k))]
@@ -357,7 +404,7 @@ pub fn topk_cosine<'py>(
     queries: &Bound<'py, PyAny>,
     corpus: &Bound<'py, PyAny>,
     k: i64,
-) -> PyResult<(Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>)> {
+) -> PyResult<TopKArrays<'py>> {
     let queries = queries
         .cast::<PyUntypedArray>()
         .map_err(|_| Error::array("queries", "expected a numpy array"))?;
@@ -374,8 +421,8 @@ pub fn topk_cosine<'py>(
         .into());
     }
     let k = usize::try_from(k).map_err(|_| Error::argument("k", "at least 1", k))?;
-    let queries = typed::<f32>(queries)
-        .ok_or_else(|| Error::array("queries", "expected dtype float32"))?;
+    let queries =
+        typed::<f32>(queries).ok_or_else(|| Error::array("queries", "expected dtype float32"))?;
     let queries = contiguous(&queries);
     let result = if let Some(corpus) = typed::<f32>(corpus) {
         let corpus = contiguous(&corpus);
@@ -386,5 +433,137 @@ pub fn topk_cosine<'py>(
     } else {
         return Err(Error::array("corpus", "expected dtype float32 or float16").into());
     }?;
-    Ok((result.indices.into_pyarray(py), result.scores.into_pyarray(py)))
+    Ok((
+        result.indices.into_pyarray(py),
+        result.scores.into_pyarray(py),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// Scores every row in f64 and sorts (score desc, index asc).
+    fn brute_force(
+        queries: &[f32],
+        corpus: &[f32],
+        dim: usize,
+        k: usize,
+    ) -> Vec<Vec<(usize, f64)>> {
+        let norm = |v: &[f32]| v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+        queries
+            .chunks_exact(dim)
+            .map(|q| {
+                let mut scored: Vec<(usize, f64)> = corpus
+                    .chunks_exact(dim)
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let dot: f64 = q
+                            .iter()
+                            .zip(c)
+                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                            .sum();
+                        let denom = norm(q) * norm(c);
+                        (i, if denom == 0.0 { 0.0 } else { dot / denom })
+                    })
+                    .collect();
+                scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                scored.truncate(k);
+                scored
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_brute_force_across_tiles_and_blocks() {
+        for (n_queries, n_rows, dim, k) in [
+            (1, 1000, 384, 10),
+            (7, 3001, 37, 5),
+            (5, 50, 16, 50),
+            (9, 1, 3, 4),
+        ] {
+            let queries = pseudo_random(n_queries * dim, 1);
+            let corpus = pseudo_random(n_rows * dim, 2);
+            let result = top_k_cosine(&queries, Corpus::F32(&corpus), dim, k).unwrap();
+            let expected = brute_force(&queries, &corpus, dim, k);
+            assert_eq!(result.indices.shape(), &[n_queries, k.min(n_rows)]);
+            for (q, want) in expected.iter().enumerate() {
+                for (rank, &(index, score)) in want.iter().enumerate() {
+                    assert!((f64::from(result.scores[[q, rank]]) - score).abs() < 1e-5);
+                    assert_eq!(
+                        result.indices[[q, rank]],
+                        index as i64,
+                        "query {q} rank {rank}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ties_prefer_lower_index_and_zero_rows_score_zero() {
+        let dim = 3;
+        let corpus = [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0];
+        let result = top_k_cosine(&[2.0, 0.0, 0.0], Corpus::F32(&corpus), dim, 10).unwrap();
+        assert_eq!(result.indices.row(0).to_vec(), vec![1, 3, 0, 2]);
+        assert_eq!(result.scores.row(0).to_vec(), vec![1.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn empty_corpus_gives_empty_rows() {
+        let result = top_k_cosine(&[1.0, 2.0], Corpus::F32(&[]), 2, 3).unwrap();
+        assert_eq!(result.indices.shape(), &[1, 0]);
+    }
+
+    #[test]
+    fn rejects_non_finite_and_bad_k() {
+        let corpus = [1.0, f32::NAN, 0.0, 1.0];
+        assert_eq!(
+            top_k_cosine(&[1.0, 0.0], Corpus::F32(&corpus), 2, 1).unwrap_err(),
+            Error::NonFinite {
+                name: "corpus",
+                row: 0
+            }
+        );
+        assert!(top_k_cosine(&[f32::INFINITY, 0.0], Corpus::F32(&[1.0, 0.0]), 2, 1).is_err());
+        assert!(top_k_cosine(&[1.0, 0.0], Corpus::F32(&[1.0, 0.0]), 2, 0).is_err());
+    }
+
+    #[test]
+    fn extreme_magnitudes_score_like_their_direction() {
+        let corpus = [f32::MAX, f32::MAX, 1e-30, 1e-30, 1e-45, 0.0];
+        let result = top_k_cosine(&[1.0, 1.0], Corpus::F32(&corpus), 2, 3).unwrap();
+        assert_eq!(result.indices.row(0).to_vec(), vec![0, 1, 2]);
+        for score in result.scores.row(0).iter().take(2) {
+            assert!((score - 1.0).abs() < 1e-6);
+        }
+        assert!((result.scores[[0, 2]] - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6);
+    }
+
+    #[test]
+    fn float16_corpus_matches_float32_of_same_values() {
+        let dim = 24;
+        let corpus32: Vec<f32> = pseudo_random(200 * dim, 3)
+            .into_iter()
+            .map(|v| f16::from_f32(v).to_f32())
+            .collect();
+        let corpus16: Vec<f16> = corpus32.iter().map(|&v| f16::from_f32(v)).collect();
+        let queries = pseudo_random(3 * dim, 4);
+        let a = top_k_cosine(&queries, Corpus::F32(&corpus32), dim, 7).unwrap();
+        let b = top_k_cosine(&queries, Corpus::F16(&corpus16), dim, 7).unwrap();
+        assert_eq!(a.indices, b.indices);
+        assert_eq!(a.scores, b.scores);
+    }
 }

@@ -1,0 +1,69 @@
+"""Rust hot paths of embedpool: tokenizing, batch padding and planning, exact top-k cosine search.
+
+Every array is C-contiguous and owned by numpy. Functions release the GIL while they compute.
+"""
+
+import os
+from collections.abc import Sequence
+from typing import Self, final
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = ["InputTooLongError", "NativeError", "Tokenizer", "pad_batch", "plan_batches", "topk_cosine"]
+
+class NativeError(ValueError):
+    """Bad input to the native extension."""
+
+class InputTooLongError(NativeError):
+    """A text exceeds the tokenizer's max_length and truncate=False; the message names its index."""
+
+@final
+class Tokenizer:
+    """A Hugging Face tokenizer.json with its own padding/truncation replaced by ours.
+
+    Texts are truncated at ``max_length`` tokens, special tokens included; rows are padded to the
+    longest text rounded up to ``pad_to_multiple_of``. Texts longer than ``max_chars`` characters
+    are cut (at whitespace) before tokenizing when that cannot change the kept tokens.
+    """
+
+    def __new__(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        max_length: int,
+        pad_to_multiple_of: int = 8,
+        max_chars: int | None = None,
+    ) -> Self: ...
+    @property
+    def max_length(self) -> int: ...
+    @property
+    def max_chars(self) -> int: ...
+    @property
+    def pad_id(self) -> int: ...
+    @property
+    def pad_to_multiple_of(self) -> int: ...
+    def encode(
+        self, texts: Sequence[str], *, truncate: bool = True
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+        """(ids [n, L], attention_mask [n, L], lengths [n]); raises InputTooLongError if truncate=False."""
+
+    def encode_ragged(
+        self, texts: Sequence[str], *, truncate: bool = True
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """(flat_ids [total], offsets [n + 1]): text i is flat_ids[offsets[i]:offsets[i + 1]]."""
+
+def pad_batch(
+    pieces: Sequence[NDArray[np.int64]], *, pad_id: int, multiple: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Right-pads 1-D id arrays into (ids [b, L], attention_mask [b, L]), L rounded up to multiple."""
+
+def plan_batches(
+    lengths: NDArray[np.int64], *, max_batch_tokens: int, max_batch_size: int, multiple: int
+) -> list[NDArray[np.int64]]:
+    """Groups positions of ``lengths`` (0 = oldest) into batches, the one holding position 0 first."""
+
+def topk_cosine(
+    queries: NDArray[np.float32], corpus: NDArray[np.float32] | NDArray[np.float16], k: int
+) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """Exact cosine top-k: (indices [q, min(k, n)], scores [q, min(k, n)]), best first, ties by lower index."""
