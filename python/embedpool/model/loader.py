@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -44,7 +44,12 @@ def _bundle(root: Path) -> ModelBundle:
     )
 
 
-def load_model_dir(path: Path, cache_root: Path | None = None, name: str | None = None) -> ModelBundle:
+def load_model_dir(
+    path: Path,
+    cache_root: Path | None = None,
+    name: str | None = None,
+    variants: Collection[Variant] = ALL_VARIANTS,
+) -> ModelBundle:
     """Load a converted directory as is; convert a safetensors checkpoint or an ONNX export into `cache_root` first."""
     if not path.is_dir():
         raise NotFound(f"model directory not found: {path}")
@@ -54,4 +59,4 @@ def load_model_dir(path: Path, cache_root: Path | None = None, name: str | None 
         raise InvalidArgument(f"{path} holds no {MANIFEST_FILE}, {WEIGHTS_FILE} or {ONNX_FILE}")
     if cache_root is None:
         raise InvalidArgument(f"{path} needs converting: pass a cache directory")
-    return _bundle(prepare_model(path, cache_root, name))
+    return _bundle(prepare_model(path, cache_root, name, variants))

@@ -138,9 +138,20 @@ def append_pooling(model: onnx.ModelProto, pooling: Pooling, normalize: bool, di
     return _single_output(out, SENTENCE_EMBEDDING, dim, rename=False)
 
 
+def _unique_node_name(model: onnx.ModelProto, base: str) -> str:
+    taken = {n.name for n in model.graph.node}
+    return next(f"{base}{i or ''}" for i in range(len(taken) + 1) if f"{base}{i or ''}" not in taken)
+
+
 def _single_output(model: onnx.ModelProto, name: str, dim: int, rename: bool) -> onnx.ModelProto:
     if rename and name != SENTENCE_EMBEDDING:
-        model.graph.node.append(helper.make_node("Identity", [name], [SENTENCE_EMBEDDING], name=NODE_PREFIX + "output"))
+        source = next(o for o in model.graph.output if o.name == name)
+        node_name = _unique_node_name(model, NODE_PREFIX + "output")
+        if source.type.tensor_type.elem_type == TensorProto.FLOAT:
+            node = helper.make_node("Identity", [name], [SENTENCE_EMBEDDING], name=node_name)
+        else:
+            node = helper.make_node("Cast", [name], [SENTENCE_EMBEDDING], name=node_name, to=TensorProto.FLOAT)
+        model.graph.node.append(node)
     del model.graph.output[:]
     model.graph.output.append(helper.make_tensor_value_info(SENTENCE_EMBEDDING, TensorProto.FLOAT, ["batch", dim]))
     return model
