@@ -63,35 +63,45 @@ def _check_string(value: object, what: str) -> str:
     return value
 
 
-def _stage(row: DocumentRow, info: CollectionInfo) -> _Staged:
+def _check_row(row: DocumentRow, dim: int) -> tuple[str, NDArray[np.float32]]:
+    """The row's metadata as JSON and its embedding as float32 of the right shape; values are checked batch-wise."""
     doc_id = _check_string(row.id, "id")
     if not 1 <= len(doc_id.encode()) <= MAX_ID_BYTES:
         raise InvalidArgument(f"id must be 1..{MAX_ID_BYTES} bytes of UTF-8")
-    text = _check_string(row.text, "text")
+    _check_string(row.text, "text")
     if not isinstance(row.content_hash, bytes):
         raise InvalidArgument("content_hash must be bytes")
     try:
         embedding = np.asarray(row.embedding, dtype=np.float32)
     except (TypeError, ValueError):
         raise InvalidArgument("embedding is not an array of numbers") from None
-    if embedding.shape != (info.dim,):
-        raise InvalidArgument(f"embedding has shape {embedding.shape}, collection dim is {info.dim}")
-    if not np.isfinite(embedding).all():
-        raise InvalidArgument("embedding has a NaN or infinite value (or one beyond float32 range)")
-    if info.metric == "cosine" and not np.any(embedding):
-        raise InvalidArgument("embedding is all zeros: it has no cosine direction")
-    return _Staged(doc_id, text, json_object(row.metadata, "metadata"), row.content_hash, embedding)
+    if embedding.shape != (dim,):
+        raise InvalidArgument(f"embedding has shape {embedding.shape}, collection dim is {dim}")
+    return json_object(row.metadata, "metadata"), embedding
 
 
 def validate(rows: Sequence[DocumentRow], info: CollectionInfo) -> tuple[list[_Staged], list[tuple[str, str]]]:
-    """Rows ready for COPY, and (id, reason) for each row that is not."""
-    staged, rejected = [], []
-    for row in rows:
+    """Rows ready for COPY, and (id, reason) for each row that is not, in input order."""
+    checked: list[tuple[int, DocumentRow, str, NDArray[np.float32]]] = []
+    rejected: dict[int, tuple[str, str]] = {}
+    for n, row in enumerate(rows):
         try:
-            staged.append(_stage(row, info))
+            checked.append((n, row, *_check_row(row, info.dim)))
         except InvalidArgument as e:
-            rejected.append((row.id if isinstance(row.id, str) else repr(row.id), str(e)))
-    return staged, rejected
+            rejected[n] = (row.id if isinstance(row.id, str) else repr(row.id), str(e))
+    # Value checks on the stacked batch: per-row numpy calls would cost more than the COPY itself.
+    matrix = np.stack([c[3] for c in checked]) if checked else np.empty((0, info.dim), np.float32)
+    finite: list[bool] = np.isfinite(matrix).all(axis=1).tolist()
+    nonzero: list[bool] = matrix.any(axis=1).tolist() if info.metric == "cosine" else [True] * len(checked)
+    staged = []
+    for (n, row, metadata_json, embedding), ok, nz in zip(checked, finite, nonzero, strict=True):
+        if not ok:
+            rejected[n] = (row.id, "embedding has a NaN or infinite value (or one beyond float32 range)")
+        elif not nz:
+            rejected[n] = (row.id, "embedding is all zeros: it has no cosine direction")
+        else:
+            staged.append(_Staged(row.id, row.text, metadata_json, row.content_hash, embedding))
+    return staged, [rejected[n] for n in sorted(rejected)]
 
 
 _STAGING = (
