@@ -10,7 +10,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -91,8 +91,8 @@ def validate(rows: Sequence[DocumentRow], info: CollectionInfo) -> tuple[list[_S
             rejected[n] = (row.id if isinstance(row.id, str) else repr(row.id), str(e))
     # Value checks on the stacked batch: per-row numpy calls would cost more than the COPY itself.
     matrix = np.stack([c[3] for c in checked]) if checked else np.empty((0, info.dim), np.float32)
-    finite: list[bool] = np.isfinite(matrix).all(axis=1).tolist()
-    nonzero: list[bool] = matrix.any(axis=1).tolist() if info.metric == "cosine" else [True] * len(checked)
+    finite = cast(list[bool], np.isfinite(matrix).all(axis=1).tolist())
+    nonzero = cast(list[bool], matrix.any(axis=1).tolist()) if info.metric == "cosine" else [True] * len(checked)
     staged = []
     for (n, row, metadata_json, embedding), ok, nz in zip(checked, finite, nonzero, strict=True):
         if not ok:
