@@ -83,14 +83,17 @@ def _fused(model_path: Path, config: ModelConfig, use_gpu: bool) -> Any:
     """Run ORT's transformer optimizer (python fusions only: no session, so no GPU needed to build GPU graphs)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    optimized = optimize_model(
-        str(model_path),
-        model_type="bert",
-        num_heads=config.num_heads,
-        hidden_size=config.hidden,
-        use_gpu=use_gpu,
-        opt_level=0,
-    )
+    try:
+        optimized = optimize_model(
+            str(model_path),
+            model_type="bert",
+            num_heads=config.num_heads,
+            hidden_size=config.hidden,
+            use_gpu=use_gpu,
+            opt_level=0,
+        )
+    except ImportError as exc:  # its symbolic shape inference needs sympy, an optional dependency of onnxruntime
+        raise ConversionError(f"ONNX Runtime's transformer optimizer cannot run: {exc}") from exc
     stats: dict[str, int] = optimized.get_fused_operator_statistics()
     if stats.get("Attention", 0) + stats.get("MultiHeadAttention", 0) == 0:
         raise ConversionError(f"attention fusion failed for {model_path} (fused operators: {stats})")
