@@ -5,7 +5,7 @@ fresh collection of an embedded Postgres in a temporary directory. The store wri
 upsert of changed rows and a re-ingest of unchanged ones, each with and without the collection's HNSW index.
 Counts are checked after every run, next to the timing.
 
-    .venv/bin/python bench/ingest.py [--quick] [--out DIR]     # writes DIR/ingest.json (default bench/out)
+    .venv/bin/python -P bench/ingest.py [--quick] [--out DIR]     # writes DIR/ingest.json (default bench/out)
 """
 
 from __future__ import annotations
