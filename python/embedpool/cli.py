@@ -19,11 +19,12 @@ from embedpool.logs import configure
 async def _serve(settings: config.Settings) -> None:
     from embedpool.server.app import serve
 
+    stop = anyio.Event()
     async with anyio.create_task_group() as tg:
-        await tg.start(serve, settings)
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            await tg.start(serve, settings, stop)
             async for _ in signals:
-                tg.cancel_scope.cancel()
+                stop.set()  # graceful: drain in-flight requests, then stop the pool and Postgres
                 break
 
 
@@ -75,7 +76,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(args.target) as channel:
-        reply = pb_grpc.EmbedderStub(channel).Search(pb.SearchRequest(collection=args.collection, text=args.query, k=args.k))
+        reply = pb_grpc.EmbedderStub(channel).Search(
+            pb.SearchRequest(collection=args.collection, text=args.query, k=args.k)
+        )
     for hit in reply.hits:
         print(json.dumps({"id": hit.id, "score": round(hit.score, 4), "text": hit.text[:80]}))
     return 0

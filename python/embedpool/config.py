@@ -28,14 +28,16 @@ class Settings:
     host: str = _setting("127.0.0.1", "address the gRPC server binds")
     port: int = _setting(50051, "gRPC port (0 picks a free one)")
     metrics_port: int = _setting(9464, "Prometheus /metrics port (0 picks a free one, -1 disables)")
-    data_dir: Path = _setting(
+    data_dir: Path = _setting(  # noqa: RUF009 - evaluated once at import on purpose: a Path is immutable
         Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "embedpool",
         "where the embedded Postgres and converted models live",
     )
     database_url: str = _setting("", "external Postgres with pgvector; empty starts the embedded one")
     model: str = _setting("", "model dir (ONNX or safetensors checkpoint); empty = bundled all-MiniLM-L6-v2")
     device: str = _setting("auto", "inference device", choices=("auto", "cpu", "cuda"))
-    variant: str = _setting("auto", "model variant (auto: fp16 on cuda, int8 on cpu)", choices=("auto", "fp32", "fp16", "int8"))
+    variant: str = _setting(
+        "auto", "model variant (auto: fp16 on cuda, int8 on cpu)", choices=("auto", "fp32", "fp16", "int8")
+    )
     sessions_per_device: int = _setting(1, "ONNX Runtime sessions (one feeder thread each)")
     intra_op_threads: int = _setting(0, "ONNX Runtime threads per session (0: derived from cores)")
     tokenizer_threads: int = _setting(0, "threads tokenizing concurrently (0: derived from cores)")

@@ -7,7 +7,10 @@ from prometheus_client import Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 RPC_LATENCY = Histogram(
-    "embedpool_rpc_duration_seconds", "RPC latency by method and status code", ["method", "code"], buckets=_LATENCY_BUCKETS
+    "embedpool_rpc_duration_seconds",
+    "RPC latency by method and status code",
+    ["method", "code"],
+    buckets=_LATENCY_BUCKETS,
 )
 QUEUE_INPUTS = Gauge("embedpool_queue_inputs", "documents waiting for a batch")
 QUEUE_TOKENS = Gauge("embedpool_queue_tokens", "tokens waiting for a batch")

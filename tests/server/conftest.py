@@ -3,35 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 from anyio.from_thread import start_blocking_portal
-from numpy.typing import NDArray
-
 from embedpool.config import Settings
-from embedpool.engine import prepare
 from embedpool.server.app import Running, serve
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
-
-DATA = Path(__file__).resolve().parent.parent / "data"
-
-
-@pytest.fixture(scope="session")
-def golden() -> tuple[list[str], NDArray[np.float32]]:
-    meta = json.loads((DATA / "minilm_golden.json").read_text())
-    return meta["texts"], np.load(DATA / "minilm_golden.npy")
-
-
-@pytest.fixture(scope="session")
-def model_dir() -> Path:
-    """The converted default model, from the user's cache (`make model` fills it; converted here otherwise)."""
-    return prepare(Settings()).root
-
 
 SettingsFactory = Callable[..., Settings]
 

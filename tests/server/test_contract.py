@@ -44,5 +44,5 @@ def test_generated_code_matches_proto(tmp_path: Path) -> None:
     generated = tmp_path / "embedpool/v1"
     committed = ROOT / "python/embedpool/v1"
     names = sorted(p.name for p in generated.iterdir())
-    match, mismatch, errors = filecmp.cmpfiles(generated, committed, names, shallow=False)
+    _, mismatch, errors = filecmp.cmpfiles(generated, committed, names, shallow=False)
     assert not mismatch and not errors, f"run `make proto`: {mismatch + errors} differ from proto/"

@@ -9,11 +9,10 @@ from typing import Any
 
 import grpc
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
+from hypothesis import given
+from hypothesis import strategies as st
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -91,7 +90,12 @@ CASES: list[tuple[str, Callable[[str], tuple[str, Any]], grpc.StatusCode, str]] 
         "nope_missing",
     ),
     ("delete no ids", lambda c: ("DeleteDocuments", pb.DeleteDocumentsRequest(collection=c)), INVALID, "ids"),
-    ("drop unknown", lambda c: ("DropCollection", pb.DropCollectionRequest(name="nope_missing")), grpc.StatusCode.NOT_FOUND, "nope_missing"),
+    (
+        "drop unknown",
+        lambda c: ("DropCollection", pb.DropCollectionRequest(name="nope_missing")),
+        grpc.StatusCode.NOT_FOUND,
+        "nope_missing",
+    ),
     ("create bad name", lambda c: ("CreateCollection", pb.CreateCollectionRequest(name="")), INVALID, "name"),
 ]
 

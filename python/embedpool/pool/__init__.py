@@ -11,7 +11,7 @@ __all__ = [
     "EmbeddingPool",
     "Embeddings",
     "InferenceSession",
-    "PoolConfig",
     "Permits",
+    "PoolConfig",
     "running_pool",
 ]

@@ -57,6 +57,10 @@ class Feeder:
     def join(self) -> None:
         self._thread.join()
 
+    def close(self) -> None:
+        """Closes this feeder's end of the channel; call on the event loop once the thread has ended."""
+        self._batches.close()
+
     def _run(self) -> None:
         while True:
             try:
@@ -72,6 +76,8 @@ class Feeder:
                 log.exception("inference failed on a batch of %d documents", len(batch.entries))
                 error = exc
             try:
-                anyio.from_thread.run_sync(self._on_done, batch, out, error, time.perf_counter() - started, token=self._token)
+                anyio.from_thread.run_sync(
+                    self._on_done, batch, out, error, time.perf_counter() - started, token=self._token
+                )
             except _LOOP_GONE:
                 return

@@ -24,7 +24,9 @@ from embedpool.pool.scheduler import Batch, BatchLimits, Scheduler
 
 
 class Tokenizer(Protocol):
-    def encode_ragged(self, texts: Sequence[str], *, truncate: bool = True) -> tuple[NDArray[np.int64], NDArray[np.int64]]: ...
+    def encode_ragged(
+        self, texts: Sequence[str], *, truncate: bool = True
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]: ...
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,9 @@ class EmbeddingPool:
                 await self._ingress_send.send(job)
                 await job.done.wait()
         except TimeoutError as exc:
-            raise DeadlineExceeded(f"deadline passed with {job.remaining if job else n} of {n} documents pending") from exc
+            raise DeadlineExceeded(
+                f"deadline passed with {job.remaining if job else n} of {n} documents pending"
+            ) from exc
         except anyio.ClosedResourceError as exc:
             raise Unavailable("the server is shutting down") from exc
         finally:
@@ -117,6 +121,7 @@ class EmbeddingPool:
             with anyio.CancelScope(shield=True):
                 for feeder in feeders:
                     await anyio.to_thread.run_sync(feeder.join)
+                    feeder.close()
 
     def close(self) -> None:
         """Stops admitting work; `run` returns once everything admitted is answered."""

@@ -13,19 +13,18 @@ import anyio.to_thread
 import grpc.aio
 import prometheus_client
 from anyio.abc import TaskStatus
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
-
 from embedpool.config import Settings
+from embedpool.engine import Engine, load_engine
 from embedpool.pool import PoolConfig, running_pool
 from embedpool.pool.scheduler import BatchLimits
 from embedpool.server import validation
-from embedpool.engine import Engine, load_engine
 from embedpool.server.servicer import EmbedderServicer
 from embedpool.store import Store
 from embedpool.store.embedded import EmbeddedPostgres
 from embedpool.v1 import embedpool_pb2, embedpool_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger("embedpool.server")
 
@@ -91,13 +90,23 @@ def _pool_config(settings: Settings, engine: Engine) -> PoolConfig:
     )
 
 
-async def serve(settings: Settings, *, task_status: TaskStatus[Running] = anyio.TASK_STATUS_IGNORED) -> None:
-    """Serves until cancelled, then drains: health goes NOT_SERVING, in-flight RPCs get `grace_seconds`."""
+async def serve(
+    settings: Settings,
+    stop: anyio.Event | None = None,
+    *,
+    task_status: TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serves until `stop` is set, then drains: health goes NOT_SERVING, in-flight RPCs get `grace_seconds`,
+    and only then do the pool and the store shut down. Cancelling instead aborts without draining, because
+    cancellation reaches the pool's tasks too.
+    """
     engine = await anyio.to_thread.run_sync(load_engine, settings)
     settings = engine.settings
     async with AsyncExitStack() as stack:
         store, url = await stack.enter_async_context(open_store(settings))
-        pool = await stack.enter_async_context(running_pool(engine.tokenizer, engine.sessions, _pool_config(settings, engine)))
+        pool = await stack.enter_async_context(
+            running_pool(engine.tokenizer, engine.sessions, _pool_config(settings, engine))
+        )
         metrics_port = _metrics_server(settings, stack)
         server = grpc.aio.server(
             options=[
@@ -128,7 +137,7 @@ async def serve(settings: Settings, *, task_status: TaskStatus[Running] = anyio.
         )
         task_status.started(Running(port=port, metrics_port=metrics_port, database_url=url, settings=settings))
         try:
-            await anyio.sleep_forever()
+            await (stop.wait() if stop is not None else anyio.sleep_forever())
         finally:
             with anyio.CancelScope(shield=True):
                 log.info("draining: %d documents in flight", pool.permits_in_use)

@@ -12,7 +12,6 @@ from typing import Any, Concatenate, TypeVar
 
 import grpc
 import grpc.aio
-
 from embedpool import metrics
 from embedpool.errors import EmbedpoolError
 from embedpool.logs import request_id

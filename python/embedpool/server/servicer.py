@@ -9,8 +9,6 @@ from typing import Any
 import anyio
 import grpc.aio
 import numpy as np
-from numpy.typing import NDArray
-
 from embedpool import _native
 from embedpool.engine import ServingModel
 from embedpool.errors import InvalidArgument
@@ -21,6 +19,7 @@ from embedpool.server.rpc import rpc
 from embedpool.store import DocumentRow, Store
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
+from numpy.typing import NDArray
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -143,9 +142,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         return pb.Collection(name=info.name, model=info.model, dim=info.dim, metric=info.metric, count=info.count)
 
     @rpc
-    async def ListCollections(
-        self, request: pb.ListCollectionsRequest, context: Context
-    ) -> pb.ListCollectionsResponse:
+    async def ListCollections(self, request: pb.ListCollectionsRequest, context: Context) -> pb.ListCollectionsResponse:
         infos = await self._store.list_collections()
         return pb.ListCollectionsResponse(
             collections=[
@@ -160,9 +157,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         return pb.DropCollectionResponse()
 
     @rpc
-    async def DeleteDocuments(
-        self, request: pb.DeleteDocumentsRequest, context: Context
-    ) -> pb.DeleteDocumentsResponse:
+    async def DeleteDocuments(self, request: pb.DeleteDocumentsRequest, context: Context) -> pb.DeleteDocumentsResponse:
         validation.collection_name(request.collection)
         if not request.ids:
             raise InvalidArgument("ids: must contain at least one id")

