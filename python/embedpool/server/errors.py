@@ -31,7 +31,7 @@ STATUS_FOR: dict[type[EmbedpoolError], grpc.StatusCode] = {
 
 def status_for(error: EmbedpoolError) -> grpc.StatusCode:
     for cls in type(error).__mro__:
-        code = STATUS_FOR.get(cls)  # type: ignore[call-overload]
+        code = STATUS_FOR.get(cls)
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL

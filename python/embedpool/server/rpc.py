@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Concatenate, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -19,10 +19,7 @@ from embedpool.server.errors import status_for
 
 log = logging.getLogger("embedpool.rpc")
 
-S = TypeVar("S")
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Handler = Callable[[S, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+Method = TypeVar("Method", bound=Callable[..., Awaitable[Any]])
 
 REQUEST_ID_KEY = "x-request-id"
 
@@ -34,13 +31,12 @@ def _incoming_request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return uuid.uuid4().hex
 
 
-def rpc(
-    method: Callable[Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], ...], Awaitable[Resp]],
-) -> Callable[Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], ...], Awaitable[Resp]]:
+def rpc(method: Method) -> Method:
+    """Wraps a servicer method (self, request, context) -> response."""
     name = method.__name__
 
     @functools.wraps(method)
-    async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp], /) -> Resp:
+    async def wrapper(self: object, request: object, context: grpc.aio.ServicerContext[Any, Any], /) -> Any:
         rid = _incoming_request_id(context)
         token = request_id.set(rid)
         started = time.perf_counter()
@@ -73,4 +69,4 @@ def rpc(
             request_id.reset(token)
         raise AssertionError("unreachable: abort raises")
 
-    return wrapper
+    return cast(Method, wrapper)

@@ -119,12 +119,14 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     async def _query_vector(self, request: pb.SearchRequest, dim: int, context: Context) -> NDArray[np.float32]:
         if request.WhichOneof("query") == "text":
             embedded = await self._pool.embed([request.text], deadline=_deadline(context))
-            return embedded.vectors[0]
+            query: NDArray[np.float32] = embedded.vectors[0]
+            return query
         vector = unpack_vector(request.vector, dim, "vector")
         norm = float(np.linalg.norm(vector))
         if norm == 0.0:
             raise InvalidArgument("vector: must not be all zeros")
-        return vector / norm
+        normalized: NDArray[np.float32] = vector / norm
+        return normalized
 
     async def _check_collection(self, name: str) -> Any:
         collection = await self._store.get_collection(name)
@@ -139,14 +141,14 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     async def CreateCollection(self, request: pb.CreateCollectionRequest, context: Context) -> pb.Collection:
         validation.collection_name(request.name, "name")
         info = await self._store.create_collection(request.name, model=self._model.name, dim=self._model.dim)
-        return pb.Collection(name=info.name, model=info.model, dim=info.dim, metric=info.metric, count=info.count)
+        return pb.Collection(name=info.name, model=info.model, dim=info.dim, metric=info.metric, count=info.count or 0)
 
     @rpc
     async def ListCollections(self, request: pb.ListCollectionsRequest, context: Context) -> pb.ListCollectionsResponse:
         infos = await self._store.list_collections()
         return pb.ListCollectionsResponse(
             collections=[
-                pb.Collection(name=i.name, model=i.model, dim=i.dim, metric=i.metric, count=i.count) for i in infos
+                pb.Collection(name=i.name, model=i.model, dim=i.dim, metric=i.metric, count=i.count or 0) for i in infos
             ]
         )
 
