@@ -121,6 +121,7 @@ struct Partial {
     rows_f32: Vec<f32>,
     inv_norms: Vec<f32>,
     dots: Vec<f32>,
+    transposed: Vec<f32>,
 }
 
 impl Partial {
@@ -130,6 +131,7 @@ impl Partial {
             rows_f32: Vec::new(),
             inv_norms: Vec::new(),
             dots: Vec::new(),
+            transposed: Vec::new(),
         }
     }
 
@@ -229,9 +231,19 @@ fn score_block(
         partial.inv_norms.push(inverse_norm(row, first + offset)?);
     }
     partial.dots.resize(QUERY_TILE * n_rows, 0.0);
+    // With many queries the block is reused enough to pay for a transpose into the layout the
+    // broadcast kernel wants; a lone query just streams rows.
+    let broadcast = units.len() / dim >= QUERY_TILE;
+    if broadcast {
+        transpose_padded(block, dim, &mut partial.transposed);
+    }
     for (tile_index, tile) in units.chunks(QUERY_TILE * dim).enumerate() {
         let tile_queries = tile.len() / dim;
-        dot_tile(tile, block, dim, &mut partial.dots);
+        if broadcast {
+            broadcast_tile(tile, &partial.transposed, dim, n_rows, &mut partial.dots);
+        } else {
+            dot_tile(tile, block, dim, &mut partial.dots);
+        }
         for t in 0..tile_queries {
             let query = &tile[t * dim..(t + 1) * dim];
             let best = &mut partial.best[tile_index * QUERY_TILE + t];
@@ -294,7 +306,112 @@ fn sum_of_squares(row: &[f32]) -> f32 {
             *a += v * v;
         }
     }
-    acc.iter().sum::<f32>() + tail
+    horizontal_sum(acc) + tail
+}
+
+/// Sums lanes by halving, so the adds are vector-wide instead of a serial chain of 15 scalar adds
+/// (which, once per row and query, would cost more than the dot product itself).
+#[allow(clippy::inline_always)]
+#[inline(always)]
+fn horizontal_sum(mut lanes: [f32; LANES]) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            lanes[i] += lanes[i + width];
+        }
+        width /= 2;
+    }
+    lanes[0]
+}
+
+/// `block` (`[rows, dim]`) as `[dim, padded rows]`, rows zero-padded to a multiple of `LANES`.
+fn transpose_padded(block: &[f32], dim: usize, out: &mut Vec<f32>) {
+    let stride = (block.len() / dim).next_multiple_of(LANES);
+    out.clear();
+    out.resize(dim * stride, 0.0);
+    for (r, row) in block.chunks_exact(dim).enumerate() {
+        for (d, &value) in row.iter().enumerate() {
+            out[d * stride + r] = value;
+        }
+    }
+}
+
+/// Like `dot_tile`, from a transposed block: each step broadcasts one query value against
+/// `LANES` rows, so accumulators stay in registers and no horizontal sums are needed.
+fn broadcast_tile(tile: &[f32], transposed: &[f32], dim: usize, n_rows: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+        unsafe {
+            return broadcast_tile_avx2_fma(tile, transposed, dim, n_rows, out);
+        }
+    }
+    broadcast_tile_portable::<false>(tile, transposed, dim, n_rows, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(unsafe_code)]
+unsafe fn broadcast_tile_avx2_fma(
+    tile: &[f32],
+    transposed: &[f32],
+    dim: usize,
+    n_rows: usize,
+    out: &mut [f32],
+) {
+    broadcast_tile_portable::<true>(tile, transposed, dim, n_rows, out);
+}
+
+#[allow(clippy::inline_always)]
+#[inline(always)]
+fn broadcast_tile_portable<const FUSED: bool>(
+    tile: &[f32],
+    transposed: &[f32],
+    dim: usize,
+    n_rows: usize,
+    out: &mut [f32],
+) {
+    match tile.len() / dim {
+        4 => broadcast_kernel::<4, FUSED>(tile, transposed, dim, n_rows, out),
+        3 => broadcast_kernel::<3, FUSED>(tile, transposed, dim, n_rows, out),
+        2 => broadcast_kernel::<2, FUSED>(tile, transposed, dim, n_rows, out),
+        _ => broadcast_kernel::<1, FUSED>(tile, transposed, dim, n_rows, out),
+    }
+}
+
+#[allow(clippy::inline_always)]
+#[inline(always)]
+fn broadcast_kernel<const Q: usize, const FUSED: bool>(
+    tile: &[f32],
+    transposed: &[f32],
+    dim: usize,
+    n_rows: usize,
+    out: &mut [f32],
+) {
+    let stride = transposed.len() / dim;
+    for first in (0..stride).step_by(LANES) {
+        let mut acc = [[0.0f32; LANES]; Q];
+        for d in 0..dim {
+            let Some(values) = transposed[d * stride + first..].first_chunk::<LANES>() else {
+                continue;
+            };
+            for (t, a) in acc.iter_mut().enumerate() {
+                let weight = tile[t * dim + d];
+                for lane in 0..LANES {
+                    a[lane] = if FUSED {
+                        weight.mul_add(values[lane], a[lane])
+                    } else {
+                        a[lane] + weight * values[lane]
+                    };
+                }
+            }
+        }
+        let kept = LANES.min(n_rows - first);
+        for (t, a) in acc.iter().enumerate() {
+            out[t * n_rows + first..t * n_rows + first + kept].copy_from_slice(&a[..kept]);
+        }
+    }
 }
 
 /// `out[t * rows + r] = dot(tile[t], block[r])` for the (up to `QUERY_TILE`) queries in `tile`.
@@ -340,14 +457,14 @@ fn dot_kernel<const Q: usize, const FUSED: bool>(
     out: &mut [f32],
 ) {
     let n_rows = block.len() / dim;
-    let queries: [&[f32]; Q] = std::array::from_fn(|t| &tile[t * dim..(t + 1) * dim]);
-    let body = dim - dim % LANES;
+    let queries: [(&[[f32; LANES]], &[f32]); Q] =
+        std::array::from_fn(|t| tile[t * dim..(t + 1) * dim].as_chunks());
     for (r, row) in block.chunks_exact(dim).enumerate() {
+        let (row_body, row_tail) = row.as_chunks::<LANES>();
         let mut acc = [[0.0f32; LANES]; Q];
-        for start in (0..body).step_by(LANES) {
-            let values = &row[start..start + LANES];
-            for (a, query) in acc.iter_mut().zip(&queries) {
-                let weights = &query[start..start + LANES];
+        for (c, values) in row_body.iter().enumerate() {
+            for (a, (query_body, _)) in acc.iter_mut().zip(&queries) {
+                let weights = &query_body[c];
                 for lane in 0..LANES {
                     a[lane] = if FUSED {
                         weights[lane].mul_add(values[lane], a[lane])
@@ -357,13 +474,9 @@ fn dot_kernel<const Q: usize, const FUSED: bool>(
                 }
             }
         }
-        for (t, (a, query)) in acc.iter().zip(&queries).enumerate() {
-            let tail: f32 = query[body..]
-                .iter()
-                .zip(&row[body..])
-                .map(|(q, c)| q * c)
-                .sum();
-            out[t * n_rows + r] = a.iter().sum::<f32>() + tail;
+        for (t, (a, (_, query_tail))) in acc.iter().zip(&queries).enumerate() {
+            let tail: f32 = query_tail.iter().zip(row_tail).map(|(q, c)| q * c).sum();
+            out[t * n_rows + r] = horizontal_sum(*a) + tail;
         }
     }
 }
