@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 from anyio.from_thread import start_blocking_portal
+
 from embedpool.config import Settings
 from embedpool.server.app import Running, serve
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc

@@ -7,10 +7,11 @@ import uuid
 import grpc
 import numpy as np
 import pytest
+from numpy.typing import NDArray
+
 from embedpool.server.codec import dict_to_struct
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
-from numpy.typing import NDArray
 
 
 @pytest.fixture

@@ -6,9 +6,10 @@ import random
 
 import grpc
 import numpy as np
+from numpy.typing import NDArray
+
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
-from numpy.typing import NDArray
 
 
 def _vectors(reply: pb.EmbedResponse) -> NDArray[np.float32]:

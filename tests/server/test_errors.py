@@ -9,10 +9,11 @@ from typing import Any
 
 import grpc
 import pytest
-from embedpool.v1 import embedpool_pb2 as pb
-from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 from hypothesis import given
 from hypothesis import strategies as st
+
+from embedpool.v1 import embedpool_pb2 as pb
+from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

@@ -13,6 +13,10 @@ import anyio.to_thread
 import grpc.aio
 import prometheus_client
 from anyio.abc import TaskStatus
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
 from embedpool.config import Settings
 from embedpool.engine import Engine, load_engine
 from embedpool.pool import PoolConfig, running_pool
@@ -22,9 +26,6 @@ from embedpool.server.servicer import EmbedderServicer
 from embedpool.store import Store
 from embedpool.store.embedded import EmbeddedPostgres
 from embedpool.v1 import embedpool_pb2, embedpool_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger("embedpool.server")
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from embedpool.errors import InvalidArgument
 from google.protobuf import json_format, struct_pb2
 from numpy.typing import NDArray
+
+from embedpool.errors import InvalidArgument
 
 _LE_F32 = np.dtype("<f4")
 

@@ -7,6 +7,7 @@ reported as INTERNAL with the request id, so it can be found in the logs.
 from __future__ import annotations
 
 import grpc
+
 from embedpool.errors import (
     AlreadyExists,
     DeadlineExceeded,

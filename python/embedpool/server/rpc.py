@@ -12,6 +12,7 @@ from typing import Any, TypeVar, cast
 
 import grpc
 import grpc.aio
+
 from embedpool import metrics
 from embedpool.errors import EmbedpoolError
 from embedpool.logs import request_id
@@ -31,6 +32,18 @@ def _incoming_request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return uuid.uuid4().hex
 
 
+def _domain_error(group: ExceptionGroup[Exception]) -> Exception:
+    leaves: list[Exception] = []
+    pending: list[Exception] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, ExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return next((e for e in leaves if isinstance(e, EmbedpoolError)), leaves[0] if leaves else group)
+
+
 def rpc(method: Method) -> Method:
     """Wraps a servicer method (self, request, context) -> response."""
     name = method.__name__
@@ -43,7 +56,10 @@ def rpc(method: Method) -> Method:
         code = grpc.StatusCode.OK
         try:
             await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
-            return await method(self, request, context)
+            try:
+                return await method(self, request, context)
+            except ExceptionGroup as group:  # from task groups inside a handler: surface the domain error
+                raise _domain_error(group) from group
         except EmbedpoolError as exc:
             code = status_for(exc)
             message = str(exc) if code != grpc.StatusCode.INTERNAL else f"{exc} (request id {rid})"

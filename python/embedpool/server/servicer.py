@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
 import grpc.aio
 import numpy as np
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
+from numpy.typing import NDArray
+
 from embedpool import _native
 from embedpool.engine import ServingModel
 from embedpool.errors import InvalidArgument
@@ -16,10 +20,10 @@ from embedpool.pool import EmbeddingPool
 from embedpool.server import validation
 from embedpool.server.codec import dict_to_struct, pack_vectors, struct_to_dict, unpack_vector
 from embedpool.server.rpc import rpc
-from embedpool.store import DocumentRow, Store
+from embedpool.server.writes import DocumentWriter, WriteOutcome
+from embedpool.store import Store
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
-from numpy.typing import NDArray
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -29,13 +33,35 @@ def _deadline(context: Context) -> float:
     return math.inf if remaining is None else anyio.current_time() + remaining
 
 
-def content_hash(model: str, text: str) -> bytes:
-    """What decides whether a stored vector is still valid: the model and the exact text."""
-    return hashlib.sha256(f"{model}\x00{text}".encode()).digest()
+INGEST_WINDOW = 4  # batches of one Ingest stream being embedded or stored at once
 
 
-def derived_id(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+class _Pending:
+    """One Ingest batch being embedded: started eagerly, awaited in stream order."""
+
+    def __init__(self) -> None:
+        self._done = anyio.Event()
+        self._outcome: WriteOutcome | None = None
+        self._error: BaseException | None = None
+
+    async def run(
+        self, writer: DocumentWriter, collection: str, docs: Sequence[pb.Document], truncate: bool, deadline: float
+    ) -> None:
+        try:
+            self._outcome = await writer.write(
+                collection, docs, truncate=truncate, deadline=deadline, want_vectors=False
+            )
+        except Exception as exc:  # re-raised in stream order by result(), where the rpc wrapper maps it
+            self._error = exc
+        finally:
+            self._done.set()
+
+    async def result(self) -> WriteOutcome:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._outcome is not None
+        return self._outcome
 
 
 class EmbedderServicer(pb_grpc.EmbedderServicer):
@@ -44,6 +70,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         self._store = store
         self._model = model
         self._limits = limits
+        self._writer = DocumentWriter(pool, store, model)
 
     @rpc
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
@@ -59,30 +86,73 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                 model=self._model_label,
             )
         await self._check_collection(request.collection)
-        ids = [doc.id or derived_id(doc.text) for doc in request.documents]
-        embedded = await self._pool.embed(texts, truncate=truncate, deadline=_deadline(context))
-        rows = [
-            DocumentRow(
-                id=doc_id,
-                text=doc.text,
-                metadata=struct_to_dict(doc.metadata),
-                content_hash=content_hash(self._model.name, doc.text),
-                embedding=vector,
-            )
-            for doc_id, doc, vector in zip(ids, request.documents, embedded.vectors, strict=True)
-        ]
-        result = await self._store.upsert(request.collection, rows)
-        if result.rejected:
-            listed = "; ".join(f"{doc_id}: {reason}" for doc_id, reason in result.rejected[:10])
-            raise InvalidArgument(f"{len(result.rejected)} documents rejected (the others were stored): {listed}")
+        outcome = await self._writer.write(
+            request.collection,
+            request.documents,
+            truncate=truncate,
+            deadline=_deadline(context),
+            want_vectors=not request.skip_vectors,
+        )
+        result = outcome.upsert
         return pb.EmbedResponse(
             dim=self._model.dim,
-            vectors=[] if request.skip_vectors else pack_vectors(embedded.vectors),
-            ids=ids,
-            token_counts=embedded.token_counts.tolist(),
+            vectors=pack_vectors(outcome.vectors) if outcome.vectors is not None else [],
+            ids=outcome.ids,
+            token_counts=outcome.token_counts,
             upsert=pb.UpsertStats(inserted=result.inserted, updated=result.updated, unchanged=result.unchanged),
             model=self._model_label,
+            rejected=outcome.rejected,
         )
+
+    @rpc
+    async def Ingest(  # type: ignore[override]  # grpc.aio streams replies with context.write as well as yield
+        self, request_iterator: AsyncIterator[pb.IngestRequest], context: Context
+    ) -> None:
+        """Embeds batch n+1.. while batch n is being stored; acks in order. The bounded channel holds at most
+        `INGEST_WINDOW` batches, so a fast client is held back by gRPC flow control, not by server memory."""
+        deadline = _deadline(context)
+        send, receive = anyio.create_memory_object_stream[tuple[pb.IngestRequest, _Pending]](INGEST_WINDOW)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._ingest_reader, request_iterator, send, deadline, tg)
+            async with receive:
+                async for request, pending in receive:
+                    outcome = await pending.result()
+                    result = outcome.upsert
+                    await context.write(
+                        pb.IngestAck(
+                            batch_id=request.batch_id,
+                            upsert=pb.UpsertStats(
+                                inserted=result.inserted, updated=result.updated, unchanged=result.unchanged
+                            ),
+                            skipped_unchanged=outcome.skipped_unchanged,
+                            rejected=outcome.rejected,
+                            ids=outcome.ids,
+                        )
+                    )
+
+    async def _ingest_reader(
+        self,
+        requests: AsyncIterator[pb.IngestRequest],
+        send: MemoryObjectSendStream[tuple[pb.IngestRequest, _Pending]],
+        deadline: float,
+        tg: TaskGroup,
+    ) -> None:
+        collection = ""
+        async with send:
+            async for request in requests:
+                collection = collection or request.collection
+                if not collection:
+                    raise InvalidArgument("collection: the first message must name the collection")
+                if request.collection and request.collection != collection:
+                    raise InvalidArgument(
+                        f"collection: stream is for {collection!r}, batch names {request.collection!r}"
+                    )
+                validation.ingest_batch(request, self._limits)
+                await self._check_collection(collection)
+                pending = _Pending()
+                truncate = request.truncate if request.HasField("truncate") else True
+                tg.start_soon(pending.run, self._writer, collection, request.documents, truncate, deadline)
+                await send.send((request, pending))
 
     @rpc
     async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from embedpool.errors import InvalidArgument
@@ -29,23 +30,32 @@ def collection_name(name: str, field: str = "collection") -> str:
     return name
 
 
-def request_size(request: pb.EmbedRequest | pb.SearchRequest, limits: Limits) -> None:
+def request_size(request: pb.EmbedRequest | pb.SearchRequest | pb.IngestRequest, limits: Limits) -> None:
     size = request.ByteSize()
     if size > limits.max_request_bytes:
         raise InvalidArgument(f"request is {size} bytes, over the limit of {limits.max_request_bytes}")
 
 
 def embed_request(request: pb.EmbedRequest, limits: Limits) -> None:
-    n = len(request.documents)
+    request_size(request, limits)
+    if request.collection:
+        collection_name(request.collection)
+    _documents(request.documents, limits, storing=bool(request.collection))
+
+
+def ingest_batch(request: pb.IngestRequest, limits: Limits) -> None:
+    request_size(request, limits)
+    collection_name(request.collection or "x")
+    _documents(request.documents, limits, storing=True)
+
+
+def _documents(documents: Sequence[pb.Document], limits: Limits, *, storing: bool) -> None:
+    n = len(documents)
     if n == 0:
         raise InvalidArgument("documents: must contain at least one document")
     if n > limits.max_request_documents:
         raise InvalidArgument(f"documents: {n} documents, over the limit of {limits.max_request_documents} per request")
-    request_size(request, limits)
-    storing = bool(request.collection)
-    if storing:
-        collection_name(request.collection)
-    for i, doc in enumerate(request.documents):
+    for i, doc in enumerate(documents):
         if not doc.text.strip():
             raise InvalidArgument(f"documents[{i}].text: must not be empty or only whitespace")
         if storing:

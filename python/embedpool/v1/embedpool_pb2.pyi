@@ -112,10 +112,11 @@ class EmbedResponse(_message.Message):
     TOKEN_COUNTS_FIELD_NUMBER: _builtins.int
     UPSERT_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
     dim: _builtins.int
     """Dimension of every vector."""
     model: _builtins.str
-    """Name of the model variant that produced the vectors (e.g. "all-MiniLM-L6-v2/int8")."""
+    """Name of the model variant that produced the vectors (e.g. "all-MiniLM-L6-v2/fp32_opt")."""
     @_builtins.property
     def vectors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """One packed little-endian float32 vector per document, in request order (empty when skip_vectors)."""
@@ -132,6 +133,10 @@ class EmbedResponse(_message.Message):
     def upsert(self) -> Global___UpsertStats:
         """Upsert outcome when a collection was named."""
 
+    @_builtins.property
+    def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedDocument]:
+        """Documents the store refused (the others were stored), when a collection was named."""
+
     def __init__(
         self,
         *,
@@ -141,14 +146,115 @@ class EmbedResponse(_message.Message):
         token_counts: _abc.Iterable[_builtins.int] | None = ...,
         upsert: Global___UpsertStats | None = ...,
         model: _builtins.str = ...,
+        rejected: _abc.Iterable[Global___RejectedDocument] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["upsert", b"upsert"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dim", b"dim", "ids", b"ids", "model", b"model", "token_counts", b"token_counts", "upsert", b"upsert", "vectors", b"vectors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dim", b"dim", "ids", b"ids", "model", b"model", "rejected", b"rejected", "token_counts", b"token_counts", "upsert", b"upsert", "vectors", b"vectors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EmbedResponse: _TypeAlias = EmbedResponse  # noqa: Y015
+
+@_typing.final
+class RejectedDocument(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Index of the document in its request or batch."""
+    id: _builtins.str
+    reason: _builtins.str
+    """Why, e.g. "metadata: not a JSON object"."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "index", b"index", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectedDocument: _TypeAlias = RejectedDocument  # noqa: Y015
+
+@_typing.final
+class IngestRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    DOCUMENTS_FIELD_NUMBER: _builtins.int
+    TRUNCATE_FIELD_NUMBER: _builtins.int
+    collection: _builtins.str
+    """Target collection; required on the first message, and later messages must name the same one or none."""
+    batch_id: _builtins.int
+    """Client-chosen batch number, echoed in the acknowledgement (use it to resume)."""
+    truncate: _builtins.bool
+    """As in EmbedRequest."""
+    @_builtins.property
+    def documents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Document]:
+        """1..max_batch_documents documents. Ids are optional (derived from the text when empty)."""
+
+    def __init__(
+        self,
+        *,
+        collection: _builtins.str = ...,
+        batch_id: _builtins.int = ...,
+        documents: _abc.Iterable[Global___Document] | None = ...,
+        truncate: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_truncate", b"_truncate", "truncate", b"truncate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncate", b"_truncate", "batch_id", b"batch_id", "collection", b"collection", "documents", b"documents", "truncate", b"truncate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__truncate: _TypeAlias = _typing.Literal["truncate"]  # noqa: Y015
+    _WhichOneofArgType__truncate: _TypeAlias = _typing.Literal["_truncate", b"_truncate"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__truncate) -> _WhichOneofReturnType__truncate | None: ...
+
+Global___IngestRequest: _TypeAlias = IngestRequest  # noqa: Y015
+
+@_typing.final
+class IngestAck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    UPSERT_FIELD_NUMBER: _builtins.int
+    SKIPPED_UNCHANGED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.int
+    skipped_unchanged: _builtins.int
+    """Documents of this batch whose text was already stored with the same model: not embedded again."""
+    @_builtins.property
+    def upsert(self) -> Global___UpsertStats: ...
+    @_builtins.property
+    def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedDocument]: ...
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids of the batch's documents, in order (derived ids included)."""
+
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.int = ...,
+        upsert: Global___UpsertStats | None = ...,
+        skipped_unchanged: _builtins.int = ...,
+        rejected: _abc.Iterable[Global___RejectedDocument] | None = ...,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["upsert", b"upsert"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "ids", b"ids", "rejected", b"rejected", "skipped_unchanged", b"skipped_unchanged", "upsert", b"upsert"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IngestAck: _TypeAlias = IngestAck  # noqa: Y015
 
 @_typing.final
 class UpsertStats(_message.Message):

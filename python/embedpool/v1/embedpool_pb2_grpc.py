@@ -39,6 +39,11 @@ class EmbedderStub:
                 request_serializer=embedpool_dot_v1_dot_embedpool__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=embedpool_dot_v1_dot_embedpool__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Ingest = channel.stream_stream(
+                '/embedpool.v1.Embedder/Ingest',
+                request_serializer=embedpool_dot_v1_dot_embedpool__pb2.IngestRequest.SerializeToString,
+                response_deserializer=embedpool_dot_v1_dot_embedpool__pb2.IngestAck.FromString,
+                _registered_method=True)
         self.Search = channel.unary_unary(
                 '/embedpool.v1.Embedder/Search',
                 request_serializer=embedpool_dot_v1_dot_embedpool__pb2.SearchRequest.SerializeToString,
@@ -77,6 +82,16 @@ class EmbedderServicer:
     def Embed(self, request, context):
         """Embeds a batch of documents. Vectors come back in request order. When `collection` is set the documents
         are also upserted into it (idempotent: a retried request leaves exactly one row per id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Ingest(self, request_iterator, context):
+        """Bulk load with flow control: the client streams batches, the server embeds and stores them (at most a few
+        in flight) and acknowledges each one, in order, once it is committed. After a crash a client resumes from
+        the batch after the last acknowledged one; re-sending an acknowledged batch is harmless (idempotent upsert,
+        and unchanged documents are not even re-embedded).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,6 +146,11 @@ def add_EmbedderServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=embedpool_dot_v1_dot_embedpool__pb2.EmbedRequest.FromString,
                     response_serializer=embedpool_dot_v1_dot_embedpool__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Ingest': grpc.stream_stream_rpc_method_handler(
+                    servicer.Ingest,
+                    request_deserializer=embedpool_dot_v1_dot_embedpool__pb2.IngestRequest.FromString,
+                    response_serializer=embedpool_dot_v1_dot_embedpool__pb2.IngestAck.SerializeToString,
             ),
             'Search': grpc.unary_unary_rpc_method_handler(
                     servicer.Search,
@@ -190,6 +210,33 @@ class Embedder:
             '/embedpool.v1.Embedder/Embed',
             embedpool_dot_v1_dot_embedpool__pb2.EmbedRequest.SerializeToString,
             embedpool_dot_v1_dot_embedpool__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ingest(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/embedpool.v1.Embedder/Ingest',
+            embedpool_dot_v1_dot_embedpool__pb2.IngestRequest.SerializeToString,
+            embedpool_dot_v1_dot_embedpool__pb2.IngestAck.FromString,
             options,
             channel_credentials,
             insecure,

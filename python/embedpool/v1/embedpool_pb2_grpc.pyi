@@ -46,6 +46,12 @@ class EmbedderStub:
     """Embeds a batch of documents. Vectors come back in request order. When `collection` is set the documents
     are also upserted into it (idempotent: a retried request leaves exactly one row per id).
     """
+    Ingest: _grpc.StreamStreamMultiCallable[_embedpool_pb2.IngestRequest, _embedpool_pb2.IngestAck]
+    """Bulk load with flow control: the client streams batches, the server embeds and stores them (at most a few
+    in flight) and acknowledges each one, in order, once it is committed. After a crash a client resumes from
+    the batch after the last acknowledged one; re-sending an acknowledged batch is harmless (idempotent upsert,
+    and unchanged documents are not even re-embedded).
+    """
     Search: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.SearchRequest, _embedpool_pb2.SearchResponse]
     """Nearest documents of a collection to a query text or vector, best first, reranked exactly."""
     CreateCollection: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.CreateCollectionRequest, _embedpool_pb2.Collection]
@@ -65,6 +71,12 @@ class EmbedderAsyncStub(EmbedderStub):
     Embed: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.EmbedRequest, _embedpool_pb2.EmbedResponse]  # type: ignore[assignment]
     """Embeds a batch of documents. Vectors come back in request order. When `collection` is set the documents
     are also upserted into it (idempotent: a retried request leaves exactly one row per id).
+    """
+    Ingest: _aio.StreamStreamMultiCallable[_embedpool_pb2.IngestRequest, _embedpool_pb2.IngestAck]  # type: ignore[assignment]
+    """Bulk load with flow control: the client streams batches, the server embeds and stores them (at most a few
+    in flight) and acknowledges each one, in order, once it is committed. After a crash a client resumes from
+    the batch after the last acknowledged one; re-sending an acknowledged batch is harmless (idempotent upsert,
+    and unchanged documents are not even re-embedded).
     """
     Search: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.SearchRequest, _embedpool_pb2.SearchResponse]  # type: ignore[assignment]
     """Nearest documents of a collection to a query text or vector, best first, reranked exactly."""
@@ -88,6 +100,18 @@ class EmbedderServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_embedpool_pb2.EmbedResponse, _abc.Awaitable[_embedpool_pb2.EmbedResponse]]:
         """Embeds a batch of documents. Vectors come back in request order. When `collection` is set the documents
         are also upserted into it (idempotent: a retried request leaves exactly one row per id).
+        """
+
+    @_abc_1.abstractmethod
+    def Ingest(
+        self,
+        request_iterator: _MaybeAsyncIterator[_embedpool_pb2.IngestRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_embedpool_pb2.IngestAck], _abc.AsyncIterator[_embedpool_pb2.IngestAck]]:
+        """Bulk load with flow control: the client streams batches, the server embeds and stores them (at most a few
+        in flight) and acknowledges each one, in order, once it is committed. After a crash a client resumes from
+        the batch after the last acknowledged one; re-sending an acknowledged batch is harmless (idempotent upsert,
+        and unchanged documents are not even re-embedded).
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,78 @@
+"""The bidirectional Ingest stream: ordered acks, idempotent re-sends, unchanged documents not re-embedded."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from embedpool.v1 import embedpool_pb2 as pb
+from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
+
+
+@pytest.fixture
+def collection(stub: pb_grpc.EmbedderStub) -> str:
+    name = f"ingest_{uuid.uuid4().hex[:10]}"
+    stub.CreateCollection(pb.CreateCollectionRequest(name=name))
+    return name
+
+
+def _batches(collection: str, n_batches: int, size: int, start: int = 0) -> Iterator[pb.IngestRequest]:
+    for b in range(start, n_batches):
+        docs = [pb.Document(id=f"d{b}-{i}", text=f"batch {b} document {i} about subject {i % 7}") for i in range(size)]
+        yield pb.IngestRequest(collection=collection if b == start else "", batch_id=b, documents=docs)
+
+
+def _count(stub: pb_grpc.EmbedderStub, name: str) -> int:
+    return {c.name: c.count for c in stub.ListCollections(pb.ListCollectionsRequest()).collections}[name]
+
+
+def test_acks_come_in_order_and_resending_is_harmless(stub: pb_grpc.EmbedderStub, collection: str) -> None:
+    acks = list(stub.Ingest(_batches(collection, 6, 20), timeout=120))
+    assert [a.batch_id for a in acks] == list(range(6))
+    assert all(a.upsert.inserted == 20 and not a.rejected for a in acks)
+    assert acks[2].ids[3] == "d2-3"
+    assert _count(stub, collection) == 120
+
+    again = list(stub.Ingest(_batches(collection, 6, 20), timeout=120))
+    assert all(a.skipped_unchanged == 20 and a.upsert.unchanged == 20 and a.upsert.inserted == 0 for a in again)
+    assert _count(stub, collection) == 120
+
+
+def test_resume_after_an_interrupted_stream(stub: pb_grpc.EmbedderStub, collection: str) -> None:
+    call = stub.Ingest(_batches(collection, 8, 10), timeout=120)
+    last = -1
+    for ack in call:
+        last = ack.batch_id
+        if last == 2:
+            call.cancel()  # the client "crashes" after three acknowledgements
+            break
+    acks = list(stub.Ingest(_batches(collection, 8, 10, start=last + 1), timeout=120))
+    assert [a.batch_id for a in acks] == list(range(last + 1, 8))
+    assert _count(stub, collection) == 80
+
+
+def test_bad_batch_fails_the_stream_with_invalid_argument(stub: pb_grpc.EmbedderStub, collection: str) -> None:
+    good = list(_batches(collection, 2, 5))
+    bad = pb.IngestRequest(batch_id=2, documents=[pb.Document(id="x", text="")])
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Ingest(iter([*good, bad]), timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "documents[0].text" in (err.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    ("first", "code"),
+    [
+        (pb.IngestRequest(documents=[pb.Document(text="x")]), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.IngestRequest(collection="missing_one", documents=[pb.Document(text="x")]), grpc.StatusCode.NOT_FOUND),
+    ],
+)
+def test_stream_without_a_known_collection_is_refused(
+    stub: pb_grpc.EmbedderStub, first: pb.IngestRequest, code: grpc.StatusCode
+) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Ingest(iter([first]), timeout=60))
+    assert err.value.code() == code
