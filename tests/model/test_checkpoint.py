@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from embedpool.errors import InvalidArgument
 from embedpool.model import default_checkpoint, load_config
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+
 from embedpool.errors import InvalidArgument
 from embedpool.model import CONVERTER_VERSION, ModelBundle, convert_checkpoint, default_checkpoint, prepare_model
 from embedpool.model.convert import source_digest

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper
+
 from embedpool.errors import InvalidArgument, NotFound
 from embedpool.model import EmbeddingSession, ModelBundle, default_checkpoint, load_config, load_model_dir
 from embedpool.model.bert_graph import encoder_from_checkpoint
-from onnx import TensorProto, helper
 
 from .conftest import THREADS, Golden, pad_batch, row_cosines
 

@@ -8,12 +8,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from embedpool.model import SENTENCE_EMBEDDING, append_pooling
-from embedpool.model.checkpoint import Pooling
 from hypothesis import given
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 from onnx import TensorProto, helper
+
+from embedpool.model import SENTENCE_EMBEDDING, append_pooling
+from embedpool.model.checkpoint import Pooling
 
 HIDDEN = 8
 Run = Callable[[NDArray[np.float32], NDArray[np.int64]], NDArray[np.float32]]

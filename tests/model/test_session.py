@@ -7,6 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import onnxruntime as ort
 import pytest
+
 from embedpool.errors import InvalidArgument, NotFound, Unavailable
 from embedpool.model import EmbeddingSession, ModelBundle
 from embedpool.model.convert import Variant
