@@ -20,10 +20,11 @@ from typing import Any
 
 import anyio
 import numpy as np
-from embedpool.store import DocumentRow, EmbeddedPostgres, Store
-from embedpool.store.collections import index_name
 from psycopg import AsyncConnection, sql
 from psycopg.types.json import Jsonb
+
+from embedpool.store import DocumentRow, EmbeddedPostgres, Store
+from embedpool.store.collections import index_name
 
 DIM, BATCH = 384, 1000
 _MERGE_SET = (

@@ -20,10 +20,11 @@ from typing import Any
 
 import anyio
 import numpy as np
-from embedpool.store import DocumentRow, EmbeddedPostgres, Store
-from embedpool.store.collections import index_name
 from numpy.typing import NDArray
 from psycopg import AsyncConnection, sql
+
+from embedpool.store import DocumentRow, EmbeddedPostgres, Store
+from embedpool.store.collections import index_name
 
 DIM, K, BUCKETS, NAME = 384, 10, 10, "bench"
 CANDIDATES = (10, 20, 40, 100, 200)  # 40 = the server's default for k=10 (4 * k)

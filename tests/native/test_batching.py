@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from embedpool._native import NativeError, Tokenizer, pad_batch, plan_batches
 from hypothesis import given
 from hypothesis import strategies as st
+
+from embedpool._native import NativeError, Tokenizer, pad_batch, plan_batches
 
 id_rows = st.lists(st.lists(st.integers(0, 30_000), max_size=40), max_size=12)
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from embedpool._native import InputTooLongError, NativeError, Tokenizer
 from hypothesis import given
 from hypothesis import strategies as st
 from numpy.typing import NDArray
+
+from embedpool._native import InputTooLongError, NativeError, Tokenizer
 
 from .conftest import reference
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from embedpool._native import NativeError, topk_cosine
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from numpy.typing import NDArray
+
+from embedpool._native import NativeError, topk_cosine
 
 
 def numpy_cosine(queries: NDArray[np.float32], corpus: NDArray[np.floating]) -> NDArray[np.float64]:

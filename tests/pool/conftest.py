@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from embedpool import _native
 from embedpool.model import EmbeddingSession, ModelBundle, load_model_dir
 

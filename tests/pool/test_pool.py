@@ -8,13 +8,14 @@ from collections.abc import Sequence
 import anyio
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from numpy.typing import NDArray
+
 from embedpool import _native
 from embedpool.errors import DeadlineExceeded, InferenceFailed, Overloaded
 from embedpool.model import EmbeddingSession
 from embedpool.pool import BatchLimits, InferenceSession, PoolConfig, running_pool
-from hypothesis import given
-from hypothesis import strategies as st
-from numpy.typing import NDArray
 
 
 def _config(permits: int = 256, max_size: int = 16, max_tokens: int = 2048) -> PoolConfig:

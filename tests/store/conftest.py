@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 import pytest
-from embedpool.store import DocumentRow, EmbeddedPostgres, Store, running_postgres
 from numpy.typing import NDArray
+
+from embedpool.store import DocumentRow, EmbeddedPostgres, Store, running_postgres
 
 _names = itertools.count()
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import pytest
+
 from embedpool.errors import AlreadyExists, InvalidArgument, NotFound
 from embedpool.store import Store
 

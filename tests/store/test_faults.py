@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from typing import overload
 
 import pytest
+
 from embedpool.errors import Unavailable
 from embedpool.store import DocumentRow, EmbeddedPostgres, Store
 

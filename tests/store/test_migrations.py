@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from psycopg import AsyncConnection
+
 from embedpool.store import EmbeddedPostgres
 from embedpool.store.migrations import applied_versions, discover, migrate_down, migrate_up
-from psycopg import AsyncConnection
 
 pytestmark = pytest.mark.anyio
 

@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
-from embedpool.store import DocumentRow, EmbeddedPostgres, Store
 from hypothesis import assume, given
 from hypothesis import strategies as st
+
+from embedpool.store import DocumentRow, EmbeddedPostgres, Store
 
 from .conftest import rows, unit_vectors
 

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from psycopg import AsyncConnection, sql
+from psycopg.types.json import Jsonb
+
 from embedpool.errors import InvalidArgument
 from embedpool.store import EmbeddedPostgres, Store
 from embedpool.store._codec import configure_connection
 from embedpool.store.search import candidates_query, ef_search
-from psycopg import AsyncConnection, sql
-from psycopg.types.json import Jsonb
 
 from .conftest import rows, unique_name, unit_vectors
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from embedpool.errors import InvalidArgument
 from embedpool.store import DocumentRow, Store
 
