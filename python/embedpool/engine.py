@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -15,6 +16,7 @@ from embedpool import _native
 from embedpool.config import Settings
 from embedpool.model import Device, EmbeddingSession, ModelBundle, Variant, default_checkpoint, load_model_dir
 from embedpool.model.session import VariantChoice
+from embedpool.pool import InferenceSession
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class Engine:
     settings: Settings  # with device-derived defaults filled in
     bundle: ModelBundle
     tokenizer: _native.Tokenizer
-    sessions: list[EmbeddingSession]
+    sessions: Sequence[InferenceSession]
     model: ServingModel
     pad_multiple: int
 

@@ -95,13 +95,16 @@ async def serve(
     settings: Settings,
     stop: anyio.Event | None = None,
     *,
+    engine: Engine | None = None,
     task_status: TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serves until `stop` is set, then drains: health goes NOT_SERVING, in-flight RPCs get `grace_seconds`,
     and only then do the pool and the store shut down. Cancelling instead aborts without draining, because
-    cancellation reaches the pool's tasks too.
+    cancellation reaches the pool's tasks too. `engine` may be passed in already loaded (e.g. wrapped for
+    fault injection); by default it is loaded from `settings`.
     """
-    engine = await anyio.to_thread.run_sync(load_engine, settings)
+    if engine is None:
+        engine = await anyio.to_thread.run_sync(load_engine, settings)
     settings = engine.settings
     async with AsyncExitStack() as stack:
         store, url = await stack.enter_async_context(open_store(settings))

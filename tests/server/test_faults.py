@@ -1,0 +1,99 @@
+"""A server under overload and with a failing engine: precise statuses, nothing hangs, and it keeps serving."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from anyio.from_thread import start_blocking_portal
+from numpy.typing import NDArray
+
+from embedpool.engine import Engine, load_engine
+from embedpool.pool import InferenceSession
+from embedpool.server.app import serve
+from embedpool.v1 import embedpool_pb2 as pb
+from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
+
+
+class PoisonedSession:
+    """The real session, failing any batch that contains one token id: an injected engine fault."""
+
+    def __init__(self, inner: InferenceSession, poison: int) -> None:
+        self.inner = inner
+        self.poison = poison
+
+    def embed(self, input_ids: NDArray[np.int64], attention_mask: NDArray[np.int64]) -> NDArray[np.float32]:
+        if (input_ids == self.poison).any():
+            raise RuntimeError("injected engine fault")
+        return self.inner.embed(input_ids, attention_mask)
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory: pytest.TempPathFactory, make_settings: object) -> Iterator[pb_grpc.EmbedderStub]:
+    settings = make_settings(  # type: ignore[operator]
+        tmp_path_factory.mktemp("faulty"), max_concurrent_inputs=32, max_batch_size=8, variant="fp32_opt"
+    )
+    engine: Engine = load_engine(settings)
+    poison = int(engine.tokenizer.encode_ragged(["zeppelin"])[0][1])
+    engine = dataclasses.replace(engine, sessions=[PoisonedSession(engine.sessions[0], poison)])
+    with start_blocking_portal(backend="asyncio") as portal:
+        future, running = portal.start_task(functools.partial(serve, engine=engine), settings)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                yield pb_grpc.EmbedderStub(channel)
+        finally:
+            future.cancel()
+
+
+def _request(n: int, text: str = "an ordinary sentence about databases") -> pb.EmbedRequest:
+    return pb.EmbedRequest(documents=[pb.Document(text=f"{text} {i}") for i in range(n)])
+
+
+def test_overload_gets_resource_exhausted_and_admitted_requests_are_right(faulty: pb_grpc.EmbedderStub) -> None:
+    codes: list[grpc.StatusCode] = []
+    replies: list[pb.EmbedResponse] = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        try:
+            reply = faulty.Embed(_request(8), timeout=120)
+        except grpc.RpcError as err:
+            with lock:
+                codes.append(err.code())
+            assert "capacity" in (err.details() or "")
+        else:
+            with lock:
+                replies.append(reply)
+
+    threads = [threading.Thread(target=call) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(150)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    assert codes and set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert replies, "nothing was admitted"
+    reference = np.frombuffer(faulty.Embed(_request(8)).vectors[3], dtype="<f4")
+    for reply in replies:
+        got = np.frombuffer(reply.vectors[3], dtype="<f4")
+        assert float(got @ reference) > 0.9999
+
+
+def test_engine_fault_fails_only_its_request_with_internal_and_request_id(faulty: pb_grpc.EmbedderStub) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        faulty.Embed(_request(1, "a zeppelin"), metadata=(("x-request-id", "fault-42"),), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "fault-42" in (err.value.details() or "") and "injected engine fault" in (err.value.details() or "")
+    assert len(faulty.Embed(_request(4), timeout=60).vectors) == 4
+
+
+def test_expired_deadline_is_deadline_exceeded(faulty: pb_grpc.EmbedderStub) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        faulty.Embed(_request(32, "a long text " * 40), timeout=0.05)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert len(faulty.Embed(_request(2), timeout=60).vectors) == 2
