@@ -18,10 +18,14 @@ __all__ = [
     "MAX_DIM",
     "METRICS",
     "Metric",
+    "build_index",
     "check_name",
     "create",
+    "create_index_sql",
     "drop",
+    "drop_index_if_empty",
     "get",
+    "has_index",
     "index_name",
     "list_all",
     "lookup",
@@ -112,11 +116,57 @@ async def _create_partition(conn: AsyncConnection[Any], info: CollectionInfo) ->
             " (CONSTRAINT embedding_dim CHECK (vector_dims(embedding) = {dim})) FOR VALUES IN ({id})"
         ).format(part=part, dim=dim, id=sql.Literal(info.id))
     )
-    await conn.execute(
-        sql.SQL("CREATE INDEX {index} ON {part} USING hnsw ((embedding::vector({dim})) {opclass})").format(
-            index=sql.Identifier(index_name(info)), part=part, dim=dim, opclass=METRICS[info.metric].opclass
-        )
+    await conn.execute(create_index_sql(info))
+
+
+def create_index_sql(info: CollectionInfo) -> sql.Composed:
+    return sql.SQL(
+        "CREATE INDEX IF NOT EXISTS {index} ON {part} USING hnsw ((embedding::vector({dim})) {opclass})"
+    ).format(
+        index=sql.Identifier(index_name(info)),
+        part=sql.Identifier(partition_name(info)),
+        dim=sql.Literal(info.dim),
+        opclass=METRICS[info.metric].opclass,
     )
+
+
+async def has_index(conn: AsyncConnection[Any], info: CollectionInfo) -> bool:
+    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (index_name(info),))
+    row = await cur.fetchone()
+    assert row is not None
+    return bool(row[0])
+
+
+async def drop_index_if_empty(conn: AsyncConnection[Any], name: str) -> bool:
+    """Drop the HNSW index when the collection has no documents; whether the collection is now without one.
+
+    Inserting into the graph row by row costs far more than building it once over the loaded rows."""
+    async with conn.transaction():
+        info = await lookup(conn, name, lock=True)
+        part = sql.Identifier(partition_name(info))
+        # The table lock first: a concurrent writer either committed before (and we see its rows) or waits.
+        await conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(part))
+        cur = await conn.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(part))
+        row = await cur.fetchone()
+        assert row is not None
+        if not row[0]:
+            await conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(index_name(info))))
+        return not await has_index(conn, info)
+
+
+async def build_index(
+    conn: AsyncConnection[Any], name: str, *, maintenance_work_mem: str, parallel_workers: int | None
+) -> None:
+    """Create the collection's HNSW index unless it exists, with the given build memory and workers."""
+    async with conn.transaction():
+        info = await lookup(conn, name, lock=True)
+        await conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (maintenance_work_mem,))
+        if parallel_workers is not None:
+            await conn.execute(
+                "SELECT set_config('max_parallel_maintenance_workers', %s, true)", (str(parallel_workers),)
+            )
+        await conn.execute(create_index_sql(info))
+        await conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(partition_name(info))))
 
 
 async def lookup(conn: AsyncConnection[Any], name: str, *, lock: bool = False) -> CollectionInfo:
@@ -168,13 +218,15 @@ async def drop(conn: AsyncConnection[Any], name: str) -> None:
 async def stats(conn: AsyncConnection[Any], name: str) -> CollectionStats:
     info = await lookup(conn, name)
     part, index = partition_name(info), index_name(info)
+    # to_regclass: NULL (size 0) while a bulk load runs without the index.
     cur = await conn.execute(
         sql.SQL(
-            "SELECT (SELECT count(*) FROM {part}), pg_relation_size(%(index)s::regclass),"
-            " pg_total_relation_size(%(part)s::regclass) - pg_relation_size(%(index)s::regclass)"
+            "SELECT (SELECT count(*) FROM {part}), coalesce(pg_relation_size(to_regclass(%(index)s)), 0),"
+            " pg_total_relation_size(%(part)s::regclass) - coalesce(pg_relation_size(to_regclass(%(index)s)), 0),"
+            " to_regclass(%(index)s) IS NOT NULL"
         ).format(part=sql.Identifier(part)),
         {"part": part, "index": index},
     )
     row = await cur.fetchone()
     assert row is not None
-    return CollectionStats(count=row[0], index_bytes=row[1], table_bytes=row[2])
+    return CollectionStats(count=row[0], index_bytes=row[1], table_bytes=row[2], indexed=row[3])

@@ -62,3 +62,5 @@ class CollectionStats:
     """Size of the collection's HNSW index."""
     table_bytes: int
     """Size of the collection's partition: heap, TOAST and primary key."""
+    indexed: bool = True
+    """False while a bulk load runs without the HNSW index (searches are exact scans meanwhile)."""

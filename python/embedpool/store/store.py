@@ -32,6 +32,12 @@ async def _unavailable_on_connection_errors() -> AsyncIterator[None]:
         raise Unavailable(f"database unavailable: {e}".strip()) from e
 
 
+def _graph_mb(rows: int, dim: int) -> int:
+    """pgvector's HNSW build is fastest when the whole graph fits in maintenance_work_mem: per element the
+    vector plus ~700 bytes of neighbour lists and bookkeeping (m=16), with a quarter of headroom."""
+    return min(4096, max(64, math.ceil(rows * (4 * dim + 700) * 1.25 / 2**20)))
+
+
 class Store:
     def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Any]]) -> None:
         """Use `await Store.open(url)`."""
@@ -94,6 +100,42 @@ class Store:
     async def drop_collection(self, name: str) -> None:
         async with self._connection() as conn:
             await collections.drop(conn, name)
+
+    @contextlib.asynccontextmanager
+    async def bulk_load(
+        self, collection: str, *, maintenance_work_mem: str | None = None, parallel_workers: int | None = None
+    ) -> AsyncIterator[bool]:
+        """A block for a large load: yields whether it runs in bulk mode.
+
+        Bulk mode, when the collection is empty (or a previous bulk load left it without its index): the HNSW
+        index is dropped, upserts in the block write the table only, and the index is built once at the end
+        (also when the block raises; if that fails, the next bulk_load or `build_index` builds it). Searches
+        meanwhile scan exactly. Otherwise incremental: the block changes nothing, rows enter the graph as
+        they are written. `maintenance_work_mem` defaults to an estimate of the graph's size (64MB..4GB);
+        `parallel_workers` to the server's max_parallel_maintenance_workers.
+        """
+        async with self._connection() as conn:
+            bulk = await collections.drop_index_if_empty(conn, collection)
+        try:
+            yield bulk
+        finally:
+            if bulk:
+                await self.build_index(
+                    collection, maintenance_work_mem=maintenance_work_mem, parallel_workers=parallel_workers
+                )
+
+    async def build_index(
+        self, collection: str, *, maintenance_work_mem: str | None = None, parallel_workers: int | None = None
+    ) -> None:
+        """Build the collection's HNSW index if it is missing (after a bulk load); see `bulk_load`."""
+        if maintenance_work_mem is None:
+            stats = await self.stats(collection)
+            info = await self.get_collection(collection)
+            maintenance_work_mem = f"{_graph_mb(stats.count, info.dim)}MB"
+        async with self._connection() as conn:
+            await collections.build_index(
+                conn, collection, maintenance_work_mem=maintenance_work_mem, parallel_workers=parallel_workers
+            )
 
     async def upsert(self, collection: str, docs: Sequence[DocumentRow]) -> UpsertResult:
         """Store the valid rows in one transaction; invalid ones come back in `rejected`."""

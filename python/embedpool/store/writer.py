@@ -1,20 +1,32 @@
-"""Writes: validated rows -> binary COPY into a temp table -> one INSERT .. ON CONFLICT, in one transaction.
+"""Writes: validated rows -> one binary COPY -> the collection's partition, in one transaction.
 
-A retried batch leaves the store as if it ran once: rows whose content hash is unchanged are not touched,
-and nothing of a failed batch is visible (the COPY and the INSERT share the transaction).
+A retried batch leaves the store as if it ran once. The stored content hashes of the batch's ids are read
+first: unchanged rows are not sent at all, and a batch of only new ids is copied straight into the
+partition. A batch that changes stored rows is copied into a session-private staging table (TEMP, no
+index) and merged with `INSERT .. ON CONFLICT DO UPDATE .. WHERE content_hash IS DISTINCT FROM`, which also
+settles a race with a concurrent writer. Nothing of a failed batch is visible: every step shares the
+transaction.
+
+The COPY stream is built here, in bulk, rather than row by row through psycopg's adapters: the vectors of
+the whole batch are converted to the wire format by one numpy cast, and each row adds only its four
+variable-length fields. At 384 dimensions that is several times faster than `Copy.write_row`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from collections.abc import Sequence
+import struct
+import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
 import numpy as np
+import psycopg
 from numpy.typing import NDArray
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
 from psycopg.types.json import Jsonb
 
 from embedpool.errors import InvalidArgument
@@ -26,15 +38,35 @@ __all__ = ["MAX_ID_BYTES", "delete", "delete_where", "existing_hashes", "json_ob
 MAX_ID_BYTES: Final = 512
 # jsonb cannot hold U+0000; json.dumps writes it as \u0000 (an escaped backslash before "u0000" is not one).
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+# One encoder for every call: json.dumps with options builds a new JSONEncoder each time.
+_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 @dataclass(frozen=True, slots=True)
-class _Staged:
-    id: str
-    text: str
-    metadata_json: str
-    content_hash: bytes
-    embedding: NDArray[np.float32]
+class Batch:
+    """Validated rows, column-wise, one row per id (the last of a repeated id), in id order."""
+
+    ids: list[str]
+    id_bytes: list[bytes]
+    texts: list[bytes]
+    metadata: list[bytes]
+    """JSON text, UTF-8."""
+    hashes: list[bytes]
+    embeddings: NDArray[np.float32]
+    """[rows, dim]"""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def take(self, keep: Sequence[int]) -> Batch:
+        return Batch(
+            [self.ids[i] for i in keep],
+            [self.id_bytes[i] for i in keep],
+            [self.texts[i] for i in keep],
+            [self.metadata[i] for i in keep],
+            [self.hashes[i] for i in keep],
+            self.embeddings[np.asarray(keep, dtype=np.intp)],
+        )
 
 
 def json_object(value: object, what: str) -> str:
@@ -42,82 +74,160 @@ def json_object(value: object, what: str) -> str:
     if not isinstance(value, dict):
         raise InvalidArgument(f"{what} must be a JSON object, got {type(value).__name__}")
     try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text = _JSON.encode(value)
         text.encode()
     except (TypeError, ValueError) as e:  # UnicodeEncodeError is a ValueError
         raise InvalidArgument(f"{what} is not JSON-serializable: {e}") from None
-    if _JSON_NUL.search(text):
+    if "\\u0000" in text and _JSON_NUL.search(text):
         raise InvalidArgument(f"{what} contains a NUL character")
     return text
 
 
-def _check_string(value: object, what: str) -> str:
+def _utf8(value: object, what: str) -> bytes:
     if not isinstance(value, str):
         raise InvalidArgument(f"{what} must be a string, got {type(value).__name__}")
-    if "\x00" in value:
-        raise InvalidArgument(f"{what} contains a NUL character")
     try:
-        value.encode()
+        encoded = value.encode()
     except UnicodeEncodeError:
         raise InvalidArgument(f"{what} is not valid Unicode (lone surrogate)") from None
-    return value
+    if b"\x00" in encoded:
+        raise InvalidArgument(f"{what} contains a NUL character")
+    return encoded
 
 
-def _check_row(row: DocumentRow, dim: int) -> tuple[str, NDArray[np.float32]]:
-    """The row's metadata as JSON and its embedding as float32 of the right shape; values are checked batch-wise."""
-    doc_id = _check_string(row.id, "id")
-    if not 1 <= len(doc_id.encode()) <= MAX_ID_BYTES:
-        raise InvalidArgument(f"id must be 1..{MAX_ID_BYTES} bytes of UTF-8")
-    _check_string(row.text, "text")
-    if not isinstance(row.content_hash, bytes):
-        raise InvalidArgument("content_hash must be bytes")
+def _embedding(value: object, dim: int) -> NDArray[Any]:
+    if isinstance(value, np.ndarray) and value.dtype.kind in "fiu" and value.shape == (dim,):
+        return value  # the common case: no conversion per row, the batch is cast at once
     try:
-        embedding = np.asarray(row.embedding, dtype=np.float32)
+        embedding = np.asarray(value, dtype=np.float32)
     except (TypeError, ValueError):
         raise InvalidArgument("embedding is not an array of numbers") from None
     if embedding.shape != (dim,):
         raise InvalidArgument(f"embedding has shape {embedding.shape}, collection dim is {dim}")
-    return json_object(row.metadata, "metadata"), embedding
+    return embedding
 
 
-def validate(rows: Sequence[DocumentRow], info: CollectionInfo) -> tuple[list[_Staged], list[tuple[str, str]]]:
-    """Rows ready for COPY, and (id, reason) for each row that is not, in input order."""
-    checked: list[tuple[int, DocumentRow, str, NDArray[np.float32]]] = []
+def validate(rows: Sequence[DocumentRow], info: CollectionInfo) -> tuple[Batch, list[tuple[str, str]]]:
+    """The rows ready for COPY, and (id, reason) for each row that is not, in input order."""
+    ok: list[tuple[int, bytes, bytes, bytes, bytes, NDArray[Any]]] = []
     rejected: dict[int, tuple[str, str]] = {}
     for n, row in enumerate(rows):
         try:
-            checked.append((n, row, *_check_row(row, info.dim)))
+            id_bytes = _utf8(row.id, "id")
+            if not 1 <= len(id_bytes) <= MAX_ID_BYTES:
+                raise InvalidArgument(f"id must be 1..{MAX_ID_BYTES} bytes of UTF-8")
+            text = _utf8(row.text, "text")
+            if not isinstance(row.content_hash, bytes):
+                raise InvalidArgument("content_hash must be bytes")
+            metadata = json_object(row.metadata, "metadata").encode()
+            ok.append((n, id_bytes, text, metadata, row.content_hash, _embedding(row.embedding, info.dim)))
         except InvalidArgument as e:
             rejected[n] = (row.id if isinstance(row.id, str) else repr(row.id), str(e))
-    # Value checks on the stacked batch: per-row numpy calls would cost more than the COPY itself.
-    matrix = np.stack([c[3] for c in checked]) if checked else np.empty((0, info.dim), np.float32)
-    finite = cast(list[bool], np.isfinite(matrix).all(axis=1).tolist())
-    nonzero = cast(list[bool], matrix.any(axis=1).tolist()) if info.metric == "cosine" else [True] * len(checked)
-    staged = []
-    for (n, row, metadata_json, embedding), ok, nz in zip(checked, finite, nonzero, strict=True):
-        if not ok:
-            rejected[n] = (row.id, "embedding has a NaN or infinite value (or one beyond float32 range)")
-        elif not nz:
-            rejected[n] = (row.id, "embedding is all zeros: it has no cosine direction")
+    # Value checks on the stacked batch: per-row numpy calls would cost more than the COPY itself. Values
+    # beyond float32 range become infinite in the cast and are refused with the NaNs.
+    with np.errstate(over="ignore", invalid="ignore"):
+        matrix = np.stack([r[5] for r in ok]).astype(np.float32) if ok else np.empty((0, info.dim), np.float32)
+    finite = cast(NDArray[np.bool_], np.isfinite(matrix).all(axis=1))
+    nonzero = cast(NDArray[np.bool_], matrix.any(axis=1)) if info.metric == "cosine" else np.ones(len(ok), bool)
+    for bad in np.flatnonzero(~(finite & nonzero)).tolist():
+        n = ok[bad][0]
+        if finite[bad]:
+            rejected[n] = (rows[n].id, "embedding is all zeros: it has no cosine direction")
         else:
-            staged.append(_Staged(row.id, row.text, metadata_json, row.content_hash, embedding))
-    return staged, [rejected[n] for n in sorted(rejected)]
+            rejected[n] = (rows[n].id, "embedding has a NaN or infinite value (or one beyond float32 range)")
+    # The last row of a repeated id wins; id order makes concurrent writers lock rows in the same order (no
+    # deadlock), and byte order of UTF-8 is code point order, the same for every writer.
+    last = {r[1]: k for k, r in enumerate(ok) if ok[k][0] not in rejected}
+    keep = [last[i] for i in sorted(last)]
+    batch = Batch(
+        [rows[ok[k][0]].id for k in keep],
+        [ok[k][1] for k in keep],
+        [ok[k][2] for k in keep],
+        [ok[k][3] for k in keep],
+        [ok[k][4] for k in keep],
+        matrix[np.asarray(keep, dtype=np.intp)],
+    )
+    return batch, [rejected[n] for n in sorted(rejected)]
 
 
+_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_TRAILER = struct.pack(">h", -1)
+_LENGTH = struct.Struct(">i").pack
+_JSONB_VERSION = b"\x01"
+# The column order of both COPY targets: the fixed-width head of each row comes out of one numpy array.
+_COLUMNS = ("collection_id", "embedding", "id", "text", "metadata", "content_hash")
+
+
+_CHUNK_ROWS: Final = 128  # ~200 kB at 384 dimensions: the socket buffer holds one while the next is encoded
+
+
+def copy_chunks(first: int | NDArray[np.int64], batch: Batch) -> Iterator[bytearray]:
+    """The binary COPY data of `batch` in chunks, with `first` (one value, or one per row) as the int8 first
+    column. A generator, so that Postgres parses one chunk while the next is built."""
+    n, dim = batch.embeddings.shape
+    head = np.empty(n, dtype=_head_dtype(dim))
+    head["fields"], head["first_len"], head["first"] = len(_COLUMNS), 8, first
+    head["vector_len"], head["dim"], head["unused"] = 4 + 4 * dim, dim, 0
+    head["vector"] = batch.embeddings
+    heads, size = head.view(np.uint8).data, head.dtype.itemsize
+    columns = zip(batch.id_bytes, batch.texts, batch.metadata, batch.hashes, strict=True)
+    out = bytearray(_SIGNATURE)
+    for k, (id_bytes, text, metadata, digest) in enumerate(columns):
+        out += heads[k * size : (k + 1) * size]
+        out += _LENGTH(len(id_bytes))
+        out += id_bytes
+        out += _LENGTH(len(text))
+        out += text
+        out += _LENGTH(len(metadata) + 1)
+        out += _JSONB_VERSION
+        out += metadata
+        out += _LENGTH(len(digest))
+        out += digest
+        if k % _CHUNK_ROWS == _CHUNK_ROWS - 1:
+            yield out
+            out = bytearray()
+    out += _TRAILER
+    yield out
+
+
+@functools.cache
+def _head_dtype(dim: int) -> np.dtype[np.void]:
+    """The fixed-width start of a row: field count, the int8 first column, the vector (pgvector's binary
+    format: uint16 dim, uint16 unused, big-endian float32 values)."""
+    return np.dtype(
+        [
+            ("fields", ">i2"),
+            ("first_len", ">i4"),
+            ("first", ">i8"),
+            ("vector_len", ">i4"),
+            ("dim", ">u2"),
+            ("unused", ">u2"),
+            ("vector", ">f4", (dim,)),
+        ]
+    )
+
+
+async def _copy(conn: AsyncConnection[Any], table: sql.Composable, chunks: Iterator[bytearray]) -> None:
+    query = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        table, sql.SQL(", ").join(map(sql.Identifier, _COLUMNS))
+    )
+    async with conn.cursor() as cur, cur.copy(query) as copy:
+        for chunk in chunks:
+            await copy.write(chunk)
+
+
+# Session-private, created once per connection outside any transaction (so a rollback cannot take it away);
+# ON COMMIT DELETE ROWS empties it at the end of each batch. `collection_id` holds the row's position.
 _STAGING = (
-    "CREATE TEMP TABLE upsert_staging"
-    " (ord int4, id text, text text, metadata text, content_hash bytea, embedding vector) ON COMMIT DROP"
+    "CREATE TEMP TABLE IF NOT EXISTS upsert_staging (collection_id int8, embedding vector, id text, text text,"
+    " metadata jsonb, content_hash bytea) ON COMMIT DELETE ROWS"
 )
-_COPY = "COPY upsert_staging (ord, id, text, metadata, content_hash, embedding) FROM STDIN (FORMAT BINARY)"
-_COPY_TYPES = ["int4", "text", "text", "text", "bytea", "vector"]
-# DISTINCT ON (id) .. ORDER BY id, ord DESC: the last row of an id in the batch wins, and ON CONFLICT never
-# meets one id twice. Rows arrive in id order, so concurrent upserts lock rows in the same order (no deadlock).
+_with_staging: weakref.WeakSet[AsyncConnection[Any]] = weakref.WeakSet()
 # `old` (PostgreSQL 18) is NULL for an inserted row; an unchanged row is filtered by the WHERE and not returned.
 _MERGE = """
 WITH written AS (
-    INSERT INTO documents AS d (collection_id, id, text, metadata, content_hash, embedding)
-    SELECT DISTINCT ON (id) %s::int8, id, text, metadata::jsonb, content_hash, embedding
-      FROM upsert_staging ORDER BY id, ord DESC
+    INSERT INTO {partition} AS d (collection_id, id, text, metadata, content_hash, embedding)
+    SELECT %s::int8, id, text, metadata, content_hash, embedding FROM upsert_staging ORDER BY collection_id
     ON CONFLICT (collection_id, id) DO UPDATE
        SET text = EXCLUDED.text, metadata = EXCLUDED.metadata, content_hash = EXCLUDED.content_hash,
            embedding = EXCLUDED.embedding, updated_at = now()
@@ -128,38 +238,64 @@ SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FR
 
 
 async def upsert(conn: AsyncConnection[Any], collection: str, rows: Sequence[DocumentRow]) -> UpsertResult:
+    if conn not in _with_staging:
+        await conn.execute(_STAGING)
+        _with_staging.add(conn)
+    try:
+        return await _upsert(conn, collection, rows, merge=False)
+    except psycopg.errors.UniqueViolation:
+        # A concurrent writer stored one of our new ids between our read and our COPY: merge instead.
+        return await _upsert(conn, collection, rows, merge=True)
+
+
+async def _upsert(
+    conn: AsyncConnection[Any], collection: str, rows: Sequence[DocumentRow], *, merge: bool
+) -> UpsertResult:
     async with conn.transaction():
         info = await collections.lookup(conn, collection, lock=True)
-        staged, rejected = validate(rows, info)
-        if not staged:
-            return UpsertResult(rejected=rejected)
-        await conn.execute(_STAGING)
-        async with conn.cursor() as cur, cur.copy(_COPY) as copy:
-            copy.set_types(_COPY_TYPES)
-            for ord_, s in enumerate(staged):
-                await copy.write_row((ord_, s.id, s.text, s.metadata_json, s.content_hash, s.embedding))
-        cur = await conn.execute(_MERGE, (info.id,))
+        batch, rejected = validate(rows, info)
+        stored = await _hashes(conn, info, batch.ids) if batch.ids else {}
+        changed = [k for k, doc_id in enumerate(batch.ids) if stored.get(doc_id) != batch.hashes[k]]
+        unchanged = len(batch) - len(changed)
+        if not changed:
+            return UpsertResult(unchanged=unchanged, rejected=rejected)
+        partition = sql.Identifier(collections.partition_name(info))
+        todo = batch.take(changed) if unchanged else batch
+        if not merge and not any(doc_id in stored for doc_id in todo.ids):
+            await _copy(conn, partition, copy_chunks(info.id, todo))
+            return UpsertResult(inserted=len(todo), unchanged=unchanged, rejected=rejected)
+        await _copy(conn, sql.Identifier("upsert_staging"), copy_chunks(np.arange(len(todo), dtype=np.int64), todo))
+        cur = await conn.execute(sql.SQL(_MERGE).format(partition=partition), (info.id,))
         counts = await cur.fetchone()
         assert counts is not None
         inserted, updated = counts
-        distinct = len({s.id for s in staged})
-        return UpsertResult(inserted, updated, distinct - inserted - updated, rejected)
+        return UpsertResult(inserted, updated, len(batch) - inserted - updated, rejected)
+
+
+async def _hashes(conn: AsyncConnection[Any], info: CollectionInfo, ids: list[str]) -> dict[str, bytes]:
+    cur = await conn.execute(
+        sql.SQL("SELECT id, content_hash FROM {} WHERE collection_id = %s::int8 AND id = ANY(%s::text[])").format(
+            sql.Identifier(collections.partition_name(info))
+        ),
+        (info.id, ids),
+        binary=True,
+    )
+    return {doc_id: bytes(digest) for doc_id, digest in await cur.fetchall()}
 
 
 def _ids(ids: Sequence[str]) -> list[str]:
     if isinstance(ids, str):
         raise InvalidArgument("ids must be a sequence of strings, not one string")
-    return [_check_string(i, "id") for i in ids]
+    for i in ids:
+        _utf8(i, "id")
+    return list(ids)
 
 
 async def existing_hashes(conn: AsyncConnection[Any], collection: str, ids: Sequence[str]) -> dict[str, bytes]:
     """Content hash of each of `ids` that is stored: lets the caller skip embedding unchanged documents."""
+    checked = _ids(ids)
     info = await collections.lookup(conn, collection)
-    cur = await conn.execute(
-        "SELECT id, content_hash FROM documents WHERE collection_id = %s::int8 AND id = ANY(%s)",
-        (info.id, _ids(ids)),
-    )
-    return {doc_id: bytes(digest) for doc_id, digest in await cur.fetchall()}
+    return await _hashes(conn, info, checked)
 
 
 async def delete(conn: AsyncConnection[Any], collection: str, ids: Sequence[str]) -> int:
