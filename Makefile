@@ -53,6 +53,10 @@ test: lint model ## lint, cargo test, then pytest against a real server, Postgre
 	cargo test -q
 	$(VENV)/bin/pytest -q
 
+.PHONY: bench
+bench: model ## quick benchmarks, each with its baseline in the same run (tables; JSON + PNG under bench/out)
+	for b in tokenize topk ingest search serve; do $(PY) bench/$$b.py --quick --out bench/out || exit 1; done
+
 .PHONY: fmt
 fmt: install ## format Python and Rust
 	$(VENV)/bin/ruff format python tests bench
