@@ -1,7 +1,11 @@
 """Recall@10 and queries/s of Store.search_candidates (HNSW, then the exact top 10 of the candidates).
 
-Data: clustered synthetic 384-d unit vectors (256 Gaussian clusters), closer to real sentence embeddings than
-uniform noise, on which every ANN index looks worse than in practice. Ground truth: exact brute force in numpy.
+Data (--data): `mixture` (default): many small Gaussian clusters (one per 50 rows on average) around random
+unit centres, each point about cos 0.7 from its centre (so about 0.5 from its cluster mates), plus 10% of
+the rows uniform on the sphere; queries come from the same distribution. A query's 10 nearest are then 10 of
+~50 nearly equidistant cluster mates: much harder than a few big clusters, on which recall is trivially 1.
+`random`: uniform unit vectors, the hardest case (all neighbours nearly equidistant). Real embeddings are
+not available without the model. Ground truth: exact brute force in numpy.
 The candidate count sets ef_search (max(40, 2 * candidates)); sweeping it trades recall for speed. The
 filtered runs restrict to one of 10 buckets (10% of the collection) with `metadata @> {"bucket": b}`.
 QPS is one client issuing queries back to back over the unix socket.
@@ -21,46 +25,53 @@ from typing import Any
 import anyio
 import numpy as np
 from numpy.typing import NDArray
-from psycopg import AsyncConnection, sql
 
 from embedpool.store import DocumentRow, EmbeddedPostgres, Store
-from embedpool.store.collections import index_name
 
 DIM, K, BUCKETS, NAME = 384, 10, 10, "bench"
 CANDIDATES = (10, 20, 40, 100, 200)  # 40 = the server's default for k=10 (4 * k)
 DEFAULT_CANDIDATES = 40
 
 
-def clustered(n: int, seed: int) -> NDArray[np.float32]:
-    rng = np.random.default_rng(seed)
-    centers = np.random.default_rng(42).standard_normal((256, DIM)).astype(np.float32)
-    v = centers[rng.integers(0, 256, n)] + rng.standard_normal((n, DIM)).astype(np.float32)
+def unit(v: NDArray[np.float32]) -> NDArray[np.float32]:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-async def load(uri: str, vectors: NDArray[np.float32]) -> float:
-    """Bulk load without the index, then build it once (much faster than inserting into the graph)."""
+def mixture(n: int, rows: int, seed: int) -> NDArray[np.float32]:
+    """`n` points of the distribution of a `rows`-row collection (the clusters depend on `rows` only)."""
+    rng = np.random.default_rng(seed)
+    centers = unit(np.random.default_rng(42).standard_normal((rows // 50, DIM)).astype(np.float32))
+    v = centers[rng.integers(0, len(centers), n)] + rng.normal(0, 0.05, (n, DIM)).astype(np.float32)
+    noise = rng.random(n) < 0.1
+    v[noise] = rng.standard_normal((int(noise.sum()), DIM)).astype(np.float32)
+    return unit(v)
+
+
+def uniform(n: int, seed: int) -> NDArray[np.float32]:
+    return unit(np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32))
+
+
+async def load(uri: str, vectors: NDArray[np.float32]) -> tuple[float, float]:
+    """Store.bulk_load: the rows without the index, then one build. Seconds to write, seconds to build."""
     store = await Store.open(uri)
-    info = await store.create_collection(NAME, model="bench", dim=DIM)
-    async with await AsyncConnection.connect(uri, autocommit=True) as conn:
-        await conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index_name(info))))
-        for start in range(0, len(vectors), 2000):
-            batch = [
-                DocumentRow(f"d{i}", f"passage {i}", {"bucket": i % BUCKETS}, str(i).encode(), vectors[i])
-                for i in range(start, min(start + 2000, len(vectors)))
-            ]
-            await store.upsert(NAME, batch)
-        await conn.execute("SET maintenance_work_mem = '1GB'")
+    try:
+        await store.create_collection(NAME, model="bench", dim=DIM)
         started = time.perf_counter()
-        await conn.execute(
-            sql.SQL("CREATE INDEX {} ON {} USING hnsw ((embedding::vector({})) vector_cosine_ops)").format(
-                sql.Identifier(index_name(info)), sql.Identifier(f"documents_c{info.id}"), sql.Literal(DIM)
-            )
-        )
-        build_s = time.perf_counter() - started
-        await conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(f"documents_c{info.id}")))
-    await store.close()
-    return build_s
+        async with store.bulk_load(NAME) as bulk:
+            assert bulk
+            for start in range(0, len(vectors), 2000):
+                batch = [
+                    DocumentRow(f"d{i}", f"passage {i}", {"bucket": i % BUCKETS}, str(i).encode(), vectors[i])
+                    for i in range(start, min(start + 2000, len(vectors)))
+                ]
+                await store.upsert(NAME, batch)
+            written = time.perf_counter()
+        built = time.perf_counter()
+        stats = await store.stats(NAME)
+        assert (stats.count, stats.indexed) == (len(vectors), True)
+    finally:
+        await store.close()
+    return written - started, built - written
 
 
 def exact_top(
@@ -90,16 +101,19 @@ async def measure(
     }
 
 
-async def run(uri: str, n: int, n_queries: int) -> dict[str, Any]:
-    vectors, queries = clustered(n, seed=0), clustered(n_queries, seed=1)
-    build_s = await load(uri, vectors)
+async def run(uri: str, n: int, n_queries: int, data: str) -> dict[str, Any]:
+    if data == "mixture":
+        vectors, queries = mixture(n, n, seed=0), mixture(n_queries, n, seed=1)
+    else:
+        vectors, queries = uniform(n, seed=0), uniform(n_queries, seed=1)
+    write_s, build_s = await load(uri, vectors)
     buckets = [i % BUCKETS for i in range(n_queries)]
     truth = exact_top(vectors, queries, None)
     bucket_of = np.arange(n) % BUCKETS
     truth_filtered = [exact_top(vectors, q[None], bucket_of == b)[0] for q, b in zip(queries, buckets, strict=True)]
     store = await Store.open(uri)
     try:
-        await measure(store, queries[:20], truth[:20], DEFAULT_CANDIDATES, None)  # warm the caches
+        await measure(store, queries[:50], truth[:50], DEFAULT_CANDIDATES, None)  # warm the caches
         plain = [await measure(store, queries, truth, c, None) for c in CANDIDATES]
         filtered = [await measure(store, queries, truth_filtered, c, buckets) for c in CANDIDATES]
     finally:
@@ -118,27 +132,68 @@ async def run(uri: str, n: int, n_queries: int) -> dict[str, Any]:
             "queries": n_queries,
             "k": K,
             "hnsw": "m=16, ef_construction=64",
-            "data": "clustered synthetic (256 clusters)",
+            "data": DATA[data],
+            "load_rows_per_s": n / write_s,
             "index_build_s": build_s,
+            "client": "one client, queries back to back (Store.search_candidates + exact top 10 in numpy)",
         },
     }
+
+
+DATA = {
+    "mixture": "mixture: Gaussian clusters of ~50 rows (cos ~0.7 to their centre) + 10% uniform on the sphere",
+    "random": "uniform random unit vectors",
+}
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, sweep in (("no filter", result["sweep"]), ("10% filter", result["sweep_filtered"])):
+        ax.plot([r["recall_at_10"] for r in sweep], [r["qps"] for r in sweep], marker="o", label=label)
+        for r in sweep:
+            ax.annotate(
+                f"ef {r['ef_search']}",
+                (r["recall_at_10"], r["qps"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    params = result["params"]
+    ax.set_xlabel("recall@10 (vs exact brute force)")
+    ax.set_ylabel("queries/s (one client)")
+    ax.set_title(f"{params['rows']:,} x {params['dim']}, {params['data'].split(':')[0]}", fontsize=10)
+    ax.axvline(0.99, color="gray", linestyle=":", linewidth=1)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="20k rows instead of 100k")
+    parser.add_argument("--data", choices=sorted(DATA), default="mixture")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
     args = parser.parse_args()
     n, n_queries = (20_000, 200) if args.quick else (100_000, 500)
     with tempfile.TemporaryDirectory(prefix="embedpool-bench-") as tmp, EmbeddedPostgres(Path(tmp) / "pg") as pg:
-        result = anyio.run(run, pg.uri, n, n_queries, backend="asyncio")
-    print(f"{n} x {DIM}, {n_queries} queries, index build {result['params']['index_build_s']:.1f} s")
+        result = anyio.run(run, pg.uri, n, n_queries, args.data, backend="asyncio")
+    params = result["params"]
+    print(f"{n} x {DIM}, {params['data']}, {n_queries} queries")
+    print(f"load {params['load_rows_per_s']:.0f} rows/s without the index, index build {params['index_build_s']:.1f} s")
     print(f"{'filter':<8}{'candidates':>11}{'ef_search':>10}{'recall@10':>10}{'qps':>9}")
     for label, sweep in (("none", result["sweep"]), ("10%", result["sweep_filtered"])):
         for r in sweep:
             print(f"{label:<8}{r['candidates']:>11}{r['ef_search']:>10}{r['recall_at_10']:>10.3f}{r['qps']:>9.0f}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "search.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out / "search.png")
 
 
 if __name__ == "__main__":

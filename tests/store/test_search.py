@@ -5,7 +5,7 @@ import pytest
 from psycopg import AsyncConnection, sql
 from psycopg.types.json import Jsonb
 
-from embedpool.errors import InvalidArgument
+from embedpool.errors import InvalidArgument, NotFound
 from embedpool.store import EmbeddedPostgres, Store
 from embedpool.store._codec import configure_connection
 from embedpool.store.search import candidates_query, ef_search
@@ -119,3 +119,39 @@ async def test_plan_uses_the_collection_hnsw_index(
 
 def test_ef_search_bounds() -> None:
     assert [ef_search(c) for c in (1, 20, 30, 400, 600, 5000)] == [40, 40, 60, 800, 1000, 1000]
+
+
+async def test_generic_plan_uses_the_index_too(
+    postgres: EmbeddedPostgres, store: Store, corpus: tuple[str, np.ndarray]
+) -> None:
+    """Unfiltered searches are prepared after a few executions; the generic plan must walk the HNSW index.
+    (Filtered ones are not prepared: a generic plan cannot see the filter's selectivity.)"""
+    name, _ = corpus
+    info = await store.get_collection(name)
+    async with await AsyncConnection.connect(postgres.uri, autocommit=True) as conn:
+        text = candidates_query(info, filtered=False, max_distance=False).as_string(conn)
+        text = text.replace("%(query)s", "$1").replace("%(limit)s", "$2")
+        cur = await conn.execute(f"EXPLAIN (GENERIC_PLAN) {text}".encode(), prepare=False)
+        plan = "\n".join(row[0] for row in await cur.fetchall())
+    assert f"Index Scan using documents_c{info.id}_hnsw" in plan, plan
+
+
+async def test_a_collection_recreated_by_another_client_is_looked_up_again(postgres: EmbeddedPostgres) -> None:
+    name, vectors = unique_name("recreated"), unit_vectors(5, DIM, seed=4)
+    searcher, other = await Store.open(postgres.uri, max_size=1), await Store.open(postgres.uri, max_size=1)
+    try:
+        await other.create_collection(name, model="m", dim=DIM)
+        await other.upsert(name, rows(vectors, tag="old"))
+        assert (await searcher.search_candidates(name, vectors[0], candidates=1))[0].text == "text 0 old"
+        await other.drop_collection(name)
+        with pytest.raises(NotFound):
+            await searcher.search_candidates(name, vectors[0], candidates=1)
+        await other.create_collection(name, model="m", dim=DIM)
+        await other.upsert(name, rows(vectors, tag="new"))
+        assert (await searcher.search_candidates(name, vectors[0], candidates=1))[0].text == "text 0 new"
+        await other.drop_collection(name)
+        await other.create_collection(name, model="m", dim=DIM)  # dropped and re-created between two searches
+        assert await searcher.search_candidates(name, vectors[0], candidates=1) == []
+    finally:
+        await searcher.close()
+        await other.close()

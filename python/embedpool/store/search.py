@@ -1,12 +1,16 @@
 """Approximate nearest candidates from a collection's HNSW index; the caller reranks them exactly.
 
-The query goes through the partitioned parent with `collection_id = <value>`: the planner prunes to the one
-partition and matches the ORDER BY expression (embedding::vector(dim)) to that partition's HNSW index. It is
-sent unprepared so every execution gets a custom plan; a generic plan could not prune at plan time.
+The query names the collection's partition (documents_c<id>), so the planner matches the ORDER BY
+expression (embedding::vector(dim)) to that partition's HNSW index without pruning at plan time, and an
+unfiltered search can be prepared once per connection. A search is one statement, one round trip, outside
+a transaction: the HNSW settings are set on the connection only when they change (see _SETTINGS). The
+caller passes the collection's row (the Store caches it); a collection dropped meanwhile shows up as an
+undefined partition (UndefinedTable), on which the caller looks the name up again.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Final
 
 import numpy as np
@@ -31,21 +35,20 @@ def ef_search(candidates: int) -> int:
 
 
 def candidates_query(info: CollectionInfo, *, filtered: bool, max_distance: bool) -> sql.Composed:
-    """The search SELECT. Parameters: collection id, [filter jsonb], query vector, limit, [max distance]."""
+    """The search SELECT. Parameters: [filter jsonb], query vector, limit, [max distance]."""
     order_by = sql.SQL("(embedding::vector({dim})) {op} %(query)s").format(
         dim=sql.Literal(info.dim), op=collections.METRICS[info.metric].operator
     )
-    where: sql.Composable = sql.SQL("collection_id = %(collection)s::int8")
-    if filtered:
-        where += sql.SQL(" AND metadata @> %(filter)s")
+    where: sql.Composable = sql.SQL("WHERE metadata @> %(filter)s" if filtered else "")
     # The distance cut goes outside the LIMIT subquery: inside, the planner could not use the index order.
     # The outer ORDER BY restores exact order, which relaxed_order iterative scans do not guarantee.
     return sql.SQL(
         "SELECT id, text, metadata, embedding, distance FROM ("
-        "SELECT id, text, metadata, embedding, {order_by} AS distance FROM documents WHERE {where}"
+        "SELECT id, text, metadata, embedding, {order_by} AS distance FROM {partition} {where}"
         " ORDER BY {order_by} LIMIT %(limit)s) AS c {cut} ORDER BY distance"
     ).format(
         order_by=order_by,
+        partition=sql.Identifier(collections.partition_name(info)),
         where=where,
         cut=sql.SQL("WHERE distance <= %(max_distance)s" if max_distance else ""),
     )
@@ -53,16 +56,17 @@ def candidates_query(info: CollectionInfo, *, filtered: bool, max_distance: bool
 
 async def search_candidates(
     conn: AsyncConnection[Any],
-    collection: str,
+    info: CollectionInfo,
     query: NDArray[np.float32],
     *,
     candidates: int,
     filter: dict[str, Any] | None = None,
     max_distance: float | None = None,
 ) -> list[Candidate]:
+    """Up to `candidates` approximate nearest rows of `info`'s partition; UndefinedTable if it was dropped."""
     if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= MAX_CANDIDATES:
         raise InvalidArgument(f"candidates must be an integer in 1..{MAX_CANDIDATES}, got {candidates!r}")
-    params: dict[str, Any] = {"limit": candidates}
+    params: dict[str, Any] = {"limit": candidates, "query": _query_vector(query, info)}
     if filter:
         json_object(filter, "filter")
         params["filter"] = Jsonb(filter)
@@ -70,20 +74,25 @@ async def search_candidates(
         json_object(filter, "filter")  # {} filters nothing; anything else that is falsy is a type error
     if max_distance is not None:
         params["max_distance"] = float(max_distance)
-    async with conn.transaction():
-        info = await collections.lookup(conn, collection)
-        params["collection"] = info.id
-        params["query"] = _query_vector(query, info)
-        ef = ef_search(candidates)
-        await conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
-        if "filter" in params or candidates > ef:
-            # Without it the index yields at most ef_search rows, and a selective filter then leaves fewer
-            # than asked. relaxed_order keeps scanning the graph until enough rows pass (pgvector >= 0.8).
-            await conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
-        query_sql = candidates_query(info, filtered="filter" in params, max_distance=max_distance is not None)
-        cur = conn.cursor(binary=True)
-        await cur.execute(query_sql, params, prepare=False)
-        return [Candidate(*row) for row in await cur.fetchall()]
+    ef = ef_search(candidates)
+    # Without an iterative scan the index yields at most ef_search rows, and a selective filter then leaves
+    # fewer than asked. relaxed_order keeps scanning the graph until enough rows pass (pgvector >= 0.8).
+    iterative = "relaxed_order" if "filter" in params or candidates > ef else "off"
+    query_sql = candidates_query(info, filtered="filter" in params, max_distance=max_distance is not None)
+    if _settings.get(conn) != (ef, iterative):
+        await conn.execute(_SETTINGS, (str(ef), iterative))
+        _settings[conn] = (ef, iterative)
+    # Unfiltered searches are prepared (psycopg does so after a few executions). A filtered one is planned per
+    # call: a generic plan cannot see the filter's selectivity, and guesses a seq scan for any filter.
+    cur = await conn.cursor(binary=True).execute(query_sql, params, prepare=False if "filter" in params else None)
+    return [Candidate(*row) for row in await cur.fetchall()]
+
+
+# Session settings, not SET LOCAL: a search is then one statement with no transaction around it, and a
+# connection's settings change only when the candidate count does. Only searches read these settings, and
+# each makes sure of them first; the cache entry goes with the connection object.
+_SETTINGS = "SELECT set_config('hnsw.ef_search', %s, false), set_config('hnsw.iterative_scan', %s, false)"
+_settings: weakref.WeakKeyDictionary[AsyncConnection[Any], tuple[int, str]] = weakref.WeakKeyDictionary()
 
 
 def _query_vector(query: NDArray[np.float32], info: CollectionInfo) -> NDArray[np.float32]:

@@ -42,6 +42,9 @@ class Store:
     def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Any]]) -> None:
         """Use `await Store.open(url)`."""
         self._pool = pool
+        # Collection rows by name, for searches (writes lock the row instead). A partition is never renamed
+        # and its name holds the collection's never-reused id, so a stale entry fails loudly (UndefinedTable).
+        self._infos: dict[str, CollectionInfo] = {}
 
     @classmethod
     async def open(cls, url: str, *, min_size: int = 1, max_size: int = 8, timeout: float = 10.0) -> Store:
@@ -98,6 +101,7 @@ class Store:
             return await collections.list_all(conn)
 
     async def drop_collection(self, name: str) -> None:
+        self._infos.pop(name, None)
         async with self._connection() as conn:
             await collections.drop(conn, name)
 
@@ -157,9 +161,23 @@ class Store:
     ) -> list[Candidate]:
         """Up to `candidates` approximate nearest documents, nearest first (metadata @> filter when given)."""
         async with self._connection() as conn:
-            return await search.search_candidates(
-                conn, collection, query, candidates=candidates, filter=filter, max_distance=max_distance
-            )
+            for attempt in (1, 2):
+                info = self._infos.get(collection) or await self._lookup(conn, collection)
+                try:
+                    return await search.search_candidates(
+                        conn, info, query, candidates=candidates, filter=filter, max_distance=max_distance
+                    )
+                except psycopg.errors.UndefinedTable:
+                    # Dropped (perhaps re-created) by another client since we cached it: look the name up again.
+                    self._infos.pop(collection, None)
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
+
+    async def _lookup(self, conn: AsyncConnection[Any], collection: str) -> CollectionInfo:
+        info = await collections.lookup(conn, collection)
+        self._infos[collection] = info
+        return info
 
     async def delete(self, collection: str, ids: Sequence[str]) -> int:
         async with self._connection() as conn:

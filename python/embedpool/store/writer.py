@@ -33,7 +33,17 @@ from embedpool.errors import InvalidArgument
 from embedpool.store import collections
 from embedpool.store.records import CollectionInfo, DocumentRow, UpsertResult
 
-__all__ = ["MAX_ID_BYTES", "delete", "delete_where", "existing_hashes", "json_object", "upsert", "validate"]
+__all__ = [
+    "MAX_ID_BYTES",
+    "Batch",
+    "copy_chunks",
+    "delete",
+    "delete_where",
+    "existing_hashes",
+    "json_object",
+    "upsert",
+    "validate",
+]
 
 MAX_ID_BYTES: Final = 512
 # jsonb cannot hold U+0000; json.dumps writes it as \u0000 (an escaped backslash before "u0000" is not one).
