@@ -1,15 +1,20 @@
 //! Exact top-k cosine similarity of query vectors against a dense corpus.
 //!
-//! The corpus is read once: rayon splits it into cache-sized blocks of rows and every query is
-//! scored against a block while it is hot. Each thread keeps a bounded heap per query; the heaps
-//! are merged at the end. Scores are `dot(q / |q|, c) / |c|`; zero vectors score 0.
+//! The corpus is streamed from memory once per call: rayon splits it into a few large contiguous
+//! chunks (sequential reads keep the hardware prefetchers busy), each thread walks its chunk in
+//! cache-sized blocks, and every query tile passes over a block while it is in cache. The first
+//! tile's pass also computes the rows' norms, so no second pass over the corpus is needed. Each
+//! unit of work keeps a bounded heap per query that rejects most rows with one comparison; the
+//! heaps are merged at the end. Scores are `dot(q / |q|, c) / |c|`; zero vectors score 0.
+
+mod kernel;
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
+use std::ops::Range;
 
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 use ndarray::Array2;
 use numpy::{
     IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArray, PyUntypedArrayMethods,
@@ -18,13 +23,17 @@ use pyo3::prelude::*;
 use rayon::prelude::*;
 
 use crate::errors::{Error, Result};
+use kernel::{tile_dots, Element, Isa, QUERY_ALIGN};
 
-/// Bytes of corpus rows scored per block: small enough to stay in L2 while every query visits it.
-const BLOCK_BYTES: usize = 96 * 1024;
-/// Queries scored together per pass over a block row, sharing each load of the row.
-const QUERY_TILE: usize = 4;
-/// f32 lanes per accumulator: two AVX vectors, or four SSE ones.
-const LANES: usize = 16;
+/// Bytes of corpus rows per block: the block stays in L1/L2 while every query tile passes over it.
+const BLOCK_BYTES: usize = 48 * 1024;
+/// Block row counts are a multiple of this, so the kernels' row steps (2, 3 or 4) divide them.
+const BLOCK_ROW_MULTIPLE: usize = 12;
+/// Work units per thread: enough for rayon to even out a busy core, few enough that each unit
+/// streams a long contiguous run of the corpus.
+const UNITS_PER_THREAD: usize = 4;
+/// Fewest rows worth a unit of their own.
+const MIN_UNIT_ROWS: usize = 2048;
 /// Below this squared norm (or when it overflows f32) a row is scored in f64 instead.
 const TINY_NORM_SQ: f32 = 1e-30;
 
@@ -88,13 +97,17 @@ impl Eq for Hit {}
 struct Best {
     k: usize,
     heap: BinaryHeap<Hit>,
+    /// Score a hit must reach to be offered: the worst kept score once `k` are kept. An equal
+    /// score may still win on a lower index, so the filter is `>=`.
+    threshold: f32,
 }
 
 impl Best {
     fn new(k: usize) -> Self {
         Self {
             k,
-            heap: BinaryHeap::new(),
+            heap: BinaryHeap::with_capacity(k + 1),
+            threshold: f32::NEG_INFINITY,
         }
     }
 
@@ -106,6 +119,26 @@ impl Best {
                 *worst = hit;
             }
         }
+        if self.heap.len() == self.k {
+            self.threshold = self
+                .heap
+                .peek()
+                .map_or(f32::NEG_INFINITY, |worst| worst.score);
+        }
+    }
+
+    /// Offers `first + r` for every row whose `dots[r] * inv_norms[r]` reaches the threshold.
+    /// Rows with a NaN inverse norm never do; they are scored separately.
+    fn offer_block(&mut self, dots: &[f32], inv_norms: &[f32], first: usize) {
+        for (offset, (&dot, &inv)) in dots.iter().zip(inv_norms).enumerate() {
+            let score = dot * inv;
+            if score >= self.threshold {
+                self.offer(Hit {
+                    score,
+                    index: first + offset,
+                });
+            }
+        }
     }
 
     fn merge(&mut self, other: Best) {
@@ -115,31 +148,24 @@ impl Best {
     }
 }
 
-/// Per-thread state: one `Best` per query plus scratch buffers reused across blocks.
-struct Partial {
-    best: Vec<Best>,
-    rows_f32: Vec<f32>,
-    inv_norms: Vec<f32>,
-    dots: Vec<f32>,
-    transposed: Vec<f32>,
+/// Unit queries, each zero-padded to `stride` values for the kernel.
+struct Queries {
+    values: Vec<f32>,
+    dim: usize,
+    stride: usize,
 }
 
-impl Partial {
-    fn new(queries: usize, k: usize) -> Self {
-        Self {
-            best: (0..queries).map(|_| Best::new(k)).collect(),
-            rows_f32: Vec::new(),
-            inv_norms: Vec::new(),
-            dots: Vec::new(),
-            transposed: Vec::new(),
-        }
+impl Queries {
+    fn count(&self) -> usize {
+        self.values.len() / self.stride
     }
 
-    fn merge(mut self, other: Partial) -> Self {
-        for (mine, theirs) in self.best.iter_mut().zip(other.best) {
-            mine.merge(theirs);
-        }
-        self
+    fn get(&self, range: Range<usize>) -> &[f32] {
+        &self.values[range.start * self.stride..range.end * self.stride]
+    }
+
+    fn unpadded(&self, index: usize) -> &[f32] {
+        &self.values[index * self.stride..index * self.stride + self.dim]
     }
 }
 
@@ -149,36 +175,38 @@ pub fn top_k_cosine(queries: &[f32], corpus: Corpus<'_>, dim: usize, k: usize) -
     if k == 0 {
         return Err(Error::argument("k", "at least 1", k));
     }
-    let (Some(n_queries), Some(n_rows)) = (
-        queries.len().checked_div(dim),
-        corpus.len().checked_div(dim),
-    ) else {
+    let Some(n_rows) = corpus.len().checked_div(dim) else {
         return Err(Error::array(
             "queries",
             "vectors must have at least one dimension",
         ));
     };
-    let units = unit_queries(queries, dim)?;
+    let queries = unit_queries(queries, dim)?;
+    let n_queries = queries.count();
     let k = k.min(n_rows);
-    let block_rows = (BLOCK_BYTES / (dim * size_of::<f32>())).max(1);
-    let n_blocks = n_rows.div_ceil(block_rows);
-
-    let partial = (0..n_blocks)
-        .into_par_iter()
-        .try_fold(
-            || Partial::new(n_queries, k),
-            |mut partial, block| {
-                let first = block * block_rows;
-                let last = (first + block_rows).min(n_rows);
-                score_block(&mut partial, &units, corpus, dim, first..last)?;
-                Ok(partial)
-            },
-        )
-        .try_reduce(|| Partial::new(n_queries, k), |a, b| Ok(a.merge(b)))?;
+    let mut best: Vec<Best> = (0..n_queries).map(|_| Best::new(k)).collect();
+    if k > 0 && n_queries > 0 {
+        let isa = Isa::detect();
+        let plan = Plan::new(isa, n_queries, n_rows);
+        let partials = plan
+            .units()
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|(group, rows)| {
+                let scan = Scan::new(isa, &queries, group.clone(), k);
+                Ok((group, scan.run(corpus, rows)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (group, partial) in partials {
+            for (mine, theirs) in best[group].iter_mut().zip(partial) {
+                mine.merge(theirs);
+            }
+        }
+    }
 
     let mut indices = Array2::zeros((n_queries, k));
     let mut scores = Array2::zeros((n_queries, k));
-    for (q, best) in partial.best.into_iter().enumerate() {
+    for (q, best) in best.into_iter().enumerate() {
         for (rank, hit) in best.heap.into_sorted_vec().into_iter().enumerate() {
             indices[[q, rank]] = hit.index as i64;
             scores[[q, rank]] = hit.score;
@@ -187,10 +215,176 @@ pub fn top_k_cosine(queries: &[f32], corpus: Corpus<'_>, dim: usize, k: usize) -
     Ok(TopK { indices, scores })
 }
 
+/// How the work is cut: the corpus into contiguous row chunks, and, when there are too few chunks
+/// to occupy every thread, the queries into groups. A unit is one group against one chunk.
+struct Plan {
+    n_rows: usize,
+    chunks: usize,
+    group_size: usize,
+    n_queries: usize,
+}
+
+impl Plan {
+    fn new(isa: Isa, n_queries: usize, n_rows: usize) -> Self {
+        let wanted = rayon::current_num_threads() * UNITS_PER_THREAD;
+        let chunks = (n_rows / MIN_UNIT_ROWS).clamp(1, wanted);
+        let tile = isa.max_tile();
+        let groups = (wanted / chunks).clamp(1, n_queries.div_ceil(tile));
+        let group_size = n_queries.div_ceil(groups).next_multiple_of(tile);
+        Self {
+            n_rows,
+            chunks,
+            group_size,
+            n_queries,
+        }
+    }
+
+    fn units(&self) -> impl Iterator<Item = (Range<usize>, Range<usize>)> + '_ {
+        let groups = (0..self.n_queries)
+            .step_by(self.group_size)
+            .map(|start| start..(start + self.group_size).min(self.n_queries));
+        groups.flat_map(move |group| {
+            (0..self.chunks).map(move |c| {
+                let rows = c * self.n_rows / self.chunks..(c + 1) * self.n_rows / self.chunks;
+                (group.clone(), rows)
+            })
+        })
+    }
+}
+
+/// One unit of work: a group of queries against a run of corpus rows, with its scratch buffers.
+struct Scan<'a> {
+    isa: Isa,
+    queries: &'a Queries,
+    group: Range<usize>,
+    best: Vec<Best>,
+    dots: Vec<f32>,
+    norms_sq: Vec<f32>,
+    inv_norms: Vec<f32>,
+    extreme: Vec<usize>,
+}
+
+impl<'a> Scan<'a> {
+    fn new(isa: Isa, queries: &'a Queries, group: Range<usize>, k: usize) -> Self {
+        Self {
+            isa,
+            queries,
+            best: group.clone().map(|_| Best::new(k)).collect(),
+            group,
+            dots: Vec::new(),
+            norms_sq: Vec::new(),
+            inv_norms: Vec::new(),
+            extreme: Vec::new(),
+        }
+    }
+
+    fn run(self, corpus: Corpus<'_>, rows: Range<usize>) -> Result<Vec<Best>> {
+        match corpus {
+            Corpus::F32(values) => self.run_typed(values, rows),
+            Corpus::F16(values) => self.run_typed(values, rows),
+        }
+    }
+
+    fn run_typed<E: Element>(mut self, corpus: &[E], rows: Range<usize>) -> Result<Vec<Best>> {
+        let dim = self.queries.dim;
+        let block_rows = (BLOCK_BYTES / (dim * size_of::<E>()))
+            .next_multiple_of(BLOCK_ROW_MULTIPLE)
+            .max(BLOCK_ROW_MULTIPLE);
+        self.dots.resize(self.isa.max_tile() * block_rows, 0.0);
+        self.norms_sq.resize(block_rows, 0.0);
+        for first in rows.clone().step_by(block_rows) {
+            let last = (first + block_rows).min(rows.end);
+            self.block(&corpus[first * dim..last * dim], first)?;
+        }
+        Ok(self.best)
+    }
+
+    fn block<E: Element>(&mut self, block: &[E], first: usize) -> Result<()> {
+        let dim = self.queries.dim;
+        let n = block.len() / dim;
+        let mut start = self.group.start;
+        while start < self.group.end {
+            let width = tile_width(self.group.end - start, self.isa.max_tile());
+            let tile = start..start + width;
+            let norms = (start == self.group.start).then_some(&mut self.norms_sq[..n]);
+            let with_norms = norms.is_some();
+            let dots = &mut self.dots[..width * n];
+            tile_dots(
+                self.isa,
+                self.queries.get(tile.clone()),
+                self.queries.stride,
+                block,
+                dim,
+                dots,
+                norms,
+            );
+            if with_norms {
+                self.inverse_norms(block, first)?;
+            }
+            for (t, query) in tile.clone().enumerate() {
+                let best = &mut self.best[query - self.group.start];
+                best.offer_block(&self.dots[t * n..(t + 1) * n], &self.inv_norms, first);
+                for &offset in &self.extreme {
+                    let row: Vec<f32> = block[offset * dim..(offset + 1) * dim]
+                        .iter()
+                        .map(|v| v.to_f32())
+                        .collect();
+                    best.offer(Hit {
+                        score: extreme_row_score(self.queries.unpadded(query), &row),
+                        index: first + offset,
+                    });
+                }
+            }
+            start = tile.end;
+        }
+        Ok(())
+    }
+
+    /// `1 / |row|` from the squared norms the kernel produced. A row whose squared norm under- or
+    /// overflows f32 gets NaN and is listed in `extreme`, to be scored in f64 (see
+    /// `extreme_row_score`). Rejects non-finite values.
+    fn inverse_norms<E: Element>(&mut self, block: &[E], first: usize) -> Result<()> {
+        let dim = self.queries.dim;
+        let n = block.len() / dim;
+        self.inv_norms.clear();
+        self.extreme.clear();
+        for (offset, &norm_sq) in self.norms_sq[..n].iter().enumerate() {
+            if norm_sq.is_finite() && norm_sq >= TINY_NORM_SQ {
+                self.inv_norms.push(norm_sq.sqrt().recip());
+                continue;
+            }
+            let row = &block[offset * dim..(offset + 1) * dim];
+            if row.iter().any(|v| !v.to_f32().is_finite()) {
+                return Err(Error::NonFinite {
+                    name: "corpus",
+                    row: first + offset,
+                });
+            }
+            self.inv_norms.push(f32::NAN);
+            self.extreme.push(offset);
+        }
+        Ok(())
+    }
+}
+
+/// Queries per kernel call: the widest tile that fits, else the largest power of two that does.
+fn tile_width(left: usize, max_tile: usize) -> usize {
+    if left >= max_tile {
+        max_tile
+    } else {
+        1 << left.ilog2()
+    }
+}
+
 /// Queries scaled to unit length (zero stays zero), computed in f64 so no input overflows.
-fn unit_queries(queries: &[f32], dim: usize) -> Result<Vec<f32>> {
-    let mut units = Vec::with_capacity(queries.len());
-    for (row, query) in queries.chunks_exact(dim).enumerate() {
+fn unit_queries(queries: &[f32], dim: usize) -> Result<Queries> {
+    let stride = dim.next_multiple_of(QUERY_ALIGN);
+    let mut values = vec![0.0; queries.len() / dim * stride];
+    for (row, (query, unit)) in queries
+        .chunks_exact(dim)
+        .zip(values.chunks_exact_mut(stride))
+        .enumerate()
+    {
         if query.iter().any(|v| !v.is_finite()) {
             return Err(Error::NonFinite {
                 name: "queries",
@@ -203,81 +397,15 @@ fn unit_queries(queries: &[f32], dim: usize) -> Result<Vec<f32>> {
             .sum::<f64>()
             .sqrt();
         let scale = if norm > 0.0 { norm.recip() } else { 0.0 };
-        units.extend(query.iter().map(|&v| (f64::from(v) * scale) as f32));
-    }
-    Ok(units)
-}
-
-fn score_block(
-    partial: &mut Partial,
-    units: &[f32],
-    corpus: Corpus<'_>,
-    dim: usize,
-    rows: std::ops::Range<usize>,
-) -> Result<()> {
-    let first = rows.start;
-    let values = rows.start * dim..rows.end * dim;
-    let block: &[f32] = match corpus {
-        Corpus::F32(all) => &all[values],
-        Corpus::F16(all) => {
-            partial.rows_f32.resize(values.len(), 0.0);
-            all[values].convert_to_f32_slice(&mut partial.rows_f32);
-            &partial.rows_f32
-        }
-    };
-    let n_rows = block.len() / dim;
-    partial.inv_norms.clear();
-    for (offset, row) in block.chunks_exact(dim).enumerate() {
-        partial.inv_norms.push(inverse_norm(row, first + offset)?);
-    }
-    partial.dots.resize(QUERY_TILE * n_rows, 0.0);
-    // With many queries the block is reused enough to pay for a transpose into the layout the
-    // broadcast kernel wants; a lone query just streams rows.
-    let broadcast = units.len() / dim >= QUERY_TILE;
-    if broadcast {
-        transpose_padded(block, dim, &mut partial.transposed);
-    }
-    for (tile_index, tile) in units.chunks(QUERY_TILE * dim).enumerate() {
-        let tile_queries = tile.len() / dim;
-        if broadcast {
-            broadcast_tile(tile, &partial.transposed, dim, n_rows, &mut partial.dots);
-        } else {
-            dot_tile(tile, block, dim, &mut partial.dots);
-        }
-        for t in 0..tile_queries {
-            let query = &tile[t * dim..(t + 1) * dim];
-            let best = &mut partial.best[tile_index * QUERY_TILE + t];
-            let dots = &partial.dots[t * n_rows..(t + 1) * n_rows];
-            for (offset, (&dot, &inv)) in dots.iter().zip(&partial.inv_norms).enumerate() {
-                let score = if inv.is_nan() {
-                    extreme_row_score(query, &block[offset * dim..(offset + 1) * dim])
-                } else {
-                    dot * inv
-                };
-                best.offer(Hit {
-                    score,
-                    index: first + offset,
-                });
-            }
+        for (u, &v) in unit.iter_mut().zip(query) {
+            *u = (f64::from(v) * scale) as f32;
         }
     }
-    Ok(())
-}
-
-/// `1 / |row|`, or NaN when the row's squared norm under- or overflows f32 and must be scored in
-/// f64 (see `extreme_row_score`). Rejects non-finite values.
-fn inverse_norm(row: &[f32], index: usize) -> Result<f32> {
-    let norm_sq = sum_of_squares(row);
-    if norm_sq.is_finite() && norm_sq >= TINY_NORM_SQ {
-        return Ok(norm_sq.sqrt().recip());
-    }
-    if row.iter().any(|v| !v.is_finite()) {
-        return Err(Error::NonFinite {
-            name: "corpus",
-            row: index,
-        });
-    }
-    Ok(f32::NAN)
+    Ok(Queries {
+        values,
+        dim,
+        stride,
+    })
 }
 
 fn extreme_row_score(unit_query: &[f32], row: &[f32]) -> f32 {
@@ -295,190 +423,6 @@ fn extreme_row_score(unit_query: &[f32], row: &[f32]) -> f32 {
         .map(|(&q, &c)| f64::from(q) * f64::from(c))
         .sum();
     (dot / norm) as f32
-}
-
-fn sum_of_squares(row: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let chunks = row.chunks_exact(LANES);
-    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-    for chunk in chunks {
-        for (a, v) in acc.iter_mut().zip(chunk) {
-            *a += v * v;
-        }
-    }
-    horizontal_sum(acc) + tail
-}
-
-/// Sums lanes by halving, so the adds are vector-wide instead of a serial chain of 15 scalar adds
-/// (which, once per row and query, would cost more than the dot product itself).
-#[allow(clippy::inline_always)]
-#[inline(always)]
-fn horizontal_sum(mut lanes: [f32; LANES]) -> f32 {
-    let mut width = LANES / 2;
-    while width > 0 {
-        for i in 0..width {
-            lanes[i] += lanes[i + width];
-        }
-        width /= 2;
-    }
-    lanes[0]
-}
-
-/// `block` (`[rows, dim]`) as `[dim, padded rows]`, rows zero-padded to a multiple of `LANES`.
-fn transpose_padded(block: &[f32], dim: usize, out: &mut Vec<f32>) {
-    let stride = (block.len() / dim).next_multiple_of(LANES);
-    out.clear();
-    out.resize(dim * stride, 0.0);
-    for (r, row) in block.chunks_exact(dim).enumerate() {
-        for (d, &value) in row.iter().enumerate() {
-            out[d * stride + r] = value;
-        }
-    }
-}
-
-/// Like `dot_tile`, from a transposed block: each step broadcasts one query value against
-/// `LANES` rows, so accumulators stay in registers and no horizontal sums are needed.
-fn broadcast_tile(tile: &[f32], transposed: &[f32], dim: usize, n_rows: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        #[allow(unsafe_code)]
-        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-        unsafe {
-            return broadcast_tile_avx2_fma(tile, transposed, dim, n_rows, out);
-        }
-    }
-    broadcast_tile_portable::<false>(tile, transposed, dim, n_rows, out);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(unsafe_code)]
-unsafe fn broadcast_tile_avx2_fma(
-    tile: &[f32],
-    transposed: &[f32],
-    dim: usize,
-    n_rows: usize,
-    out: &mut [f32],
-) {
-    broadcast_tile_portable::<true>(tile, transposed, dim, n_rows, out);
-}
-
-#[allow(clippy::inline_always)]
-#[inline(always)]
-fn broadcast_tile_portable<const FUSED: bool>(
-    tile: &[f32],
-    transposed: &[f32],
-    dim: usize,
-    n_rows: usize,
-    out: &mut [f32],
-) {
-    match tile.len() / dim {
-        4 => broadcast_kernel::<4, FUSED>(tile, transposed, dim, n_rows, out),
-        3 => broadcast_kernel::<3, FUSED>(tile, transposed, dim, n_rows, out),
-        2 => broadcast_kernel::<2, FUSED>(tile, transposed, dim, n_rows, out),
-        _ => broadcast_kernel::<1, FUSED>(tile, transposed, dim, n_rows, out),
-    }
-}
-
-#[allow(clippy::inline_always)]
-#[inline(always)]
-fn broadcast_kernel<const Q: usize, const FUSED: bool>(
-    tile: &[f32],
-    transposed: &[f32],
-    dim: usize,
-    n_rows: usize,
-    out: &mut [f32],
-) {
-    let stride = transposed.len() / dim;
-    for first in (0..stride).step_by(LANES) {
-        let mut acc = [[0.0f32; LANES]; Q];
-        for d in 0..dim {
-            let Some(values) = transposed[d * stride + first..].first_chunk::<LANES>() else {
-                continue;
-            };
-            for (t, a) in acc.iter_mut().enumerate() {
-                let weight = tile[t * dim + d];
-                for lane in 0..LANES {
-                    a[lane] = if FUSED {
-                        weight.mul_add(values[lane], a[lane])
-                    } else {
-                        a[lane] + weight * values[lane]
-                    };
-                }
-            }
-        }
-        let kept = LANES.min(n_rows - first);
-        for (t, a) in acc.iter().enumerate() {
-            out[t * n_rows + first..t * n_rows + first + kept].copy_from_slice(&a[..kept]);
-        }
-    }
-}
-
-/// `out[t * rows + r] = dot(tile[t], block[r])` for the (up to `QUERY_TILE`) queries in `tile`.
-fn dot_tile(tile: &[f32], block: &[f32], dim: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        #[allow(unsafe_code)]
-        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-        unsafe {
-            return dot_tile_avx2_fma(tile, block, dim, out);
-        }
-    }
-    dot_tile_portable::<false>(tile, block, dim, out);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(unsafe_code)]
-unsafe fn dot_tile_avx2_fma(tile: &[f32], block: &[f32], dim: usize, out: &mut [f32]) {
-    dot_tile_portable::<true>(tile, block, dim, out);
-}
-
-/// Dispatches on the tile's query count so the kernel's loops have constant trip counts.
-// Inlined so the kernel is compiled with the caller's target features (AVX2/FMA or baseline).
-#[allow(clippy::inline_always)]
-#[inline(always)]
-fn dot_tile_portable<const FUSED: bool>(tile: &[f32], block: &[f32], dim: usize, out: &mut [f32]) {
-    match tile.len() / dim {
-        4 => dot_kernel::<4, FUSED>(tile, block, dim, out),
-        3 => dot_kernel::<3, FUSED>(tile, block, dim, out),
-        2 => dot_kernel::<2, FUSED>(tile, block, dim, out),
-        _ => dot_kernel::<1, FUSED>(tile, block, dim, out),
-    }
-}
-
-/// Written as fixed-width lane arrays so LLVM vectorises it for whatever target it compiles for.
-#[allow(clippy::inline_always)]
-#[inline(always)]
-fn dot_kernel<const Q: usize, const FUSED: bool>(
-    tile: &[f32],
-    block: &[f32],
-    dim: usize,
-    out: &mut [f32],
-) {
-    let n_rows = block.len() / dim;
-    let queries: [(&[[f32; LANES]], &[f32]); Q] =
-        std::array::from_fn(|t| tile[t * dim..(t + 1) * dim].as_chunks());
-    for (r, row) in block.chunks_exact(dim).enumerate() {
-        let (row_body, row_tail) = row.as_chunks::<LANES>();
-        let mut acc = [[0.0f32; LANES]; Q];
-        for (c, values) in row_body.iter().enumerate() {
-            for (a, (query_body, _)) in acc.iter_mut().zip(&queries) {
-                let weights = &query_body[c];
-                for lane in 0..LANES {
-                    a[lane] = if FUSED {
-                        weights[lane].mul_add(values[lane], a[lane])
-                    } else {
-                        a[lane] + weights[lane] * values[lane]
-                    };
-                }
-            }
-        }
-        for (t, (a, (_, query_tail))) in acc.iter().zip(&queries).enumerate() {
-            let tail: f32 = query_tail.iter().zip(row_tail).map(|(q, c)| q * c).sum();
-            out[t * n_rows + r] = horizontal_sum(*a) + tail;
-        }
-    }
 }
 
 fn dims(name: &'static str, array: &Bound<'_, PyUntypedArray>) -> Result<(usize, usize)> {
