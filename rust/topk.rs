@@ -130,13 +130,26 @@ impl Best {
     /// Offers `first + r` for every row whose `dots[r] * inv_norms[r]` reaches the threshold.
     /// Rows with a NaN inverse norm never do; they are scored separately.
     fn offer_block(&mut self, dots: &[f32], inv_norms: &[f32], first: usize) {
-        for (offset, (&dot, &inv)) in dots.iter().zip(inv_norms).enumerate() {
-            let score = dot * inv;
-            if score >= self.threshold {
-                self.offer(Hit {
-                    score,
-                    index: first + offset,
-                });
+        const GROUP: usize = 16;
+        for (g, (dots, inv_norms)) in dots.chunks(GROUP).zip(inv_norms.chunks(GROUP)).enumerate() {
+            // Almost every group is rejected whole; `|` instead of `any` keeps this branch-free so
+            // it compiles to a few vector compares.
+            let threshold = self.threshold;
+            let candidate = dots
+                .iter()
+                .zip(inv_norms)
+                .fold(false, |seen, (&dot, &inv)| seen | (dot * inv >= threshold));
+            if !candidate {
+                continue;
+            }
+            for (offset, (&dot, &inv)) in dots.iter().zip(inv_norms).enumerate() {
+                let score = dot * inv;
+                if score >= self.threshold {
+                    self.offer(Hit {
+                        score,
+                        index: first + g * GROUP + offset,
+                    });
+                }
             }
         }
     }
