@@ -108,3 +108,14 @@ async def test_delete_and_delete_where(store: Store, collection: str) -> None:
         await store.delete_where(collection, {})
     with pytest.raises(InvalidArgument):
         await store.delete(collection, "d2")  # a str is a Sequence[str] of characters: refused
+
+
+async def test_an_invalid_last_row_of_an_id_falls_back_to_the_earlier_one(store: Store, collection: str) -> None:
+    vectors = unit_vectors(2, DIM)
+    await store.upsert(collection, rows(vectors))
+    valid = rows(vectors[:1], tag="v2")[0]
+    invalid = DocumentRow("d0", "t", {"x": float("nan")}, b"other", vectors[0])
+    result = await store.upsert(collection, [valid, invalid, *rows(vectors[1:], start=1)])
+    assert (result.inserted, result.updated, result.unchanged) == (0, 1, 1)
+    assert [rid for rid, _ in result.rejected] == ["d0"]
+    assert (await _stored(store, collection, 2))["d0"] == "text 0 v2"

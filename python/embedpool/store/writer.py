@@ -1,7 +1,7 @@
 """Writes: validated rows -> one binary COPY -> the collection's partition, in one transaction.
 
 A retried batch leaves the store as if it ran once. The stored content hashes of the batch's ids are read
-first: unchanged rows are not sent at all, and a batch of only new ids is copied straight into the
+first: unchanged rows are not encoded or sent at all, and a batch of only new ids is copied straight into the
 partition. A batch that changes stored rows is copied into a session-private staging table (TEMP, no
 index) and merged with `INSERT .. ON CONFLICT DO UPDATE .. WHERE content_hash IS DISTINCT FROM`, which also
 settles a race with a concurrent writer. Nothing of a failed batch is visible: every step shares the
@@ -68,16 +68,6 @@ class Batch:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def take(self, keep: Sequence[int]) -> Batch:
-        return Batch(
-            [self.ids[i] for i in keep],
-            [self.id_bytes[i] for i in keep],
-            [self.texts[i] for i in keep],
-            [self.metadata[i] for i in keep],
-            [self.hashes[i] for i in keep],
-            self.embeddings[np.asarray(keep, dtype=np.intp)],
-        )
-
 
 def json_object(value: object, what: str) -> str:
     """`value` as JSON text that jsonb accepts; InvalidArgument saying why not."""
@@ -117,47 +107,93 @@ def _embedding(value: object, dim: int) -> NDArray[Any]:
     return embedding
 
 
-def validate(rows: Sequence[DocumentRow], info: CollectionInfo) -> tuple[Batch, list[tuple[str, str]]]:
-    """The rows ready for COPY, and (id, reason) for each row that is not, in input order."""
-    ok: list[tuple[int, bytes, bytes, bytes, bytes, NDArray[Any]]] = []
+@dataclass(frozen=True, slots=True)
+class _Screened:
+    """Rows that passed the checks the stored hashes are looked up with: id, hash and embedding."""
+
+    positions: dict[str, list[int]]
+    """Input positions of each id's screened rows, in input order."""
+    id_bytes: dict[int, bytes]
+    vectors: dict[int, int]
+    """Input position -> row of `matrix`."""
+    matrix: NDArray[np.float32]
+    rejected: dict[int, tuple[str, str]]
+
+
+def _screen(rows: Sequence[DocumentRow], info: CollectionInfo) -> _Screened:
+    positions: dict[str, list[int]] = {}
+    id_bytes: dict[int, bytes] = {}
+    embeddings: list[NDArray[Any]] = []
+    ok: list[int] = []
     rejected: dict[int, tuple[str, str]] = {}
     for n, row in enumerate(rows):
         try:
-            id_bytes = _utf8(row.id, "id")
-            if not 1 <= len(id_bytes) <= MAX_ID_BYTES:
+            encoded = _utf8(row.id, "id")
+            if not 1 <= len(encoded) <= MAX_ID_BYTES:
                 raise InvalidArgument(f"id must be 1..{MAX_ID_BYTES} bytes of UTF-8")
-            text = _utf8(row.text, "text")
             if not isinstance(row.content_hash, bytes):
                 raise InvalidArgument("content_hash must be bytes")
-            metadata = json_object(row.metadata, "metadata").encode()
-            ok.append((n, id_bytes, text, metadata, row.content_hash, _embedding(row.embedding, info.dim)))
+            embeddings.append(_embedding(row.embedding, info.dim))
         except InvalidArgument as e:
             rejected[n] = (row.id if isinstance(row.id, str) else repr(row.id), str(e))
+        else:
+            id_bytes[n] = encoded
+            ok.append(n)
     # Value checks on the stacked batch: per-row numpy calls would cost more than the COPY itself. Values
     # beyond float32 range become infinite in the cast and are refused with the NaNs.
     with np.errstate(over="ignore", invalid="ignore"):
-        matrix = np.stack([r[5] for r in ok]).astype(np.float32) if ok else np.empty((0, info.dim), np.float32)
+        matrix = np.stack(embeddings).astype(np.float32) if ok else np.empty((0, info.dim), np.float32)
     finite = cast(NDArray[np.bool_], np.isfinite(matrix).all(axis=1))
     nonzero = cast(NDArray[np.bool_], matrix.any(axis=1)) if info.metric == "cosine" else np.ones(len(ok), bool)
-    for bad in np.flatnonzero(~(finite & nonzero)).tolist():
-        n = ok[bad][0]
-        if finite[bad]:
+    usable = finite & nonzero
+    for k, n in enumerate(ok):
+        if usable[k]:
+            positions.setdefault(rows[n].id, []).append(n)
+        elif finite[k]:
             rejected[n] = (rows[n].id, "embedding is all zeros: it has no cosine direction")
         else:
             rejected[n] = (rows[n].id, "embedding has a NaN or infinite value (or one beyond float32 range)")
-    # The last row of a repeated id wins; id order makes concurrent writers lock rows in the same order (no
-    # deadlock), and byte order of UTF-8 is code point order, the same for every writer.
-    last = {r[1]: k for k, r in enumerate(ok) if ok[k][0] not in rejected}
-    keep = [last[i] for i in sorted(last)]
+    return _Screened(positions, id_bytes, {n: k for k, n in enumerate(ok)}, matrix, rejected)
+
+
+def _select(
+    rows: Sequence[DocumentRow], screened: _Screened, stored: dict[str, bytes]
+) -> tuple[Batch, int, list[tuple[str, str]]]:
+    """The rows to write, the count of unchanged ids, and the rejected rows in input order.
+
+    Per id, the last row that passes validation wins; a row whose hash is the stored one is unchanged, and
+    its text and metadata are not even encoded (the hash covers them, and they were valid when stored).
+    Ids come out in id order, so concurrent writers lock rows in the same order (no deadlock); UTF-8 byte
+    order is code point order, the same for every writer."""
+    rejected = dict(screened.rejected)
+    keep: list[tuple[int, bytes, bytes]] = []
+    unchanged = 0
+    for doc_id in sorted(screened.positions):
+        for n in reversed(screened.positions[doc_id]):
+            row = rows[n]
+            if stored.get(doc_id) == row.content_hash:
+                unchanged += 1
+                break
+            try:
+                keep.append((n, _utf8(row.text, "text"), json_object(row.metadata, "metadata").encode()))
+                break
+            except InvalidArgument as e:
+                rejected[n] = (doc_id, str(e))
     batch = Batch(
-        [rows[ok[k][0]].id for k in keep],
-        [ok[k][1] for k in keep],
-        [ok[k][2] for k in keep],
-        [ok[k][3] for k in keep],
-        [ok[k][4] for k in keep],
-        matrix[np.asarray(keep, dtype=np.intp)],
+        [rows[n].id for n, _, _ in keep],
+        [screened.id_bytes[n] for n, _, _ in keep],
+        [text for _, text, _ in keep],
+        [metadata for _, _, metadata in keep],
+        [rows[n].content_hash for n, _, _ in keep],
+        screened.matrix[np.asarray([screened.vectors[n] for n, _, _ in keep], dtype=np.intp)],
     )
-    return batch, [rejected[n] for n in sorted(rejected)]
+    return batch, unchanged, [rejected[n] for n in sorted(rejected)]
+
+
+def validate(rows: Sequence[DocumentRow], info: CollectionInfo) -> tuple[Batch, list[tuple[str, str]]]:
+    """The rows ready for COPY (as if none were stored), and (id, reason) for each row that is not."""
+    batch, _, rejected = _select(rows, _screen(rows, info), {})
+    return batch, rejected
 
 
 _SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
@@ -263,14 +299,12 @@ async def _upsert(
 ) -> UpsertResult:
     async with conn.transaction():
         info = await collections.lookup(conn, collection, lock=True)
-        batch, rejected = validate(rows, info)
-        stored = await _hashes(conn, info, batch.ids) if batch.ids else {}
-        changed = [k for k, doc_id in enumerate(batch.ids) if stored.get(doc_id) != batch.hashes[k]]
-        unchanged = len(batch) - len(changed)
-        if not changed:
+        screened = _screen(rows, info)
+        stored = await _hashes(conn, info, list(screened.positions)) if screened.positions else {}
+        todo, unchanged, rejected = _select(rows, screened, stored)
+        if not todo:
             return UpsertResult(unchanged=unchanged, rejected=rejected)
         partition = sql.Identifier(collections.partition_name(info))
-        todo = batch.take(changed) if unchanged else batch
         if not merge and not any(doc_id in stored for doc_id in todo.ids):
             await _copy(conn, partition, copy_chunks(info.id, todo))
             return UpsertResult(inserted=len(todo), unchanged=unchanged, rejected=rejected)
@@ -279,7 +313,7 @@ async def _upsert(
         counts = await cur.fetchone()
         assert counts is not None
         inserted, updated = counts
-        return UpsertResult(inserted, updated, len(batch) - inserted - updated, rejected)
+        return UpsertResult(inserted, updated, unchanged + len(todo) - inserted - updated, rejected)
 
 
 async def _hashes(conn: AsyncConnection[Any], info: CollectionInfo, ids: list[str]) -> dict[str, bytes]:
