@@ -129,6 +129,7 @@ impl Best {
 
     /// Offers `first + r` for every row whose `dots[r] * inv_norms[r]` reaches the threshold.
     /// Rows with a NaN inverse norm never do; they are scored separately.
+    #[allow(clippy::needless_bitwise_bool)]
     fn offer_block(&mut self, dots: &[f32], inv_norms: &[f32], first: usize) {
         const GROUP: usize = 16;
         for (g, (dots, inv_norms)) in dots.chunks(GROUP).zip(inv_norms.chunks(GROUP)).enumerate() {
