@@ -14,23 +14,28 @@ Prints a table, writes DIR/serve.json and DIR/serve.png (throughput and p99 vs c
 
 from __future__ import annotations
 
+import os
+import sys
+
+# Run as a script, this folder comes first on sys.path and bench/tokenize.py would shadow the stdlib
+# `tokenize`; keep the folder, but last, for `corpus`.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
+
 import argparse
 import asyncio
 import json
-import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import passages
 
 from embedpool import _native
@@ -94,12 +99,13 @@ def sentence_transformers_baseline(texts: list[str], device: str) -> dict[str, A
 def start_server(args: argparse.Namespace, model_dir: Path, data_dir: Path) -> tuple[subprocess.Popen[str], int]:
     cmd = [sys.executable, "-m", "embedpool.cli", "serve", "--port", "0", "--metrics-port", "-1"]
     cmd += ["--model", str(model_dir), "--data-dir", str(data_dir), "--device", args.device, "--variant", args.variant]
-    cmd += ["--log-level", "warning", "--max-concurrent-inputs", "65536"]
+    cmd += ["--log-level", "info", "--max-concurrent-inputs", "65536"]
     env = {**os.environ, "EMBEDPOOL_LOG_FORMAT": "json", "EMBEDPOOL_LOG_LEVEL": "info"}
     proc = subprocess.Popen(cmd + list(args.server_arg), stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None
     for line in proc.stderr:
         if line.startswith("{") and '"port"' in line:
+            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the log pipe drained
             return proc, int(json.loads(line)["port"])
     raise RuntimeError(f"server exited with {proc.wait()}")
 

@@ -1,4 +1,4 @@
-"""Command line: `embedpool serve | model prepare | model convert | embed | search`."""
+"""Command line: `embedpool serve | model prepare | model convert | embed | ingest | search`."""
 
 from __future__ import annotations
 
@@ -69,6 +69,47 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    import grpc
+
+    from embedpool.ingest import SourceError, run_ingest
+
+    try:
+        summary = run_ingest(
+            args.target,
+            args.collection,
+            Path(args.source),
+            batch_size=args.batch_size,
+            resume=not args.restart,
+            create=not args.no_create,
+            progress=not args.quiet,
+            state_dir=Path(args.state_dir) if args.state_dir else None,
+        )
+    except SourceError as exc:
+        print(f"embedpool ingest: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:
+        print(f"embedpool ingest: {exc.code().name}: {exc.details()} (re-run to resume)", file=sys.stderr)
+        return 1
+    for doc_id, reason in summary.rejected:
+        print(json.dumps({"rejected": doc_id, "reason": reason}), file=sys.stderr)
+    print(
+        json.dumps(
+            {
+                "documents": summary.documents,
+                "resumed_after": summary.resumed_after,
+                "inserted": summary.inserted,
+                "updated": summary.updated,
+                "unchanged": summary.unchanged,
+                "skipped_unchanged": summary.skipped_unchanged,
+                "rejected": len(summary.rejected),
+                "docs_per_s": round(summary.docs_per_s, 1),
+            }
+        )
+    )
+    return 1 if summary.rejected else 0
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     import grpc
 
@@ -106,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--collection", default="")
     embed.add_argument("--target", default="127.0.0.1:50051")
     embed.set_defaults(func=_cmd_embed)
+
+    ingest = sub.add_parser("ingest", help="stream a JSONL file or a directory of .txt/.md into a collection")
+    ingest.add_argument("collection")
+    ingest.add_argument("source", help='FILE.jsonl ({"id"?, "text", "metadata"?} per line) or DIR')
+    ingest.add_argument("--target", default="127.0.0.1:50051")
+    ingest.add_argument("--batch-size", type=int, default=256)
+    ingest.add_argument("--restart", action="store_true", help="ignore the checkpoint and start from the top")
+    ingest.add_argument("--no-create", action="store_true", help="fail unless the collection exists")
+    ingest.add_argument("--state-dir", help="where the checkpoint goes (default: next to the source)")
+    ingest.add_argument("--quiet", action="store_true", help="no progress bar")
+    ingest.set_defaults(func=_cmd_ingest)
 
     search = sub.add_parser("search", help="search a collection of a running server")
     search.add_argument("collection")

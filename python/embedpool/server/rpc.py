@@ -76,7 +76,9 @@ def rpc(method: Method) -> Method:
         finally:
             elapsed = time.perf_counter() - started
             metrics.RPC_LATENCY.labels(name, code.name).observe(elapsed)
-            log.info(
+            # Successful calls log at debug (metrics count them); failures at info, with their request id.
+            log.log(
+                logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO,
                 "%s %s",
                 name,
                 code.name,
