@@ -182,6 +182,7 @@ mod x86 {
             _mm512_reduce_add_ps(v)
         }
         #[inline(always)]
+        #[allow(clippy::many_single_char_names)]
         unsafe fn sum4([a, b, c, d]: [__m512; 4], out: *mut f32) {
             // Halves of a and b side by side, added: [a 8 lanes | b 8 lanes]; likewise c, d.
             let ab = _mm512_add_ps(
@@ -234,10 +235,12 @@ mod x86 {
             _mm_cvtss_f32(_mm_add_ss(two, _mm_movehl_ps(odd, two)))
         }
         #[inline(always)]
-        unsafe fn sum4(v: [__m256; 4], out: *mut f32) {
-            let [a, b, c, d] =
-                v.map(|x| _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x)));
-            _mm_storeu_ps(out, _mm_hadd_ps(_mm_hadd_ps(a, b), _mm_hadd_ps(c, d)));
+        unsafe fn sum4(vectors: [__m256; 4], out: *mut f32) {
+            let [first, second, third, fourth] = vectors
+                .map(|v| _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v)));
+            let low = _mm_hadd_ps(first, second);
+            let high = _mm_hadd_ps(third, fourth);
+            _mm_storeu_ps(out, _mm_hadd_ps(low, high));
         }
     }
 }

@@ -119,3 +119,20 @@ def test_bad_shapes_and_arguments() -> None:
         topk_cosine(q.astype(np.float64), q, 1)
     with pytest.raises(NativeError):
         topk_cosine(q, q.astype(np.float64), 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_ties_across_parallel_chunks_prefer_lower_index(dtype: type[np.floating]) -> None:
+    # Large enough that the corpus is split into several chunks scored on different threads.
+    corpus = np.tile(np.array([[1, 0, 0], [0, 1, 0], [2, 0, 0]], dtype=dtype), (20_000, 1))
+    indices, scores = topk_cosine(np.array([[3, 0, 0], [0, 0, 1]], dtype=np.float32), corpus, 5)
+    assert indices[0].tolist() == [0, 2, 3, 5, 6]
+    assert scores[0].tolist() == [1.0] * 5
+    assert indices[1].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_large_corpus_with_dimension_tail_matches_numpy() -> None:
+    rng = np.random.default_rng(11)
+    corpus = rng.standard_normal((9000, 37), dtype=np.float32) * rng.uniform(0.1, 10, (9000, 1)).astype(np.float32)
+    corpus[123] = 0
+    check_against_numpy(rng.standard_normal((11, 37), dtype=np.float32), corpus, 7)
