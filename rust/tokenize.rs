@@ -139,14 +139,16 @@ impl Encoder {
             .par_iter()
             .enumerate()
             .map(|(index, text)| {
-                if truncate {
-                    self.encode_truncated(text)
-                } else {
-                    self.encode_one(text)?.ok_or(Error::InputTooLong {
-                        index,
-                        max_length: self.max_length,
-                    })
-                }
+                without_panics(index, || {
+                    if truncate {
+                        self.encode_truncated(text)
+                    } else {
+                        self.encode_one(text)?.ok_or(Error::InputTooLong {
+                            index,
+                            max_length: self.max_length,
+                        })
+                    }
+                })
             })
             .collect()
     }
@@ -171,6 +173,23 @@ impl Encoder {
         }
         Ok((flat, offsets))
     }
+}
+
+/// Runs `encode` for text `index`, turning a panic inside the `tokenizers` crate into an error
+/// that names the text, so Python sees a `NativeError` rather than a `PanicException`.
+fn without_panics<T>(index: usize, encode: impl FnOnce() -> Result<T>) -> Result<T> {
+    // Nothing shared is mutated while encoding (the tokenizer is used through `&self`), so no
+    // state a panic interrupted is observed afterwards.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(encode)).unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(ToString::to_string)
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_owned());
+        Err(Error::Tokenizer(format!(
+            "text {index}: internal error: {message}"
+        )))
+    })
 }
 
 /// The start of `text` when it is longer than `max_chars` characters, cut on a character boundary
@@ -310,6 +329,16 @@ impl Tokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn panics_become_errors_naming_the_text() {
+        let err = without_panics::<()>(3, || panic!("boom {}", 1)).unwrap_err();
+        assert_eq!(
+            err,
+            Error::Tokenizer("text 3: internal error: boom 1".into())
+        );
+        assert_eq!(without_panics(0, || Ok(7)), Ok(7));
+    }
 
     #[test]
     fn short_texts_are_not_capped() {
