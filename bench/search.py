@@ -1,22 +1,34 @@
 """Recall@10 and queries/s of Store.search_candidates (HNSW, then the exact top 10 of the candidates).
 
-Data (--data): `mixture` (default): many small Gaussian clusters (one per 50 rows on average) around random
-unit centres, each point about cos 0.7 from its centre (so about 0.5 from its cluster mates), plus 10% of
-the rows uniform on the sphere; queries come from the same distribution. A query's 10 nearest are then 10 of
-~50 nearly equidistant cluster mates: much harder than a few big clusters, on which recall is trivially 1.
-`random`: uniform unit vectors, the hardest case (all neighbours nearly equidistant). Real embeddings are
-not available without the model. Ground truth: exact brute force in numpy.
-The candidate count sets ef_search (max(40, 2 * candidates)); sweeping it trades recall for speed. The
-filtered runs restrict to one of 10 buckets (10% of the collection) with `metadata @> {"bucket": b}`.
-QPS is one client issuing queries back to back over the unix socket.
+Data (--data):
+- `lowrank` (default), closest to real sentence embeddings, whose intrinsic dimension is far below 384: a
+  Gaussian mixture in R=64 latent dimensions (one cluster per 100 rows, spread as wide as the centres),
+  mapped to 384-d by a fixed random 384 x R projection, plus isotropic noise (0.03 per coordinate, about
+  half the norm of the signal), normalised. Queries are fresh draws from the same distribution.
+- `mixture`: many small Gaussian clusters (one per 50 rows) around random unit centres in the full 384-d
+  space, each point about cos 0.7 from its centre, plus 10% of the rows uniform on the sphere: full-rank
+  and much harder for a graph index than real embeddings.
+- `random`: uniform unit vectors, the hardest case (all neighbours nearly equidistant).
+The reference measured on this machine with real embeddings (recall@10 0.951 at ef_search 40, 0.996 at
+100, 200k rows, m=16, ef_construction=64) lies between `lowrank` and `mixture`.
+Ground truth: exact brute force in numpy.
 
-    .venv/bin/python -P bench/search.py [--quick] [--out DIR]     # 100k rows; --quick: 20k. Writes DIR/search.json
+The candidate count sets ef_search (search.ef_search: max(40, candidates)); sweeping it trades recall for
+speed. Filters: `metadata @> {"b10": b}` (10% of the rows) and `{"b100": b}` (1%). QPS: clients issuing
+queries back to back over the unix socket, one (serial) and 2 or 4 concurrent (as the server runs Search
+RPCs); each QPS is the median of --repeat runs (the 2 cores may be shared). `server_ms`: the median
+EXPLAIN ANALYZE execution time of the default search, i.e. the part of a call spent in the graph walk.
+`--builds`: also rebuild the index with other (m, ef_construction) and measure build time, recall and QPS.
+
+    .venv/bin/python -P bench/search.py [--quick] [--data lowrank|mixture|random] [--builds] [--out DIR]
+    # 100k rows (--quick: 20k); writes DIR/search.json and DIR/search.png
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -25,16 +37,35 @@ from typing import Any
 import anyio
 import numpy as np
 from numpy.typing import NDArray
+from psycopg import AsyncConnection, sql
 
 from embedpool.store import DocumentRow, EmbeddedPostgres, Store
+from embedpool.store._codec import configure_connection
+from embedpool.store.collections import HnswOptions, create_index_sql, index_name
+from embedpool.store.search import candidates_query, ef_search
 
-DIM, K, BUCKETS, NAME = 384, 10, 10, "bench"
-CANDIDATES = (10, 20, 40, 100, 200)  # 40 = the server's default for k=10 (4 * k)
-DEFAULT_CANDIDATES = 40
+DIM, K, NAME = 384, 10, "bench"
+CANDIDATES = (10, 40, 60, 100, 200)
+DEFAULT_CANDIDATES = 40  # the server's default for k=10: max(40, 4 * k)
+FILTERS = {"10%": ("b10", 10), "1%": ("b100", 100)}
+CLIENTS = (1, 2, 4)
+BUILDS = ((16, 64), (16, 128), (24, 128), (16, 200))
+LATENT, LATENT_NOISE = 64, 0.03
 
 
 def unit(v: NDArray[np.float32]) -> NDArray[np.float32]:
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
+    out: NDArray[np.float32] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return out
+
+
+def lowrank(n: int, rows: int, seed: int) -> NDArray[np.float32]:
+    """`n` points of the distribution of a `rows`-row collection (projection and centres depend on `rows` only)."""
+    fixed = np.random.default_rng(42)
+    projection = fixed.standard_normal((LATENT, DIM)).astype(np.float32) / np.sqrt(LATENT)
+    centers = fixed.standard_normal((max(1, rows // 100), LATENT)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    z = centers[rng.integers(0, len(centers), n)] + rng.standard_normal((n, LATENT)).astype(np.float32)
+    return unit(unit(z @ projection) + LATENT_NOISE * rng.standard_normal((n, DIM)).astype(np.float32))
 
 
 def mixture(n: int, rows: int, seed: int) -> NDArray[np.float32]:
@@ -47,8 +78,19 @@ def mixture(n: int, rows: int, seed: int) -> NDArray[np.float32]:
     return unit(v)
 
 
-def uniform(n: int, seed: int) -> NDArray[np.float32]:
+def uniform(n: int, rows: int, seed: int) -> NDArray[np.float32]:
     return unit(np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32))
+
+
+DATA = {
+    "lowrank": (lowrank, f"lowrank: Gaussian mixture in {LATENT} latent dims, random projection to {DIM}-d + noise"),
+    "mixture": (mixture, "mixture: Gaussian clusters of ~50 rows (cos ~0.7 to their centre) + 10% uniform"),
+    "random": (uniform, "uniform random unit vectors"),
+}
+
+
+def metadata(i: int) -> dict[str, int]:
+    return {key: i % buckets for key, buckets in FILTERS.values()}
 
 
 async def load(uri: str, vectors: NDArray[np.float32]) -> tuple[float, float]:
@@ -61,7 +103,7 @@ async def load(uri: str, vectors: NDArray[np.float32]) -> tuple[float, float]:
             assert bulk
             for start in range(0, len(vectors), 2000):
                 batch = [
-                    DocumentRow(f"d{i}", f"passage {i}", {"bucket": i % BUCKETS}, str(i).encode(), vectors[i])
+                    DocumentRow(f"d{i}", f"passage {i}", metadata(i), str(i).encode(), vectors[i])
                     for i in range(start, min(start + 2000, len(vectors)))
                 ]
                 await store.upsert(NAME, batch)
@@ -74,6 +116,22 @@ async def load(uri: str, vectors: NDArray[np.float32]) -> tuple[float, float]:
     return written - started, built - written
 
 
+async def rebuild(uri: str, hnsw: HnswOptions) -> float:
+    """Seconds to build the collection's index again with `hnsw` (the bulk load's build settings)."""
+    store = await Store.open(uri)
+    try:
+        info = await store.get_collection(NAME)
+        mem = f"{min(4096, max(64, int((info.count or 0) * (4 * DIM + 60 * hnsw.m) * 1.25 / 2**20)))}MB"
+    finally:
+        await store.close()
+    async with await AsyncConnection.connect(uri, autocommit=True) as conn:
+        await conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index_name(info))))
+        await conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", (mem,))
+        started = time.perf_counter()
+        await conn.execute(create_index_sql(info, hnsw))
+        return time.perf_counter() - started
+
+
 def exact_top(
     vectors: NDArray[np.float32], queries: NDArray[np.float32], mask: NDArray[np.bool_] | None
 ) -> list[set[int]]:
@@ -83,67 +141,158 @@ def exact_top(
     return [set(np.argsort(-row)[:K].tolist()) for row in scores]
 
 
+class Bench:
+    def __init__(self, store: Store, queries: NDArray[np.float32], repeat: int) -> None:
+        self.store, self.queries, self.repeat = store, queries, repeat
+
+    async def recall(
+        self, truth: list[set[int]], candidates: int, filters: list[dict[str, int]] | None = None
+    ) -> tuple[float, float]:
+        """Recall@10 and the mean number of candidates returned."""
+        hits = returned = 0
+        for n, q in enumerate(self.queries):
+            found = await self.store.search_candidates(
+                NAME, q, candidates=candidates, filter=None if filters is None else filters[n]
+            )
+            returned += len(found)
+            hits += len({int(c.id[1:]) for c in found[:K]} & truth[n])
+        return hits / (K * len(self.queries)), returned / len(self.queries)
+
+    async def qps(self, candidates: int, clients: int = 1, filters: list[dict[str, int]] | None = None) -> float:
+        """Median over `repeat` runs of queries/s with `clients` concurrent callers sharing the queries."""
+
+        async def client(c: int) -> None:
+            for n in range(c, len(self.queries), clients):
+                await self.store.search_candidates(
+                    NAME, self.queries[n], candidates=candidates, filter=None if filters is None else filters[n]
+                )
+
+        runs = []
+        for _ in range(self.repeat):
+            started = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for c in range(clients):
+                    tg.start_soon(client, c)
+            runs.append(len(self.queries) / (time.perf_counter() - started))
+        return statistics.median(runs)
+
+    async def point(
+        self, truth: list[set[int]], candidates: int, filters: list[dict[str, int]] | None = None
+    ) -> dict[str, float]:
+        recall, returned = await self.recall(truth, candidates, filters)
+        return {
+            "candidates": candidates,
+            "ef_search": ef_search(candidates),
+            "recall_at_10": recall,
+            "returned": returned,
+            "qps": await self.qps(candidates, filters=filters),
+        }
+
+
+async def server_ms(uri: str, queries: NDArray[np.float32], candidates: int) -> float:
+    """Median EXPLAIN ANALYZE execution time of the default search at its ef_search."""
+    async with await AsyncConnection.connect(uri, autocommit=True) as conn:
+        await configure_connection(conn)
+        store = await Store.open(uri, max_size=1)
+        try:
+            info = await store.get_collection(NAME)
+        finally:
+            await store.close()
+        await conn.execute("SELECT set_config('hnsw.ef_search', %s, false)", (str(ef_search(candidates)),))
+        query = b"EXPLAIN (ANALYZE, FORMAT JSON) " + candidates_query(
+            info, filtered=False, max_distance=False
+        ).as_bytes(conn)
+        times = []
+        for q in queries:
+            cur = await conn.execute(query, {"query": q, "limit": candidates})
+            row = await cur.fetchone()
+            assert row is not None
+            times.append(float(row[0][0]["Execution Time"]))
+        return statistics.median(times)
+
+
 async def measure(
-    store: Store, queries: NDArray[np.float32], truth: list[set[int]], candidates: int, buckets: list[int] | None
-) -> dict[str, float]:
-    hits, started = 0, time.perf_counter()
-    for n, q in enumerate(queries):
-        found = await store.search_candidates(
-            NAME, q, candidates=candidates, filter=None if buckets is None else {"bucket": buckets[n]}
-        )
-        hits += len({int(c.id[1:]) for c in found[:K]} & truth[n])
-    elapsed = time.perf_counter() - started
-    return {
-        "candidates": candidates,
-        "ef_search": max(40, 2 * candidates),
-        "recall_at_10": hits / (K * len(queries)),
-        "qps": len(queries) / elapsed,
-    }
-
-
-async def run(uri: str, n: int, n_queries: int, data: str) -> dict[str, Any]:
-    if data == "mixture":
-        vectors, queries = mixture(n, n, seed=0), mixture(n_queries, n, seed=1)
-    else:
-        vectors, queries = uniform(n, seed=0), uniform(n_queries, seed=1)
-    write_s, build_s = await load(uri, vectors)
-    buckets = [i % BUCKETS for i in range(n_queries)]
+    uri: str, vectors: NDArray[np.float32], queries: NDArray[np.float32], repeat: int, sweep: bool
+) -> dict[str, Any]:
+    n = len(vectors)
     truth = exact_top(vectors, queries, None)
-    bucket_of = np.arange(n) % BUCKETS
-    truth_filtered = [exact_top(vectors, q[None], bucket_of == b)[0] for q, b in zip(queries, buckets, strict=True)]
-    store = await Store.open(uri)
+    store = await Store.open(uri, max_size=max(CLIENTS))
     try:
-        await measure(store, queries[:50], truth[:50], DEFAULT_CANDIDATES, None)  # warm the caches
-        plain = [await measure(store, queries, truth, c, None) for c in CANDIDATES]
-        filtered = [await measure(store, queries, truth_filtered, c, buckets) for c in CANDIDATES]
+        bench = Bench(store, queries, repeat)
+        await bench.recall(truth[:50], DEFAULT_CANDIDATES)  # warm the caches
+        plain = [await bench.point(truth, c) for c in (CANDIDATES if sweep else (DEFAULT_CANDIDATES,))]
+        default = next(r for r in plain if r["candidates"] == DEFAULT_CANDIDATES)
+        filtered = {}
+        for label, (key, buckets) in FILTERS.items():
+            filters = [{key: i % buckets} for i in range(len(queries))]
+            rows_bucket = np.arange(n) % buckets
+            truth_f = [
+                exact_top(vectors, q[None], rows_bucket == f[key])[0] for q, f in zip(queries, filters, strict=True)
+            ]
+            filtered[label] = [
+                await bench.point(truth_f, c, filters) for c in (CANDIDATES if sweep else (DEFAULT_CANDIDATES,))
+            ]
+        concurrent = {str(c): await bench.qps(DEFAULT_CANDIDATES, c) for c in CLIENTS}
     finally:
         await store.close()
-    default = next(r for r in plain if r["candidates"] == DEFAULT_CANDIDATES)
-    default_f = next(r for r in filtered if r["candidates"] == DEFAULT_CANDIDATES)
     return {
         "recall_at_10": default["recall_at_10"],
         "qps": default["qps"],
-        "filtered": {"recall_at_10": default_f["recall_at_10"], "qps": default_f["qps"], "selectivity": 1 / BUCKETS},
+        "qps_by_clients": concurrent,
+        "server_ms": await server_ms(uri, queries[:100], DEFAULT_CANDIDATES),
         "sweep": plain,
-        "sweep_filtered": filtered,
+        "filtered": filtered,
+    }
+
+
+async def run(uri: str, n: int, n_queries: int, data: str, repeat: int, builds: bool) -> dict[str, Any]:
+    make = DATA[data][0]
+    vectors, queries = make(n, n, 0), make(n_queries, n, 1)
+    write_s, build_s = await load(uri, vectors)
+    result = await measure(uri, vectors, queries, repeat, sweep=True)
+    defaults = HnswOptions()
+    default_f = {
+        label: next(r for r in rows if r["candidates"] == DEFAULT_CANDIDATES)
+        for label, rows in result["filtered"].items()
+    }
+    result = {
+        "recall_at_10": result["recall_at_10"],
+        "qps": result["qps"],
+        "qps_concurrent": result["qps_by_clients"],
+        "filtered": {
+            label: {"recall_at_10": r["recall_at_10"], "qps": r["qps"], "returned": r["returned"]}
+            for label, r in default_f.items()
+        },
+        "server_ms": result["server_ms"],
+        "sweep": result["sweep"],
+        "sweep_filtered": result["filtered"],
         "params": {
             "rows": n,
             "dim": DIM,
             "queries": n_queries,
             "k": K,
-            "hnsw": "m=16, ef_construction=64",
-            "data": DATA[data],
+            "candidates": DEFAULT_CANDIDATES,
+            "ef_search": ef_search(DEFAULT_CANDIDATES),
+            "hnsw": {"m": defaults.m, "ef_construction": defaults.ef_construction},
+            "data": DATA[data][1],
             "load_rows_per_s": n / write_s,
             "index_build_s": build_s,
-            "client": "one client, queries back to back (Store.search_candidates + exact top 10 in numpy)",
+            "repeat": repeat,
+            "client": "Store.search_candidates back to back; qps_concurrent: that many clients on one Store",
         },
     }
-
-
-DATA = {
-    "mixture": "mixture: Gaussian clusters of ~50 rows (cos ~0.7 to their centre) + 10% uniform on the sphere",
-    "random": "uniform random unit vectors",
-}
+    if builds:
+        compared = []
+        for m, ef_construction in BUILDS:
+            hnsw = HnswOptions(m=m, ef_construction=ef_construction)
+            seconds = await rebuild(uri, hnsw)
+            point = await measure(uri, vectors, queries, repeat, sweep=False)
+            compared.append(
+                {"m": m, "ef_construction": ef_construction, "build_s": seconds}
+                | {key: point[key] for key in ("recall_at_10", "qps", "server_ms")}
+            )
+        result["builds"] = compared
+    return result
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -153,11 +302,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, sweep in (("no filter", result["sweep"]), ("10% filter", result["sweep_filtered"])):
+    curves = [("no filter", result["sweep"])] + [
+        (f"{label} filter", rows) for label, rows in result["sweep_filtered"].items()
+    ]
+    for label, sweep in curves:
         ax.plot([r["recall_at_10"] for r in sweep], [r["qps"] for r in sweep], marker="o", label=label)
         for r in sweep:
             ax.annotate(
-                f"ef {r['ef_search']}",
+                f"{r['candidates']}/ef {r['ef_search']}",
                 (r["recall_at_10"], r["qps"]),
                 fontsize=7,
                 xytext=(3, 3),
@@ -166,7 +318,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     params = result["params"]
     ax.set_xlabel("recall@10 (vs exact brute force)")
     ax.set_ylabel("queries/s (one client)")
-    ax.set_title(f"{params['rows']:,} x {params['dim']}, {params['data'].split(':')[0]}", fontsize=10)
+    hnsw = params["hnsw"]
+    ax.set_title(
+        f"{params['rows']:,} x {params['dim']}, {params['data'].split(':')[0]}, m={hnsw['m']},"
+        f" ef_construction={hnsw['ef_construction']}; labels: candidates/ef_search",
+        fontsize=9,
+    )
     ax.axvline(0.99, color="gray", linestyle=":", linewidth=1)
     ax.legend()
     ax.grid(alpha=0.3)
@@ -177,20 +334,34 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="20k rows instead of 100k")
-    parser.add_argument("--data", choices=sorted(DATA), default="mixture")
+    parser.add_argument("--quick", action="store_true", help="20k rows and 200 queries instead of 100k and 500")
+    parser.add_argument("--data", choices=sorted(DATA), default="lowrank")
+    parser.add_argument(
+        "--builds", action="store_true", help=f"also compare index builds (m, ef_construction) {BUILDS}"
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="runs per QPS figure (median)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
     args = parser.parse_args()
     n, n_queries = (20_000, 200) if args.quick else (100_000, 500)
     with tempfile.TemporaryDirectory(prefix="embedpool-bench-") as tmp, EmbeddedPostgres(Path(tmp) / "pg") as pg:
-        result = anyio.run(run, pg.uri, n, n_queries, args.data, backend="asyncio")
+        result = anyio.run(run, pg.uri, n, n_queries, args.data, args.repeat, args.builds, backend="asyncio")
     params = result["params"]
-    print(f"{n} x {DIM}, {params['data']}, {n_queries} queries")
+    print(f"{n} x {DIM}, {params['data']}, {n_queries} queries, hnsw {params['hnsw']}")
     print(f"load {params['load_rows_per_s']:.0f} rows/s without the index, index build {params['index_build_s']:.1f} s")
-    print(f"{'filter':<8}{'candidates':>11}{'ef_search':>10}{'recall@10':>10}{'qps':>9}")
-    for label, sweep in (("none", result["sweep"]), ("10%", result["sweep_filtered"])):
+    print(f"{'filter':<8}{'candidates':>11}{'ef_search':>10}{'recall@10':>10}{'returned':>9}{'qps':>9}")
+    for label, sweep in [("none", result["sweep"]), *result["sweep_filtered"].items()]:
         for r in sweep:
-            print(f"{label:<8}{r['candidates']:>11}{r['ef_search']:>10}{r['recall_at_10']:>10.3f}{r['qps']:>9.0f}")
+            print(
+                f"{label:<8}{r['candidates']:>11}{r['ef_search']:>10}{r['recall_at_10']:>10.3f}{r['returned']:>9.1f}"
+                f"{r['qps']:>9.0f}"
+            )
+    clients = ", ".join(f"{c} clients {q:.0f}" for c, q in result["qps_concurrent"].items())
+    print(f"default search: qps {clients}; server execution {result['server_ms']:.2f} ms (median)")
+    for b in result.get("builds", []):
+        print(
+            f"m={b['m']} ef_construction={b['ef_construction']}: build {b['build_s']:.1f} s,"
+            f" recall@10 {b['recall_at_10']:.3f}, {b['qps']:.0f} qps, server {b['server_ms']:.2f} ms"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "search.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out / "search.png")

@@ -64,7 +64,7 @@ async def test_filter_fills_the_candidates_where_the_neighbourhood_does_not_matc
     store: Store, corpus: tuple[str, np.ndarray]
 ) -> None:
     """The filter matches 92% of the collection, so the planner picks the HNSW index, but none of the CLUSTER
-    nearest neighbours of the query: without an iterative scan the ef_search (60) nearest hold only the
+    nearest neighbours of the query: without an iterative scan the ef_search (40) nearest hold only the
     query's own document."""
     name, vectors = corpus
     found = await store.search_candidates(name, vectors[0], candidates=30, filter={"kind": "common"})
@@ -118,7 +118,7 @@ async def test_plan_uses_the_collection_hnsw_index(
 
 
 def test_ef_search_bounds() -> None:
-    assert [ef_search(c) for c in (1, 20, 30, 400, 600, 5000)] == [40, 40, 60, 800, 1000, 1000]
+    assert [ef_search(c) for c in (1, 20, 30, 400, 600, 5000)] == [40, 40, 40, 400, 600, 1000]
 
 
 async def test_generic_plan_uses_the_index_too(

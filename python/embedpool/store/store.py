@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 from embedpool.errors import Unavailable
 from embedpool.store import collections, search, writer
 from embedpool.store._codec import configure_connection
+from embedpool.store.collections import HnswOptions
 from embedpool.store.migrations import migrate_up
 from embedpool.store.records import Candidate, CollectionInfo, CollectionStats, DocumentRow, UpsertResult
 
@@ -85,10 +86,17 @@ class Store:
         async with _unavailable_on_connection_errors(), self._pool.connection() as conn:
             yield conn
 
-    async def create_collection(self, name: str, *, model: str, dim: int, metric: str = "cosine") -> CollectionInfo:
-        """Idempotent for the same definition; AlreadyExists when `name` has a different one."""
+    async def create_collection(
+        self, name: str, *, model: str, dim: int, metric: str = "cosine", hnsw: HnswOptions | None = None
+    ) -> CollectionInfo:
+        """Idempotent for the same definition; AlreadyExists when `name` has a different one. `hnsw`: how its
+        index is built (None: `HnswOptions()`'s defaults)."""
         async with self._connection() as conn:
-            return await collections.create(conn, name, model=model, dim=dim, metric=metric)
+            return await collections.create(conn, name, model=model, dim=dim, metric=metric, hnsw=hnsw)
+
+    async def hnsw_options(self, name: str) -> HnswOptions:
+        async with self._connection() as conn:
+            return await collections.hnsw_options(conn, await collections.lookup(conn, name))
 
     async def get_collection(self, name: str) -> CollectionInfo:
         """With its document count; NotFound when missing."""
