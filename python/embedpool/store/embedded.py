@@ -76,7 +76,14 @@ class EmbeddedPostgres:
         pgdata = self.data_dir
         pgdata.mkdir(parents=True, exist_ok=True)
         # cleanup_mode=None: the library's atexit hook must not race our own stop(); we stop it ourselves.
-        self._server = PostgresServer(pgdata, cleanup_mode=None)
+        try:
+            self._server = PostgresServer(pgdata, cleanup_mode=None)
+        except subprocess.CalledProcessError:
+            # Seen once on a heavily loaded 2-core box: pg_ctl gave up while the postmaster was still coming
+            # up. One more try, after which the error (and the log the library printed) stands.
+            _log.warning("embedded Postgres in %s did not start; retrying once", pgdata)
+            time.sleep(1.0)
+            self._server = PostgresServer(pgdata, cleanup_mode=None)
         self._uri = self.create_database(self._database)
         atexit.register(self.stop)
         return self._uri
