@@ -1,15 +1,24 @@
-"""Root fixtures: hypothesis profiles (HYPOTHESIS_PROFILE=ci|dev|thorough), the golden data, the real model."""
+"""Root fixtures: hypothesis profiles (HYPOTHESIS_PROFILE=ci|dev|thorough), the golden data, the real model, and
+a real embedpool server on 127.0.0.1 (own event loop thread) with its embedded Postgres."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+from anyio.from_thread import start_blocking_portal
 from hypothesis import HealthCheck, settings
 from numpy.typing import NDArray
+
+from embedpool.config import Settings
+from embedpool.server.app import Running, serve
+from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -28,7 +37,54 @@ def golden() -> tuple[list[str], NDArray[np.float32]]:
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The converted default model, from the user's cache (`make model` fills it; converted here otherwise)."""
-    from embedpool.config import Settings
     from embedpool.engine import prepare
 
     return prepare(Settings()).root
+
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture(scope="session")
+def make_settings(model_dir: Path) -> SettingsFactory:
+    """Settings for a test server: free ports, the given data dir, fp32 so golden comparisons are exact."""
+
+    def make(tmp: Path, **overrides: object) -> Settings:
+        return dataclasses.replace(_base_settings(tmp, model_dir), **overrides)
+
+    return make
+
+
+def _base_settings(tmp: Path, model_dir: Path) -> Settings:
+    return Settings(
+        port=0,
+        metrics_port=0,
+        data_dir=tmp,
+        model=str(model_dir),
+        variant="fp32",  # the golden comparisons need the full-precision graph
+        max_concurrent_inputs=512,
+        grace_seconds=2.0,
+        log_level="warning",
+    )
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, make_settings: SettingsFactory) -> Iterator[Running]:
+    settings = make_settings(tmp_path_factory.mktemp("server"))
+    with start_blocking_portal(backend="asyncio") as portal:
+        future, running = portal.start_task(serve, settings)
+        try:
+            yield running
+        finally:
+            future.cancel()
+
+
+@pytest.fixture(scope="session")
+def channel(server: Running) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def stub(channel: grpc.Channel) -> pb_grpc.EmbedderStub:
+    return pb_grpc.EmbedderStub(channel)

@@ -3,38 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from anyio.from_thread import start_blocking_portal
 
-from embedpool.config import Settings
 from embedpool.ingest import SourceError, checkpoint_path, read_source, run_ingest
-from embedpool.server.app import Running, serve
+from embedpool.server.app import Running
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
 DOCS = 300
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Running]:
-    settings = Settings(
-        port=0,
-        metrics_port=0,
-        data_dir=tmp_path_factory.mktemp("ingest-server"),
-        model=str(model_dir),
-        grace_seconds=2.0,
-        log_level="warning",
-    )
-    with start_blocking_portal(backend="asyncio") as portal:
-        future, running = portal.start_task(serve, settings)
-        try:
-            yield running
-        finally:
-            future.cancel()
 
 
 @pytest.fixture
