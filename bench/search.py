@@ -150,13 +150,13 @@ class Bench:
     ) -> tuple[float, float]:
         """Recall@10 and the mean number of candidates returned."""
         hits = returned = 0
-        for n, q in enumerate(self.queries):
+        for n, q in enumerate(self.queries[: len(truth)]):
             found = await self.store.search_candidates(
                 NAME, q, candidates=candidates, filter=None if filters is None else filters[n]
             )
             returned += len(found)
             hits += len({int(c.id[1:]) for c in found[:K]} & truth[n])
-        return hits / (K * len(self.queries)), returned / len(self.queries)
+        return hits / (K * len(truth)), returned / len(truth)
 
     async def qps(self, candidates: int, clients: int = 1, filters: list[dict[str, int]] | None = None) -> float:
         """Median over `repeat` runs of queries/s with `clients` concurrent callers sharing the queries."""

@@ -41,7 +41,7 @@ async def test_defaults_and_idempotent_create(store: Store) -> None:
     await store.create_collection(name, model="m", dim=DIM)
     assert await store.hnsw_options(name) == HnswOptions()
     await store.create_collection(name, model="m", dim=DIM, hnsw=HnswOptions())
-    with pytest.raises(AlreadyExists, match="ef_construction=128"):
+    with pytest.raises(AlreadyExists, match="ef_construction=64"):
         await store.create_collection(name, model="m", dim=DIM, hnsw=HnswOptions(m=24))
 
 

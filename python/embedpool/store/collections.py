@@ -60,13 +60,13 @@ _COLUMNS = sql.SQL("id, name, model, dim, metric, created_at")
 class HnswOptions:
     """How a collection's HNSW graph is built (pgvector's `m` and `ef_construction`).
 
-    The defaults were measured on 100k x 384 (bench/search.py): ef_construction 128 instead of pgvector's 64
-    costs about 1.6x the build time and buys the recall that lets searches run at a low ef_search; a larger
-    m made the graph bigger and each search slower for no recall gain at that size.
+    The defaults are pgvector's, kept after measuring 100k x 384 low-rank data (bench/search.py --builds):
+    ef_construction 128 took 2.2x the build time for the same recall@10 (0.996) at ef_search 40; a larger
+    m makes a bigger graph and slower searches. Raise them for collections whose recall needs it.
     """
 
     m: int = 16
-    ef_construction: int = 128
+    ef_construction: int = 64
 
     def __post_init__(self) -> None:
         # pgvector's own bounds, checked here so a bad value is the caller's InvalidArgument, not a CHECK error.
