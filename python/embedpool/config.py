@@ -36,7 +36,9 @@ class Settings:
     model: str = _setting("", "model dir (ONNX or safetensors checkpoint); empty = bundled all-MiniLM-L6-v2")
     device: str = _setting("auto", "inference device", choices=("auto", "cpu", "cuda"))
     variant: str = _setting(
-        "auto", "model variant (auto: fused fp16 on cuda, fused fp32 on cpu)", choices=("auto", "fp32", "fp16", "int8")
+        "auto",
+        "model variant (auto: fused fp16 on cuda, fused fp32 on cpu)",
+        choices=("auto", "fp32", "fp32_opt", "fp16", "int8"),
     )
     sessions_per_device: int = _setting(1, "ONNX Runtime sessions (one feeder thread each)")
     intra_op_threads: int = _setting(0, "ONNX Runtime threads per session (0: derived from cores)")
