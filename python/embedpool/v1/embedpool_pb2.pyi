@@ -590,7 +590,7 @@ class ModelInfo(_message.Message):
     max_tokens: _builtins.int
     """Token limit per document, special tokens included."""
     variant: _builtins.str
-    """The variant serving: "fp32", "fp16" or "int8"."""
+    """The variant serving: "fp32", "fp32_opt" (optimizer-fused fp32), "fp16" (fused, CUDA) or "int8"."""
     device: _builtins.str
     """"cpu" or "cuda"."""
     pooling: _builtins.str
