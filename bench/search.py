@@ -26,6 +26,14 @@ EXPLAIN ANALYZE execution time of the default search, i.e. the part of a call sp
 
 from __future__ import annotations
 
+import os
+import sys
+
+# Run as a script, this folder comes first on sys.path and bench/tokenize.py would shadow the stdlib
+# `tokenize`; keep the folder, but last.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
+
 import argparse
 import json
 import statistics
