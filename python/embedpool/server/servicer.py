@@ -33,6 +33,9 @@ def _deadline(context: Context) -> float:
     return math.inf if remaining is None else anyio.current_time() + remaining
 
 
+# Approximate candidates a Search fetches before the exact rerank, unless the request says: on 100k x 384 it
+# measured recall@10 0.990 at 100 candidates (ef_search 100) vs 0.979 at 40, at about half the QPS.
+DEFAULT_MIN_CANDIDATES = 100
 INGEST_WINDOW = 4  # batches of one Ingest stream being embedded or stored at once
 
 
@@ -163,7 +166,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         candidates = await self._store.search_candidates(
             request.collection,
             query,
-            candidates=request.candidates or max(40, 4 * k),
+            candidates=request.candidates or max(DEFAULT_MIN_CANDIDATES, 4 * k),
             filter=struct_to_dict(request.filter) if request.HasField("filter") else None,
         )
         if not candidates:
