@@ -20,7 +20,7 @@ from embedpool.pool import EmbeddingPool
 from embedpool.server import validation
 from embedpool.server.codec import dict_to_struct, pack_vectors, struct_to_dict, unpack_vector
 from embedpool.server.rpc import rpc
-from embedpool.server.writes import DocumentWriter, WriteOutcome
+from embedpool.server.writes import DocumentWriter, EmbeddedBatch
 from embedpool.store import Store
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
@@ -40,31 +40,29 @@ INGEST_WINDOW = 4  # batches of one Ingest stream being embedded or stored at on
 
 
 class _Pending:
-    """One Ingest batch being embedded: started eagerly, awaited in stream order."""
+    """One Ingest batch being embedded: started eagerly, awaited (and then stored) in stream order."""
 
     def __init__(self) -> None:
         self._done = anyio.Event()
-        self._outcome: WriteOutcome | None = None
+        self._batch: EmbeddedBatch | None = None
         self._error: BaseException | None = None
 
     async def run(
         self, writer: DocumentWriter, collection: str, docs: Sequence[pb.Document], truncate: bool, deadline: float
     ) -> None:
         try:
-            self._outcome = await writer.write(
-                collection, docs, truncate=truncate, deadline=deadline, want_vectors=False
-            )
+            self._batch = await writer.embed(collection, docs, truncate=truncate, deadline=deadline, want_vectors=False)
         except Exception as exc:  # re-raised in stream order by result(), where the rpc wrapper maps it
             self._error = exc
         finally:
             self._done.set()
 
-    async def result(self) -> WriteOutcome:
+    async def result(self) -> EmbeddedBatch:
         await self._done.wait()
         if self._error is not None:
             raise self._error
-        assert self._outcome is not None
-        return self._outcome
+        assert self._batch is not None
+        return self._batch
 
 
 class EmbedderServicer(pb_grpc.EmbedderServicer):
@@ -111,15 +109,16 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     async def Ingest(  # type: ignore[override]  # grpc.aio streams replies with context.write as well as yield
         self, request_iterator: AsyncIterator[pb.IngestRequest], context: Context
     ) -> None:
-        """Embeds batch n+1.. while batch n is being stored; acks in order. The bounded channel holds at most
-        `INGEST_WINDOW` batches, so a fast client is held back by gRPC flow control, not by server memory."""
+        """Embeds the next batches while one is being stored; stores and acks in order. The bounded channel holds
+        at most `INGEST_WINDOW` batches, so a fast client is held back by gRPC flow control, not server memory."""
         deadline = _deadline(context)
         send, receive = anyio.create_memory_object_stream[tuple[pb.IngestRequest, _Pending]](INGEST_WINDOW)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._ingest_reader, request_iterator, send, deadline, tg)
             async with receive:
                 async for request, pending in receive:
-                    outcome = await pending.result()
+                    # Stored one at a time, in stream order: a later batch's row for an id wins, as sent.
+                    outcome = await self._writer.store(await pending.result())
                     result = outcome.upsert
                     await context.write(
                         pb.IngestAck(

@@ -42,7 +42,21 @@ class WriteOutcome:
     rejected: list[pb.RejectedDocument] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class EmbeddedBatch:
+    """A batch after embedding, before storing: what `DocumentWriter.store` needs."""
+
+    collection: str
+    ids: list[str]
+    rows: list[DocumentRow]
+    token_counts: list[int]  # 0 for documents skipped as unchanged
+    vectors: NDArray[np.float32] | None
+    skipped_unchanged: int
+
+
 class DocumentWriter:
+    """Writes in two steps so a stream can embed batch n+1 while batch n is stored, yet store in order."""
+
     def __init__(self, pool: EmbeddingPool, store: Store, model: ServingModel) -> None:
         self._pool = pool
         self._store = store
@@ -57,6 +71,18 @@ class DocumentWriter:
         deadline: float,
         want_vectors: bool,
     ) -> WriteOutcome:
+        batch = await self.embed(collection, documents, truncate=truncate, deadline=deadline, want_vectors=want_vectors)
+        return await self.store(batch)
+
+    async def embed(
+        self,
+        collection: str,
+        documents: Sequence[pb.Document],
+        *,
+        truncate: bool,
+        deadline: float,
+        want_vectors: bool,
+    ) -> EmbeddedBatch:
         ids = [doc.id or derived_id(doc.text) for doc in documents]
         metadata = [struct_to_dict(doc.metadata) for doc in documents]
         hashes = [content_hash(self._model.name, d.text, m) for d, m in zip(documents, metadata, strict=True)]
@@ -84,13 +110,16 @@ class DocumentWriter:
             ]
             if want_vectors:
                 vectors = embedded.vectors
-        result = await self._store.upsert(collection, rows) if rows else UpsertResult()
-        skipped = len(documents) - len(todo)
-        if skipped:
-            result = UpsertResult(result.inserted, result.updated, result.unchanged + skipped, result.rejected)
-        first_index = {doc_id: i for i, doc_id in reversed(list(enumerate(ids)))}
+        return EmbeddedBatch(collection, ids, rows, token_counts, vectors, len(documents) - len(todo))
+
+    async def store(self, batch: EmbeddedBatch) -> WriteOutcome:
+        result = await self._store.upsert(batch.collection, batch.rows) if batch.rows else UpsertResult()
+        if batch.skipped_unchanged:
+            unchanged = result.unchanged + batch.skipped_unchanged
+            result = UpsertResult(result.inserted, result.updated, unchanged, result.rejected)
+        first_index = {doc_id: i for i, doc_id in reversed(list(enumerate(batch.ids)))}
         rejected = [
             pb.RejectedDocument(index=first_index.get(doc_id, 0), id=doc_id, reason=reason)
             for doc_id, reason in result.rejected
         ]
-        return WriteOutcome(ids, token_counts, vectors, result, skipped, rejected)
+        return WriteOutcome(batch.ids, batch.token_counts, batch.vectors, result, batch.skipped_unchanged, rejected)
