@@ -14,10 +14,13 @@ The reference measured on this machine with real embeddings (recall@10 0.951 at 
 Ground truth: exact brute force in numpy.
 
 The candidate count sets ef_search (search.ef_search: max(40, candidates)); sweeping it trades recall for
-speed. Filters: `metadata @> {"b10": b}` (10% of the rows) and `{"b100": b}` (1%). QPS: clients issuing
-queries back to back over the unix socket, one (serial) and 2 or 4 concurrent (as the server runs Search
-RPCs); each QPS is the median of --repeat runs (the 2 cores may be shared). `server_ms`: the median
-EXPLAIN ANALYZE execution time of the default search, i.e. the part of a call spent in the graph walk.
+speed; the `ef_search` column is that of an unfiltered search. A filtered search asks the planner how many
+rows match: up to search.EXACT_MAX_ROWS it sorts them exactly, above it walks the graph at ef_search 40 /
+selectivity (search.filtered_ef_search). Filters: `metadata @> {"b10": b}` (10% of the rows) and
+`{"b100": b}` (1%). QPS: clients issuing queries back to back over the unix socket, one (serial) and 2 or 4
+concurrent (as the server runs Search RPCs); each QPS is the median of --repeat runs (the 2 cores may be
+shared). `server_ms`: the median EXPLAIN ANALYZE execution time of the default search, i.e. the part of a
+call spent in the graph walk.
 `--builds`: also rebuild the index with other (m, ef_construction) and measure build time, recall and QPS.
 
     .venv/bin/python -P bench/search.py [--quick] [--data lowrank|mixture|random] [--builds] [--out DIR]

@@ -7,7 +7,7 @@ import pytest
 from psycopg import AsyncConnection, sql
 
 from embedpool.errors import AlreadyExists, InvalidArgument
-from embedpool.store import EmbeddedPostgres, Store
+from embedpool.store import EmbeddedPostgres, Store, search
 from embedpool.store.collections import HnswOptions, index_name
 
 from .conftest import rows, unique_name, unit_vectors
@@ -72,3 +72,52 @@ async def test_selective_filter_returns_k_exact_hits(postgres: EmbeddedPostgres,
         matching = np.arange(bucket, 3000, 100)
         exact = {f"d{i}" for i in matching[np.argsort(-(vectors[matching] @ query))[:10]]}
         assert {c.id for c in found} == exact
+
+
+async def _ten_percent_collection(postgres: EmbeddedPostgres, store: Store) -> tuple[str, np.ndarray]:
+    name = unique_name("filtered10")
+    info = await store.create_collection(name, model="m", dim=DIM)
+    vectors = unit_vectors(3000, DIM, seed=7)
+    batch = rows(vectors)
+    for i, row in enumerate(batch):
+        row.metadata["bucket"] = i % 10
+    async with store.bulk_load(name):
+        await store.upsert(name, batch)
+    async with await AsyncConnection.connect(postgres.uri, autocommit=True) as conn:
+        await conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(f"documents_c{info.id}")))
+    return name, vectors
+
+
+def _exact_top(vectors: np.ndarray, query: np.ndarray, bucket: int, k: int) -> set[str]:
+    matching = np.arange(bucket, len(vectors), 10)
+    return {f"d{i}" for i in matching[np.argsort(-(vectors[matching] @ query))[:k]]}
+
+
+@pytest.mark.parametrize("path", ["exact", "graph"])
+async def test_ten_percent_filter_returns_the_exact_top_k(
+    postgres: EmbeddedPostgres, store: Store, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """10% of 3000 rows match. The planner's estimate (300 rows) is under EXACT_MAX_ROWS, so the matches are
+    sorted exactly; with the threshold at 0 the same search walks the graph at ef_search 40 / 10% = 400."""
+    if path == "graph":
+        monkeypatch.setattr(search, "EXACT_MAX_ROWS", 0)
+    name, vectors = await _ten_percent_collection(postgres, store)
+    queries = unit_vectors(20, DIM, seed=8)
+    hits = 0
+    for n, query in enumerate(queries):
+        found = await store.search_candidates(name, query, candidates=40, filter={"bucket": n % 10})
+        assert len(found) == 40 and all(c.metadata["bucket"] == n % 10 for c in found)
+        assert [c.distance for c in found] == sorted(c.distance for c in found)
+        top = {c.id for c in found[:10]}
+        if path == "exact":
+            assert top == _exact_top(vectors, query, n % 10, 10)
+        hits += len(top & _exact_top(vectors, query, n % 10, 10))
+    assert hits / (10 * len(queries)) >= 0.95
+
+
+def test_filtered_ef_search_scales_with_selectivity() -> None:
+    assert search.filtered_ef_search(40, 10_000, 100_000) == 400
+    assert search.filtered_ef_search(600, 10_000, 100_000) == 600  # never below the candidates
+    assert search.filtered_ef_search(40, 500, 100_000) == 1000  # pgvector's ceiling
+    assert search.filtered_ef_search(40, 90_000, 100_000) == 45
+    assert search.filtered_ef_search(40, 0, 0) == 40  # no statistics: as unfiltered
