@@ -76,3 +76,17 @@ def test_stream_without_a_known_collection_is_refused(
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Ingest(iter([first]), timeout=60))
     assert err.value.code() == code
+
+
+def test_later_batch_wins_for_a_repeated_id(stub: pb_grpc.EmbedderStub, collection: str) -> None:
+    """Batches are embedded concurrently but stored in stream order, so the last version of an id is kept."""
+    versions = [f"version {v} of the same document, with some words" for v in range(6)]
+    stream = [
+        pb.IngestRequest(collection=collection, batch_id=0, documents=[pb.Document(id="same", text=versions[0])]),
+        *(pb.IngestRequest(batch_id=v, documents=[pb.Document(id="same", text=versions[v])]) for v in range(1, 6)),
+    ]
+    acks = list(stub.Ingest(iter(stream), timeout=60))
+    assert [a.batch_id for a in acks] == list(range(6))
+    hits = stub.Search(pb.SearchRequest(collection=collection, text=versions[5], k=1)).hits
+    assert (hits[0].id, hits[0].text) == ("same", versions[5])
+    assert _count(stub, collection) == 1
