@@ -57,6 +57,10 @@ test: lint model ## lint, cargo test, then pytest against a real server, Postgre
 bench: model ## quick benchmarks, each with its baseline in the same run (tables; JSON + PNG under bench/out)
 	for b in tokenize topk ingest search serve; do $(PY) bench/$$b.py --quick --out bench/out || exit 1; done
 
+.PHONY: gpu-wheel
+gpu-wheel: install ## abi3 wheel for the lent GPU machine (Python 3.12 there): see ../shared/gpu/README.md
+	$(VENV)/bin/maturin build --release -q -o .gpu/wheels
+
 .PHONY: fmt
 fmt: install ## format Python and Rust
 	$(VENV)/bin/ruff format python tests bench
