@@ -86,3 +86,15 @@ def test_broken_checkpoint_raises_clearly(tmp_path: Path, damage: str) -> None:
         convert_checkpoint(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_int8_variant_quantizes_attention_to_signed_int8(bundle: ModelBundle) -> None:
+    # s8 weights take ORT's VNNI kernels (faster than fp32_opt); the feed-forward MatMuls stay fp32 for cosine.
+    model = onnx.load(str(bundle.onnx["int8"]))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QAttention") == 6 and ops.count("MatMulInteger") == 6
+    assert [n.name for n in model.graph.node if n.op_type == "MatMul"] == [
+        f"l{i}/ffn/{p}/matmul/MatMul" for i in range(6) for p in ("up", "down")
+    ]
+    quantized = [t for t in model.graph.initializer if t.name.endswith("_quantized") and len(t.dims) == 2]
+    assert len(quantized) == 12 and all(t.data_type == onnx.TensorProto.INT8 for t in quantized)
