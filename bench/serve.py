@@ -40,7 +40,7 @@ from corpus import passages
 
 from embedpool import _native
 from embedpool.config import Settings
-from embedpool.engine import pick_device, prepare
+from embedpool.engine import pick_device, prepare, serving_variant
 from embedpool.model import ModelBundle
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
@@ -198,13 +198,14 @@ def main() -> None:
     args = parser.parse_args()
     args.device = args.device or pick_device("auto")
     cuda = args.device == "cuda"
-    if args.variant == "auto":  # what the server's auto picks: fused fp16 on a GPU, fused fp32 on CPU
-        args.variant = "fp16" if cuda else "fp32_opt"
+    bundle = prepare(Settings())
+    if args.variant == "auto":  # what the server's auto picks
+        chosen = serving_variant("auto", args.device, bundle)
+        args.variant = chosen if chosen != "auto" else ("fp16" if cuda else "fp32_opt")
     n_docs = (4096 if cuda else 256) if args.quick else (50_000 if cuda else 1024)
     seconds = args.seconds or ((6 if cuda else 8) if args.quick else (20 if cuda else 30))
     levels = [int(x) for x in (args.levels or ("1,8,64,256" if cuda else "1,4,16")).split(",")]
     texts = passages(n=n_docs)
-    bundle = prepare(Settings())
     threads = os.cpu_count() or 1
 
     raw = raw_engine(bundle, args.variant, args.device, texts, threads)

@@ -37,7 +37,7 @@ class Settings:
     device: str = _setting("auto", "inference device", choices=("auto", "cpu", "cuda"))
     variant: str = _setting(
         "auto",
-        "model variant (auto: fused fp16 on cuda, fused fp32 on cpu)",
+        "model variant (auto: fused fp16 on cuda; on cpu int8 with VNNI, else fused fp32)",
         choices=("auto", "fp32", "fp32_opt", "fp16", "int8"),
     )
     sessions_per_device: int = _setting(1, "ONNX Runtime sessions (one feeder thread each)")

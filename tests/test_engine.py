@@ -1,0 +1,23 @@
+"""Which variant `auto` serves, and that the engine loads it with every padded length warmed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from embedpool.config import Settings
+from embedpool.engine import cpu_has_vnni, load_engine, serving_variant
+from embedpool.model import load_model_dir
+
+
+def test_auto_variant_follows_the_device(model_dir: Path) -> None:
+    bundle = load_model_dir(model_dir)
+    assert serving_variant("fp32", "cpu", bundle) == "fp32"
+    assert serving_variant("auto", "cuda", bundle) == "auto"  # the session picks fused fp16 there
+    assert serving_variant("auto", "cpu", bundle) == ("int8" if cpu_has_vnni() else "auto")
+
+
+def test_engine_reports_the_variant_it_serves(model_dir: Path) -> None:
+    engine = load_engine(Settings(model=str(model_dir)))
+    assert engine.model.device == "cpu"
+    assert engine.model.variant == ("int8" if cpu_has_vnni() else "fp32_opt")
+    assert engine.settings.max_batch_tokens == 8192 and engine.pad_multiple == 16
