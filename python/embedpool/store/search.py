@@ -74,30 +74,25 @@ def candidates_query(info: CollectionInfo, *, filtered: bool, max_distance: bool
     order_by = sql.SQL("(embedding::vector({dim})) {op} %(query)s").format(
         dim=sql.Literal(info.dim), op=collections.METRICS[info.metric].operator
     )
-    where: sql.Composable = sql.SQL("WHERE metadata @> %(filter)s" if filtered else "")
+    parts = {
+        "order_by": order_by,
+        "partition": sql.Identifier(collections.partition_name(info)),
+        "where": sql.SQL("WHERE metadata @> %(filter)s" if filtered else ""),
+        "cut": sql.SQL("WHERE distance <= %(max_distance)s" if max_distance else ""),
+    }
     if exact and filtered:
         return sql.SQL(
             "SELECT id, text, metadata, embedding, distance FROM ("
             "SELECT id, text, metadata, embedding, {order_by} AS distance FROM {partition} {where} OFFSET 0"
             ") AS c {cut} ORDER BY distance LIMIT %(limit)s"
-        ).format(
-            order_by=order_by,
-            partition=sql.Identifier(collections.partition_name(info)),
-            where=where,
-            cut=sql.SQL("WHERE distance <= %(max_distance)s" if max_distance else ""),
-        )
+        ).format(**parts)
     # The distance cut goes outside the LIMIT subquery: inside, the planner could not use the index order.
     # The outer ORDER BY restores exact order, which relaxed_order iterative scans do not guarantee.
     return sql.SQL(
         "SELECT id, text, metadata, embedding, distance FROM ("
         "SELECT id, text, metadata, embedding, {order_by} AS distance FROM {partition} {where}"
         " ORDER BY {order_by} LIMIT %(limit)s) AS c {cut} ORDER BY distance"
-    ).format(
-        order_by=order_by,
-        partition=sql.Identifier(collections.partition_name(info)),
-        where=where,
-        cut=sql.SQL("WHERE distance <= %(max_distance)s" if max_distance else ""),
-    )
+    ).format(**parts)
 
 
 async def search_candidates(
