@@ -50,6 +50,7 @@ import numpy as np
 from numpy.typing import NDArray
 from psycopg import AsyncConnection, sql
 
+from embedpool.server.servicer import DEFAULT_MIN_CANDIDATES
 from embedpool.store import DocumentRow, EmbeddedPostgres, Store
 from embedpool.store._codec import configure_connection
 from embedpool.store.collections import HnswOptions, create_index_sql, index_name
@@ -57,7 +58,7 @@ from embedpool.store.search import candidates_query, ef_search
 
 DIM, K, NAME = 384, 10, "bench"
 CANDIDATES = (10, 40, 60, 100, 200)
-DEFAULT_CANDIDATES = 40  # the server's default for k=10: max(40, 4 * k)
+DEFAULT_CANDIDATES = max(DEFAULT_MIN_CANDIDATES, 4 * 10)  # what the server fetches for k=10
 FILTERS = {"10%": ("b10", 10), "1%": ("b100", 100)}
 CLIENTS = (1, 2, 4)
 BUILDS = ((16, 64), (16, 128), (24, 128), (16, 200))
