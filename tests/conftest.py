@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, settings
 from numpy.typing import NDArray
 
 from embedpool.config import Settings
+from embedpool.pool import InferenceSession
 from embedpool.server.app import Running, serve
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
@@ -88,3 +89,24 @@ def channel(server: Running) -> Iterator[grpc.Channel]:
 @pytest.fixture(scope="session")
 def stub(channel: grpc.Channel) -> pb_grpc.EmbedderStub:
     return pb_grpc.EmbedderStub(channel)
+
+
+class PoisonedSession:
+    """A real session that fails any batch containing the token id `poison`: an injected engine fault."""
+
+    def __init__(self, inner: InferenceSession, poison: int) -> None:
+        self.inner = inner
+        self.poison = poison
+        self.failures = 0
+
+    def embed(self, input_ids: NDArray[np.int64], attention_mask: NDArray[np.int64]) -> NDArray[np.float32]:
+        if (input_ids == self.poison).any():
+            self.failures += 1
+            raise RuntimeError("injected engine fault")
+        return self.inner.embed(input_ids, attention_mask)
+
+
+@pytest.fixture(scope="session")
+def poisoned_session() -> type[PoisonedSession]:
+    """The fault-injecting session wrapper (a fixture, since test modules cannot import conftest)."""
+    return PoisonedSession

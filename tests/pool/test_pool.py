@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import anyio
 import numpy as np
@@ -15,7 +16,7 @@ from numpy.typing import NDArray
 from embedpool import _native
 from embedpool.errors import DeadlineExceeded, InferenceFailed, Overloaded
 from embedpool.model import EmbeddingSession
-from embedpool.pool import BatchLimits, InferenceSession, PoolConfig, running_pool
+from embedpool.pool import BatchLimits, PoolConfig, running_pool
 
 
 def _config(permits: int = 256, max_size: int = 16, max_tokens: int = 2048) -> PoolConfig:
@@ -34,21 +35,6 @@ def _alone(session: EmbeddingSession, tokenizer: _native.Tokenizer, texts: Seque
         ids, mask, _ = tokenizer.encode([text])
         rows.append(session.embed(ids, mask)[0])
     return np.stack(rows)
-
-
-class PoisonedSession:
-    """A real session that fails any batch containing the token id `poison` — an injected engine fault."""
-
-    def __init__(self, inner: InferenceSession, poison: int) -> None:
-        self.inner = inner
-        self.poison = poison
-        self.failures = 0
-
-    def embed(self, input_ids: NDArray[np.int64], attention_mask: NDArray[np.int64]) -> NDArray[np.float32]:
-        if (input_ids == self.poison).any():
-            self.failures += 1
-            raise RuntimeError("injected engine fault")
-        return self.inner.embed(input_ids, attention_mask)
 
 
 @pytest.mark.anyio
@@ -116,9 +102,11 @@ async def test_cancel_and_deadline_free_permits(session: EmbeddingSession, token
 
 
 @pytest.mark.anyio
-async def test_failing_batch_fails_only_its_requests(session: EmbeddingSession, tokenizer: _native.Tokenizer) -> None:
+async def test_failing_batch_fails_only_its_requests(
+    session: EmbeddingSession, tokenizer: _native.Tokenizer, poisoned_session: Callable[..., Any]
+) -> None:
     ids, _ = tokenizer.encode_ragged(["zeppelin"])
-    poisoned = PoisonedSession(session, poison=int(ids[1]))
+    poisoned = poisoned_session(session, poison=int(ids[1]))
     async with running_pool(tokenizer, [poisoned], _config(max_size=4)) as pool:
         with pytest.raises(InferenceFailed, match="injected engine fault"):
             await pool.embed(["a zeppelin"])

@@ -5,42 +5,30 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 from anyio.from_thread import start_blocking_portal
-from numpy.typing import NDArray
 
 from embedpool.engine import Engine, load_engine
-from embedpool.pool import InferenceSession
 from embedpool.server.app import serve
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
 
-class PoisonedSession:
-    """The real session, failing any batch that contains one token id: an injected engine fault."""
-
-    def __init__(self, inner: InferenceSession, poison: int) -> None:
-        self.inner = inner
-        self.poison = poison
-
-    def embed(self, input_ids: NDArray[np.int64], attention_mask: NDArray[np.int64]) -> NDArray[np.float32]:
-        if (input_ids == self.poison).any():
-            raise RuntimeError("injected engine fault")
-        return self.inner.embed(input_ids, attention_mask)
-
-
 @pytest.fixture(scope="module")
-def faulty(tmp_path_factory: pytest.TempPathFactory, make_settings: object) -> Iterator[pb_grpc.EmbedderStub]:
+def faulty(
+    tmp_path_factory: pytest.TempPathFactory, make_settings: object, poisoned_session: Callable[..., Any]
+) -> Iterator[pb_grpc.EmbedderStub]:
     settings = make_settings(  # type: ignore[operator]
         tmp_path_factory.mktemp("faulty"), max_concurrent_inputs=32, max_batch_size=8, variant="fp32_opt"
     )
     engine: Engine = load_engine(settings)
     poison = int(engine.tokenizer.encode_ragged(["zeppelin"])[0][1])
-    engine = dataclasses.replace(engine, sessions=[PoisonedSession(engine.sessions[0], poison)])
+    engine = dataclasses.replace(engine, sessions=[poisoned_session(engine.sessions[0], poison)])
     with start_blocking_portal(backend="asyncio") as portal:
         future, running = portal.start_task(functools.partial(serve, engine=engine), settings)
         try:

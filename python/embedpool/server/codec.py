@@ -1,4 +1,4 @@
-"""Wire formats: packed little-endian float32 vectors and protobuf Struct <-> JSON-compatible dicts."""
+"""Wire formats: packed little-endian float32 vectors, protobuf Struct <-> dicts, store records -> messages."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from google.protobuf import json_format, struct_pb2
 from numpy.typing import NDArray
 
 from embedpool.errors import InvalidArgument
+from embedpool.store import CollectionInfo, UpsertResult
+from embedpool.v1 import embedpool_pb2 as pb
 
 _LE_F32 = np.dtype("<f4")
 
@@ -35,3 +37,11 @@ def dict_to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
     message = struct_pb2.Struct()
     message.update(value)
     return message
+
+
+def upsert_stats(result: UpsertResult) -> pb.UpsertStats:
+    return pb.UpsertStats(inserted=result.inserted, updated=result.updated, unchanged=result.unchanged)
+
+
+def collection_message(info: CollectionInfo) -> pb.Collection:
+    return pb.Collection(name=info.name, model=info.model, dim=info.dim, metric=info.metric, count=info.count or 0)

@@ -18,7 +18,14 @@ from embedpool.engine import ServingModel
 from embedpool.errors import InvalidArgument
 from embedpool.pool import EmbeddingPool
 from embedpool.server import validation
-from embedpool.server.codec import dict_to_struct, pack_vectors, struct_to_dict, unpack_vector
+from embedpool.server.codec import (
+    collection_message,
+    dict_to_struct,
+    pack_vectors,
+    struct_to_dict,
+    unpack_vector,
+    upsert_stats,
+)
 from embedpool.server.rpc import rpc
 from embedpool.server.writes import DocumentWriter, EmbeddedBatch
 from embedpool.store import Store
@@ -94,13 +101,12 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             deadline=_deadline(context),
             want_vectors=not request.skip_vectors,
         )
-        result = outcome.upsert
         return pb.EmbedResponse(
             dim=self._model.dim,
             vectors=pack_vectors(outcome.vectors) if outcome.vectors is not None else [],
             ids=outcome.ids,
             token_counts=outcome.token_counts,
-            upsert=pb.UpsertStats(inserted=result.inserted, updated=result.updated, unchanged=result.unchanged),
+            upsert=upsert_stats(outcome.upsert),
             model=self._model_label,
             rejected=outcome.rejected,
         )
@@ -119,13 +125,10 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                 async for request, pending in receive:
                     # Stored one at a time, in stream order: a later batch's row for an id wins, as sent.
                     outcome = await self._writer.store(await pending.result())
-                    result = outcome.upsert
                     await context.write(
                         pb.IngestAck(
                             batch_id=request.batch_id,
-                            upsert=pb.UpsertStats(
-                                inserted=result.inserted, updated=result.updated, unchanged=result.unchanged
-                            ),
+                            upsert=upsert_stats(outcome.upsert),
                             skipped_unchanged=outcome.skipped_unchanged,
                             rejected=outcome.rejected,
                             ids=outcome.ids,
@@ -213,16 +216,12 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     async def CreateCollection(self, request: pb.CreateCollectionRequest, context: Context) -> pb.Collection:
         validation.collection_name(request.name, "name")
         info = await self._store.create_collection(request.name, model=self._model.name, dim=self._model.dim)
-        return pb.Collection(name=info.name, model=info.model, dim=info.dim, metric=info.metric, count=info.count or 0)
+        return collection_message(info)
 
     @rpc
     async def ListCollections(self, request: pb.ListCollectionsRequest, context: Context) -> pb.ListCollectionsResponse:
         infos = await self._store.list_collections()
-        return pb.ListCollectionsResponse(
-            collections=[
-                pb.Collection(name=i.name, model=i.model, dim=i.dim, metric=i.metric, count=i.count or 0) for i in infos
-            ]
-        )
+        return pb.ListCollectionsResponse(collections=[collection_message(i) for i in infos])
 
     @rpc
     async def DropCollection(self, request: pb.DropCollectionRequest, context: Context) -> pb.DropCollectionResponse:
