@@ -1,4 +1,4 @@
-"""Recall@10 and queries/s of Store.search_candidates (HNSW, then the exact top 10 of the candidates).
+"""Recall@10 and queries/s of Store.search (HNSW candidates, then their exact top 10), float32 and halfvec.
 
 Data (--data):
 - `lowrank` (default), closest to real sentence embeddings, whose intrinsic dimension is far below 384: a
@@ -21,6 +21,9 @@ selectivity (search.filtered_ef_search). Filters: `metadata @> {"b10": b}` (10% 
 concurrent (as the server runs Search RPCs); each QPS is the median of --repeat runs (the 2 cores may be
 shared). `server_ms`: the median EXPLAIN ANALYZE execution time of the default search, i.e. the part of a
 call spent in the graph walk.
+`halfvec`: the same searches after rebuilding the index on half-precision vectors (candidates reranked exactly
+in Rust against the stored float32 vectors), with both index sizes. Exact baselines in the same run: brute
+force by numpy (`q @ c.T` + argpartition) and by the Rust extension (`topk_cosine`), one query at a time.
 `--builds`: also rebuild the index with other (m, ef_construction) and measure build time, recall and QPS.
 
     .venv/bin/python -P bench/search.py [--quick] [--data lowrank|mixture|random] [--builds] [--out DIR]
@@ -50,15 +53,15 @@ import numpy as np
 from numpy.typing import NDArray
 from psycopg import AsyncConnection, sql
 
-from embedpool.server.servicer import DEFAULT_MIN_CANDIDATES
+from embedpool import _native
 from embedpool.store import DocumentRow, EmbeddedPostgres, Store
 from embedpool.store._codec import configure_connection
 from embedpool.store.collections import HnswOptions, create_index_sql, index_name
-from embedpool.store.search import candidates_query, ef_search
+from embedpool.store.search import default_candidates, ef_search, search_query
 
 DIM, K, NAME = 384, 10, "bench"
 CANDIDATES = (10, 40, 60, 100, 200)
-DEFAULT_CANDIDATES = max(DEFAULT_MIN_CANDIDATES, 4 * 10)  # what the server fetches for k=10
+DEFAULT_CANDIDATES = default_candidates(K)  # what a search for k=10 fetches unless told
 FILTERS = {"10%": ("b10", 10), "1%": ("b100", 100)}
 CLIENTS = (1, 2, 4)
 BUILDS = ((16, 64), (16, 128), (24, 128), (16, 200))
@@ -130,6 +133,11 @@ async def load(uri: str, vectors: NDArray[np.float32]) -> tuple[float, float]:
 
 async def rebuild(uri: str, hnsw: HnswOptions) -> float:
     """Seconds to build the collection's index again with `hnsw` (the bulk load's build settings)."""
+    async with await AsyncConnection.connect(uri, autocommit=True) as conn:
+        await conn.execute(
+            "UPDATE collections SET hnsw_m = %s, hnsw_ef_construction = %s, hnsw_halfvec = %s WHERE name = %s",
+            (hnsw.m, hnsw.ef_construction, hnsw.halfvec, NAME),
+        )
     store = await Store.open(uri)
     try:
         info = await store.get_collection(NAME)
@@ -160,14 +168,14 @@ class Bench:
     async def recall(
         self, truth: list[set[int]], candidates: int, filters: list[dict[str, int]] | None = None
     ) -> tuple[float, float]:
-        """Recall@10 and the mean number of candidates returned."""
+        """Recall@10 and the mean number of hits returned."""
         hits = returned = 0
         for n, q in enumerate(self.queries[: len(truth)]):
-            found = await self.store.search_candidates(
-                NAME, q, candidates=candidates, filter=None if filters is None else filters[n]
+            found = await self.store.search(
+                NAME, q, k=K, candidates=candidates, filter=None if filters is None else filters[n]
             )
             returned += len(found)
-            hits += len({int(c.id[1:]) for c in found[:K]} & truth[n])
+            hits += len({int(c.id[1:]) for c in found} & truth[n])
         return hits / (K * len(truth)), returned / len(truth)
 
     async def qps(self, candidates: int, clients: int = 1, filters: list[dict[str, int]] | None = None) -> float:
@@ -175,8 +183,8 @@ class Bench:
 
         async def client(c: int) -> None:
             for n in range(c, len(self.queries), clients):
-                await self.store.search_candidates(
-                    NAME, self.queries[n], candidates=candidates, filter=None if filters is None else filters[n]
+                await self.store.search(
+                    NAME, self.queries[n], k=K, candidates=candidates, filter=None if filters is None else filters[n]
                 )
 
         runs = []
@@ -211,20 +219,44 @@ async def server_ms(uri: str, queries: NDArray[np.float32], candidates: int) -> 
         finally:
             await store.close()
         await conn.execute("SELECT set_config('hnsw.ef_search', %s, false)", (str(ef_search(candidates)),))
-        query = b"EXPLAIN (ANALYZE, FORMAT JSON) " + candidates_query(
-            info, filtered=False, max_distance=False
-        ).as_bytes(conn)
+        query = b"EXPLAIN (ANALYZE, FORMAT JSON) " + search_query(info, filtered=False, max_distance=False).as_bytes(
+            conn
+        )
         times = []
         for q in queries:
-            cur = await conn.execute(query, {"query": q, "limit": candidates})
+            cur = await conn.execute(query, {"query": q, "candidates": candidates, "k": K})
             row = await cur.fetchone()
             assert row is not None
             times.append(float(row[0][0]["Execution Time"]))
         return statistics.median(times)
 
 
+def exact_qps(vectors: NDArray[np.float32], queries: NDArray[np.float32]) -> dict[str, float]:
+    """Queries/s of exact brute force, one query at a time (the rows are unit vectors, so numpy needs no norms)."""
+
+    def numpy_top(q: NDArray[np.float32]) -> NDArray[np.intp]:
+        scores = vectors @ q
+        top = np.argpartition(-scores, K)[:K]
+        return top[np.argsort(-scores[top])]
+
+    rates = {}
+    for label, top in (("numpy", numpy_top), ("rust", lambda q: _native.topk_cosine(q[None, :], vectors, K)[0])):
+        top(queries[0])
+        started = time.perf_counter()
+        for q in queries:
+            top(q)
+        rates[label] = len(queries) / (time.perf_counter() - started)
+    return rates
+
+
 async def measure(
-    uri: str, vectors: NDArray[np.float32], queries: NDArray[np.float32], repeat: int, sweep: bool
+    uri: str,
+    vectors: NDArray[np.float32],
+    queries: NDArray[np.float32],
+    repeat: int,
+    sweep: bool,
+    *,
+    filters: bool = True,
 ) -> dict[str, Any]:
     n = len(vectors)
     truth = exact_top(vectors, queries, None)
@@ -235,7 +267,7 @@ async def measure(
         plain = [await bench.point(truth, c) for c in (CANDIDATES if sweep else (DEFAULT_CANDIDATES,))]
         default = next(r for r in plain if r["candidates"] == DEFAULT_CANDIDATES)
         filtered = {}
-        for label, (key, buckets) in FILTERS.items():
+        for label, (key, buckets) in FILTERS.items() if filters else ():
             filters = [{key: i % buckets} for i in range(len(queries))]
             rows_bucket = np.arange(n) % buckets
             truth_f = [
@@ -245,9 +277,11 @@ async def measure(
                 await bench.point(truth_f, c, filters) for c in (CANDIDATES if sweep else (DEFAULT_CANDIDATES,))
             ]
         concurrent = {str(c): await bench.qps(DEFAULT_CANDIDATES, c) for c in CLIENTS}
+        index_bytes = (await store.stats(NAME)).index_bytes
     finally:
         await store.close()
     return {
+        "index_bytes": index_bytes,
         "recall_at_10": default["recall_at_10"],
         "qps": default["qps"],
         "qps_by_clients": concurrent,
@@ -259,9 +293,12 @@ async def measure(
 
 async def run(uri: str, n: int, n_queries: int, data: str, repeat: int, builds: bool) -> dict[str, Any]:
     make = DATA[data][0]
-    vectors, queries = make(n, n, 0), make(n_queries, n, 1)
+    vectors, queries = make(n, n, 0).astype(np.float32), make(n_queries, n, 1).astype(np.float32)
     write_s, build_s = await load(uri, vectors)
     result = await measure(uri, vectors, queries, repeat, sweep=True)
+    exact = exact_qps(vectors, queries[:200])
+    half_build_s = await rebuild(uri, HnswOptions(halfvec=True))
+    half = await measure(uri, vectors, queries, repeat, sweep=True, filters=False)
     defaults = HnswOptions()
     default_f = {
         label: next(r for r in rows if r["candidates"] == DEFAULT_CANDIDATES)
@@ -276,6 +313,22 @@ async def run(uri: str, n: int, n_queries: int, data: str, repeat: int, builds: 
             for label, r in default_f.items()
         },
         "server_ms": result["server_ms"],
+        "index_bytes": result["index_bytes"],
+        "exact_qps": exact,
+        "ratios": {
+            "hnsw_vs_exact_numpy_qps": result["qps"] / exact["numpy"],
+            "hnsw_vs_exact_rust_qps": result["qps"] / exact["rust"],
+            "halfvec_vs_vector_index_bytes": half["index_bytes"] / result["index_bytes"],
+            "halfvec_vs_vector_qps": half["qps"] / result["qps"],
+        },
+        "halfvec": {
+            "recall_at_10": half["recall_at_10"],
+            "qps": half["qps"],
+            "qps_concurrent": half["qps_by_clients"],
+            "index_bytes": half["index_bytes"],
+            "index_build_s": half_build_s,
+            "sweep": half["sweep"],
+        },
         "sweep": result["sweep"],
         "sweep_filtered": result["filtered"],
         "params": {
@@ -290,7 +343,7 @@ async def run(uri: str, n: int, n_queries: int, data: str, repeat: int, builds: 
             "load_rows_per_s": n / write_s,
             "index_build_s": build_s,
             "repeat": repeat,
-            "client": "Store.search_candidates back to back; qps_concurrent: that many clients on one Store",
+            "client": "Store.search back to back; qps_concurrent: that many clients on one Store",
         },
     }
     if builds:
@@ -314,7 +367,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    curves = [("no filter", result["sweep"])] + [
+    curves = [("no filter", result["sweep"]), ("halfvec index, no filter", result["halfvec"]["sweep"])] + [
         (f"{label} filter", rows) for label, rows in result["sweep_filtered"].items()
     ]
     for label, sweep in curves:
@@ -352,16 +405,22 @@ def main() -> None:
         "--builds", action="store_true", help=f"also compare index builds (m, ef_construction) {BUILDS}"
     )
     parser.add_argument("--repeat", type=int, default=3, help="runs per QPS figure (median)")
+    parser.add_argument("--rows", type=int, help="collection size (default 100k; --quick 20k)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
     args = parser.parse_args()
     n, n_queries = (20_000, 200) if args.quick else (100_000, 500)
+    n = args.rows or n
     with tempfile.TemporaryDirectory(prefix="embedpool-bench-") as tmp, EmbeddedPostgres(Path(tmp) / "pg") as pg:
         result = anyio.run(run, pg.uri, n, n_queries, args.data, args.repeat, args.builds, backend="asyncio")
     params = result["params"]
     print(f"{n} x {DIM}, {params['data']}, {n_queries} queries, hnsw {params['hnsw']}")
     print(f"load {params['load_rows_per_s']:.0f} rows/s without the index, index build {params['index_build_s']:.1f} s")
     print(f"{'filter':<8}{'candidates':>11}{'ef_search':>10}{'recall@10':>10}{'returned':>9}{'qps':>9}")
-    for label, sweep in [("none", result["sweep"]), *result["sweep_filtered"].items()]:
+    for label, sweep in [
+        ("none", result["sweep"]),
+        ("halfvec", result["halfvec"]["sweep"]),
+        *result["sweep_filtered"].items(),
+    ]:
         for r in sweep:
             print(
                 f"{label:<8}{r['candidates']:>11}{r['ef_search']:>10}{r['recall_at_10']:>10.3f}{r['returned']:>9.1f}"
@@ -369,6 +428,16 @@ def main() -> None:
             )
     clients = ", ".join(f"{c} clients {q:.0f}" for c, q in result["qps_concurrent"].items())
     print(f"default search: qps {clients}; server execution {result['server_ms']:.2f} ms (median)")
+    half = result["halfvec"]
+    half_clients = ", ".join(f"{c} clients {q:.0f}" for c, q in half["qps_concurrent"].items())
+    print(
+        f"halfvec index: {half['index_bytes'] / 2**20:.0f} MiB vs {result['index_bytes'] / 2**20:.0f} MiB,"
+        f" build {half['index_build_s']:.1f} s; qps {half_clients}"
+    )
+    exact = result["exact_qps"]
+    print(f"exact brute force, one query at a time: numpy {exact['numpy']:.0f} qps, rust {exact['rust']:.0f} qps")
+    for key, ratio in result["ratios"].items():
+        print(f"{key:<34}{ratio:>8.2f}x")
     for b in result.get("builds", []):
         print(
             f"m={b['m']} ef_construction={b['ef_construction']}: build {b['build_s']:.1f} s,"

@@ -14,11 +14,14 @@ from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
 
-@pytest.fixture
-def collection(stub: pb_grpc.EmbedderStub) -> str:
+@pytest.fixture(params=["vector", "halfvec"])
+def collection(stub: pb_grpc.EmbedderStub, request: pytest.FixtureRequest) -> str:
+    """Every test here runs against both index types: float32, and half precision reranked exactly."""
     name = f"c_{uuid.uuid4().hex[:12]}"
-    created = stub.CreateCollection(pb.CreateCollectionRequest(name=name))
+    halfvec = request.param == "halfvec"
+    created = stub.CreateCollection(pb.CreateCollectionRequest(name=name, index=pb.IndexOptions(halfvec=halfvec)))
     assert (created.name, created.dim, created.count) == (name, 384, 0)
+    assert (created.index.m, created.index.ef_construction, created.index.halfvec) == (16, 64, halfvec)
     return name
 
 
@@ -91,3 +94,32 @@ def test_delete_and_drop(stub: pb_grpc.EmbedderStub, collection: str) -> None:
     with pytest.raises(grpc.RpcError) as err:
         stub.Search(pb.SearchRequest(collection=collection, text="one", k=1))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_index_options_round_trip_and_are_part_of_the_definition(stub: pb_grpc.EmbedderStub) -> None:
+    name = f"c_{uuid.uuid4().hex[:12]}"
+    options = pb.IndexOptions(m=8, ef_construction=32, halfvec=True)
+    created = stub.CreateCollection(pb.CreateCollectionRequest(name=name, index=options))
+    assert created.index == options
+    listed = {c.name: c for c in stub.ListCollections(pb.ListCollectionsRequest()).collections}
+    assert listed[name].index == options
+    assert stub.CreateCollection(pb.CreateCollectionRequest(name=name, index=options)).index == options
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateCollection(pb.CreateCollectionRequest(name=name))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and "halfvec=True" in (err.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (pb.IndexOptions(m=1), "m must be"),
+        (pb.IndexOptions(m=101), "m must be"),
+        (pb.IndexOptions(ef_construction=2000), "ef_construction must be"),
+        (pb.IndexOptions(m=64, ef_construction=100), "at least 2 * m"),
+    ],
+)
+def test_bad_index_options_are_invalid(stub: pb_grpc.EmbedderStub, options: pb.IndexOptions, message: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateCollection(pb.CreateCollectionRequest(name=f"c_{uuid.uuid4().hex[:12]}", index=options))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in (err.value.details() or "")

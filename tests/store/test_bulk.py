@@ -25,12 +25,12 @@ async def test_first_load_drops_then_builds_the_index(store: Store) -> None:
         for start in range(0, 500, 100):
             await store.upsert(name, rows(vectors[start : start + 100], start=start))
         # Searches still work meanwhile (exactly).
-        (first,) = await store.search_candidates(name, vectors[7], candidates=1)
+        (first,) = await store.search(name, vectors[7], k=1)
         assert first.id == "d7"
     stats = await store.stats(name)
     assert (stats.count, stats.indexed) == (500, True)
     assert stats.index_bytes > 8192
-    (first,) = await store.search_candidates(name, vectors[9], candidates=1)
+    (first,) = await store.search(name, vectors[9], k=1)
     assert first.id == "d9"
 
 

@@ -75,7 +75,7 @@ async def test_unknown_collection_is_not_found_everywhere(store: Store) -> None:
         lambda: store.get_collection(name),
         lambda: store.upsert(name, rows(unit_vectors(1, 4))),
         lambda: store.existing_hashes(name, ["a"]),
-        lambda: store.search_candidates(name, unit_vectors(1, 4)[0], candidates=3),
+        lambda: store.search(name, unit_vectors(1, 4)[0], k=3),
         lambda: store.delete(name, ["a"]),
         lambda: store.delete_where(name, {"a": 1}),
         lambda: store.stats(name),

@@ -55,7 +55,7 @@ async def test_stop_mid_batch_then_retry(postgres: EmbeddedPostgres) -> None:
         with pytest.raises(Unavailable):
             await store.upsert(name, second)
         with pytest.raises(Unavailable):
-            await store.search_candidates(name, first[0].embedding, candidates=5)
+            await store.search(name, first[0].embedding, k=5)
 
         postgres.start()
         # Nothing of the interrupted batch is visible: the first batch, unchanged.

@@ -59,7 +59,7 @@ async def _reset_sentinel(store: Store) -> None:
 
 
 async def _contents(store: Store, name: str) -> dict[str, tuple[str, dict[str, Any]]]:
-    found = await store.search_candidates(name, np.ones(DIM, np.float32), candidates=100)
+    found = await store.search(name, np.ones(DIM, np.float32), k=100)
     return {c.id: (c.text, c.metadata) for c in found}
 
 

@@ -8,7 +8,7 @@ from psycopg.types.json import Jsonb
 from embedpool.errors import InvalidArgument, NotFound
 from embedpool.store import EmbeddedPostgres, Store
 from embedpool.store._codec import configure_connection
-from embedpool.store.search import candidates_query, ef_search
+from embedpool.store.search import ef_search, search_query
 
 from .conftest import rows, unique_name, unit_vectors
 
@@ -52,7 +52,7 @@ async def corpus(postgres: EmbeddedPostgres) -> tuple[str, np.ndarray]:
 async def test_own_document_is_the_first_candidate(store: Store, corpus: tuple[str, np.ndarray]) -> None:
     name, vectors = corpus
     for i in (0, 17, 1999):
-        found = await store.search_candidates(name, vectors[i], candidates=10)
+        found = await store.search(name, vectors[i], k=10)
         assert len(found) == 10
         assert found[0].id == f"d{i}"
         assert found[0].distance == pytest.approx(0.0, abs=1e-5)
@@ -67,7 +67,7 @@ async def test_filter_fills_the_candidates_where_the_neighbourhood_does_not_matc
     nearest neighbours of the query: without an iterative scan the ef_search (40) nearest hold only the
     query's own document."""
     name, vectors = corpus
-    found = await store.search_candidates(name, vectors[0], candidates=30, filter={"kind": "common"})
+    found = await store.search(name, vectors[0], k=30, filter={"kind": "common"})
     assert len(found) == 30
     assert all(c.metadata["kind"] == "common" for c in found)
     assert found[0].id == "d0"
@@ -78,14 +78,14 @@ async def test_filter_fills_the_candidates_where_the_neighbourhood_does_not_matc
 
 async def test_selective_filter(store: Store, corpus: tuple[str, np.ndarray]) -> None:
     name, vectors = corpus
-    found = await store.search_candidates(name, vectors[1], candidates=200, filter={"kind": "cluster"})
+    found = await store.search(name, vectors[1], k=200, filter={"kind": "cluster"})
     assert len(found) == CLUSTER
     assert all(c.metadata["kind"] == "cluster" for c in found)
 
 
 async def test_max_distance_cuts_far_candidates(store: Store, corpus: tuple[str, np.ndarray]) -> None:
     name, vectors = corpus
-    found = await store.search_candidates(name, vectors[3], candidates=50, max_distance=0.5)
+    found = await store.search(name, vectors[3], k=50, max_distance=0.5)
     assert found and all(c.distance <= 0.5 for c in found)
     assert len(found) < 50
 
@@ -93,11 +93,11 @@ async def test_max_distance_cuts_far_candidates(store: Store, corpus: tuple[str,
 async def test_bad_queries_are_invalid(store: Store, corpus: tuple[str, np.ndarray]) -> None:
     name, vectors = corpus
     with pytest.raises(InvalidArgument, match="dim 32"):
-        await store.search_candidates(name, vectors[0][:8], candidates=5)
+        await store.search(name, vectors[0][:8], k=5)
     with pytest.raises(InvalidArgument):
-        await store.search_candidates(name, np.full(DIM, np.inf, np.float32), candidates=5)
+        await store.search(name, np.full(DIM, np.inf, np.float32), k=5)
     with pytest.raises(InvalidArgument):
-        await store.search_candidates(name, vectors[0], candidates=0)
+        await store.search(name, vectors[0], k=0)
 
 
 @pytest.mark.parametrize("filtered", [False, True])
@@ -106,10 +106,10 @@ async def test_plan_uses_the_collection_hnsw_index(
 ) -> None:
     name, vectors = corpus
     info = await store.get_collection(name)
-    params: dict[str, object] = {"collection": info.id, "query": vectors[0], "limit": 10}
+    params: dict[str, object] = {"query": vectors[0], "candidates": 40, "k": 10}
     if filtered:
         params["filter"] = Jsonb({"kind": "common"})  # the planner's choice depends on selectivity
-    query = candidates_query(info, filtered=filtered, max_distance=False)
+    query = search_query(info, filtered=filtered, max_distance=False)
     async with await AsyncConnection.connect(postgres.uri, autocommit=True) as conn:
         await configure_connection(conn)
         cur = await conn.execute(b"EXPLAIN " + query.as_bytes(conn), params, prepare=False)
@@ -129,8 +129,8 @@ async def test_generic_plan_uses_the_index_too(
     name, _ = corpus
     info = await store.get_collection(name)
     async with await AsyncConnection.connect(postgres.uri, autocommit=True) as conn:
-        text = candidates_query(info, filtered=False, max_distance=False).as_string(conn)
-        text = text.replace("%(query)s", "$1").replace("%(limit)s", "$2")
+        text = search_query(info, filtered=False, max_distance=False).as_string(conn)
+        text = text.replace("%(query)s", "$1").replace("%(candidates)s", "$2").replace("%(k)s", "$3")
         cur = await conn.execute(f"EXPLAIN (GENERIC_PLAN) {text}".encode(), prepare=False)
         plan = "\n".join(row[0] for row in await cur.fetchall())
     assert f"Index Scan using documents_c{info.id}_hnsw" in plan, plan
@@ -142,16 +142,16 @@ async def test_a_collection_recreated_by_another_client_is_looked_up_again(postg
     try:
         await other.create_collection(name, model="m", dim=DIM)
         await other.upsert(name, rows(vectors, tag="old"))
-        assert (await searcher.search_candidates(name, vectors[0], candidates=1))[0].text == "text 0 old"
+        assert (await searcher.search(name, vectors[0], k=1))[0].text == "text 0 old"
         await other.drop_collection(name)
         with pytest.raises(NotFound):
-            await searcher.search_candidates(name, vectors[0], candidates=1)
+            await searcher.search(name, vectors[0], k=1)
         await other.create_collection(name, model="m", dim=DIM)
         await other.upsert(name, rows(vectors, tag="new"))
-        assert (await searcher.search_candidates(name, vectors[0], candidates=1))[0].text == "text 0 new"
+        assert (await searcher.search(name, vectors[0], k=1))[0].text == "text 0 new"
         await other.drop_collection(name)
         await other.create_collection(name, model="m", dim=DIM)  # dropped and re-created between two searches
-        assert await searcher.search_candidates(name, vectors[0], candidates=1) == []
+        assert await searcher.search(name, vectors[0], k=1) == []
     finally:
         await searcher.close()
         await other.close()

@@ -68,7 +68,7 @@ async def test_selective_filter_returns_k_exact_hits(postgres: EmbeddedPostgres,
         await conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(f"documents_c{info.id}")))
     query = unit_vectors(1, DIM, seed=6)[0]
     for bucket in (3, 77):
-        found = await store.search_candidates(name, query, candidates=10, filter={"bucket": bucket})
+        found = await store.search(name, query, k=10, filter={"bucket": bucket})
         matching = np.arange(bucket, 3000, 100)
         exact = {f"d{i}" for i in matching[np.argsort(-(vectors[matching] @ query))[:10]]}
         assert {c.id for c in found} == exact
@@ -105,10 +105,10 @@ async def test_ten_percent_filter_returns_the_exact_top_k(
     queries = unit_vectors(20, DIM, seed=8)
     hits = 0
     for n, query in enumerate(queries):
-        found = await store.search_candidates(name, query, candidates=40, filter={"bucket": n % 10})
-        assert len(found) == 40 and all(c.metadata["bucket"] == n % 10 for c in found)
+        found = await store.search(name, query, k=10, candidates=40, filter={"bucket": n % 10})
+        assert len(found) == 10 and all(c.metadata["bucket"] == n % 10 for c in found)
         assert [c.distance for c in found] == sorted(c.distance for c in found)
-        top = {c.id for c in found[:10]}
+        top = {c.id for c in found}
         if path == "exact":
             assert top == _exact_top(vectors, query, n % 10, 10)
         hits += len(top & _exact_top(vectors, query, n % 10, 10))

@@ -21,7 +21,7 @@ async def collection(store: Store) -> str:
 
 async def _stored(store: Store, collection: str, n: int) -> dict[str, str]:
     """id -> text of everything in the collection (exact: `n` candidates from a tiny collection)."""
-    found = await store.search_candidates(collection, unit_vectors(1, DIM, seed=99)[0], candidates=n)
+    found = await store.search(collection, unit_vectors(1, DIM, seed=99)[0], k=n)
     return {c.id: c.text for c in found}
 
 
@@ -91,7 +91,7 @@ async def test_metadata_with_an_escaped_backslash_u0000_is_fine(store: Store, co
     meta = {"path": "C:\\u0000\\x"}  # a backslash, then the letters u0000: no NUL character
     result = await store.upsert(collection, [DocumentRow("a", "t", meta, b"h", unit_vectors(1, DIM)[0])])
     assert result.rejected == []
-    (only,) = await store.search_candidates(collection, unit_vectors(1, DIM)[0], candidates=1)
+    (only,) = await store.search(collection, unit_vectors(1, DIM)[0], k=1)
     assert only.metadata == meta
 
 

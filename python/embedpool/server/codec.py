@@ -9,7 +9,7 @@ from google.protobuf import json_format, struct_pb2
 from numpy.typing import NDArray
 
 from embedpool.errors import InvalidArgument
-from embedpool.store import CollectionInfo, UpsertResult
+from embedpool.store import CollectionInfo, HnswOptions, UpsertResult
 from embedpool.v1 import embedpool_pb2 as pb
 
 _LE_F32 = np.dtype("<f4")
@@ -44,4 +44,17 @@ def upsert_stats(result: UpsertResult) -> pb.UpsertStats:
 
 
 def collection_message(info: CollectionInfo) -> pb.Collection:
-    return pb.Collection(name=info.name, model=info.model, dim=info.dim, metric=info.metric, count=info.count or 0)
+    index = pb.IndexOptions(m=info.hnsw_m, ef_construction=info.hnsw_ef_construction, halfvec=info.hnsw_halfvec)
+    return pb.Collection(
+        name=info.name, model=info.model, dim=info.dim, metric=info.metric, count=info.count or 0, index=index
+    )
+
+
+def index_options(message: pb.IndexOptions) -> HnswOptions:
+    """The request's options, 0 meaning the default; InvalidArgument (from HnswOptions) when out of range."""
+    defaults = HnswOptions()
+    return HnswOptions(
+        m=message.m or defaults.m,
+        ef_construction=message.ef_construction or defaults.ef_construction,
+        halfvec=message.halfvec,
+    )

@@ -12,7 +12,7 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import class_row
 
 from embedpool.errors import AlreadyExists, InvalidArgument, NotFound
-from embedpool.store.records import CollectionInfo, CollectionStats
+from embedpool.store.records import CollectionInfo, CollectionStats, HnswOptions
 
 __all__ = [
     "MAX_DIM",
@@ -27,8 +27,9 @@ __all__ = [
     "drop_index_if_empty",
     "get",
     "has_index",
-    "hnsw_options",
+    "index_expression",
     "index_name",
+    "index_type",
     "list_all",
     "lookup",
     "partition_name",
@@ -44,37 +45,17 @@ class Metric:
     """How one metric is spelt in SQL: the distance operator and the HNSW operator class."""
 
     operator: sql.SQL
-    opclass: sql.SQL
+    opclass: str
+    """Without the type: vector_<opclass> or halfvec_<opclass>."""
 
 
 METRICS: Final = {
-    "cosine": Metric(sql.SQL("<=>"), sql.SQL("vector_cosine_ops")),
-    "l2": Metric(sql.SQL("<->"), sql.SQL("vector_l2_ops")),
-    "ip": Metric(sql.SQL("<#>"), sql.SQL("vector_ip_ops")),
+    "cosine": Metric(sql.SQL("<=>"), "cosine_ops"),
+    "l2": Metric(sql.SQL("<->"), "l2_ops"),
+    "ip": Metric(sql.SQL("<#>"), "ip_ops"),
 }
 
-_COLUMNS = sql.SQL("id, name, model, dim, metric, created_at")
-
-
-@dataclass(frozen=True, slots=True)
-class HnswOptions:
-    """How a collection's HNSW graph is built (pgvector's `m` and `ef_construction`).
-
-    The defaults are pgvector's, kept after measuring 100k x 384 low-rank data (bench/search.py --builds):
-    ef_construction 128 took 2.2x the build time for the same recall@10 (0.996) at ef_search 40; a larger
-    m makes a bigger graph and slower searches. Raise them for collections whose recall needs it.
-    """
-
-    m: int = 16
-    ef_construction: int = 64
-
-    def __post_init__(self) -> None:
-        # pgvector's own bounds, checked here so a bad value is the caller's InvalidArgument, not a CHECK error.
-        for field, value, low, high in (("m", self.m, 2, 100), ("ef_construction", self.ef_construction, 4, 1000)):
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise InvalidArgument(f"hnsw {field} must be an integer in {low}..{high}, got {value!r}")
-        if self.ef_construction < 2 * self.m:
-            raise InvalidArgument(f"hnsw ef_construction ({self.ef_construction}) must be at least 2 * m ({self.m})")
+_COLUMNS = sql.SQL("id, name, model, dim, metric, created_at, hnsw_m, hnsw_ef_construction, hnsw_halfvec")
 
 
 def partition_name(info: CollectionInfo) -> str:
@@ -112,25 +93,27 @@ async def create(
         raise InvalidArgument(f"dim must be an integer in 1..{MAX_DIM}, got {dim!r}")
     if metric not in METRICS:
         raise InvalidArgument(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+    if hnsw.halfvec and metric != "cosine":
+        raise InvalidArgument("a halfvec index needs metric 'cosine': its candidates are reranked by cosine")
     async with conn.transaction():
         cur = conn.cursor(row_factory=class_row(CollectionInfo))
         # ON CONFLICT makes a concurrent create of the same name wait for the first one, then see its row.
         await cur.execute(
             sql.SQL(
-                "INSERT INTO collections (name, model, dim, metric, hnsw_m, hnsw_ef_construction)"
-                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING {}"
+                "INSERT INTO collections (name, model, dim, metric, hnsw_m, hnsw_ef_construction, hnsw_halfvec)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING {}"
             ).format(_COLUMNS),
-            (name, model, dim, metric, hnsw.m, hnsw.ef_construction),
+            (name, model, dim, metric, hnsw.m, hnsw.ef_construction, hnsw.halfvec),
         )
         created = await cur.fetchone()
         if created is None:
             existing = await lookup(conn, name)
-            existing_hnsw = await hnsw_options(conn, existing)
+            existing_hnsw = existing.hnsw
             if (existing.model, existing.dim, existing.metric, existing_hnsw) != (model, dim, metric, hnsw):
                 raise AlreadyExists(
                     f"collection '{name}' already exists with model={existing.model!r}, dim={existing.dim},"
                     f" metric={existing.metric!r}, hnsw m={existing_hnsw.m},"
-                    f" ef_construction={existing_hnsw.ef_construction}"
+                    f" ef_construction={existing_hnsw.ef_construction}, halfvec={existing_hnsw.halfvec}"
                 )
             return existing
         await _create_partition(conn, created, hnsw)
@@ -148,26 +131,28 @@ async def _create_partition(conn: AsyncConnection[Any], info: CollectionInfo, hn
     await conn.execute(create_index_sql(info, hnsw))
 
 
+def index_type(info: CollectionInfo) -> str:
+    """The type the collection's HNSW index holds: `vector` (float32) or `halfvec`."""
+    return "halfvec" if info.hnsw_halfvec else "vector"
+
+
+def index_expression(info: CollectionInfo) -> sql.Composed:
+    """The indexed expression; a query's ORDER BY must spell it the same for the planner to use the index."""
+    return sql.SQL("(embedding::{type}({dim}))").format(type=sql.SQL(index_type(info)), dim=sql.Literal(info.dim))
+
+
 def create_index_sql(info: CollectionInfo, hnsw: HnswOptions) -> sql.Composed:
     return sql.SQL(
-        "CREATE INDEX IF NOT EXISTS {index} ON {part} USING hnsw ((embedding::vector({dim})) {opclass})"
+        "CREATE INDEX IF NOT EXISTS {index} ON {part} USING hnsw ({expression} {opclass})"
         " WITH (m = {m}, ef_construction = {ef_construction})"
     ).format(
         index=sql.Identifier(index_name(info)),
         part=sql.Identifier(partition_name(info)),
-        dim=sql.Literal(info.dim),
-        opclass=METRICS[info.metric].opclass,
+        expression=index_expression(info),
+        opclass=sql.SQL(f"{index_type(info)}_{METRICS[info.metric].opclass}"),
         m=sql.Literal(hnsw.m),
         ef_construction=sql.Literal(hnsw.ef_construction),
     )
-
-
-async def hnsw_options(conn: AsyncConnection[Any], info: CollectionInfo) -> HnswOptions:
-    cur = await conn.execute("SELECT hnsw_m, hnsw_ef_construction FROM collections WHERE id = %s", (info.id,))
-    row = await cur.fetchone()
-    if row is None:
-        raise NotFound(f"collection '{info.name}' does not exist")
-    return HnswOptions(m=row[0], ef_construction=row[1])
 
 
 async def has_index(conn: AsyncConnection[Any], info: CollectionInfo) -> bool:
@@ -205,7 +190,7 @@ async def build_index(
             await conn.execute(
                 "SELECT set_config('max_parallel_maintenance_workers', %s, true)", (str(parallel_workers),)
             )
-        await conn.execute(create_index_sql(info, await hnsw_options(conn, info)))
+        await conn.execute(create_index_sql(info, info.hnsw))
         await conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(partition_name(info))))
 
 
@@ -239,6 +224,7 @@ async def _with_counts(conn: AsyncConnection[Any], where: sql.SQL, params: tuple
     await cur.execute(
         sql.SQL(
             "SELECT c.id, c.name, c.model, c.dim, c.metric, c.created_at,"
+            " c.hnsw_m, c.hnsw_ef_construction, c.hnsw_halfvec,"
             " (SELECT count(*) FROM documents d WHERE d.collection_id = c.id) AS count"
             " FROM collections c {} ORDER BY c.name"
         ).format(where),

@@ -9,7 +9,35 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["Candidate", "CollectionInfo", "CollectionStats", "DocumentRow", "UpsertResult"]
+from embedpool.errors import InvalidArgument
+
+__all__ = ["CollectionInfo", "CollectionStats", "DocumentRow", "Hit", "HnswOptions", "UpsertResult"]
+
+
+@dataclass(frozen=True, slots=True)
+class HnswOptions:
+    """How a collection's HNSW graph is built (pgvector's `m` and `ef_construction`).
+
+    The defaults are pgvector's, kept after measuring 100k x 384 low-rank data (bench/search.py --builds):
+    ef_construction 128 took 2.2x the build time for the same recall@10 (0.996) at ef_search 40; a larger
+    m makes a bigger graph and slower searches. Raise them for collections whose recall needs it.
+    """
+
+    m: int = 16
+    ef_construction: int = 64
+    halfvec: bool = False
+    """Index half-precision copies of the vectors (embedding::halfvec): half the index size, so twice the rows
+    fit in memory; searches rerank the index's candidates exactly against the stored float32 vectors."""
+
+    def __post_init__(self) -> None:
+        # pgvector's own bounds, checked here so a bad value is the caller's InvalidArgument, not a CHECK error.
+        for name, value, low, high in (("m", self.m, 2, 100), ("ef_construction", self.ef_construction, 4, 1000)):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise InvalidArgument(f"hnsw {name} must be an integer in {low}..{high}, got {value!r}")
+        if self.ef_construction < 2 * self.m:
+            raise InvalidArgument(f"hnsw ef_construction ({self.ef_construction}) must be at least 2 * m ({self.m})")
+        if not isinstance(self.halfvec, bool):
+            raise InvalidArgument(f"hnsw halfvec must be a bool, got {self.halfvec!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,8 +48,15 @@ class CollectionInfo:
     dim: int
     metric: str
     created_at: dt.datetime
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 64
+    hnsw_halfvec: bool = False
     count: int | None = None
     """Documents stored; filled by list_collections (and get_collection), None where not counted."""
+
+    @property
+    def hnsw(self) -> HnswOptions:
+        return HnswOptions(self.hnsw_m, self.hnsw_ef_construction, self.hnsw_halfvec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +81,14 @@ class UpsertResult:
 
 
 @dataclass(frozen=True, slots=True)
-class Candidate:
+class Hit:
     id: str
     text: str
     metadata: dict[str, Any]
     embedding: NDArray[np.float32]
     distance: float
-    """Approximate-search distance in the collection's metric (cosine: 1 - cosine similarity)."""
+    """Exact distance to the query in the collection's metric (cosine: 1 - cosine similarity), computed on the
+    stored float32 vector."""
 
 
 @dataclass(frozen=True, slots=True)

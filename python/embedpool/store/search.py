@@ -1,4 +1,4 @@
-"""Approximate nearest candidates from a collection's HNSW index; the caller reranks them exactly.
+"""Search: candidates from a collection's HNSW index, reranked exactly, the top k with their documents.
 
 The query names the collection's partition (documents_c<id>), so the planner matches the ORDER BY
 expression (embedding::vector(dim)) to that partition's HNSW index without pruning at plan time, and an
@@ -6,6 +6,12 @@ unfiltered search can be prepared once per connection. A search is one statement
 a transaction: the HNSW settings are set on the connection only when they change (see _SETTINGS). The
 caller passes the collection's row (the Store caches it); a collection dropped meanwhile shows up as an
 undefined partition (UndefinedTable), on which the caller looks the name up again.
+
+The rerank depends on what the index holds. A `vector` index walks the graph on the stored float32 vectors,
+so the distances of its candidates are already exact: Postgres cuts them to the top k and only k rows travel
+(bench/search.py: 1.9x the queries/s of shipping all candidates for a rerank here, same recall). A `halfvec`
+index ranks by half-precision distances: only the candidates' ids and float32 vectors travel, the Rust
+extension reranks them exactly (`topk_cosine`), and a second statement fetches the top k's documents.
 """
 
 from __future__ import annotations
@@ -19,33 +25,38 @@ from numpy.typing import NDArray
 from psycopg import AsyncConnection, sql
 from psycopg.types.json import Jsonb
 
+from embedpool import _native
 from embedpool.errors import InvalidArgument
 from embedpool.store import collections
-from embedpool.store.records import Candidate, CollectionInfo
+from embedpool.store.records import CollectionInfo, Hit
 from embedpool.store.writer import json_object
 
 __all__ = [
+    "DEFAULT_MIN_CANDIDATES",
     "EXACT_MAX_ROWS",
     "MAX_CANDIDATES",
-    "candidates_query",
+    "default_candidates",
+    "documents_query",
     "ef_search",
     "filtered_ef_search",
-    "search_candidates",
+    "search",
+    "search_query",
 ]
 
 MAX_CANDIDATES: Final = 10_000
+# On 100k x 384 (bench/search.py) 100 candidates give recall@10 0.99; 40 give 0.98 at 1.3x the queries/s.
+DEFAULT_MIN_CANDIDATES: Final = 100
 _EF_MIN, _EF_MAX = 40, 1000  # 1000: pgvector's ceiling for hnsw.ef_search
-# A filter the planner expects to match at most this many rows is answered exactly (see search_candidates).
+# A filter the planner expects to match at most this many rows is answered exactly (see search).
 EXACT_MAX_ROWS: Final = 2000
 
 
 def ef_search(candidates: int) -> int:
     """The candidates asked for, at least 40, within pgvector's bounds.
 
-    The caller reranks the candidates exactly and keeps its top k (a quarter or less of them), so the
-    candidate list itself is the recall headroom: on 100k x 384 (bench/search.py) ef_search 40 for 40
-    candidates gives recall@10 >= 0.99 after the rerank, and doubling ef_search halves the queries/s for
-    less than half a point of recall. Below `candidates` the graph walk would return fewer rows than asked.
+    The search keeps the exact top k of the candidates (a quarter or less of them), so the candidate list
+    itself is the recall headroom: on 100k x 384 (bench/search.py) recall@10 is 0.98 at 40 and 0.99 at
+    100. Below `candidates` the graph walk would return fewer rows than asked.
     """
     return min(_EF_MAX, max(_EF_MIN, candidates))
 
@@ -64,18 +75,37 @@ def filtered_ef_search(candidates: int, matching: float, rows: float) -> int:
     return min(_EF_MAX, max(ef_search(candidates), math.ceil(_EF_MIN * rows / matching)))
 
 
-def candidates_query(info: CollectionInfo, *, filtered: bool, max_distance: bool, exact: bool = False) -> sql.Composed:
-    """The search SELECT. Parameters: [filter jsonb], query vector, limit, [max distance].
+def default_candidates(k: int) -> int:
+    """Candidates for a search that does not say: 4 * k, at least DEFAULT_MIN_CANDIDATES."""
+    return min(MAX_CANDIDATES, max(DEFAULT_MIN_CANDIDATES, 4 * k))
 
-    `exact` (filtered only): distances of every matching row, sorted; the OFFSET 0 fence keeps the ORDER BY
-    out of the subquery, so the HNSW index cannot serve it and the planner fetches the matches through the
-    GIN index on metadata (or a seq scan) and keeps the top `limit` in a heap sort.
+
+def search_query(info: CollectionInfo, *, filtered: bool, max_distance: bool, exact: bool = False) -> sql.Composed:
+    """The SELECT of a search. Parameters: [filter jsonb], query vector, candidates, k, [max distance].
+
+    Rows: id, text, metadata, embedding, distance, nearest first. The distance is always computed on the
+    stored float32 vector (exact); the ORDER BY that walks the graph spells the index expression.
+    - vector index: the `candidates` nearest rows of the walk, cut to the k nearest. The walk's distances are
+      the exact ones, so this is the exact rerank of the candidates, done where the rows are.
+    - halfvec index: the candidates' id, embedding and content hash only; the caller reranks them exactly and
+      fetches the top k's documents (`documents_query`).
+    - `exact` (filtered only): every matching row, sorted; the OFFSET 0 fence keeps the ORDER BY out of the
+      subquery, so the index cannot serve it and the planner fetches the matches through the GIN index on
+      metadata (or a seq scan) and keeps the top k in a heap sort.
     """
-    order_by = sql.SQL("(embedding::vector({dim})) {op} %(query)s").format(
-        dim=sql.Literal(info.dim), op=collections.METRICS[info.metric].operator
+    metric = collections.METRICS[info.metric]
+    exact_distance = sql.SQL("(embedding::vector({dim})) {op} %(query)s").format(
+        dim=sql.Literal(info.dim), op=metric.operator
+    )
+    walk = sql.SQL("{expression} {op} %(query)s::{type}({dim})").format(
+        expression=collections.index_expression(info),
+        op=metric.operator,
+        type=sql.SQL(collections.index_type(info)),
+        dim=sql.Literal(info.dim),
     )
     parts = {
-        "order_by": order_by,
+        "exact_distance": exact_distance,
+        "walk": walk,
         "partition": sql.Identifier(collections.partition_name(info)),
         "where": sql.SQL("WHERE metadata @> %(filter)s" if filtered else ""),
         "cut": sql.SQL("WHERE distance <= %(max_distance)s" if max_distance else ""),
@@ -83,31 +113,53 @@ def candidates_query(info: CollectionInfo, *, filtered: bool, max_distance: bool
     if exact and filtered:
         return sql.SQL(
             "SELECT id, text, metadata, embedding, distance FROM ("
-            "SELECT id, text, metadata, embedding, {order_by} AS distance FROM {partition} {where} OFFSET 0"
-            ") AS c {cut} ORDER BY distance LIMIT %(limit)s"
+            "SELECT id, text, metadata, embedding, {exact_distance} AS distance FROM {partition} {where} OFFSET 0"
+            ") AS c {cut} ORDER BY distance LIMIT %(k)s"
+        ).format(**parts)
+    if info.hnsw_halfvec:
+        return sql.SQL(
+            "SELECT id, embedding, content_hash FROM {partition} {where} ORDER BY {walk} LIMIT %(candidates)s"
         ).format(**parts)
     # The distance cut goes outside the LIMIT subquery: inside, the planner could not use the index order.
     # The outer ORDER BY restores exact order, which relaxed_order iterative scans do not guarantee.
     return sql.SQL(
         "SELECT id, text, metadata, embedding, distance FROM ("
-        "SELECT id, text, metadata, embedding, {order_by} AS distance FROM {partition} {where}"
-        " ORDER BY {order_by} LIMIT %(limit)s) AS c {cut} ORDER BY distance"
+        "SELECT id, text, metadata, embedding, {exact_distance} AS distance FROM {partition} {where}"
+        " ORDER BY {walk} LIMIT %(candidates)s) AS c {cut} ORDER BY distance LIMIT %(k)s"
     ).format(**parts)
 
 
-async def search_candidates(
+def documents_query(info: CollectionInfo) -> sql.Composed:
+    """Text, metadata and content hash of the rows with the given ids (parameter: ids text[])."""
+    return sql.SQL("SELECT id, text, metadata, content_hash FROM {} WHERE id = ANY(%s)").format(
+        sql.Identifier(collections.partition_name(info))
+    )
+
+
+def _count(value: object, what: str, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise InvalidArgument(f"{what} must be an integer in 1..{high}, got {value!r}")
+    return value
+
+
+async def search(
     conn: AsyncConnection[Any],
     info: CollectionInfo,
     query: NDArray[np.float32],
     *,
-    candidates: int,
+    k: int,
+    candidates: int | None = None,
     filter: dict[str, Any] | None = None,
     max_distance: float | None = None,
-) -> list[Candidate]:
-    """Up to `candidates` approximate nearest rows of `info`'s partition; UndefinedTable if it was dropped."""
-    if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= MAX_CANDIDATES:
-        raise InvalidArgument(f"candidates must be an integer in 1..{MAX_CANDIDATES}, got {candidates!r}")
-    params: dict[str, Any] = {"limit": candidates, "query": _query_vector(query, info)}
+) -> list[Hit]:
+    """The k nearest documents of `info`'s partition among `candidates` from its HNSW index, nearest first,
+    with exact distances; UndefinedTable if the partition was dropped."""
+    _count(k, "k", MAX_CANDIDATES)
+    candidates = max(
+        k, default_candidates(k) if candidates is None else _count(candidates, "candidates", MAX_CANDIDATES)
+    )
+    vector = _query_vector(query, info)
+    params: dict[str, Any] = {"k": k, "candidates": candidates, "query": vector}
     if filter:
         json_object(filter, "filter")
         params["filter"] = Jsonb(filter)
@@ -123,20 +175,50 @@ async def search_candidates(
         # a graph walk that would have to pass ~candidates/selectivity rows. More: walk the graph with
         # ef_search scaled by the selectivity (filtered_ef_search). 100k x 384: exact over 1% (1k rows) is
         # fast, over 10% (10k rows, every heap page) ~3x slower than the scaled walk.
-        matching, rows = await _estimate(conn, info, params["filter"])
+        matching, total = await _estimate(conn, info, params["filter"])
         exact = matching <= EXACT_MAX_ROWS
-        ef = filtered_ef_search(candidates, matching, rows)
+        ef = filtered_ef_search(candidates, matching, total)
     # Without an iterative scan the index yields at most ef_search rows, and a selective filter then leaves
     # fewer than asked. relaxed_order keeps scanning the graph until enough rows pass (pgvector >= 0.8).
     iterative = "relaxed_order" if "filter" in params or candidates > ef else "off"
-    query_sql = candidates_query(info, filtered="filter" in params, max_distance=max_distance is not None, exact=exact)
-    if _settings.get(conn) != (ef, iterative):
+    if not exact and _settings.get(conn) != (ef, iterative):
         await conn.execute(_SETTINGS, (str(ef), iterative))
         _settings[conn] = (ef, iterative)
+    query_sql = search_query(info, filtered="filter" in params, max_distance=max_distance is not None, exact=exact)
     # Unfiltered searches are prepared (psycopg does so after a few executions). A filtered one is planned per
     # call: a generic plan cannot see the filter's selectivity, and guesses a seq scan for any filter.
     cur = await conn.cursor(binary=True).execute(query_sql, params, prepare=False if "filter" in params else None)
-    return [Candidate(*row) for row in await cur.fetchall()]
+    rows = await cur.fetchall()
+    if exact or not info.hnsw_halfvec:
+        return [Hit(*row) for row in rows]
+    return await _rerank(conn, info, vector, rows, k, max_distance)
+
+
+async def _rerank(
+    conn: AsyncConnection[Any],
+    info: CollectionInfo,
+    query: NDArray[np.float32],
+    candidates: list[tuple[Any, ...]],
+    k: int,
+    max_distance: float | None,
+) -> list[Hit]:
+    """The exact top k of a halfvec index's candidates (id, float32 embedding, content hash), with their
+    documents. A candidate changed or deleted between the two statements is left out rather than returned
+    with a text its vector does not belong to."""
+    if not candidates:
+        return []
+    order, scores = _native.topk_cosine(query[None, :], np.stack([row[1] for row in candidates]), k)
+    top = [(candidates[j], 1.0 - score) for j, score in zip(order[0].tolist(), scores[0].tolist(), strict=True)]
+    if max_distance is not None:
+        top = [(row, distance) for row, distance in top if distance <= max_distance]
+    cur = await conn.cursor(binary=True).execute(documents_query(info), ([row[0] for row, _ in top],))
+    documents = {doc_id: (text, metadata, digest) for doc_id, text, metadata, digest in await cur.fetchall()}
+    hits = []
+    for (doc_id, embedding, digest), distance in top:
+        document = documents.get(doc_id)
+        if document is not None and bytes(document[2]) == bytes(digest):
+            hits.append(Hit(doc_id, document[0], document[1], embedding, distance))
+    return hits
 
 
 # Session settings, not SET LOCAL: a search is then one statement with no transaction around it, and a

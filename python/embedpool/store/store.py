@@ -18,7 +18,7 @@ from embedpool.store import collections, search, writer
 from embedpool.store._codec import configure_connection
 from embedpool.store.collections import HnswOptions
 from embedpool.store.migrations import migrate_up
-from embedpool.store.records import Candidate, CollectionInfo, CollectionStats, DocumentRow, UpsertResult
+from embedpool.store.records import CollectionInfo, CollectionStats, DocumentRow, Hit, UpsertResult
 
 __all__ = ["Store"]
 
@@ -96,7 +96,7 @@ class Store:
 
     async def hnsw_options(self, name: str) -> HnswOptions:
         async with self._connection() as conn:
-            return await collections.hnsw_options(conn, await collections.lookup(conn, name))
+            return (await collections.lookup(conn, name)).hnsw
 
     async def get_collection(self, name: str) -> CollectionInfo:
         """With its document count; NotFound when missing."""
@@ -158,22 +158,25 @@ class Store:
         async with self._connection() as conn:
             return await writer.existing_hashes(conn, collection, ids)
 
-    async def search_candidates(
+    async def search(
         self,
         collection: str,
         query: NDArray[np.float32],
         *,
-        candidates: int,
+        k: int,
+        candidates: int | None = None,
         filter: dict[str, Any] | None = None,
         max_distance: float | None = None,
-    ) -> list[Candidate]:
-        """Up to `candidates` approximate nearest documents, nearest first (metadata @> filter when given)."""
+    ) -> list[Hit]:
+        """The k nearest documents, nearest first, with exact distances: the exact top k of `candidates`
+        (default: search.default_candidates(k)) approximate ones from the HNSW index; metadata @> filter
+        when given; none farther than `max_distance`."""
         async with self._connection() as conn:
             for attempt in (1, 2):
                 info = self._infos.get(collection) or await self._lookup(conn, collection)
                 try:
-                    return await search.search_candidates(
-                        conn, info, query, candidates=candidates, filter=filter, max_distance=max_distance
+                    return await search.search(
+                        conn, info, query, k=k, candidates=candidates, filter=filter, max_distance=max_distance
                     )
                 except psycopg.errors.UndefinedTable:
                     # Dropped (perhaps re-created) by another client since we cached it: look the name up again.

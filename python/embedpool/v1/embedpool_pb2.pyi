@@ -401,20 +401,58 @@ class CreateCollectionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """1..63 characters: letters, digits, '_', '-', '.'."""
+    @_builtins.property
+    def index(self) -> Global___IndexOptions:
+        """How the collection's HNSW index is built; unset fields take the defaults. Creating an existing name
+        again is accepted only with the same options (ALREADY_EXISTS otherwise).
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        index: Global___IndexOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateCollectionRequest: _TypeAlias = CreateCollectionRequest  # noqa: Y015
+
+@_typing.final
+class IndexOptions(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    M_FIELD_NUMBER: _builtins.int
+    EF_CONSTRUCTION_FIELD_NUMBER: _builtins.int
+    HALFVEC_FIELD_NUMBER: _builtins.int
+    m: _builtins.int
+    """pgvector's m (links per node), 2..100; 0 = 16."""
+    ef_construction: _builtins.int
+    """Candidate list size while building, 4..1000 and at least 2 * m; 0 = 64."""
+    halfvec: _builtins.bool
+    """Index half-precision copies of the vectors (pgvector halfvec): half the index memory, so twice the
+    documents stay cached. The stored vectors stay float32, and searches rerank exactly against them.
+    """
+    def __init__(
+        self,
+        *,
+        m: _builtins.int = ...,
+        ef_construction: _builtins.int = ...,
+        halfvec: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ef_construction", b"ef_construction", "halfvec", b"halfvec", "m", b"m"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IndexOptions: _TypeAlias = IndexOptions  # noqa: Y015
 
 @_typing.final
 class Collection(_message.Message):
@@ -425,11 +463,16 @@ class Collection(_message.Message):
     DIM_FIELD_NUMBER: _builtins.int
     METRIC_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     model: _builtins.str
     dim: _builtins.int
     metric: _builtins.str
     count: _builtins.int
+    @_builtins.property
+    def index(self) -> Global___IndexOptions:
+        """The options the index was built with (defaults filled in)."""
+
     def __init__(
         self,
         *,
@@ -438,10 +481,11 @@ class Collection(_message.Message):
         dim: _builtins.int = ...,
         metric: _builtins.str = ...,
         count: _builtins.int = ...,
+        index: Global___IndexOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "dim", b"dim", "metric", b"metric", "model", b"model", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "dim", b"dim", "index", b"index", "metric", b"metric", "model", b"model", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
