@@ -18,8 +18,9 @@ from psycopg import AsyncConnection
 
 __all__ = ["MIGRATIONS_DIR", "Migration", "applied_versions", "discover", "migrate_down", "migrate_up"]
 
-# The repository's migrations/ directory (this file is python/embedpool/store/migrations.py).
-MIGRATIONS_DIR = Path(__file__).resolve().parents[3] / "migrations"
+# Shipped inside the package (embedpool/migrations), so an installed wheel finds them; the repository's
+# top-level migrations/ is a link to it.
+MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 # Any constant works; it only has to be the same for every runner. (The bytes of "embedpool".)
 _LOCK_KEY = 0x656D626564706F6F
 _FILE = re.compile(r"^(\d{4})_(\w+)\.(up|down)\.sql$")
