@@ -8,7 +8,8 @@ the same run measures the baselines:
 - raw ONNX Runtime on the very model file the service uses: pre-tokenized, length-sorted batches of 256,
   warmed up — so the ratio measures serving overhead honestly;
 - raw ONNX Runtime on the fp32 graph (the CPU goal is stated against it);
-- sentence-transformers, where it is installed.
+- sentence-transformers, where it is importable (or from --baseline-site DIR, e.g. `pip install --target DIR
+  sentence-transformers`, which keeps torch out of .venv).
 Prints a table, writes DIR/serve.json and DIR/serve.png (throughput and p99 vs concurrency).
 """
 
@@ -195,7 +196,15 @@ def main() -> None:
     parser.add_argument("--per-request", type=int, default=32, help="documents per Embed request")
     parser.add_argument("--seconds", type=float, default=None, help="duration of each level")
     parser.add_argument("--server-arg", action="append", default=[], help="extra `embedpool serve` argument")
+    parser.add_argument(
+        "--baseline-site",
+        type=Path,
+        help="a directory with sentence-transformers and torch (pip install --target DIR ...), appended to this"
+        " process's sys.path for the baseline only: the project's own packages still win, and .venv stays torch-free",
+    )
     args = parser.parse_args()
+    if args.baseline_site:
+        sys.path.append(str(args.baseline_site.resolve()))
     args.device = args.device or pick_device("auto")
     cuda = args.device == "cuda"
     bundle = prepare(Settings())

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import anyio
 import pytest
 from psycopg import AsyncConnection
 
+import embedpool
 from embedpool.store import EmbeddedPostgres
-from embedpool.store.migrations import applied_versions, discover, migrate_down, migrate_up
+from embedpool.store.migrations import MIGRATIONS_DIR, applied_versions, discover, migrate_down, migrate_up
 
 pytestmark = pytest.mark.anyio
 
@@ -13,6 +16,15 @@ pytestmark = pytest.mark.anyio
 async def _tables(conn: AsyncConnection[object]) -> set[str]:
     cur = await conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
     return {row[0] for row in await cur.fetchall()}
+
+
+def test_migrations_ship_inside_the_package() -> None:
+    """A wheel carries the package directory only: the SQL must live there (the top-level folder links to it)."""
+    package = Path(embedpool.__file__).resolve().parent
+    assert MIGRATIONS_DIR.is_relative_to(package)
+    assert [m.version for m in discover()] == list(range(1, len(discover()) + 1))
+    top_level = package.parents[1] / "migrations"
+    assert top_level.resolve() == MIGRATIONS_DIR
 
 
 async def test_up_down_up(postgres: EmbeddedPostgres) -> None:
