@@ -224,7 +224,7 @@ async def server_ms(uri: str, queries: NDArray[np.float32], candidates: int) -> 
         )
         times = []
         for q in queries:
-            cur = await conn.execute(query, {"query": q, "candidates": candidates, "k": K})
+            cur = await conn.execute(query, {"query": q, "fetch": K, "k": K})  # an unfiltered walk fetches k
             row = await cur.fetchone()
             assert row is not None
             times.append(float(row[0][0]["Execution Time"]))

@@ -49,7 +49,7 @@ async def test_halfvec_index_is_built_on_the_half_precision_expression(
         assert row is not None and f"halfvec({DIM})" in row[0] and "halfvec_cosine_ops" in row[0]
         await configure_connection(conn)
         query = search.search_query(info, filtered=False, max_distance=False)
-        params = {"query": vectors[0], "candidates": 40, "k": 10}
+        params = {"query": vectors[0], "fetch": 40, "k": 10}
         cur = await conn.execute(b"EXPLAIN " + query.as_bytes(conn), params, prepare=False)
         plan = "\n".join(r[0] for r in await cur.fetchall())
     assert f"Index Scan using {index_name(info)}" in plan, plan
@@ -106,7 +106,7 @@ async def test_a_candidate_changed_between_rerank_and_fetch_is_left_out(
         await configure_connection(conn)
         cur = await conn.cursor(binary=True).execute(
             search.search_query(info, filtered=False, max_distance=False),
-            {"query": vectors[3], "candidates": 10, "k": 3},
+            {"query": vectors[3], "fetch": 10, "k": 3},
         )
         candidates = await cur.fetchall()
         await store.upsert(name, rows(vectors[3:4], start=3, tag="v2"))

@@ -106,7 +106,7 @@ async def test_plan_uses_the_collection_hnsw_index(
 ) -> None:
     name, vectors = corpus
     info = await store.get_collection(name)
-    params: dict[str, object] = {"query": vectors[0], "candidates": 40, "k": 10}
+    params: dict[str, object] = {"query": vectors[0], "fetch": 40, "k": 10}
     if filtered:
         params["filter"] = Jsonb({"kind": "common"})  # the planner's choice depends on selectivity
     query = search_query(info, filtered=filtered, max_distance=False)
@@ -130,7 +130,7 @@ async def test_generic_plan_uses_the_index_too(
     info = await store.get_collection(name)
     async with await AsyncConnection.connect(postgres.uri, autocommit=True) as conn:
         text = search_query(info, filtered=False, max_distance=False).as_string(conn)
-        text = text.replace("%(query)s", "$1").replace("%(candidates)s", "$2").replace("%(k)s", "$3")
+        text = text.replace("%(query)s", "$1").replace("%(fetch)s", "$2").replace("%(k)s", "$3")
         cur = await conn.execute(f"EXPLAIN (GENERIC_PLAN) {text}".encode(), prepare=False)
         plan = "\n".join(row[0] for row in await cur.fetchall())
     assert f"Index Scan using documents_c{info.id}_hnsw" in plan, plan

@@ -81,14 +81,15 @@ def default_candidates(k: int) -> int:
 
 
 def search_query(info: CollectionInfo, *, filtered: bool, max_distance: bool, exact: bool = False) -> sql.Composed:
-    """The SELECT of a search. Parameters: [filter jsonb], query vector, candidates, k, [max distance].
+    """The SELECT of a search. Parameters: [filter jsonb], query vector, fetch, k, [max distance].
 
     Rows: id, text, metadata, embedding, distance, nearest first. The distance is always computed on the
     stored float32 vector (exact); the ORDER BY that walks the graph spells the index expression.
-    - vector index: the `candidates` nearest rows of the walk, cut to the k nearest. The walk's distances are
-      the exact ones, so this is the exact rerank of the candidates, done where the rows are.
-    - halfvec index: the candidates' id, embedding and content hash only; the caller reranks them exactly and
-      fetches the top k's documents (`documents_query`).
+    - vector index: the `fetch` nearest rows of the walk, cut to the k nearest. The walk's distances are the
+      exact ones, so this is the exact rerank of its candidates, done where the rows are. Without a filter or
+      an iterative scan the walk yields its ef_search candidates already in exact order, and `fetch` = k.
+    - halfvec index: the `fetch` candidates' id, embedding and content hash only; the caller reranks them
+      exactly and fetches the top k's documents (`documents_query`).
     - `exact` (filtered only): every matching row, sorted; the OFFSET 0 fence keeps the ORDER BY out of the
       subquery, so the index cannot serve it and the planner fetches the matches through the GIN index on
       metadata (or a seq scan) and keeps the top k in a heap sort.
@@ -118,14 +119,14 @@ def search_query(info: CollectionInfo, *, filtered: bool, max_distance: bool, ex
         ).format(**parts)
     if info.hnsw_halfvec:
         return sql.SQL(
-            "SELECT id, embedding, content_hash FROM {partition} {where} ORDER BY {walk} LIMIT %(candidates)s"
+            "SELECT id, embedding, content_hash FROM {partition} {where} ORDER BY {walk} LIMIT %(fetch)s"
         ).format(**parts)
     # The distance cut goes outside the LIMIT subquery: inside, the planner could not use the index order.
     # The outer ORDER BY restores exact order, which relaxed_order iterative scans do not guarantee.
     return sql.SQL(
         "SELECT id, text, metadata, embedding, distance FROM ("
         "SELECT id, text, metadata, embedding, {exact_distance} AS distance FROM {partition} {where}"
-        " ORDER BY {walk} LIMIT %(candidates)s) AS c {cut} ORDER BY distance LIMIT %(k)s"
+        " ORDER BY {walk} LIMIT %(fetch)s) AS c {cut} ORDER BY distance LIMIT %(k)s"
     ).format(**parts)
 
 
@@ -159,7 +160,7 @@ async def search(
         k, default_candidates(k) if candidates is None else _count(candidates, "candidates", MAX_CANDIDATES)
     )
     vector = _query_vector(query, info)
-    params: dict[str, Any] = {"k": k, "candidates": candidates, "query": vector}
+    params: dict[str, Any] = {"k": k, "query": vector}
     if filter:
         json_object(filter, "filter")
         params["filter"] = Jsonb(filter)
@@ -181,6 +182,8 @@ async def search(
     # Without an iterative scan the index yields at most ef_search rows, and a selective filter then leaves
     # fewer than asked. relaxed_order keeps scanning the graph until enough rows pass (pgvector >= 0.8).
     iterative = "relaxed_order" if "filter" in params or candidates > ef else "off"
+    straight = iterative == "off" and not info.hnsw_halfvec  # the walk's first k rows are the exact top k
+    params["fetch"] = k if straight else candidates
     if not exact and _settings.get(conn) != (ef, iterative):
         await conn.execute(_SETTINGS, (str(ef), iterative))
         _settings[conn] = (ef, iterative)
