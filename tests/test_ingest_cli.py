@@ -99,3 +99,21 @@ def test_a_bad_line_names_its_place(tmp_path: Path) -> None:
     source.write_text('{"text": "fine"}\n{"text": 3}\n')
     with pytest.raises(SourceError, match=r"bad.jsonl, byte 17: 'text' must be a non-empty string"):
         list(read_source(source))
+
+
+def test_index_options_create_a_halfvec_collection_and_none_keep_an_existing_one(tmp_path: Path, target: str) -> None:
+    source = _jsonl(tmp_path / "docs.jsonl", n=40)
+    half = pb.IndexOptions(halfvec=True)
+    run_ingest(target, "ingest-half", source, batch_size=16, progress=False, index=half)
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.EmbedderStub(channel)
+        listed = {c.name: c for c in stub.ListCollections(pb.ListCollectionsRequest()).collections}
+        assert listed["ingest-half"].index.halfvec and listed["ingest-half"].count == 40
+        hits = stub.Search(pb.SearchRequest(collection="ingest-half", text="passage number 5 about topic 5", k=1)).hits
+        assert hits[0].text == "passage number 5 about topic 5"
+    # No options: the existing halfvec collection is used as it is; options that differ are refused.
+    again = run_ingest(target, "ingest-half", source, batch_size=16, progress=False)
+    assert (again.inserted, again.updated) == (0, 0)
+    with pytest.raises(grpc.RpcError) as err:
+        run_ingest(target, "ingest-half", source, progress=False, index=pb.IndexOptions(m=8))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS

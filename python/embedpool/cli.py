@@ -8,12 +8,16 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
 from embedpool import config
 from embedpool.errors import EmbedpoolError
 from embedpool.logs import configure
+
+if TYPE_CHECKING:
+    from embedpool.v1 import embedpool_pb2 as pb
 
 
 async def _serve(settings: config.Settings) -> None:
@@ -69,6 +73,15 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_options(args: argparse.Namespace) -> pb.IndexOptions | None:
+    """IndexOptions from the ingest flags, or None when none was given (use the collection as it is)."""
+    from embedpool.v1 import embedpool_pb2 as pb  # the CLI imports grpc code lazily
+
+    if not (args.hnsw_m or args.hnsw_ef_construction or args.halfvec):
+        return None
+    return pb.IndexOptions(m=args.hnsw_m, ef_construction=args.hnsw_ef_construction, halfvec=args.halfvec)
+
+
 def _cmd_ingest(args: argparse.Namespace) -> int:
     import grpc
 
@@ -82,6 +95,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             resume=not args.restart,
             create=not args.no_create,
+            index=_index_options(args),
             progress=not args.quiet,
             state_dir=Path(args.state_dir) if args.state_dir else None,
         )
@@ -155,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--batch-size", type=int, default=256)
     ingest.add_argument("--restart", action="store_true", help="ignore the checkpoint and start from the top")
     ingest.add_argument("--no-create", action="store_true", help="fail unless the collection exists")
+    ingest.add_argument("--hnsw-m", type=int, default=0, help="new collection's HNSW m (0: default 16)")
+    ingest.add_argument(
+        "--hnsw-ef-construction", type=int, default=0, help="new collection's HNSW ef_construction (0: default 64)"
+    )
+    ingest.add_argument(
+        "--halfvec", action="store_true", help="new collection indexes half-precision vectors (reranked exactly)"
+    )
     ingest.add_argument("--state-dir", help="where the checkpoint goes (default: next to the source)")
     ingest.add_argument("--quiet", action="store_true", help="no progress bar")
     ingest.set_defaults(func=_cmd_ingest)

@@ -216,6 +216,7 @@ def run_ingest(
     batch_size: int = 256,
     resume: bool = True,
     create: bool = True,
+    index: pb.IndexOptions | None = None,
     progress: bool = True,
     window: int = 4,
     state_dir: Path | None = None,
@@ -224,7 +225,8 @@ def run_ingest(
     """Ingest `source` into `collection` of the server at `target` (host:port); see the module docstring.
 
     `resume`: continue after the last batch an earlier run had acknowledged (its checkpoint file); False
-    starts from the beginning. `create`: create the collection first (idempotent). `window`: batches in
+    starts from the beginning. `create`: create the collection first (idempotent), with `index` options
+    (None: an existing collection is used as it is, a new one gets the defaults). `window`: batches in
     flight. `on_ack` sees each acknowledgement after it is checkpointed; what it raises ends the run.
     The checkpoint is removed once everything is acknowledged.
     """
@@ -244,7 +246,7 @@ def run_ingest(
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.EmbedderStub(channel)
         if create:
-            stub.CreateCollection(pb.CreateCollectionRequest(name=collection))
+            _create(stub, collection, index)
         total = _count(source, checkpoint.position) if progress else None
         with tqdm(total=total, unit="doc", disable=not progress, dynamic_ncols=True, smoothing=0.1) as bar:
             checkpoint = _stream(stub, checkpoint, source, batch_size, window, summary, bar, checkpoint_file, on_ack)
@@ -252,6 +254,15 @@ def run_ingest(
     with contextlib.suppress(FileNotFoundError):
         checkpoint_file.unlink()
     return summary
+
+
+def _create(stub: pb_grpc.EmbedderStub, collection: str, index: pb.IndexOptions | None) -> None:
+    try:
+        stub.CreateCollection(pb.CreateCollectionRequest(name=collection, index=index))
+    except grpc.RpcError as e:
+        # Options not asked for: a collection that exists with its own is what the caller wants.
+        if index is not None or e.code() != grpc.StatusCode.ALREADY_EXISTS:
+            raise
 
 
 def _stream(

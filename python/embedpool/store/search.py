@@ -16,6 +16,7 @@ extension reranks them exactly (`topk_cosine`), and a second statement fetches t
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from typing import Any, Final
@@ -130,6 +131,12 @@ def search_query(info: CollectionInfo, *, filtered: bool, max_distance: bool, ex
     ).format(**parts)
 
 
+@functools.lru_cache(maxsize=1024)
+def _search_sql(info: CollectionInfo, *, filtered: bool, max_distance: bool, exact: bool) -> bytes:
+    """search_query as bytes, composed once per collection and shape: composing costs ~0.1 ms, a search ~2."""
+    return search_query(info, filtered=filtered, max_distance=max_distance, exact=exact).as_bytes(None)
+
+
 def documents_query(info: CollectionInfo) -> sql.Composed:
     """Text, metadata and content hash of the rows with the given ids (parameter: ids text[])."""
     return sql.SQL("SELECT id, text, metadata, content_hash FROM {} WHERE id = ANY(%s)").format(
@@ -187,7 +194,7 @@ async def search(
     if not exact and _settings.get(conn) != (ef, iterative):
         await conn.execute(_SETTINGS, (str(ef), iterative))
         _settings[conn] = (ef, iterative)
-    query_sql = search_query(info, filtered="filter" in params, max_distance=max_distance is not None, exact=exact)
+    query_sql = _search_sql(info, filtered="filter" in params, max_distance=max_distance is not None, exact=exact)
     # Unfiltered searches are prepared (psycopg does so after a few executions). A filtered one is planned per
     # call: a generic plan cannot see the filter's selectivity, and guesses a seq scan for any filter.
     cur = await conn.cursor(binary=True).execute(query_sql, params, prepare=False if "filter" in params else None)
