@@ -79,14 +79,22 @@ def test_stream_without_a_known_collection_is_refused(
 
 
 def test_later_batch_wins_for_a_repeated_id(stub: pb_grpc.EmbedderStub, collection: str) -> None:
-    """Batches are embedded concurrently but stored in stream order, so the last version of an id is kept."""
+    """Batches are embedded and stored concurrently, but one that shares an id with an earlier batch still in
+    flight waits for it, so the last version of an id is kept. Earlier batches are the larger ones here: had
+    they not been waited for, a later, smaller batch would commit first and be overwritten."""
     versions = [f"version {v} of the same document, with some words" for v in range(6)]
-    stream = [
-        pb.IngestRequest(collection=collection, batch_id=0, documents=[pb.Document(id="same", text=versions[0])]),
-        *(pb.IngestRequest(batch_id=v, documents=[pb.Document(id="same", text=versions[v])]) for v in range(1, 6)),
-    ]
-    acks = list(stub.Ingest(iter(stream), timeout=60))
+
+    def batch(v: int) -> pb.IngestRequest:
+        filler = [pb.Document(id=f"v{v}-{i}", text=f"filler {i} of batch {v}") for i in range(60 - 10 * v)]
+        return pb.IngestRequest(
+            collection=collection if v == 0 else "",
+            batch_id=v,
+            documents=[*filler, pb.Document(id="same", text=versions[v])],
+        )
+
+    acks = list(stub.Ingest((batch(v) for v in range(6)), timeout=60))
     assert [a.batch_id for a in acks] == list(range(6))
+    assert [a.upsert.inserted + a.upsert.updated for a in acks] == [61 - 10 * v for v in range(6)]
     hits = stub.Search(pb.SearchRequest(collection=collection, text=versions[5], k=1)).hits
     assert (hits[0].id, hits[0].text) == ("same", versions[5])
-    assert _count(stub, collection) == 1
+    assert _count(stub, collection) == 1 + sum(60 - 10 * v for v in range(6))

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import grpc.aio
 import numpy as np
-from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectSendStream
 from numpy.typing import NDArray
 
 from embedpool.engine import ServingModel
@@ -26,8 +24,9 @@ from embedpool.server.codec import (
     unpack_vector,
     upsert_stats,
 )
+from embedpool.server.ingest_stream import run_ingest
 from embedpool.server.rpc import rpc
-from embedpool.server.writes import DocumentWriter, EmbeddedBatch
+from embedpool.server.writes import DocumentWriter, EmbeddedBatch, WriteOutcome
 from embedpool.store import Store
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
@@ -38,35 +37,6 @@ Context = grpc.aio.ServicerContext[Any, Any]
 def _deadline(context: Context) -> float:
     remaining = context.time_remaining()
     return math.inf if remaining is None else anyio.current_time() + remaining
-
-
-INGEST_WINDOW = 4  # batches of one Ingest stream being embedded or stored at once
-
-
-class _Pending:
-    """One Ingest batch being embedded: started eagerly, awaited (and then stored) in stream order."""
-
-    def __init__(self) -> None:
-        self._done = anyio.Event()
-        self._batch: EmbeddedBatch | None = None
-        self._error: BaseException | None = None
-
-    async def run(
-        self, writer: DocumentWriter, collection: str, docs: Sequence[pb.Document], truncate: bool, deadline: float
-    ) -> None:
-        try:
-            self._batch = await writer.embed(collection, docs, truncate=truncate, deadline=deadline, want_vectors=False)
-        except Exception as exc:  # re-raised in stream order by result(), where the rpc wrapper maps it
-            self._error = exc
-        finally:
-            self._done.set()
-
-    async def result(self) -> EmbeddedBatch:
-        await self._done.wait()
-        if self._error is not None:
-            raise self._error
-        assert self._batch is not None
-        return self._batch
 
 
 class EmbedderServicer(pb_grpc.EmbedderServicer):
@@ -112,49 +82,38 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     async def Ingest(  # type: ignore[override]  # grpc.aio streams replies with context.write as well as yield
         self, request_iterator: AsyncIterator[pb.IngestRequest], context: Context
     ) -> None:
-        """Embeds the next batches while one is being stored; stores and acks in order. The bounded channel holds
-        at most `INGEST_WINDOW` batches, so a fast client is held back by gRPC flow control, not server memory."""
+        """Embeds ahead, stores concurrently, acknowledges in order: see embedpool.server.ingest_stream."""
         deadline = _deadline(context)
-        send, receive = anyio.create_memory_object_stream[tuple[pb.IngestRequest, _Pending]](INGEST_WINDOW)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._ingest_reader, request_iterator, send, deadline, tg)
-            async with receive:
-                async for request, pending in receive:
-                    # Stored one at a time, in stream order: a later batch's row for an id wins, as sent.
-                    outcome = await self._writer.store(await pending.result())
-                    await context.write(
-                        pb.IngestAck(
-                            batch_id=request.batch_id,
-                            upsert=upsert_stats(outcome.upsert),
-                            skipped_unchanged=outcome.skipped_unchanged,
-                            rejected=outcome.rejected,
-                            ids=outcome.ids,
-                        )
-                    )
-
-    async def _ingest_reader(
-        self,
-        requests: AsyncIterator[pb.IngestRequest],
-        send: MemoryObjectSendStream[tuple[pb.IngestRequest, _Pending]],
-        deadline: float,
-        tg: TaskGroup,
-    ) -> None:
         collection = ""
-        async with send:
-            async for request in requests:
-                collection = collection or request.collection
-                if not collection:
-                    raise InvalidArgument("collection: the first message must name the collection")
-                if request.collection and request.collection != collection:
-                    raise InvalidArgument(
-                        f"collection: stream is for {collection!r}, batch names {request.collection!r}"
-                    )
-                validation.ingest_batch(request, self._limits)
-                await self._check_collection(collection)
-                pending = _Pending()
-                truncate = request.truncate if request.HasField("truncate") else True
-                tg.start_soon(pending.run, self._writer, collection, request.documents, truncate, deadline)
-                await send.send((request, pending))
+
+        async def check(request: pb.IngestRequest) -> None:
+            nonlocal collection
+            collection = collection or request.collection
+            if not collection:
+                raise InvalidArgument("collection: the first message must name the collection")
+            if request.collection and request.collection != collection:
+                raise InvalidArgument(f"collection: stream is for {collection!r}, batch names {request.collection!r}")
+            validation.ingest_batch(request, self._limits)
+            await self._check_collection(collection)
+
+        async def embed(request: pb.IngestRequest) -> EmbeddedBatch:
+            truncate = request.truncate if request.HasField("truncate") else True
+            return await self._writer.embed(
+                collection, request.documents, truncate=truncate, deadline=deadline, want_vectors=False
+            )
+
+        async def ack(request: pb.IngestRequest, outcome: WriteOutcome) -> None:
+            await context.write(
+                pb.IngestAck(
+                    batch_id=request.batch_id,
+                    upsert=upsert_stats(outcome.upsert),
+                    skipped_unchanged=outcome.skipped_unchanged,
+                    rejected=outcome.rejected,
+                    ids=outcome.ids,
+                )
+            )
+
+        await run_ingest(request_iterator, check, embed, self._writer.store, ack)
 
     @rpc
     async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:

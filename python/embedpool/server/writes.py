@@ -55,7 +55,7 @@ class EmbeddedBatch:
 
 
 class DocumentWriter:
-    """Writes in two steps so a stream can embed batch n+1 while batch n is stored, yet store in order."""
+    """Writes in two steps, so that a stream embeds its next batches while earlier ones are stored."""
 
     def __init__(self, pool: EmbeddingPool, store: Store, model: ServingModel) -> None:
         self._pool = pool

@@ -1,0 +1,146 @@
+"""The Ingest RPC's pipeline: batches are embedded ahead, stored concurrently, and acknowledged in order.
+
+    reader ──(INGEST_WINDOW embedding)──> storer ──(INGEST_STORES storing)──> acker ──> client
+
+- Embedding: each batch starts embedding as soon as it is read; at most INGEST_WINDOW are read ahead, so a
+  fast client is held back by gRPC flow control, not server memory.
+- Storing: up to INGEST_STORES batches are written at once, each in its own transaction on its own pooled
+  connection (one COPY stream keeps one Postgres backend busy; bench/ingest.py `writer_fresh_2_streams`).
+  A batch that shares an id with an earlier batch still in flight waits for it, so the later row of an id
+  is the one stored, as sent.
+- Acknowledging: strictly in stream order, each after its batch committed. A batch may commit before an
+  earlier one fails; it is then not acknowledged, and the client's resend of it changes nothing (unchanged
+  rows are skipped), so the store ends as if every batch ran exactly once.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Final, Generic, TypeVar
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from embedpool.server.writes import EmbeddedBatch, WriteOutcome
+from embedpool.v1 import embedpool_pb2 as pb
+
+__all__ = ["INGEST_STORES", "INGEST_WINDOW", "run_ingest"]
+
+INGEST_WINDOW: Final = 4  # batches of one stream read ahead and being embedded
+INGEST_STORES: Final = 2  # batches of one stream being stored at once
+
+
+T = TypeVar("T")
+
+
+class _Future(Generic[T]):
+    """A result set once by one task and awaited by another; an exception is re-raised where awaited."""
+
+    def __init__(self) -> None:
+        self._done = anyio.Event()
+        self._value: T | None = None
+        self._error: Exception | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    async def settle(self, work: Callable[[], Awaitable[T]]) -> None:
+        try:
+            self._value = await work()
+        except Exception as exc:  # re-raised in stream order by result(), where the rpc wrapper maps it
+            self._error = exc
+        finally:
+            self._done.set()
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+    async def result(self) -> T:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
+
+
+class _Storing:
+    """One batch on its way into the store."""
+
+    def __init__(self, batch: EmbeddedBatch) -> None:
+        self.ids = frozenset(batch.ids)
+        self.outcome = _Future[WriteOutcome]()
+
+    async def run(
+        self, store: Store, batch: EmbeddedBatch, earlier: Sequence[_Storing], slots: anyio.Semaphore
+    ) -> None:
+        async def stored() -> WriteOutcome:
+            for other in earlier:
+                if not self.ids.isdisjoint(other.ids):
+                    await other.outcome.wait()  # its rows for our ids must land first
+            async with slots:
+                return await store(batch)
+
+        await self.outcome.settle(stored)
+
+
+Check = Callable[[pb.IngestRequest], Awaitable[None]]
+Embed = Callable[[pb.IngestRequest], Awaitable[EmbeddedBatch]]
+Store = Callable[[EmbeddedBatch], Awaitable[WriteOutcome]]
+Ack = Callable[[pb.IngestRequest, WriteOutcome], Awaitable[None]]
+
+
+async def run_ingest(
+    requests: AsyncIterator[pb.IngestRequest], check: Check, embed: Embed, store: Store, ack: Ack
+) -> None:
+    """Drive one Ingest stream: `check` validates each request as it is read (raising ends the stream),
+    `embed` embeds one, `store` writes one embedded batch, `ack` sends one acknowledgement. The first error,
+    in stream order, ends the stream (raised in an ExceptionGroup)."""
+    embedded_send, embedded_receive = anyio.create_memory_object_stream[
+        tuple[pb.IngestRequest, _Future[EmbeddedBatch]]
+    ](INGEST_WINDOW)
+    stored_send, stored_receive = anyio.create_memory_object_stream[tuple[pb.IngestRequest, _Storing]](INGEST_STORES)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_read, requests, check, embed, embedded_send, tg)
+        tg.start_soon(_acknowledge, stored_receive, ack)
+        await _store(embedded_receive, store, stored_send, tg)
+
+
+async def _read(
+    requests: AsyncIterator[pb.IngestRequest],
+    check: Check,
+    embed: Embed,
+    send: MemoryObjectSendStream[tuple[pb.IngestRequest, _Future[EmbeddedBatch]]],
+    tg: TaskGroup,
+) -> None:
+    async with send:
+        async for request in requests:
+            await check(request)
+            embedded = _Future[EmbeddedBatch]()
+            tg.start_soon(embedded.settle, functools.partial(embed, request))
+            await send.send((request, embedded))
+
+
+async def _store(
+    receive: MemoryObjectReceiveStream[tuple[pb.IngestRequest, _Future[EmbeddedBatch]]],
+    store: Store,
+    send: MemoryObjectSendStream[tuple[pb.IngestRequest, _Storing]],
+    tg: TaskGroup,
+) -> None:
+    slots = anyio.Semaphore(INGEST_STORES)
+    in_flight: list[_Storing] = []
+    async with receive, send:
+        async for request, embedded in receive:
+            batch = await embedded.result()
+            storing = _Storing(batch)
+            tg.start_soon(storing.run, store, batch, list(in_flight), slots)
+            in_flight = [s for s in in_flight if not s.outcome.done] + [storing]
+            await send.send((request, storing))
+
+
+async def _acknowledge(receive: MemoryObjectReceiveStream[tuple[pb.IngestRequest, _Storing]], ack: Ack) -> None:
+    async with receive:
+        async for request, storing in receive:
+            await ack(request, await storing.outcome.result())
