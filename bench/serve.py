@@ -43,6 +43,7 @@ from embedpool import _native
 from embedpool.config import Settings
 from embedpool.engine import pick_device, prepare, serving_variant
 from embedpool.model import ModelBundle
+from embedpool.model.session import load_cuda_libraries
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
@@ -51,6 +52,8 @@ def raw_engine(bundle: ModelBundle, variant: str, device: str, texts: list[str],
     """The engine loop a user would write: ORT session, tokenized up front, length-sorted batches of 256."""
     import onnxruntime as ort
 
+    if device == "cuda":
+        load_cuda_libraries()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnxruntime as ort
+import pytest
+
+from embedpool import engine as engine_module
 from embedpool.config import Settings
-from embedpool.engine import cpu_has_vnni, load_engine, serving_variant
+from embedpool.engine import cpu_has_vnni, load_engine, pick_device, serving_variant
 from embedpool.model import load_model_dir
 
 
@@ -21,3 +25,20 @@ def test_engine_reports_the_variant_it_serves(model_dir: Path) -> None:
     assert engine.model.device == "cpu"
     assert engine.model.variant == ("int8" if cpu_has_vnni() else "fp32_opt")
     assert engine.settings.max_batch_tokens == 8192 and engine.pad_multiple == 16
+
+
+@pytest.mark.parametrize(
+    ("providers", "gpu", "device"),
+    [
+        (["CPUExecutionProvider"], False, "cpu"),
+        (["CUDAExecutionProvider", "CPUExecutionProvider"], False, "cpu"),  # onnxruntime-gpu on a CPU box
+        (["CUDAExecutionProvider", "CPUExecutionProvider"], True, "cuda"),
+    ],
+)
+def test_auto_device_needs_the_cuda_provider_and_a_gpu(
+    monkeypatch: pytest.MonkeyPatch, providers: list[str], gpu: bool, device: str
+) -> None:
+    monkeypatch.setattr(ort, "get_available_providers", lambda: providers)
+    monkeypatch.setattr(engine_module, "_has_nvidia_gpu", lambda: gpu)
+    assert pick_device("auto") == device
+    assert (pick_device("cpu"), pick_device("cuda")) == ("cpu", "cuda")  # asked for: no second-guessing

@@ -47,10 +47,17 @@ class Engine:
 
 
 def pick_device(requested: str) -> Device:
-    available = ort.get_available_providers()
-    if requested == "cuda" or (requested == "auto" and "CUDAExecutionProvider" in available):
+    """`auto`: cuda where ONNX Runtime has the CUDA EP and an NVIDIA GPU is present (onnxruntime-gpu lists the
+    EP on machines without one too)."""
+    if requested == "cuda":
+        return "cuda"
+    if requested == "auto" and "CUDAExecutionProvider" in ort.get_available_providers() and _has_nvidia_gpu():
         return "cuda"
     return "cpu"
+
+
+def _has_nvidia_gpu() -> bool:
+    return any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 def cpu_has_vnni() -> bool:

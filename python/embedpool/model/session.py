@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import numpy as np
@@ -28,6 +29,18 @@ def _resolve_variant(bundle: ModelBundle, variant: VariantChoice, device: Device
     if variant not in bundle.onnx:
         raise NotFound(f"model {bundle.config.name} has no {variant!r} variant (has {sorted(bundle.onnx)})")
     return variant
+
+
+@functools.cache
+def load_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of the nvidia-* wheels before the first CUDA session.
+
+    onnxruntime-gpu does not link them from its own wheel: without this, the CUDA EP fails to load where the
+    libraries come from pip packages rather than the system path, and ORT would run on its CPU fallback
+    (which the session then refuses). A no-op before ORT 1.21, which has no preload_dlls."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        preload()
 
 
 def _session_options(intra_op_threads: int) -> ort.SessionOptions:
@@ -57,6 +70,8 @@ class EmbeddingSession:
         self._variant = _resolve_variant(bundle, variant, device)
         self._device: Device = device
         providers = [_PROVIDERS[device], "CPUExecutionProvider"] if device == "cuda" else [_PROVIDERS[device]]
+        if device == "cuda":
+            load_cuda_libraries()
         try:
             self._session = ort.InferenceSession(
                 str(bundle.onnx[self._variant]), _session_options(intra_op_threads), providers=providers
