@@ -96,6 +96,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
             resume=not args.restart,
             create=not args.no_create,
             index=_index_options(args),
+            bulk=not args.no_bulk,
             progress=not args.quiet,
             state_dir=Path(args.state_dir) if args.state_dir else None,
         )
@@ -175,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ingest.add_argument(
         "--halfvec", action="store_true", help="new collection indexes half-precision vectors (reranked exactly)"
+    )
+    ingest.add_argument(
+        "--no-bulk",
+        action="store_true",
+        help="grow the HNSW graph row by row even when the collection is empty (default: load it without the"
+        " index and build the index at the end)",
     )
     ingest.add_argument("--state-dir", help="where the checkpoint goes (default: next to the source)")
     ingest.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -217,6 +217,7 @@ def run_ingest(
     resume: bool = True,
     create: bool = True,
     index: pb.IndexOptions | None = None,
+    bulk: bool = True,
     progress: bool = True,
     window: int = 4,
     state_dir: Path | None = None,
@@ -226,7 +227,8 @@ def run_ingest(
 
     `resume`: continue after the last batch an earlier run had acknowledged (its checkpoint file); False
     starts from the beginning. `create`: create the collection first (idempotent), with `index` options
-    (None: an existing collection is used as it is, a new one gets the defaults). `window`: batches in
+    (None: an existing collection is used as it is, a new one gets the defaults). `bulk`: an empty collection
+    is loaded without its HNSW index, which the server builds when the stream ends. `window`: batches in
     flight. `on_ack` sees each acknowledgement after it is checkpointed; what it raises ends the run.
     The checkpoint is removed once everything is acknowledged.
     """
@@ -249,7 +251,9 @@ def run_ingest(
             _create(stub, collection, index)
         total = _count(source, checkpoint.position) if progress else None
         with tqdm(total=total, unit="doc", disable=not progress, dynamic_ncols=True, smoothing=0.1) as bar:
-            checkpoint = _stream(stub, checkpoint, source, batch_size, window, summary, bar, checkpoint_file, on_ack)
+            checkpoint = _stream(
+                stub, checkpoint, source, batch_size, window, summary, bar, checkpoint_file, on_ack, bulk=bulk
+            )
     summary.elapsed_s = time.perf_counter() - started
     with contextlib.suppress(FileNotFoundError):
         checkpoint_file.unlink()
@@ -275,6 +279,8 @@ def _stream(
     bar: tqdm[Any],
     checkpoint_file: Path,
     on_ack: Callable[[pb.IngestAck], None] | None,
+    *,
+    bulk: bool,
 ) -> _Checkpoint:
     """Send every batch, record every acknowledgement; the last checkpoint."""
     slots = threading.BoundedSemaphore(window)
@@ -294,7 +300,9 @@ def _stream(
             batch_id += 1
             with sent_lock:
                 sent[batch_id] = (batch[-1].end, len(batch))
-            yield _request(collection=checkpoint.collection, batch_id=batch_id, batch=batch)
+            request = _request(collection=checkpoint.collection, batch_id=batch_id, batch=batch)
+            request.bulk = bulk and batch_id == checkpoint.batch_id + 1  # the first message carries it
+            yield request
 
     acked: dict[int, tuple[int, int]] = {}
     acks = stub.Ingest(requests())

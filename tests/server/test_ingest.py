@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import queue
 import uuid
 from collections.abc import Iterator
 
+import anyio
 import grpc
 import pytest
 
+from embedpool.server.app import Running
+from embedpool.store import Store
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
@@ -98,3 +102,39 @@ def test_later_batch_wins_for_a_repeated_id(stub: pb_grpc.EmbedderStub, collecti
     hits = stub.Search(pb.SearchRequest(collection=collection, text=versions[5], k=1)).hits
     assert (hits[0].id, hits[0].text) == ("same", versions[5])
     assert _count(stub, collection) == 1 + sum(60 - 10 * v for v in range(6))
+
+
+def _indexed(server: Running, collection: str) -> bool:
+    async def stats() -> bool:
+        store = await Store.open(server.database_url, max_size=1)
+        try:
+            return (await store.stats(collection)).indexed
+        finally:
+            await store.close()
+
+    return anyio.run(stats, backend="asyncio")
+
+
+def test_bulk_stream_loads_without_the_index_and_builds_it_at_the_end(
+    stub: pb_grpc.EmbedderStub, collection: str, server: Running
+) -> None:
+    outbox: queue.Queue[pb.IngestRequest | None] = queue.Queue()
+    batches = list(_batches(collection, 3, 10))
+    batches[0].bulk = True
+    acks = stub.Ingest(iter(outbox.get, None), timeout=120)
+    outbox.put(batches[0])
+    assert next(acks).batch_id == 0
+    assert not _indexed(server, collection)  # the empty collection's index was dropped for the load
+    for batch in batches[1:]:
+        outbox.put(batch)
+    outbox.put(None)
+    assert [a.batch_id for a in acks] == [1, 2]  # the stream ends once the index is built
+    assert _indexed(server, collection)
+    hits = stub.Search(pb.SearchRequest(collection=collection, text="batch 2 document 4 about subject 4", k=1)).hits
+    assert hits[0].id == "d2-4"
+
+    # A collection that has documents keeps its index: bulk changes nothing there.
+    more = list(_batches(collection, 5, 10, start=3))
+    more[0].bulk = True
+    assert [a.upsert.inserted for a in stub.Ingest(iter(more), timeout=120)] == [10, 10]
+    assert _indexed(server, collection) and _count(stub, collection) == 50

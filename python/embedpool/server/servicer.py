@@ -113,7 +113,22 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                 )
             )
 
-        await run_ingest(request_iterator, check, embed, self._writer.store, ack)
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None:
+            return
+
+        async def stream() -> AsyncIterator[pb.IngestRequest]:
+            yield first
+            async for request in requests:
+                yield request
+
+        if not first.bulk:
+            await run_ingest(stream(), check, embed, self._writer.store, ack)
+            return
+        validation.collection_name(first.collection)
+        async with self._store.bulk_load(first.collection):
+            await run_ingest(stream(), check, embed, self._writer.store, ack)
 
     @rpc
     async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:

@@ -7,6 +7,7 @@ import math
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import anyio
 import numpy as np
 import psycopg
 from numpy.typing import NDArray
@@ -132,9 +133,11 @@ class Store:
             yield bulk
         finally:
             if bulk:
-                await self.build_index(
-                    collection, maintenance_work_mem=maintenance_work_mem, parallel_workers=parallel_workers
-                )
+                # Shielded: a cancelled load (a client gone, a shutdown) must not leave the collection unindexed.
+                with anyio.CancelScope(shield=True):
+                    await self.build_index(
+                        collection, maintenance_work_mem=maintenance_work_mem, parallel_workers=parallel_workers
+                    )
 
     async def build_index(
         self, collection: str, *, maintenance_work_mem: str | None = None, parallel_workers: int | None = None

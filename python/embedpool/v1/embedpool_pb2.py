@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65mbedpool/v1/embedpool.proto\x12\x0c\x65mbedpool.v1\x1a\x1cgoogle/protobuf/struct.proto\"O\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x87\x01\n\x0c\x45mbedRequest\x12)\n\tdocuments\x18\x01 \x03(\x0b\x32\x16.embedpool.v1.Document\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x15\n\x08truncate\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x0cskip_vectors\x18\x04 \x01(\x08\x42\x0b\n\t_truncate\"\xbc\x01\n\rEmbedResponse\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\x0f\n\x07vectors\x18\x02 \x03(\x0c\x12\x0b\n\x03ids\x18\x03 \x03(\t\x12\x14\n\x0ctoken_counts\x18\x04 \x03(\r\x12)\n\x06upsert\x18\x05 \x01(\x0b\x32\x19.embedpool.v1.UpsertStats\x12\r\n\x05model\x18\x06 \x01(\t\x12\x30\n\x08rejected\x18\x07 \x03(\x0b\x32\x1e.embedpool.v1.RejectedDocument\"=\n\x10RejectedDocument\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x84\x01\n\rIngestRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\x04\x12)\n\tdocuments\x18\x03 \x03(\x0b\x32\x16.embedpool.v1.Document\x12\x15\n\x08truncate\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x0b\n\t_truncate\"\xa2\x01\n\tIngestAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12)\n\x06upsert\x18\x02 \x01(\x0b\x32\x19.embedpool.v1.UpsertStats\x12\x19\n\x11skipped_unchanged\x18\x03 \x01(\r\x12\x30\n\x08rejected\x18\x04 \x03(\x0b\x32\x1e.embedpool.v1.RejectedDocument\x12\x0b\n\x03ids\x18\x05 \x03(\t\"C\n\x0bUpsertStats\x12\x10\n\x08inserted\x18\x01 \x01(\r\x12\x0f\n\x07updated\x18\x02 \x01(\r\x12\x11\n\tunchanged\x18\x03 \x01(\r\"\xd5\x01\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x10\n\x06vector\x18\x03 \x01(\x0cH\x00\x12\t\n\x01k\x18\x04 \x01(\r\x12\'\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ncandidates\x18\x06 \x01(\r\x12\x16\n\tmin_score\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\x0finclude_vectors\x18\x08 \x01(\x08\x42\x07\n\x05queryB\x0c\n\n_min_score\"o\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06vector\x18\x05 \x01(\x0c\"7\n\x0eSearchResponse\x12%\n\x04hits\x18\x01 \x03(\x0b\x32\x17.embedpool.v1.SearchHit\"R\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x05index\x18\x02 \x01(\x0b\x32\x1a.embedpool.v1.IndexOptions\"C\n\x0cIndexOptions\x12\t\n\x01m\x18\x01 \x01(\r\x12\x17\n\x0f\x65\x66_construction\x18\x02 \x01(\r\x12\x0f\n\x07halfvec\x18\x03 \x01(\x08\"\x80\x01\n\nCollection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\x0e\n\x06metric\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\x04\x12)\n\x05index\x18\x06 \x01(\x0b\x32\x1a.embedpool.v1.IndexOptions\"\x18\n\x16ListCollectionsRequest\"H\n\x17ListCollectionsResponse\x12-\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x18.embedpool.v1.Collection\"%\n\x15\x44ropCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44ropCollectionResponse\"9\n\x16\x44\x65leteDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"*\n\x17\x44\x65leteDocumentsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"\x15\n\x13GetModelInfoRequest\"\x80\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0f\n\x07pooling\x18\x06 \x01(\t\x12\x12\n\nnormalized\x18\x07 \x01(\x08\x32\x93\x05\n\x08\x45mbedder\x12@\n\x05\x45mbed\x12\x1a.embedpool.v1.EmbedRequest\x1a\x1b.embedpool.v1.EmbedResponse\x12\x42\n\x06Ingest\x12\x1b.embedpool.v1.IngestRequest\x1a\x17.embedpool.v1.IngestAck(\x01\x30\x01\x12\x43\n\x06Search\x12\x1b.embedpool.v1.SearchRequest\x1a\x1c.embedpool.v1.SearchResponse\x12S\n\x10\x43reateCollection\x12%.embedpool.v1.CreateCollectionRequest\x1a\x18.embedpool.v1.Collection\x12^\n\x0fListCollections\x12$.embedpool.v1.ListCollectionsRequest\x1a%.embedpool.v1.ListCollectionsResponse\x12[\n\x0e\x44ropCollection\x12#.embedpool.v1.DropCollectionRequest\x1a$.embedpool.v1.DropCollectionResponse\x12^\n\x0f\x44\x65leteDocuments\x12$.embedpool.v1.DeleteDocumentsRequest\x1a%.embedpool.v1.DeleteDocumentsResponse\x12J\n\x0cGetModelInfo\x12!.embedpool.v1.GetModelInfoRequest\x1a\x17.embedpool.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65mbedpool/v1/embedpool.proto\x12\x0c\x65mbedpool.v1\x1a\x1cgoogle/protobuf/struct.proto\"O\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x87\x01\n\x0c\x45mbedRequest\x12)\n\tdocuments\x18\x01 \x03(\x0b\x32\x16.embedpool.v1.Document\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x15\n\x08truncate\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x0cskip_vectors\x18\x04 \x01(\x08\x42\x0b\n\t_truncate\"\xbc\x01\n\rEmbedResponse\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\x0f\n\x07vectors\x18\x02 \x03(\x0c\x12\x0b\n\x03ids\x18\x03 \x03(\t\x12\x14\n\x0ctoken_counts\x18\x04 \x03(\r\x12)\n\x06upsert\x18\x05 \x01(\x0b\x32\x19.embedpool.v1.UpsertStats\x12\r\n\x05model\x18\x06 \x01(\t\x12\x30\n\x08rejected\x18\x07 \x03(\x0b\x32\x1e.embedpool.v1.RejectedDocument\"=\n\x10RejectedDocument\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x92\x01\n\rIngestRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\x04\x12)\n\tdocuments\x18\x03 \x03(\x0b\x32\x16.embedpool.v1.Document\x12\x15\n\x08truncate\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x0c\n\x04\x62ulk\x18\x05 \x01(\x08\x42\x0b\n\t_truncate\"\xa2\x01\n\tIngestAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12)\n\x06upsert\x18\x02 \x01(\x0b\x32\x19.embedpool.v1.UpsertStats\x12\x19\n\x11skipped_unchanged\x18\x03 \x01(\r\x12\x30\n\x08rejected\x18\x04 \x03(\x0b\x32\x1e.embedpool.v1.RejectedDocument\x12\x0b\n\x03ids\x18\x05 \x03(\t\"C\n\x0bUpsertStats\x12\x10\n\x08inserted\x18\x01 \x01(\r\x12\x0f\n\x07updated\x18\x02 \x01(\r\x12\x11\n\tunchanged\x18\x03 \x01(\r\"\xd5\x01\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x10\n\x06vector\x18\x03 \x01(\x0cH\x00\x12\t\n\x01k\x18\x04 \x01(\r\x12\'\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ncandidates\x18\x06 \x01(\r\x12\x16\n\tmin_score\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\x0finclude_vectors\x18\x08 \x01(\x08\x42\x07\n\x05queryB\x0c\n\n_min_score\"o\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06vector\x18\x05 \x01(\x0c\"7\n\x0eSearchResponse\x12%\n\x04hits\x18\x01 \x03(\x0b\x32\x17.embedpool.v1.SearchHit\"R\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x05index\x18\x02 \x01(\x0b\x32\x1a.embedpool.v1.IndexOptions\"C\n\x0cIndexOptions\x12\t\n\x01m\x18\x01 \x01(\r\x12\x17\n\x0f\x65\x66_construction\x18\x02 \x01(\r\x12\x0f\n\x07halfvec\x18\x03 \x01(\x08\"\x80\x01\n\nCollection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\x0e\n\x06metric\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\x04\x12)\n\x05index\x18\x06 \x01(\x0b\x32\x1a.embedpool.v1.IndexOptions\"\x18\n\x16ListCollectionsRequest\"H\n\x17ListCollectionsResponse\x12-\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x18.embedpool.v1.Collection\"%\n\x15\x44ropCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44ropCollectionResponse\"9\n\x16\x44\x65leteDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"*\n\x17\x44\x65leteDocumentsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"\x15\n\x13GetModelInfoRequest\"\x80\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0f\n\x07pooling\x18\x06 \x01(\t\x12\x12\n\nnormalized\x18\x07 \x01(\x08\x32\x93\x05\n\x08\x45mbedder\x12@\n\x05\x45mbed\x12\x1a.embedpool.v1.EmbedRequest\x1a\x1b.embedpool.v1.EmbedResponse\x12\x42\n\x06Ingest\x12\x1b.embedpool.v1.IngestRequest\x1a\x17.embedpool.v1.IngestAck(\x01\x30\x01\x12\x43\n\x06Search\x12\x1b.embedpool.v1.SearchRequest\x1a\x1c.embedpool.v1.SearchResponse\x12S\n\x10\x43reateCollection\x12%.embedpool.v1.CreateCollectionRequest\x1a\x18.embedpool.v1.Collection\x12^\n\x0fListCollections\x12$.embedpool.v1.ListCollectionsRequest\x1a%.embedpool.v1.ListCollectionsResponse\x12[\n\x0e\x44ropCollection\x12#.embedpool.v1.DropCollectionRequest\x1a$.embedpool.v1.DropCollectionResponse\x12^\n\x0f\x44\x65leteDocuments\x12$.embedpool.v1.DeleteDocumentsRequest\x1a%.embedpool.v1.DeleteDocumentsResponse\x12J\n\x0cGetModelInfo\x12!.embedpool.v1.GetModelInfoRequest\x1a\x17.embedpool.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,39 +41,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REJECTEDDOCUMENT']._serialized_start=486
   _globals['_REJECTEDDOCUMENT']._serialized_end=547
   _globals['_INGESTREQUEST']._serialized_start=550
-  _globals['_INGESTREQUEST']._serialized_end=682
-  _globals['_INGESTACK']._serialized_start=685
-  _globals['_INGESTACK']._serialized_end=847
-  _globals['_UPSERTSTATS']._serialized_start=849
-  _globals['_UPSERTSTATS']._serialized_end=916
-  _globals['_SEARCHREQUEST']._serialized_start=919
-  _globals['_SEARCHREQUEST']._serialized_end=1132
-  _globals['_SEARCHHIT']._serialized_start=1134
-  _globals['_SEARCHHIT']._serialized_end=1245
-  _globals['_SEARCHRESPONSE']._serialized_start=1247
-  _globals['_SEARCHRESPONSE']._serialized_end=1302
-  _globals['_CREATECOLLECTIONREQUEST']._serialized_start=1304
-  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=1386
-  _globals['_INDEXOPTIONS']._serialized_start=1388
-  _globals['_INDEXOPTIONS']._serialized_end=1455
-  _globals['_COLLECTION']._serialized_start=1458
-  _globals['_COLLECTION']._serialized_end=1586
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=1588
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=1612
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=1614
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=1686
-  _globals['_DROPCOLLECTIONREQUEST']._serialized_start=1688
-  _globals['_DROPCOLLECTIONREQUEST']._serialized_end=1725
-  _globals['_DROPCOLLECTIONRESPONSE']._serialized_start=1727
-  _globals['_DROPCOLLECTIONRESPONSE']._serialized_end=1751
-  _globals['_DELETEDOCUMENTSREQUEST']._serialized_start=1753
-  _globals['_DELETEDOCUMENTSREQUEST']._serialized_end=1810
-  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_start=1812
-  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_end=1854
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1856
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1877
-  _globals['_MODELINFO']._serialized_start=1880
-  _globals['_MODELINFO']._serialized_end=2008
-  _globals['_EMBEDDER']._serialized_start=2011
-  _globals['_EMBEDDER']._serialized_end=2670
+  _globals['_INGESTREQUEST']._serialized_end=696
+  _globals['_INGESTACK']._serialized_start=699
+  _globals['_INGESTACK']._serialized_end=861
+  _globals['_UPSERTSTATS']._serialized_start=863
+  _globals['_UPSERTSTATS']._serialized_end=930
+  _globals['_SEARCHREQUEST']._serialized_start=933
+  _globals['_SEARCHREQUEST']._serialized_end=1146
+  _globals['_SEARCHHIT']._serialized_start=1148
+  _globals['_SEARCHHIT']._serialized_end=1259
+  _globals['_SEARCHRESPONSE']._serialized_start=1261
+  _globals['_SEARCHRESPONSE']._serialized_end=1316
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_start=1318
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=1400
+  _globals['_INDEXOPTIONS']._serialized_start=1402
+  _globals['_INDEXOPTIONS']._serialized_end=1469
+  _globals['_COLLECTION']._serialized_start=1472
+  _globals['_COLLECTION']._serialized_end=1600
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=1602
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=1626
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=1628
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=1700
+  _globals['_DROPCOLLECTIONREQUEST']._serialized_start=1702
+  _globals['_DROPCOLLECTIONREQUEST']._serialized_end=1739
+  _globals['_DROPCOLLECTIONRESPONSE']._serialized_start=1741
+  _globals['_DROPCOLLECTIONRESPONSE']._serialized_end=1765
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_start=1767
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_end=1824
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_start=1826
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_end=1868
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1870
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1891
+  _globals['_MODELINFO']._serialized_start=1894
+  _globals['_MODELINFO']._serialized_end=2022
+  _globals['_EMBEDDER']._serialized_start=2025
+  _globals['_EMBEDDER']._serialized_end=2684
 # @@protoc_insertion_point(module_scope)

@@ -191,12 +191,18 @@ class IngestRequest(_message.Message):
     BATCH_ID_FIELD_NUMBER: _builtins.int
     DOCUMENTS_FIELD_NUMBER: _builtins.int
     TRUNCATE_FIELD_NUMBER: _builtins.int
+    BULK_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     """Target collection; required on the first message, and later messages must name the same one or none."""
     batch_id: _builtins.int
     """Client-chosen batch number, echoed in the acknowledgement (use it to resume)."""
     truncate: _builtins.bool
     """As in EmbedRequest."""
+    bulk: _builtins.bool
+    """First message only: if the collection is empty, load it without its HNSW index and build the index once,
+    when the stream ends (several times faster than growing the graph row by row; searches scan exactly
+    meanwhile). The stream completes after the build. Ignored for a collection that has documents.
+    """
     @_builtins.property
     def documents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Document]:
         """1..max_batch_documents documents. Ids are optional (derived from the text when empty)."""
@@ -208,10 +214,11 @@ class IngestRequest(_message.Message):
         batch_id: _builtins.int = ...,
         documents: _abc.Iterable[Global___Document] | None = ...,
         truncate: _builtins.bool | None = ...,
+        bulk: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_truncate", b"_truncate", "truncate", b"truncate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncate", b"_truncate", "batch_id", b"batch_id", "collection", b"collection", "documents", b"documents", "truncate", b"truncate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncate", b"_truncate", "batch_id", b"batch_id", "bulk", b"bulk", "collection", b"collection", "documents", b"documents", "truncate", b"truncate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__truncate: _TypeAlias = _typing.Literal["truncate"]  # noqa: Y015
     _WhichOneofArgType__truncate: _TypeAlias = _typing.Literal["_truncate", b"_truncate"]  # noqa: Y015
