@@ -55,7 +55,7 @@ test: lint model ## lint, cargo test, then pytest against a real server, Postgre
 
 .PHONY: bench
 bench: model ## quick benchmarks, each with its baseline in the same run (tables; JSON + PNG under bench/out)
-	for b in tokenize topk ingest search serve; do $(PY) bench/$$b.py --quick --out bench/out || exit 1; done
+	for b in tokenize topk ingest search serve ingest_rpc; do $(PY) bench/$$b.py --quick --out bench/out || exit 1; done
 
 .PHONY: gpu-wheel
 gpu-wheel: install ## abi3 wheel for the lent GPU machine (Python 3.12 there): see ../shared/gpu/README.md
