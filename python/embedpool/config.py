@@ -49,6 +49,8 @@ class Settings:
     max_request_documents: int = _setting(1024, "documents in one Embed request")
     max_request_bytes: int = _setting(16 * 1024 * 1024, "largest request message")
     max_search_k: int = _setting(1000, "largest k a Search may ask for")
+    ingest_window: int = _setting(4, "batches of one Ingest stream read ahead and embedding")
+    ingest_stores: int = _setting(2, "batches of one Ingest stream stored at once (a database connection each)")
     grace_seconds: float = _setting(10.0, "drain time for in-flight requests on shutdown")
     log_level: str = _setting("info", "log level", choices=("debug", "info", "warning", "error"))
     log_format: str = _setting("json", "log format", choices=("json", "text"))
@@ -69,7 +71,14 @@ class Settings:
         return dataclasses.replace(self, **updates)
 
     def validate(self) -> Settings:
-        positive = ("sessions_per_device", "max_concurrent_inputs", "max_request_documents", "max_request_bytes")
+        positive = (
+            "sessions_per_device",
+            "max_concurrent_inputs",
+            "max_request_documents",
+            "max_request_bytes",
+            "ingest_window",
+            "ingest_stores",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"{name} must be > 0, got {getattr(self, name)}")

@@ -14,7 +14,7 @@ import pytest
 
 from embedpool.errors import Unavailable
 from embedpool.server.app import Running
-from embedpool.server.ingest_stream import INGEST_STORES, run_ingest
+from embedpool.server.ingest_stream import run_ingest
 from embedpool.server.writes import EmbeddedBatch, WriteOutcome
 from embedpool.store import DocumentRow, Store
 from embedpool.v1 import embedpool_pb2 as pb
@@ -64,9 +64,11 @@ async def _nothing(_: pb.IngestRequest) -> None:
     return None
 
 
-async def test_stores_overlap_acks_keep_order_and_shared_ids_wait(store: tuple[Store, str]) -> None:
-    """Batch 0 stores slowly. Batch 2 shares no id with it and is stored meanwhile; batch 1 shares "same" and
-    waits for it, so its version is the one kept. Acks still come 0, 1, 2."""
+@pytest.mark.parametrize("stores", [2, 1])
+async def test_stores_overlap_acks_keep_order_and_shared_ids_wait(store: tuple[Store, str], stores: int) -> None:
+    """Batch 0 stores slowly. With two stores at once, batch 2 shares no id with it and is stored meanwhile;
+    batch 1 shares "same" and waits for it, so its version is the one kept. With one, no two stores ever
+    overlap. Acks come 0, 1, 2 either way."""
     s, name = store
     batches = [
         _batch(name, {"same": "version 0", "a": "a"}),
@@ -75,25 +77,31 @@ async def test_stores_overlap_acks_keep_order_and_shared_ids_wait(store: tuple[S
     ]
     finished: list[int] = []
     acked: list[int] = []
+    running = [0, 0]  # now, most at once
 
     async def embed(request: pb.IngestRequest) -> EmbeddedBatch:
         return batches[request.batch_id]
 
     async def slow_store(batch: EmbeddedBatch) -> WriteOutcome:
+        running[0] += 1
+        running[1] = max(running)
         index = batches.index(batch)
         if index == 0:
             await anyio.sleep(0.5)
         result = await s.upsert(name, batch.rows)
         finished.append(index)
+        running[0] -= 1
         return WriteOutcome(batch.ids, batch.token_counts, None, result, 0)
 
     async def ack(request: pb.IngestRequest, outcome: WriteOutcome) -> None:
         acked.append(request.batch_id)
 
-    assert INGEST_STORES >= 2
-    await run_ingest(_requests(3), _nothing, embed, slow_store, ack)
+    await run_ingest(_requests(3), _nothing, embed, slow_store, ack, window=4, stores=stores)
     assert acked == [0, 1, 2]
-    assert finished.index(2) < finished.index(0) < finished.index(1)
+    assert running[1] == stores
+    assert finished.index(0) < finished.index(1)
+    if stores == 2:
+        assert finished.index(2) < finished.index(0)
     assert await _text(s, name, "same", batches[1].rows[0]) == "version 1"
     assert (await s.stats(name)).count == 4
 
@@ -119,7 +127,7 @@ async def test_the_first_error_in_stream_order_ends_the_stream(store: tuple[Stor
         acked.append(request.batch_id)
 
     with pytest.raises(ExceptionGroup) as raised:
-        await run_ingest(_requests(3), _nothing, embed, failing_store, ack)
+        await run_ingest(_requests(3), _nothing, embed, failing_store, ack, window=4, stores=2)
     assert raised.group_contains(Unavailable, match="went away")
     assert acked == [0]
     resent = [(await s.upsert(name, b.rows)) for b in batches[1:]]

@@ -121,7 +121,13 @@ async def serve(
                 ("grpc.so_reuseport", 0),
             ]
         )
-        limits = validation.Limits(settings.max_request_documents, settings.max_request_bytes, settings.max_search_k)
+        limits = validation.Limits(
+            settings.max_request_documents,
+            settings.max_request_bytes,
+            settings.max_search_k,
+            settings.ingest_window,
+            settings.ingest_stores,
+        )
         embedpool_pb2_grpc.add_EmbedderServicer_to_server(EmbedderServicer(pool, store, engine.model, limits), server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -1,10 +1,10 @@
 """The Ingest RPC's pipeline: batches are embedded ahead, stored concurrently, and acknowledged in order.
 
-    reader ──(INGEST_WINDOW embedding)──> storer ──(INGEST_STORES storing)──> acker ──> client
+    reader ──(window embedding)──> storer ──(stores storing)──> acker ──> client
 
-- Embedding: each batch starts embedding as soon as it is read; at most INGEST_WINDOW are read ahead, so a
-  fast client is held back by gRPC flow control, not server memory.
-- Storing: up to INGEST_STORES batches are written at once, each in its own transaction on its own pooled
+- Embedding: each batch starts embedding as soon as it is read; at most `window` (--ingest-window) are read
+  ahead, so a fast client is held back by gRPC flow control, not server memory.
+- Storing: up to `stores` (--ingest-stores) batches are written at once, each in its own transaction on its own pooled
   connection (one COPY stream keeps one Postgres backend busy; bench/ingest.py `writer_fresh_2_streams`).
   A batch that shares an id with an earlier batch still in flight waits for it, so the later row of an id
   is the one stored, as sent.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Final, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -26,10 +26,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from embedpool.server.writes import EmbeddedBatch, WriteOutcome
 from embedpool.v1 import embedpool_pb2 as pb
 
-__all__ = ["INGEST_STORES", "INGEST_WINDOW", "run_ingest"]
-
-INGEST_WINDOW: Final = 4  # batches of one stream read ahead and being embedded
-INGEST_STORES: Final = 2  # batches of one stream being stored at once
+__all__ = ["run_ingest"]
 
 
 T = TypeVar("T")
@@ -93,19 +90,26 @@ Ack = Callable[[pb.IngestRequest, WriteOutcome], Awaitable[None]]
 
 
 async def run_ingest(
-    requests: AsyncIterator[pb.IngestRequest], check: Check, embed: Embed, store: Store, ack: Ack
+    requests: AsyncIterator[pb.IngestRequest],
+    check: Check,
+    embed: Embed,
+    store: Store,
+    ack: Ack,
+    *,
+    window: int,
+    stores: int,
 ) -> None:
     """Drive one Ingest stream: `check` validates each request as it is read (raising ends the stream),
     `embed` embeds one, `store` writes one embedded batch, `ack` sends one acknowledgement. The first error,
     in stream order, ends the stream (raised in an ExceptionGroup)."""
     embedded_send, embedded_receive = anyio.create_memory_object_stream[
         tuple[pb.IngestRequest, _Future[EmbeddedBatch]]
-    ](INGEST_WINDOW)
-    stored_send, stored_receive = anyio.create_memory_object_stream[tuple[pb.IngestRequest, _Storing]](INGEST_STORES)
+    ](window)
+    stored_send, stored_receive = anyio.create_memory_object_stream[tuple[pb.IngestRequest, _Storing]](stores)
     async with anyio.create_task_group() as tg:
         tg.start_soon(_read, requests, check, embed, embedded_send, tg)
         tg.start_soon(_acknowledge, stored_receive, ack)
-        await _store(embedded_receive, store, stored_send, tg)
+        await _store(embedded_receive, store, stores, stored_send, tg)
 
 
 async def _read(
@@ -126,10 +130,11 @@ async def _read(
 async def _store(
     receive: MemoryObjectReceiveStream[tuple[pb.IngestRequest, _Future[EmbeddedBatch]]],
     store: Store,
+    stores: int,
     send: MemoryObjectSendStream[tuple[pb.IngestRequest, _Storing]],
     tg: TaskGroup,
 ) -> None:
-    slots = anyio.Semaphore(INGEST_STORES)
+    slots = anyio.Semaphore(stores)
     in_flight: list[_Storing] = []
     async with receive, send:
         async for request, embedded in receive:

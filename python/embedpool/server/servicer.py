@@ -45,6 +45,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         self._store = store
         self._model = model
         self._limits = limits
+        self._window, self._stores = limits.ingest_window, limits.ingest_stores
         self._writer = DocumentWriter(pool, store, model)
 
     @rpc
@@ -124,11 +125,11 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                 yield request
 
         if not first.bulk:
-            await run_ingest(stream(), check, embed, self._writer.store, ack)
+            await run_ingest(stream(), check, embed, self._writer.store, ack, window=self._window, stores=self._stores)
             return
         validation.collection_name(first.collection)
         async with self._store.bulk_load(first.collection):
-            await run_ingest(stream(), check, embed, self._writer.store, ack)
+            await run_ingest(stream(), check, embed, self._writer.store, ack, window=self._window, stores=self._stores)
 
     @rpc
     async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:

@@ -20,6 +20,8 @@ class Limits:
     max_request_documents: int
     max_request_bytes: int
     max_search_k: int
+    ingest_window: int
+    ingest_stores: int
 
 
 def collection_name(name: str, field: str = "collection") -> str:
