@@ -21,6 +21,8 @@ selectivity (search.filtered_ef_search). Filters: `metadata @> {"b10": b}` (10% 
 concurrent (as the server runs Search RPCs); each QPS is the median of --repeat runs (the 2 cores may be
 shared). `server_ms`: the median EXPLAIN ANALYZE execution time of the default search, i.e. the part of a
 call spent in the graph walk.
+`rerank_all_candidates_qps`: the other design for a float32 index, every candidate shipped with its document and
+vector and reranked in Rust (Store.search cuts to the top k inside Postgres instead; the distances are the same).
 `halfvec`: the same searches after rebuilding the index on half-precision vectors (candidates reranked exactly
 in Rust against the stored float32 vectors), with both index sizes. Exact baselines in the same run: brute
 force by numpy (`q @ c.T` + argpartition) and by the Rust extension (`topk_cosine`), one query at a time.
@@ -231,6 +233,32 @@ async def server_ms(uri: str, queries: NDArray[np.float32], candidates: int) -> 
         return statistics.median(times)
 
 
+async def rerank_all_qps(uri: str, queries: NDArray[np.float32], candidates: int) -> float:
+    """Queries/s of the other design for a float32 index: ship every candidate with its document and vector,
+    rerank them in Rust, keep the top k (what Store.search does for halfvec indexes only). One client."""
+    store = await Store.open(uri, max_size=1)
+    try:
+        info = await store.get_collection(NAME)
+    finally:
+        await store.close()
+    async with await AsyncConnection.connect(uri, autocommit=True) as conn:
+        await configure_connection(conn)
+        await conn.execute("SELECT set_config('hnsw.ef_search', %s, false)", (str(ef_search(candidates)),))
+        query = search_query(info, filtered=False, max_distance=False).as_bytes(conn)
+        params: dict[str, Any] = {"fetch": candidates, "k": candidates}
+
+        async def one(q: NDArray[np.float32]) -> None:
+            rows = await (await conn.cursor(binary=True).execute(query, params | {"query": q})).fetchall()
+            _native.topk_cosine(q[None, :], np.stack([row[3] for row in rows]), K)
+
+        for q in queries[:20]:
+            await one(q)
+        started = time.perf_counter()
+        for q in queries:
+            await one(q)
+        return len(queries) / (time.perf_counter() - started)
+
+
 def exact_qps(vectors: NDArray[np.float32], queries: NDArray[np.float32]) -> dict[str, float]:
     """Queries/s of exact brute force, one query at a time (the rows are unit vectors, so numpy needs no norms)."""
 
@@ -297,6 +325,7 @@ async def run(uri: str, n: int, n_queries: int, data: str, repeat: int, builds: 
     write_s, build_s = await load(uri, vectors)
     result = await measure(uri, vectors, queries, repeat, sweep=True)
     exact = exact_qps(vectors, queries[:200])
+    rerank_all = await rerank_all_qps(uri, queries, DEFAULT_CANDIDATES)
     half_build_s = await rebuild(uri, HnswOptions(halfvec=True))
     half = await measure(uri, vectors, queries, repeat, sweep=True, filters=False)
     defaults = HnswOptions()
@@ -315,7 +344,9 @@ async def run(uri: str, n: int, n_queries: int, data: str, repeat: int, builds: 
         "server_ms": result["server_ms"],
         "index_bytes": result["index_bytes"],
         "exact_qps": exact,
+        "rerank_all_candidates_qps": rerank_all,
         "ratios": {
+            "top_k_in_postgres_vs_rerank_all_candidates_qps": result["qps"] / rerank_all,
             "hnsw_vs_exact_numpy_qps": result["qps"] / exact["numpy"],
             "hnsw_vs_exact_rust_qps": result["qps"] / exact["rust"],
             "halfvec_vs_vector_index_bytes": half["index_bytes"] / result["index_bytes"],
@@ -435,6 +466,8 @@ def main() -> None:
         f" build {half['index_build_s']:.1f} s; qps {half_clients}"
     )
     exact = result["exact_qps"]
+    rerank_all = result["rerank_all_candidates_qps"]
+    print(f"float32 index, all {DEFAULT_CANDIDATES} candidates shipped and reranked in Rust: {rerank_all:.0f} qps")
     print(f"exact brute force, one query at a time: numpy {exact['numpy']:.0f} qps, rust {exact['rust']:.0f} qps")
     for key, ratio in result["ratios"].items():
         print(f"{key:<34}{ratio:>8.2f}x")
