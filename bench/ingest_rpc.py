@@ -116,7 +116,8 @@ def main() -> None:
     cuda = args.device == "cuda"
     streams = args.streams or (2 if cuda else 1)
     n_docs = (20_000 if cuda else 256) if args.quick else (200_000 if cuda else 1024)
-    texts = passages(n=n_docs)
+    corpus = passages(n=n_docs)  # as many passages as the installed docstrings give (a few thousand)
+    texts = [corpus[i % len(corpus)] for i in range(n_docs)]  # repeated under new ids: embedded and stored again
     bundle = prepare(Settings())
 
     with tempfile.TemporaryDirectory(prefix="embedpool-bench-") as tmp, EmbeddedPostgres(Path(tmp) / "pg") as pg:
