@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import psutil
 
+from embedpool.engine import cpu_has_vnni
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
@@ -47,13 +48,19 @@ def _serve_and_stop(proc: subprocess.Popen[str], tmp_path: Path) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{ready['port']}") as channel:
         stub = pb_grpc.EmbedderStub(channel)
         info = stub.GetModelInfo(pb.GetModelInfoRequest())
-        assert info.variant == "int8"
+        assert info.variant == ("int8" if cpu_has_vnni() else "fp32_opt")
         reply = stub.Embed(pb.EmbedRequest(documents=[pb.Document(text="hello world")]))
         assert reply.dim == 384 and len(reply.vectors[0]) == 4 * 384
+        stub.CreateCollection(pb.CreateCollectionRequest(name="metrics"))
+        for _ in range(2):
+            stub.Embed(pb.EmbedRequest(collection="metrics", documents=[pb.Document(id="a", text="stored once")]))
 
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{ready['metrics_port']}/metrics").read().decode()
         assert 'embedpool_rpc_duration_seconds_count{code="OK",method="Embed"}' in metrics
         assert "embedpool_batch_padding_efficiency" in metrics
+        assert 'embedpool_store_documents_total{outcome="inserted"} 1.0' in metrics
+        assert 'embedpool_store_documents_total{outcome="unchanged"} 1.0' in metrics
+        assert "embedpool_store_write_duration_seconds_count 2.0" in metrics
 
         # A request in flight when SIGTERM arrives is still answered (drain), then the process exits.
         big = pb.EmbedRequest(documents=[pb.Document(text="drain me " * 50)] * 64)

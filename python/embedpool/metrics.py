@@ -35,3 +35,11 @@ INFERENCE_SECONDS = Histogram(
 TOKENS = Counter("embedpool_tokens_total", "real (unpadded) tokens embedded")
 DOCUMENTS = Counter("embedpool_documents_total", "documents embedded")
 BATCH_FAILURES = Counter("embedpool_batch_failures_total", "batches the engine failed on")
+STORE_SECONDS = Histogram(
+    "embedpool_store_write_duration_seconds", "time to store one batch (one transaction)", buckets=_LATENCY_BUCKETS
+)
+STORED_DOCUMENTS = Counter(
+    "embedpool_store_documents_total",
+    "documents written to collections, by outcome (unchanged: same content hash, neither embedded nor written)",
+    ["outcome"],
+)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from embedpool import metrics
 from embedpool.engine import ServingModel
 from embedpool.pool import EmbeddingPool
 from embedpool.server.codec import struct_to_dict
@@ -113,10 +115,19 @@ class DocumentWriter:
         return EmbeddedBatch(collection, ids, rows, token_counts, vectors, len(documents) - len(todo))
 
     async def store(self, batch: EmbeddedBatch) -> WriteOutcome:
+        started = time.perf_counter()
         result = await self._store.upsert(batch.collection, batch.rows) if batch.rows else UpsertResult()
+        metrics.STORE_SECONDS.observe(time.perf_counter() - started)
         if batch.skipped_unchanged:
             unchanged = result.unchanged + batch.skipped_unchanged
             result = UpsertResult(result.inserted, result.updated, unchanged, result.rejected)
+        for outcome, count in (
+            ("inserted", result.inserted),
+            ("updated", result.updated),
+            ("unchanged", result.unchanged),
+            ("rejected", len(result.rejected)),
+        ):
+            metrics.STORED_DOCUMENTS.labels(outcome).inc(count)
         first_index = {doc_id: i for i, doc_id in reversed(list(enumerate(batch.ids)))}
         rejected = [
             pb.RejectedDocument(index=first_index.get(doc_id, 0), id=doc_id, reason=reason)
