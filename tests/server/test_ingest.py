@@ -138,3 +138,17 @@ def test_bulk_stream_loads_without_the_index_and_builds_it_at_the_end(
     more[0].bulk = True
     assert [a.upsert.inserted for a in stub.Ingest(iter(more), timeout=120)] == [10, 10]
     assert _indexed(server, collection) and _count(stub, collection) == 50
+
+
+def test_a_failed_bulk_stream_still_leaves_the_collection_indexed(
+    stub: pb_grpc.EmbedderStub, collection: str, server: Running
+) -> None:
+    batches = list(_batches(collection, 2, 10))
+    batches[0].bulk = True
+    batches[1].documents[3].text = " "  # INVALID_ARGUMENT ends the stream after batch 0
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Ingest(iter(batches), timeout=120))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "documents[3].text" in (err.value.details() or "")
+    assert _indexed(server, collection)
+    assert _count(stub, collection) in (0, 10)  # batch 0 was stored unless the error came first
