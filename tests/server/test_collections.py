@@ -123,3 +123,17 @@ def test_bad_index_options_are_invalid(stub: pb_grpc.EmbedderStub, options: pb.I
         stub.CreateCollection(pb.CreateCollectionRequest(name=f"c_{uuid.uuid4().hex[:12]}", index=options))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in (err.value.details() or "")
+
+
+def test_delete_by_filter_and_collection_stats(stub: pb_grpc.EmbedderStub, collection: str) -> None:
+    stub.Embed(pb.EmbedRequest(documents=_docs([f"text number {i}" for i in range(10)]), collection=collection))
+    described = stub.GetCollection(pb.GetCollectionRequest(name=collection))
+    assert (described.name, described.count, described.indexed) == (collection, 10, True)
+    assert described.index_bytes > 0 and described.table_bytes > 0
+    deleted = stub.DeleteDocuments(
+        pb.DeleteDocumentsRequest(collection=collection, filter=dict_to_struct({"even": True}))
+    )
+    assert deleted.deleted == 5
+    assert stub.GetCollection(pb.GetCollectionRequest(name=collection)).count == 5
+    hits = stub.Search(pb.SearchRequest(collection=collection, text="text number 4", k=10)).hits
+    assert sorted(h.id for h in hits) == [f"doc-{i}" for i in range(1, 10, 2)]

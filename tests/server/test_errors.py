@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from embedpool.server.codec import dict_to_struct
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
@@ -91,6 +92,27 @@ CASES: list[tuple[str, Callable[[str], tuple[str, Any]], grpc.StatusCode, str]] 
         "nope_missing",
     ),
     ("delete no ids", lambda c: ("DeleteDocuments", pb.DeleteDocumentsRequest(collection=c)), INVALID, "ids"),
+    (
+        "delete ids and filter",
+        lambda c: (
+            "DeleteDocuments",
+            pb.DeleteDocumentsRequest(collection=c, ids=["a"], filter=dict_to_struct({"k": 1})),
+        ),
+        INVALID,
+        "exactly one",
+    ),
+    (
+        "delete empty filter",
+        lambda c: ("DeleteDocuments", pb.DeleteDocumentsRequest(collection=c, filter=dict_to_struct({}))),
+        INVALID,
+        "filter",
+    ),
+    (
+        "get unknown collection",
+        lambda c: ("GetCollection", pb.GetCollectionRequest(name="nope_missing")),
+        grpc.StatusCode.NOT_FOUND,
+        "nope_missing",
+    ),
     (
         "drop unknown",
         lambda c: ("DropCollection", pb.DropCollectionRequest(name="nope_missing")),

@@ -10,7 +10,7 @@ from google.protobuf import struct_pb2
 from numpy.typing import NDArray
 
 from embedpool.errors import InvalidArgument
-from embedpool.store import CollectionInfo, HnswOptions, UpsertResult
+from embedpool.store import CollectionInfo, CollectionStats, HnswOptions, UpsertResult
 from embedpool.v1 import embedpool_pb2 as pb
 
 _LE_F32 = np.dtype("<f4")
@@ -66,11 +66,15 @@ def upsert_stats(result: UpsertResult) -> pb.UpsertStats:
     return pb.UpsertStats(inserted=result.inserted, updated=result.updated, unchanged=result.unchanged)
 
 
-def collection_message(info: CollectionInfo) -> pb.Collection:
+def collection_message(info: CollectionInfo, stats: CollectionStats | None = None) -> pb.Collection:
     index = pb.IndexOptions(m=info.hnsw_m, ef_construction=info.hnsw_ef_construction, halfvec=info.hnsw_halfvec)
-    return pb.Collection(
+    message = pb.Collection(
         name=info.name, model=info.model, dim=info.dim, metric=info.metric, count=info.count or 0, index=index
     )
+    if stats is not None:
+        message.count, message.index_bytes, message.table_bytes = stats.count, stats.index_bytes, stats.table_bytes
+        message.indexed = stats.indexed
+    return message
 
 
 def index_options(message: pb.IndexOptions) -> HnswOptions:

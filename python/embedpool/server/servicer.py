@@ -203,11 +203,18 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
 
     @rpc
     async def DeleteDocuments(self, request: pb.DeleteDocumentsRequest, context: Context) -> pb.DeleteDocumentsResponse:
-        validation.collection_name(request.collection)
-        if not request.ids:
-            raise InvalidArgument("ids: must contain at least one id")
-        deleted = await self._store.delete(request.collection, list(request.ids))
+        validation.delete_request(request)
+        if request.ids:
+            deleted = await self._store.delete(request.collection, list(request.ids))
+        else:
+            deleted = await self._store.delete_where(request.collection, struct_to_dict(request.filter))
         return pb.DeleteDocumentsResponse(deleted=deleted)
+
+    @rpc
+    async def GetCollection(self, request: pb.GetCollectionRequest, context: Context) -> pb.Collection:
+        validation.collection_name(request.name, "name")
+        info = await self._store.get_collection(request.name)
+        return collection_message(info, await self._store.stats(request.name))
 
     @rpc
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:

@@ -86,6 +86,13 @@ def _has_nul(value: object) -> bool:
     return False
 
 
+def delete_request(request: pb.DeleteDocumentsRequest) -> None:
+    collection_name(request.collection)
+    has_filter = request.HasField("filter") and len(request.filter.fields) > 0
+    if bool(request.ids) == has_filter:
+        raise InvalidArgument("ids, filter: give exactly one (a non-empty filter, or at least one id)")
+
+
 def search_request(request: pb.SearchRequest, limits: Limits) -> None:
     request_size(request, limits)
     collection_name(request.collection)

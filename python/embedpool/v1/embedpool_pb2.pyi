@@ -471,11 +471,19 @@ class Collection(_message.Message):
     METRIC_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
+    INDEX_BYTES_FIELD_NUMBER: _builtins.int
+    TABLE_BYTES_FIELD_NUMBER: _builtins.int
+    INDEXED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     model: _builtins.str
     dim: _builtins.int
     metric: _builtins.str
     count: _builtins.int
+    index_bytes: _builtins.int
+    """Storage, set by GetCollection only: the HNSW index, and the rest of the collection (rows, TOAST, keys)."""
+    table_bytes: _builtins.int
+    indexed: _builtins.bool
+    """False while a bulk load runs without the index (searches scan exactly meanwhile); set by GetCollection."""
     @_builtins.property
     def index(self) -> Global___IndexOptions:
         """The options the index was built with (defaults filled in)."""
@@ -489,14 +497,36 @@ class Collection(_message.Message):
         metric: _builtins.str = ...,
         count: _builtins.int = ...,
         index: Global___IndexOptions | None = ...,
+        index_bytes: _builtins.int = ...,
+        table_bytes: _builtins.int = ...,
+        indexed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "dim", b"dim", "index", b"index", "metric", b"metric", "model", b"model", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "dim", b"dim", "index", b"index", "index_bytes", b"index_bytes", "indexed", b"indexed", "metric", b"metric", "model", b"model", "name", b"name", "table_bytes", b"table_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Collection: _TypeAlias = Collection  # noqa: Y015
+
+@_typing.final
+class GetCollectionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCollectionRequest: _TypeAlias = GetCollectionRequest  # noqa: Y015
 
 @_typing.final
 class ListCollectionsRequest(_message.Message):
@@ -573,18 +603,26 @@ class DeleteDocumentsRequest(_message.Message):
 
     COLLECTION_FIELD_NUMBER: _builtins.int
     IDS_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     @_builtins.property
-    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Exactly one of ids and filter."""
+
+    @_builtins.property
+    def filter(self) -> _struct_pb2.Struct:
+        """Deletes every document whose metadata contains this non-empty JSON object (jsonb @>)."""
+
     def __init__(
         self,
         *,
         collection: _builtins.str = ...,
         ids: _abc.Iterable[_builtins.str] | None = ...,
+        filter: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "ids", b"ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "filter", b"filter", "ids", b"ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -59,6 +59,11 @@ class EmbedderStub:
                 request_serializer=embedpool_dot_v1_dot_embedpool__pb2.ListCollectionsRequest.SerializeToString,
                 response_deserializer=embedpool_dot_v1_dot_embedpool__pb2.ListCollectionsResponse.FromString,
                 _registered_method=True)
+        self.GetCollection = channel.unary_unary(
+                '/embedpool.v1.Embedder/GetCollection',
+                request_serializer=embedpool_dot_v1_dot_embedpool__pb2.GetCollectionRequest.SerializeToString,
+                response_deserializer=embedpool_dot_v1_dot_embedpool__pb2.Collection.FromString,
+                _registered_method=True)
         self.DropCollection = channel.unary_unary(
                 '/embedpool.v1.Embedder/DropCollection',
                 request_serializer=embedpool_dot_v1_dot_embedpool__pb2.DropCollectionRequest.SerializeToString,
@@ -118,6 +123,13 @@ class EmbedderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCollection(self, request, context):
+        """One collection with its document count and storage sizes (NOT_FOUND when there is none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DropCollection(self, request, context):
         """Drops a collection and all its documents.
         """
@@ -126,7 +138,7 @@ class EmbedderServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteDocuments(self, request, context):
-        """Deletes documents of a collection by id.
+        """Deletes documents of a collection by id, or those whose metadata contains a filter.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -166,6 +178,11 @@ def add_EmbedderServicer_to_server(servicer, server):
                     servicer.ListCollections,
                     request_deserializer=embedpool_dot_v1_dot_embedpool__pb2.ListCollectionsRequest.FromString,
                     response_serializer=embedpool_dot_v1_dot_embedpool__pb2.ListCollectionsResponse.SerializeToString,
+            ),
+            'GetCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCollection,
+                    request_deserializer=embedpool_dot_v1_dot_embedpool__pb2.GetCollectionRequest.FromString,
+                    response_serializer=embedpool_dot_v1_dot_embedpool__pb2.Collection.SerializeToString,
             ),
             'DropCollection': grpc.unary_unary_rpc_method_handler(
                     servicer.DropCollection,
@@ -318,6 +335,33 @@ class Embedder:
             '/embedpool.v1.Embedder/ListCollections',
             embedpool_dot_v1_dot_embedpool__pb2.ListCollectionsRequest.SerializeToString,
             embedpool_dot_v1_dot_embedpool__pb2.ListCollectionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedpool.v1.Embedder/GetCollection',
+            embedpool_dot_v1_dot_embedpool__pb2.GetCollectionRequest.SerializeToString,
+            embedpool_dot_v1_dot_embedpool__pb2.Collection.FromString,
             options,
             channel_credentials,
             insecure,

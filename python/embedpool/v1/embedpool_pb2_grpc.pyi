@@ -58,10 +58,12 @@ class EmbedderStub:
     """Creates a collection for the serving model. Idempotent when the definition is the same."""
     ListCollections: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.ListCollectionsRequest, _embedpool_pb2.ListCollectionsResponse]
     """Lists collections with their document counts."""
+    GetCollection: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.GetCollectionRequest, _embedpool_pb2.Collection]
+    """One collection with its document count and storage sizes (NOT_FOUND when there is none)."""
     DropCollection: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.DropCollectionRequest, _embedpool_pb2.DropCollectionResponse]
     """Drops a collection and all its documents."""
     DeleteDocuments: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.DeleteDocumentsRequest, _embedpool_pb2.DeleteDocumentsResponse]
-    """Deletes documents of a collection by id."""
+    """Deletes documents of a collection by id, or those whose metadata contains a filter."""
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.GetModelInfoRequest, _embedpool_pb2.ModelInfo]
     """Describes the model being served."""
 
@@ -84,10 +86,12 @@ class EmbedderAsyncStub(EmbedderStub):
     """Creates a collection for the serving model. Idempotent when the definition is the same."""
     ListCollections: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.ListCollectionsRequest, _embedpool_pb2.ListCollectionsResponse]  # type: ignore[assignment]
     """Lists collections with their document counts."""
+    GetCollection: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.GetCollectionRequest, _embedpool_pb2.Collection]  # type: ignore[assignment]
+    """One collection with its document count and storage sizes (NOT_FOUND when there is none)."""
     DropCollection: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.DropCollectionRequest, _embedpool_pb2.DropCollectionResponse]  # type: ignore[assignment]
     """Drops a collection and all its documents."""
     DeleteDocuments: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.DeleteDocumentsRequest, _embedpool_pb2.DeleteDocumentsResponse]  # type: ignore[assignment]
-    """Deletes documents of a collection by id."""
+    """Deletes documents of a collection by id, or those whose metadata contains a filter."""
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.GetModelInfoRequest, _embedpool_pb2.ModelInfo]  # type: ignore[assignment]
     """Describes the model being served."""
 
@@ -139,6 +143,14 @@ class EmbedderServicer(metaclass=_abc_1.ABCMeta):
         """Lists collections with their document counts."""
 
     @_abc_1.abstractmethod
+    def GetCollection(
+        self,
+        request: _embedpool_pb2.GetCollectionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedpool_pb2.Collection, _abc.Awaitable[_embedpool_pb2.Collection]]:
+        """One collection with its document count and storage sizes (NOT_FOUND when there is none)."""
+
+    @_abc_1.abstractmethod
     def DropCollection(
         self,
         request: _embedpool_pb2.DropCollectionRequest,
@@ -152,7 +164,7 @@ class EmbedderServicer(metaclass=_abc_1.ABCMeta):
         request: _embedpool_pb2.DeleteDocumentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_embedpool_pb2.DeleteDocumentsResponse, _abc.Awaitable[_embedpool_pb2.DeleteDocumentsResponse]]:
-        """Deletes documents of a collection by id."""
+        """Deletes documents of a collection by id, or those whose metadata contains a filter."""
 
     @_abc_1.abstractmethod
     def GetModelInfo(
