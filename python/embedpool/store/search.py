@@ -64,17 +64,20 @@ def ef_search(candidates: int) -> int:
 
 
 def filtered_ef_search(candidates: int, matching: float, rows: float) -> int:
-    """ef_search for a filter expected to match `matching` of `rows` rows: 40 / selectivity, capped at 1000.
+    """ef_search for a filter expected to match `matching` of `rows` rows: candidates / selectivity, capped at
+    1000 (and never below the unfiltered value).
 
     pgvector applies the filter to the rows the graph walk yields, so ef_search nearest rows hold only about
-    ef_search * selectivity matching ones; the iterative scan then fills the rest from farther, less exactly
-    ordered batches, and recall drops (100k x 384, 10% filter: recall@10 0.89 at ef_search 40). Walking
-    40 / selectivity puts as many matching rows in the first batch as an unfiltered walk at ef_search 40
-    finds (recall@10 0.97); more candidates than that come from the iterative scan, as before.
+    ef_search * selectivity matching ones. Walking candidates / selectivity puts about `candidates` matching
+    rows into the walk's first batch, which comes in exact order, so its first k matching rows are their
+    exact top k and the search needs nothing from the iterative scan's later, loosely ordered batches (100k x
+    384, 10% filter, 100 candidates: ef_search 1000 fetching k rows gave recall@10 0.994 at 46 queries/s,
+    against 0.995 at 24 for ef_search 400 continued by the iterative scan up to 100 rows). Where the cap
+    keeps the first batch short of `candidates`, the iterative scan fills the rest.
     """
     if matching <= 0 or rows <= 0:
         return ef_search(candidates)
-    return min(_EF_MAX, max(ef_search(candidates), math.ceil(_EF_MIN * rows / matching)))
+    return min(_EF_MAX, max(ef_search(candidates), math.ceil(candidates * rows / matching)))
 
 
 def default_candidates(k: int) -> int:
@@ -176,7 +179,7 @@ async def search(
         json_object(filter, "filter")  # {} filters nothing; anything else that is falsy is a type error
     if max_distance is not None:
         params["max_distance"] = float(max_distance)
-    ef, exact = ef_search(candidates), False
+    ef, exact, first_batch = ef_search(candidates), False, 0.0
     if "filter" in params:
         # A filtered search first asks the planner how many rows the filter matches (its estimate from the
         # column statistics: one EXPLAIN, no execution, well under a millisecond against tens of ms for the
@@ -187,10 +190,13 @@ async def search(
         matching, total = await _estimate(conn, info, params["filter"])
         exact = matching <= EXACT_MAX_ROWS
         ef = filtered_ef_search(candidates, matching, total)
+        # Matching rows expected in the walk's first, exactly ordered batch.
+        first_batch = ef * matching / total if total > 0 else 0.0
     # Without an iterative scan the index yields at most ef_search rows, and a selective filter then leaves
     # fewer than asked. relaxed_order keeps scanning the graph until enough rows pass (pgvector >= 0.8).
     iterative = "relaxed_order" if "filter" in params or candidates > ef else "off"
-    straight = iterative == "off" and not info.hnsw_halfvec  # the walk's first k rows are the exact top k
+    # Where the walk's first batch (in exact order) holds the candidates, its first k rows are their exact top k.
+    straight = not info.hnsw_halfvec and (iterative == "off" or first_batch >= candidates)
     params["fetch"] = k if straight else candidates
     if not exact and _settings.get(conn) != (ef, iterative):
         await conn.execute(_SETTINGS, (str(ef), iterative))
