@@ -118,6 +118,7 @@ async def test_ten_percent_filter_returns_the_exact_top_k(
 def test_filtered_ef_search_scales_with_selectivity() -> None:
     assert search.filtered_ef_search(40, 10_000, 100_000) == 400
     assert search.filtered_ef_search(100, 10_000, 100_000) == 1000
+    assert search.filtered_ef_search(10, 10_000, 100_000) == 400  # 40 at least, as unfiltered
     assert search.filtered_ef_search(600, 95_000, 100_000) == 632  # never below the candidates
     assert search.filtered_ef_search(40, 500, 100_000) == 1000  # pgvector's ceiling
     assert search.filtered_ef_search(40, 90_000, 100_000) == 45

@@ -64,20 +64,20 @@ def ef_search(candidates: int) -> int:
 
 
 def filtered_ef_search(candidates: int, matching: float, rows: float) -> int:
-    """ef_search for a filter expected to match `matching` of `rows` rows: candidates / selectivity, capped at
-    1000 (and never below the unfiltered value).
+    """ef_search for a filter expected to match `matching` of `rows` rows: the unfiltered ef_search (the
+    candidates, at least 40) / selectivity, capped at 1000.
 
     pgvector applies the filter to the rows the graph walk yields, so ef_search nearest rows hold only about
-    ef_search * selectivity matching ones. Walking candidates / selectivity puts about `candidates` matching
-    rows into the walk's first batch, which comes in exact order, so its first k matching rows are their
-    exact top k and the search needs nothing from the iterative scan's later, loosely ordered batches (100k x
-    384, 10% filter, 100 candidates: ef_search 1000 fetching k rows gave recall@10 0.994 at 46 queries/s,
-    against 0.995 at 24 for ef_search 400 continued by the iterative scan up to 100 rows). Where the cap
-    keeps the first batch short of `candidates`, the iterative scan fills the rest.
+    ef_search * selectivity matching ones. Scaled so, the walk's first batch, which comes in exact order,
+    holds about as many matching rows as an unfiltered search has candidates, and its first k matching rows
+    are the top k of those: the search then takes only k rows. Continuing with the iterative scan's later,
+    loosely ordered batches adds a little recall at a high price (100k x 384, 10% filter, 100 candidates:
+    ef_search 1000 taking k rows gave recall@10 0.994 at 46 queries/s; ef_search 400 continued up to 100
+    rows, 0.995 at 24). Where the cap keeps the first batch short of the candidates, the scan continues.
     """
     if matching <= 0 or rows <= 0:
         return ef_search(candidates)
-    return min(_EF_MAX, max(ef_search(candidates), math.ceil(candidates * rows / matching)))
+    return min(_EF_MAX, max(ef_search(candidates), math.ceil(ef_search(candidates) * rows / matching)))
 
 
 def default_candidates(k: int) -> int:
