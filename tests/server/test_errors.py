@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 import uuid
 from collections.abc import Callable
@@ -28,6 +29,10 @@ def known(stub: pb_grpc.EmbedderStub) -> str:
 
 def _doc(text: str = "fine", **kw: Any) -> pb.Document:
     return pb.Document(text=text, **kw)
+
+
+def _doc_with_metadata(metadata: dict[str, Any]) -> pb.Document:
+    return pb.Document(text="some text", metadata=dict_to_struct(metadata))
 
 
 CASES: list[tuple[str, Callable[[str], tuple[str, Any]], grpc.StatusCode, str]] = [
@@ -63,6 +68,21 @@ CASES: list[tuple[str, Callable[[str], tuple[str, Any]], grpc.StatusCode, str]] 
         lambda c: ("Embed", pb.EmbedRequest(documents=[_doc("a\x00b")], collection=c)),
         INVALID,
         "NUL",
+    ),
+    (
+        "NUL in stored metadata",
+        lambda c: (
+            "Embed",
+            pb.EmbedRequest(documents=[_doc(), _doc_with_metadata({"tags": ["ok", "a\x00b"]})], collection=c),
+        ),
+        INVALID,
+        "documents[1].metadata: contains a NUL",
+    ),
+    (
+        "NaN in stored metadata",
+        lambda c: ("Embed", pb.EmbedRequest(documents=[_doc_with_metadata({"x": {"y": math.nan}})], collection=c)),
+        INVALID,
+        "documents[0].metadata: nan is not a JSON number",
     ),
     ("k zero", lambda c: ("Search", pb.SearchRequest(collection=c, text="q", k=0)), INVALID, "k: must be in"),
     ("k too large", lambda c: ("Search", pb.SearchRequest(collection=c, text="q", k=100_000)), INVALID, "k: must be"),

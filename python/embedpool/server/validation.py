@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from google.protobuf import struct_pb2
+
 from embedpool.errors import InvalidArgument
-from embedpool.server.codec import struct_to_dict
 from embedpool.v1 import embedpool_pb2 as pb
 
 COLLECTION_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,63}")
@@ -72,18 +74,32 @@ def _storable(doc: pb.Document, i: int) -> None:
         raise InvalidArgument(f"documents[{i}].id: contains a NUL character")
     if "\x00" in doc.text:
         raise InvalidArgument(f"documents[{i}].text: contains a NUL character, which cannot be stored")
-    if _has_nul(struct_to_dict(doc.metadata)):
-        raise InvalidArgument(f"documents[{i}].metadata: contains a NUL character, which cannot be stored")
+    if problem := _struct_problem(doc.metadata):
+        raise InvalidArgument(f"documents[{i}].metadata: {problem}")
 
 
-def _has_nul(value: object) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False
+def _struct_problem(message: struct_pb2.Struct) -> str | None:
+    """Why the metadata cannot be stored, walking the message itself: converting it to a dict here would be
+    done again when the document is written."""
+    for key, value in message.fields.items():
+        if "\x00" in key:
+            return "contains a NUL character, which cannot be stored"
+        if problem := _value_problem(value):
+            return problem
+    return None
+
+
+def _value_problem(value: struct_pb2.Value) -> str | None:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value" and "\x00" in value.string_value:
+        return "contains a NUL character, which cannot be stored"
+    if kind == "number_value" and not math.isfinite(value.number_value):
+        return f"{value.number_value} is not a JSON number"
+    if kind == "struct_value":
+        return _struct_problem(value.struct_value)
+    if kind == "list_value":
+        return next(filter(None, map(_value_problem, value.list_value.values)), None)
+    return None
 
 
 def delete_request(request: pb.DeleteDocumentsRequest) -> None:
