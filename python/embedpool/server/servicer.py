@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -124,11 +125,10 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             async for request in requests:
                 yield request
 
-        if not first.bulk:
-            await run_ingest(stream(), check, embed, self._writer.store, ack, window=self._window, stores=self._stores)
-            return
-        validation.collection_name(first.collection)
-        async with self._store.bulk_load(first.collection):
+        if first.bulk:
+            validation.collection_name(first.collection)
+        loading = self._store.bulk_load(first.collection) if first.bulk else contextlib.nullcontext()
+        async with loading:
             await run_ingest(stream(), check, embed, self._writer.store, ack, window=self._window, stores=self._stores)
 
     @rpc
