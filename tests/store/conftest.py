@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 import pytest
 from numpy.typing import NDArray
+from psycopg import AsyncConnection, sql
 
-from embedpool.store import DocumentRow, EmbeddedPostgres, Store, running_postgres
+from embedpool.store import DocumentRow, EmbeddedPostgres, HnswOptions, Store, running_postgres
 
 _names = itertools.count()
 
@@ -58,3 +60,29 @@ def rows(vectors: NDArray[np.float32], *, prefix: str = "d", start: int = 0, tag
         )
         for i, v in enumerate(vectors)
     ]
+
+
+async def bucketed_collection(
+    postgres: EmbeddedPostgres,
+    store: Store,
+    *,
+    n: int,
+    dim: int,
+    buckets: int,
+    seed: int,
+    hnsw: HnswOptions | None = None,
+    bulk: bool = True,
+) -> tuple[str, NDArray[np.float32]]:
+    """n unit vectors, row i tagged metadata["bucket"] = i % buckets, loaded (in bulk mode, or row by row into
+    the graph) and analyzed, so the planner knows each bucket's share as autovacuum soon would."""
+    name = unique_name("bucketed")
+    info = await store.create_collection(name, model="m", dim=dim, hnsw=hnsw)
+    vectors = unit_vectors(n, dim, seed=seed)
+    batch = rows(vectors)
+    for i, row in enumerate(batch):
+        row.metadata["bucket"] = i % buckets
+    async with store.bulk_load(name) if bulk else contextlib.nullcontext():
+        await store.upsert(name, batch)
+    async with await AsyncConnection.connect(postgres.uri, autocommit=True) as conn:
+        await conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(f"documents_c{info.id}")))
+    return name, vectors

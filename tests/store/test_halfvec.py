@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from numpy.typing import NDArray
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection
 
 from embedpool.errors import AlreadyExists, InvalidArgument
 from embedpool.store import EmbeddedPostgres, HnswOptions, Store, search
@@ -13,7 +13,7 @@ from embedpool.store._codec import configure_connection
 from embedpool.store.collections import index_name
 from embedpool.store.migrations import discover, migrate_down, migrate_up
 
-from .conftest import rows, unique_name, unit_vectors
+from .conftest import bucketed_collection, rows, unique_name, unit_vectors
 
 pytestmark = pytest.mark.anyio
 DIM, N = 48, 1500
@@ -21,16 +21,9 @@ HALF = HnswOptions(halfvec=True)
 
 
 async def _halfvec_collection(postgres: EmbeddedPostgres, store: Store) -> tuple[str, NDArray[np.float32]]:
-    name = unique_name("half")
-    info = await store.create_collection(name, model="m", dim=DIM, hnsw=HALF)
-    vectors = unit_vectors(N, DIM, seed=11)
-    batch = rows(vectors)
-    for i, row in enumerate(batch):
-        row.metadata["bucket"] = i % 4
-    await store.upsert(name, batch)
-    async with await AsyncConnection.connect(postgres.uri, autocommit=True) as conn:
-        await conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(f"documents_c{info.id}")))
-    return name, vectors
+    """Rows enter the halfvec graph one by one (no bulk load): the index is exercised as incremental writes
+    build it."""
+    return await bucketed_collection(postgres, store, n=N, dim=DIM, buckets=4, seed=11, hnsw=HALF, bulk=False)
 
 
 def _exact(vectors: NDArray[np.float32], query: NDArray[np.float32], k: int) -> list[str]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection
 
 from embedpool.errors import AlreadyExists, InvalidArgument
 from embedpool.store import EmbeddedPostgres, Store, search
 from embedpool.store.collections import HnswOptions, index_name
 
-from .conftest import rows, unique_name, unit_vectors
+from .conftest import bucketed_collection, rows, unique_name, unit_vectors
 
 pytestmark = pytest.mark.anyio
 DIM = 16
@@ -55,37 +55,13 @@ def test_bad_options_are_invalid(kwargs: dict[str, int]) -> None:
 
 async def test_selective_filter_returns_k_exact_hits(postgres: EmbeddedPostgres, store: Store) -> None:
     """1% of 3000 rows match: the search returns every one of the k nearest matching rows."""
-    name = unique_name("filtered")
-    info = await store.create_collection(name, model="m", dim=DIM)
-    vectors = unit_vectors(3000, DIM, seed=5)
-    batch = rows(vectors)
-    for i, row in enumerate(batch):
-        row.metadata["bucket"] = i % 100
-    async with store.bulk_load(name):
-        for start in range(0, len(batch), 1000):
-            await store.upsert(name, batch[start : start + 1000])
-    async with await AsyncConnection.connect(postgres.uri, autocommit=True) as conn:
-        await conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(f"documents_c{info.id}")))
+    name, vectors = await bucketed_collection(postgres, store, n=3000, dim=DIM, buckets=100, seed=5)
     query = unit_vectors(1, DIM, seed=6)[0]
     for bucket in (3, 77):
         found = await store.search(name, query, k=10, filter={"bucket": bucket})
         matching = np.arange(bucket, 3000, 100)
         exact = {f"d{i}" for i in matching[np.argsort(-(vectors[matching] @ query))[:10]]}
         assert {c.id for c in found} == exact
-
-
-async def _ten_percent_collection(postgres: EmbeddedPostgres, store: Store) -> tuple[str, np.ndarray]:
-    name = unique_name("filtered10")
-    info = await store.create_collection(name, model="m", dim=DIM)
-    vectors = unit_vectors(3000, DIM, seed=7)
-    batch = rows(vectors)
-    for i, row in enumerate(batch):
-        row.metadata["bucket"] = i % 10
-    async with store.bulk_load(name):
-        await store.upsert(name, batch)
-    async with await AsyncConnection.connect(postgres.uri, autocommit=True) as conn:
-        await conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(f"documents_c{info.id}")))
-    return name, vectors
 
 
 def _exact_top(vectors: np.ndarray, query: np.ndarray, bucket: int, k: int) -> set[str]:
@@ -101,7 +77,7 @@ async def test_ten_percent_filter_returns_the_exact_top_k(
     sorted exactly; with the threshold at 0 the same search walks the graph at ef_search 40 / 10% = 400."""
     if path == "graph":
         monkeypatch.setattr(search, "EXACT_MAX_ROWS", 0)
-    name, vectors = await _ten_percent_collection(postgres, store)
+    name, vectors = await bucketed_collection(postgres, store, n=3000, dim=DIM, buckets=10, seed=7)
     queries = unit_vectors(20, DIM, seed=8)
     hits = 0
     for n, query in enumerate(queries):
