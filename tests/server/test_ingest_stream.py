@@ -5,6 +5,7 @@ Batches come pre-embedded (random unit vectors) so the store's timing, not the m
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import AsyncIterator
 
@@ -47,7 +48,7 @@ def _batch(collection: str, docs: dict[str, str]) -> EmbeddedBatch:
         DocumentRow(doc_id, text, {}, text.encode(), vector)
         for (doc_id, text), vector in zip(docs.items(), vectors, strict=True)
     ]
-    return EmbeddedBatch(collection, list(docs), rows, [1] * len(docs), None, 0)
+    return EmbeddedBatch(collection, list(docs), rows, [1] * len(docs), None, {}, truncate=True, deadline=math.inf)
 
 
 async def _requests(n: int) -> AsyncIterator[pb.IngestRequest]:

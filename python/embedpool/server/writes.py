@@ -5,6 +5,7 @@ Shared by Embed (with a collection) and Ingest, so both have the same idempotenc
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -19,7 +20,7 @@ from embedpool import metrics
 from embedpool.engine import ServingModel
 from embedpool.pool import EmbeddingPool
 from embedpool.server.codec import struct_to_dict
-from embedpool.store import DocumentRow, Store, UpsertResult
+from embedpool.store import DocumentRow, StaleAssumption, Store, UpsertResult
 from embedpool.v1 import embedpool_pb2 as pb
 
 
@@ -44,6 +45,16 @@ class WriteOutcome:
     rejected: list[pb.RejectedDocument] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class Unembedded:
+    """A document left out of embedding because the stored row had its hash when the batch was embedded."""
+
+    index: int
+    text: str
+    metadata: dict[str, Any]
+    content_hash: bytes
+
+
 @dataclass(frozen=True)
 class EmbeddedBatch:
     """A batch after embedding, before storing: what `DocumentWriter.store` needs."""
@@ -51,13 +62,27 @@ class EmbeddedBatch:
     collection: str
     ids: list[str]
     rows: list[DocumentRow]
-    token_counts: list[int]  # 0 for documents skipped as unchanged
+    token_counts: list[int]  # 0 for documents not embedded
     vectors: NDArray[np.float32] | None
-    skipped_unchanged: int
+    assumed: dict[str, Unembedded]
+    """By id: the store confirms their hashes when it writes the rows, or they are embedded then."""
+    truncate: bool
+    deadline: float
+
+    @property
+    def skipped_unchanged(self) -> int:
+        return len(self.assumed)
 
 
 class DocumentWriter:
-    """Writes in two steps, so that a stream embeds its next batches while earlier ones are stored."""
+    """Writes in two steps, so that a stream embeds its next batches while earlier ones are stored.
+
+    Per id only the last document of a request counts. One whose stored hash is its own is not embedded, but
+    that is only an assumption until the batch is stored: an earlier batch of the same stream, or another
+    caller, may change the row in between. The store confirms it in the writing transaction; what changed
+    is embedded then and written, so the last version sent is the one stored and `skipped_unchanged` counts
+    only rows that were unchanged when the batch committed.
+    """
 
     def __init__(self, pool: EmbeddingPool, store: Store, model: ServingModel) -> None:
         self._pool = pool
@@ -86,13 +111,18 @@ class DocumentWriter:
         want_vectors: bool,
     ) -> EmbeddedBatch:
         ids = [doc.id or derived_id(doc.text) for doc in documents]
-        metadata = [struct_to_dict(doc.metadata) for doc in documents]
-        hashes = [content_hash(self._model.name, d.text, m) for d, m in zip(documents, metadata, strict=True)]
-        # Vectors asked for means every document is embedded; otherwise unchanged ones are not embedded again.
-        todo = list(range(len(documents)))
+        # An id's earlier documents in the request are overwritten by its last: they need no row (nor, unless
+        # vectors are asked for, an embedding).
+        latest = sorted({doc_id: i for i, doc_id in enumerate(ids)}.values())
+        metadata = {i: struct_to_dict(documents[i].metadata) for i in latest}
+        hashes = {i: content_hash(self._model.name, documents[i].text, metadata[i]) for i in latest}
+        assumed: dict[str, Unembedded] = {}
         if not want_vectors:
-            stored = await self._store.existing_hashes(collection, ids)
-            todo = [i for i in todo if stored.get(ids[i]) != hashes[i]]
+            stored = await self._store.existing_hashes(collection, [ids[i] for i in latest])
+            for i in latest:
+                if stored.get(ids[i]) == hashes[i]:
+                    assumed[ids[i]] = Unembedded(i, documents[i].text, metadata[i], hashes[i])
+        todo = list(range(len(documents))) if want_vectors else [i for i in latest if ids[i] not in assumed]
         token_counts = [0] * len(documents)
         vectors: NDArray[np.float32] | None = None
         rows: list[DocumentRow] = []
@@ -102,25 +132,30 @@ class DocumentWriter:
                 token_counts[i] = int(embedded.token_counts[j])
             rows = [
                 DocumentRow(
-                    id=ids[i],
-                    text=documents[i].text,
-                    metadata=metadata[i],
-                    content_hash=hashes[i],
-                    embedding=embedded.vectors[j],
+                    id=ids[i], text=documents[i].text, metadata=metadata[i], content_hash=hashes[i], embedding=vector
                 )
-                for j, i in enumerate(todo)
+                for i, vector in zip(todo, embedded.vectors, strict=True)
+                if i in metadata
             ]
             if want_vectors:
                 vectors = embedded.vectors
-        return EmbeddedBatch(collection, ids, rows, token_counts, vectors, len(documents) - len(todo))
+        return EmbeddedBatch(collection, ids, rows, token_counts, vectors, assumed, truncate, deadline)
 
     async def store(self, batch: EmbeddedBatch) -> WriteOutcome:
-        started = time.perf_counter()
-        result = await self._store.upsert(batch.collection, batch.rows) if batch.rows else UpsertResult()
-        metrics.STORE_SECONDS.observe(time.perf_counter() - started)
-        if batch.skipped_unchanged:
-            unchanged = result.unchanged + batch.skipped_unchanged
-            result = UpsertResult(result.inserted, result.updated, unchanged, result.rejected)
+        while True:
+            started = time.perf_counter()
+            try:
+                hashes = {doc_id: doc.content_hash for doc_id, doc in batch.assumed.items()}
+                result = (
+                    await self._store.upsert(batch.collection, batch.rows, hashes)
+                    if batch.rows or hashes
+                    else UpsertResult()
+                )
+                break
+            except StaleAssumption as stale:
+                batch = await self._embed_assumed(batch, stale.ids)
+            finally:
+                metrics.STORE_SECONDS.observe(time.perf_counter() - started)
         for outcome, count in (
             ("inserted", result.inserted),
             ("updated", result.updated),
@@ -134,3 +169,17 @@ class DocumentWriter:
             for doc_id, reason in result.rejected
         ]
         return WriteOutcome(batch.ids, batch.token_counts, batch.vectors, result, batch.skipped_unchanged, rejected)
+
+    async def _embed_assumed(self, batch: EmbeddedBatch, ids: Sequence[str]) -> EmbeddedBatch:
+        """`batch` with the documents of `ids` embedded after all: their rows changed since they were checked."""
+        docs = [batch.assumed[doc_id] for doc_id in ids]
+        embedded = await self._pool.embed([d.text for d in docs], truncate=batch.truncate, deadline=batch.deadline)
+        token_counts = list(batch.token_counts)
+        for doc, count in zip(docs, embedded.token_counts, strict=True):
+            token_counts[doc.index] = int(count)
+        rows = [
+            DocumentRow(id=doc_id, text=d.text, metadata=d.metadata, content_hash=d.content_hash, embedding=vector)
+            for doc_id, d, vector in zip(ids, docs, embedded.vectors, strict=True)
+        ]
+        assumed = {doc_id: d for doc_id, d in batch.assumed.items() if doc_id not in set(ids)}
+        return dataclasses.replace(batch, rows=[*batch.rows, *rows], token_counts=token_counts, assumed=assumed)

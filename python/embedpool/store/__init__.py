@@ -5,6 +5,7 @@ from embedpool.store.embedded import EmbeddedPostgres, default_data_dir, running
 from embedpool.store.migrations import migrate_down, migrate_up
 from embedpool.store.records import CollectionInfo, CollectionStats, DocumentRow, Hit, UpsertResult
 from embedpool.store.store import Store
+from embedpool.store.writer import StaleAssumption
 
 __all__ = [
     "CollectionInfo",
@@ -13,6 +14,7 @@ __all__ = [
     "EmbeddedPostgres",
     "Hit",
     "HnswOptions",
+    "StaleAssumption",
     "Store",
     "UpsertResult",
     "default_data_dir",

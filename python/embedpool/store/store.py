@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -152,10 +152,13 @@ class Store:
                 conn, collection, maintenance_work_mem=maintenance_work_mem, parallel_workers=parallel_workers
             )
 
-    async def upsert(self, collection: str, docs: Sequence[DocumentRow]) -> UpsertResult:
-        """Store the valid rows in one transaction; invalid ones come back in `rejected`."""
+    async def upsert(
+        self, collection: str, docs: Sequence[DocumentRow], assumed: Mapping[str, bytes] | None = None
+    ) -> UpsertResult:
+        """Store the valid rows in one transaction; invalid ones come back in `rejected`. `assumed`: ids left
+        out as unchanged, with the hash they were seen with; writer.StaleAssumption if one changed since."""
         async with self._connection() as conn:
-            return await writer.upsert(conn, collection, docs)
+            return await writer.upsert(conn, collection, docs, assumed)
 
     async def existing_hashes(self, collection: str, ids: Sequence[str]) -> dict[str, bytes]:
         async with self._connection() as conn:

@@ -19,7 +19,7 @@ import json
 import re
 import struct
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -36,6 +36,7 @@ from embedpool.store.records import CollectionInfo, DocumentRow, UpsertResult
 __all__ = [
     "MAX_ID_BYTES",
     "Batch",
+    "StaleAssumption",
     "copy_chunks",
     "delete",
     "delete_where",
@@ -50,6 +51,15 @@ MAX_ID_BYTES: Final = 512
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 # One encoder for every call: json.dumps with options builds a new JSONEncoder each time.
 _JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+class StaleAssumption(Exception):  # not an error: a signal to embed these and try again
+    """Ids the caller assumed unchanged (their stored hash was its own when it looked) whose stored hash has
+    changed since: nothing was written; embed them and upsert again."""
+
+    def __init__(self, ids: list[str]) -> None:
+        super().__init__(f"{len(ids)} ids changed since their hashes were read")
+        self.ids = ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,25 +293,48 @@ SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FR
 """
 
 
-async def upsert(conn: AsyncConnection[Any], collection: str, rows: Sequence[DocumentRow]) -> UpsertResult:
+async def upsert(
+    conn: AsyncConnection[Any],
+    collection: str,
+    rows: Sequence[DocumentRow],
+    assumed: Mapping[str, bytes] | None = None,
+) -> UpsertResult:
+    """Store the valid `rows` in one transaction. `assumed`: ids the caller did not embed because their stored
+    hash was the given one when it looked; they are confirmed in the same transaction, and if any changed
+    since, StaleAssumption is raised with nothing written. Confirmed ids count as unchanged."""
     if conn not in _with_staging:
         await conn.execute(_STAGING)
         _with_staging.add(conn)
+    assumed = assumed or {}
     try:
-        return await _upsert(conn, collection, rows, merge=False)
+        return await _upsert(conn, collection, rows, assumed, merge=False)
     except psycopg.errors.UniqueViolation:
         # A concurrent writer stored one of our new ids between our read and our COPY: merge instead.
-        return await _upsert(conn, collection, rows, merge=True)
+        return await _upsert(conn, collection, rows, assumed, merge=True)
 
 
 async def _upsert(
-    conn: AsyncConnection[Any], collection: str, rows: Sequence[DocumentRow], *, merge: bool
+    conn: AsyncConnection[Any],
+    collection: str,
+    rows: Sequence[DocumentRow],
+    assumed: Mapping[str, bytes],
+    *,
+    merge: bool,
 ) -> UpsertResult:
     async with conn.transaction():
         info = await collections.lookup(conn, collection, lock=True)
         screened = _screen(rows, info)
-        stored = await _hashes(conn, info, list(screened.positions)) if screened.positions else {}
+        wanted = [*screened.positions, *(i for i in assumed if i not in screened.positions)]
+        # One read serves both: the hashes that make rows unchanged, and the confirmation of the assumed ones.
+        # Read after earlier writes of the same ids committed (the caller orders them), so a stale assumption
+        # is seen here rather than overwriting a newer row with the older one's "unchanged".
+        stored = await _hashes(conn, info, wanted) if wanted else {}
+        stale = [i for i, h in assumed.items() if i not in screened.positions and stored.get(i) != h]
+        if stale:
+            raise StaleAssumption(sorted(stale))
+        confirmed = sum(1 for i in assumed if i not in screened.positions)
         todo, unchanged, rejected = _select(rows, screened, stored)
+        unchanged += confirmed
         if not todo:
             return UpsertResult(unchanged=unchanged, rejected=rejected)
         partition = sql.Identifier(collections.partition_name(info))
