@@ -37,3 +37,8 @@ class Unavailable(EmbedpoolError, ConnectionError):
 
 class InferenceFailed(EmbedpoolError, RuntimeError):
     """The inference engine failed on a batch: a server-side fault, not the caller's."""
+
+
+class StartupError(EmbedpoolError, RuntimeError):
+    """The server cannot start as configured (a port in use, a data directory another server owns, a database
+    without pgvector): the message says what is wrong and what to change."""
