@@ -22,10 +22,11 @@ from embedpool.engine import Engine, load_engine
 from embedpool.pool import PoolConfig, running_pool
 from embedpool.pool.scheduler import BatchLimits
 from embedpool.server import validation
+from embedpool.server.decoding import add_embedder
 from embedpool.server.servicer import EmbedderServicer
 from embedpool.store import Store
 from embedpool.store.embedded import EmbeddedPostgres
-from embedpool.v1 import embedpool_pb2, embedpool_pb2_grpc
+from embedpool.v1 import embedpool_pb2
 
 log = logging.getLogger("embedpool.server")
 
@@ -128,7 +129,7 @@ async def serve(
             settings.ingest_window,
             settings.ingest_stores,
         )
-        embedpool_pb2_grpc.add_EmbedderServicer_to_server(EmbedderServicer(pool, store, engine.model, limits), server)
+        add_embedder(EmbedderServicer(pool, store, engine.model, limits), server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)

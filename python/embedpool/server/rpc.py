@@ -7,15 +7,16 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import grpc
 import grpc.aio
 
 from embedpool import metrics
-from embedpool.errors import EmbedpoolError
+from embedpool.errors import EmbedpoolError, InvalidArgument
 from embedpool.logs import request_id
+from embedpool.server.decoding import Malformed
 from embedpool.server.errors import status_for
 
 log = logging.getLogger("embedpool.rpc")
@@ -44,6 +45,18 @@ def _domain_error(group: ExceptionGroup[Exception]) -> Exception:
     return next((e for e in leaves if isinstance(e, EmbedpoolError)), leaves[0] if leaves else group)
 
 
+def _malformed(message: Malformed) -> InvalidArgument:
+    return InvalidArgument(f"request is not a valid {message.message_type} message")
+
+
+async def _checked(requests: AsyncIterable[object]) -> AsyncIterator[object]:
+    """A request stream that raises InvalidArgument at the first message that did not parse."""
+    async for request in requests:
+        if isinstance(request, Malformed):
+            raise _malformed(request)
+        yield request
+
+
 def rpc(method: Method) -> Method:
     """Wraps a servicer method (self, request, context) -> response."""
     name = method.__name__
@@ -56,6 +69,10 @@ def rpc(method: Method) -> Method:
         code = grpc.StatusCode.OK
         try:
             await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+            if isinstance(request, Malformed):
+                raise _malformed(request)
+            if isinstance(request, AsyncIterable):
+                request = _checked(request)
             try:
                 return await method(self, request, context)
             except ExceptionGroup as group:  # from task groups inside a handler: surface the domain error
