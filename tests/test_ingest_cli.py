@@ -23,8 +23,7 @@ def target(server: Running) -> str:
 
 def _count(target: str, collection: str) -> int:
     with grpc.insecure_channel(target) as channel:
-        listed = pb_grpc.EmbedderStub(channel).ListCollections(pb.ListCollectionsRequest())
-    return next(c.count for c in listed.collections if c.name == collection)
+        return pb_grpc.EmbedderStub(channel).GetCollection(pb.GetCollectionRequest(name=collection)).count
 
 
 def _jsonl(path: Path, n: int = DOCS) -> Path:
@@ -107,8 +106,8 @@ def test_index_options_create_a_halfvec_collection_and_none_keep_an_existing_one
     run_ingest(target, "ingest-half", source, batch_size=16, progress=False, index=half)
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.EmbedderStub(channel)
-        listed = {c.name: c for c in stub.ListCollections(pb.ListCollectionsRequest()).collections}
-        assert listed["ingest-half"].index.halfvec and listed["ingest-half"].count == 40
+        got = stub.GetCollection(pb.GetCollectionRequest(name="ingest-half"))
+        assert got.index.halfvec and got.count == 40
         hits = stub.Search(pb.SearchRequest(collection="ingest-half", text="passage number 5 about topic 5", k=1)).hits
         assert hits[0].text == "passage number 5 about topic 5"
     # No options: the existing halfvec collection is used as it is; options that differ are refused.

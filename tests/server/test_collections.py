@@ -26,8 +26,7 @@ def collection(stub: pb_grpc.EmbedderStub, request: pytest.FixtureRequest) -> st
 
 
 def _count(stub: pb_grpc.EmbedderStub, name: str) -> int:
-    listed = {c.name: c.count for c in stub.ListCollections(pb.ListCollectionsRequest()).collections}
-    return listed[name]
+    return stub.GetCollection(pb.GetCollectionRequest(name=name)).count
 
 
 def _docs(texts: list[str]) -> list[pb.Document]:

@@ -30,7 +30,7 @@ def _batches(collection: str, n_batches: int, size: int, start: int = 0) -> Iter
 
 
 def _count(stub: pb_grpc.EmbedderStub, name: str) -> int:
-    return {c.name: c.count for c in stub.ListCollections(pb.ListCollectionsRequest()).collections}[name]
+    return stub.GetCollection(pb.GetCollectionRequest(name=name)).count
 
 
 def test_acks_come_in_order_and_resending_is_harmless(stub: pb_grpc.EmbedderStub, collection: str) -> None:

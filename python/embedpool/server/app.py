@@ -109,6 +109,7 @@ async def serve(
     settings = engine.settings
     async with AsyncExitStack() as stack:
         store, url = await stack.enter_async_context(open_store(settings))
+        await stack.enter_async_context(store.watching())  # collection rows cached, kept right by LISTEN
         pool = await stack.enter_async_context(
             running_pool(engine.tokenizer, engine.sessions, _pool_config(settings, engine))
         )

@@ -69,7 +69,13 @@ def upsert_stats(result: UpsertResult) -> pb.UpsertStats:
 def collection_message(info: CollectionInfo, stats: CollectionStats | None = None) -> pb.Collection:
     index = pb.IndexOptions(m=info.hnsw_m, ef_construction=info.hnsw_ef_construction, halfvec=info.hnsw_halfvec)
     message = pb.Collection(
-        name=info.name, model=info.model, dim=info.dim, metric=info.metric, count=info.count or 0, index=index
+        name=info.name,
+        model=info.model,
+        dim=info.dim,
+        metric=info.metric,
+        count=info.count or 0,
+        count_estimated=info.count_estimated,
+        index=index,
     )
     if stats is not None:
         message.count, message.index_bytes, message.table_bytes = stats.count, stats.index_bytes, stats.table_bytes

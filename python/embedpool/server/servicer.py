@@ -28,7 +28,7 @@ from embedpool.server.codec import (
 from embedpool.server.ingest_stream import run_ingest
 from embedpool.server.rpc import rpc
 from embedpool.server.writes import DocumentWriter, EmbeddedBatch, WriteOutcome
-from embedpool.store import Store
+from embedpool.store import CollectionInfo, Store
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
@@ -171,8 +171,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         normalized: NDArray[np.float32] = vector / norm
         return normalized
 
-    async def _check_collection(self, name: str) -> Any:
-        collection = await self._store.get_collection(name)
+    async def _check_collection(self, name: str) -> CollectionInfo:
+        collection = await self._store.collection(name)
         if collection.metric != "cosine":
             raise InvalidArgument(f"collection {name!r} uses the {collection.metric} metric; Search scores are cosine")
         if collection.dim != self._model.dim or collection.model != self._model.name:
@@ -213,8 +213,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     @rpc
     async def GetCollection(self, request: pb.GetCollectionRequest, context: Context) -> pb.Collection:
         validation.collection_name(request.name, "name")
-        info = await self._store.get_collection(request.name)
-        return collection_message(info, await self._store.stats(request.name))
+        info = await self._store.collection(request.name)
+        return collection_message(info, await self._store.stats(request.name))  # the exact count is in the stats
 
     @rpc
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:

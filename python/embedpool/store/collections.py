@@ -56,6 +56,9 @@ METRICS: Final = {
 }
 
 _COLUMNS = sql.SQL("id, name, model, dim, metric, created_at, hnsw_m, hnsw_ef_construction, hnsw_halfvec")
+_COLUMNS_OF_C = sql.SQL(
+    "c.id, c.name, c.model, c.dim, c.metric, c.created_at, c.hnsw_m, c.hnsw_ef_construction, c.hnsw_halfvec"
+)
 
 
 def partition_name(info: CollectionInfo) -> str:
@@ -209,26 +212,33 @@ async def lookup(conn: AsyncConnection[Any], name: str, *, lock: bool = False) -
 
 
 async def get(conn: AsyncConnection[Any], name: str) -> CollectionInfo:
-    infos = await _with_counts(conn, sql.SQL("WHERE c.name = %s"), (check_name(name),))
-    if not infos:
-        raise NotFound(f"collection '{name}' does not exist")
-    return infos[0]
-
-
-async def list_all(conn: AsyncConnection[Any]) -> list[CollectionInfo]:
-    return await _with_counts(conn, sql.SQL(""), ())
-
-
-async def _with_counts(conn: AsyncConnection[Any], where: sql.SQL, params: tuple[Any, ...]) -> list[CollectionInfo]:
+    """With the exact count: a scan of the collection's rows, so only where a caller asks for it."""
     cur = conn.cursor(row_factory=class_row(CollectionInfo))
     await cur.execute(
         sql.SQL(
-            "SELECT c.id, c.name, c.model, c.dim, c.metric, c.created_at,"
-            " c.hnsw_m, c.hnsw_ef_construction, c.hnsw_halfvec,"
-            " (SELECT count(*) FROM documents d WHERE d.collection_id = c.id) AS count"
-            " FROM collections c {} ORDER BY c.name"
-        ).format(where),
-        params,
+            "SELECT {}, (SELECT count(*) FROM documents d WHERE d.collection_id = c.id) AS count"
+            " FROM collections c WHERE c.name = %s"
+        ).format(_COLUMNS_OF_C),
+        (check_name(name),),
+    )
+    info = await cur.fetchone()
+    if info is None:
+        raise NotFound(f"collection '{name}' does not exist")
+    return info
+
+
+async def list_all(conn: AsyncConnection[Any]) -> list[CollectionInfo]:
+    """Every collection by name, with an estimated count: Postgres' live-row statistic of its partition, which
+    trails commits by up to a few seconds (falling back on the planner's estimate, 0 for one never counted)."""
+    cur = conn.cursor(row_factory=class_row(CollectionInfo))
+    await cur.execute(
+        sql.SQL(
+            "SELECT {}, coalesce(s.n_live_tup, greatest(p.reltuples, 0))::int8 AS count, true AS count_estimated"
+            " FROM collections c"
+            " LEFT JOIN pg_class p ON p.oid = to_regclass(quote_ident('documents_c' || c.id))"
+            " LEFT JOIN pg_stat_user_tables s ON s.relid = p.oid"
+            " ORDER BY c.name"
+        ).format(_COLUMNS_OF_C)
     )
     return await cur.fetchall()
 

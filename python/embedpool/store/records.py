@@ -52,7 +52,8 @@ class CollectionInfo:
     hnsw_ef_construction: int = 64
     hnsw_halfvec: bool = False
     count: int | None = None
-    """Documents stored; filled by list_collections (and get_collection), None where not counted."""
+    """Documents stored: exact from get_collection, estimated from list_collections, None where not counted."""
+    count_estimated: bool = False
 
     @property
     def hnsw(self) -> HnswOptions:

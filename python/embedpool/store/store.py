@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import anyio
 import numpy as np
@@ -17,9 +17,12 @@ from psycopg_pool import AsyncConnectionPool
 from embedpool.errors import Unavailable
 from embedpool.store import collections, search, writer
 from embedpool.store._codec import configure_connection
+from embedpool.store.catalog import CollectionCache
 from embedpool.store.collections import HnswOptions
 from embedpool.store.migrations import migrate_up
 from embedpool.store.records import CollectionInfo, CollectionStats, DocumentRow, Hit, UpsertResult
+
+T = TypeVar("T")
 
 __all__ = ["Store"]
 
@@ -44,9 +47,9 @@ class Store:
     def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Any]]) -> None:
         """Use `await Store.open(url)`."""
         self._pool = pool
-        # Collection rows by name, for searches (writes lock the row instead). A partition is never renamed
-        # and its name holds the collection's never-reused id, so a stale entry fails loudly (UndefinedTable).
-        self._infos: dict[str, CollectionInfo] = {}
+        self._url = pool.conninfo
+        # Collection rows for the per-request checks and reads (writes look the row up again, under a lock).
+        self._cache = CollectionCache()
 
     @classmethod
     async def open(cls, url: str, *, min_size: int = 1, max_size: int = 8, timeout: float = 10.0) -> Store:
@@ -83,6 +86,25 @@ class Store:
         await self._pool.close()
 
     @contextlib.asynccontextmanager
+    async def watching(self) -> AsyncIterator[None]:
+        """Caches collection rows for the block, kept right by LISTEN (see store.catalog); without it every
+        request looks its collection up (one primary-key read)."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._cache.watch, self._url)
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def collection(self, name: str) -> CollectionInfo:
+        """The collection's row (no count): from the cache when it is live, else one primary-key read."""
+        info = self._cache.get(name)
+        if info is None:
+            async with self._connection() as conn:
+                info = await self._lookup(conn, name)
+        return info
+
+    @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[AsyncConnection[Any]]:
         async with _unavailable_on_connection_errors(), self._pool.connection() as conn:
             yield conn
@@ -100,17 +122,18 @@ class Store:
             return (await collections.lookup(conn, name)).hnsw
 
     async def get_collection(self, name: str) -> CollectionInfo:
-        """With its document count; NotFound when missing."""
+        """With its exact document count (a scan of the collection); NotFound when missing."""
         async with self._connection() as conn:
             return await collections.get(conn, name)
 
     async def list_collections(self) -> list[CollectionInfo]:
-        """By name, each with its document count."""
+        """By name, each with an estimated document count (`count_estimated`): exact counts would scan every
+        collection."""
         async with self._connection() as conn:
             return await collections.list_all(conn)
 
     async def drop_collection(self, name: str) -> None:
-        self._infos.pop(name, None)
+        self._cache.forget(name)
         async with self._connection() as conn:
             await collections.drop(conn, name)
 
@@ -145,7 +168,7 @@ class Store:
         """Build the collection's HNSW index if it is missing (after a bulk load); see `bulk_load`."""
         if maintenance_work_mem is None:
             stats = await self.stats(collection)
-            info = await self.get_collection(collection)
+            info = await self.collection(collection)
             maintenance_work_mem = f"{_graph_mb(stats.count, info.dim)}MB"
         async with self._connection() as conn:
             await collections.build_index(
@@ -161,8 +184,9 @@ class Store:
             return await writer.upsert(conn, collection, docs, assumed)
 
     async def existing_hashes(self, collection: str, ids: Sequence[str]) -> dict[str, bytes]:
+        checked = writer.checked_ids(ids)
         async with self._connection() as conn:
-            return await writer.existing_hashes(conn, collection, ids)
+            return await self._on_collection(conn, collection, lambda info: writer.hashes(conn, info, checked))
 
     async def search(
         self,
@@ -178,22 +202,33 @@ class Store:
         (default: search.default_candidates(k)) approximate ones from the HNSW index; metadata @> filter
         when given; none farther than `max_distance`."""
         async with self._connection() as conn:
-            for attempt in (1, 2):
-                info = self._infos.get(collection) or await self._lookup(conn, collection)
-                try:
-                    return await search.search(
-                        conn, info, query, k=k, candidates=candidates, filter=filter, max_distance=max_distance
-                    )
-                except psycopg.errors.UndefinedTable:
-                    # Dropped (perhaps re-created) by another client since we cached it: look the name up again.
-                    self._infos.pop(collection, None)
-                    if attempt == 2:
-                        raise
-            raise AssertionError("unreachable")
+            return await self._on_collection(
+                conn,
+                collection,
+                lambda info: search.search(
+                    conn, info, query, k=k, candidates=candidates, filter=filter, max_distance=max_distance
+                ),
+            )
 
-    async def _lookup(self, conn: AsyncConnection[Any], collection: str) -> CollectionInfo:
-        info = await collections.lookup(conn, collection)
-        self._infos[collection] = info
+    async def _on_collection(
+        self, conn: AsyncConnection[Any], name: str, work: Callable[[CollectionInfo], Awaitable[T]]
+    ) -> T:
+        """`work` on the collection's row, cached or looked up; looked up again once if the cached row was of a
+        collection dropped (perhaps re-created) since."""
+        for attempt in (1, 2):
+            info = self._cache.get(name) or await self._lookup(conn, name)
+            try:
+                return await work(info)
+            except psycopg.errors.UndefinedTable:
+                self._cache.forget(name)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _lookup(self, conn: AsyncConnection[Any], name: str) -> CollectionInfo:
+        generation = self._cache.generation
+        info = await collections.lookup(conn, name)
+        self._cache.put(info, generation)
         return info
 
     async def delete(self, collection: str, ids: Sequence[str]) -> int:

@@ -37,10 +37,11 @@ __all__ = [
     "MAX_ID_BYTES",
     "Batch",
     "StaleAssumption",
+    "checked_ids",
     "copy_chunks",
     "delete",
     "delete_where",
-    "existing_hashes",
+    "hashes",
     "json_object",
     "upsert",
     "validate",
@@ -328,7 +329,7 @@ async def _upsert(
         # One read serves both: the hashes that make rows unchanged, and the confirmation of the assumed ones.
         # Read after earlier writes of the same ids committed (the caller orders them), so a stale assumption
         # is seen here rather than overwriting a newer row with the older one's "unchanged".
-        stored = await _hashes(conn, info, wanted) if wanted else {}
+        stored = await hashes(conn, info, wanted) if wanted else {}
         stale = [i for i, h in assumed.items() if i not in screened.positions and stored.get(i) != h]
         if stale:
             raise StaleAssumption(sorted(stale))
@@ -349,7 +350,8 @@ async def _upsert(
         return UpsertResult(inserted, updated, unchanged + len(todo) - inserted - updated, rejected)
 
 
-async def _hashes(conn: AsyncConnection[Any], info: CollectionInfo, ids: list[str]) -> dict[str, bytes]:
+async def hashes(conn: AsyncConnection[Any], info: CollectionInfo, ids: list[str]) -> dict[str, bytes]:
+    """Content hash of each of `ids` that is stored: lets the caller skip embedding unchanged documents."""
     cur = await conn.execute(
         sql.SQL("SELECT id, content_hash FROM {} WHERE collection_id = %s::int8 AND id = ANY(%s::text[])").format(
             sql.Identifier(collections.partition_name(info))
@@ -360,7 +362,7 @@ async def _hashes(conn: AsyncConnection[Any], info: CollectionInfo, ids: list[st
     return {doc_id: bytes(digest) for doc_id, digest in await cur.fetchall()}
 
 
-def _ids(ids: Sequence[str]) -> list[str]:
+def checked_ids(ids: Sequence[str]) -> list[str]:
     if isinstance(ids, str):
         raise InvalidArgument("ids must be a sequence of strings, not one string")
     for i in ids:
@@ -368,17 +370,10 @@ def _ids(ids: Sequence[str]) -> list[str]:
     return list(ids)
 
 
-async def existing_hashes(conn: AsyncConnection[Any], collection: str, ids: Sequence[str]) -> dict[str, bytes]:
-    """Content hash of each of `ids` that is stored: lets the caller skip embedding unchanged documents."""
-    checked = _ids(ids)
-    info = await collections.lookup(conn, collection)
-    return await _hashes(conn, info, checked)
-
-
 async def delete(conn: AsyncConnection[Any], collection: str, ids: Sequence[str]) -> int:
     info = await collections.lookup(conn, collection)
     cur = await conn.execute(
-        "DELETE FROM documents WHERE collection_id = %s::int8 AND id = ANY(%s)", (info.id, _ids(ids))
+        "DELETE FROM documents WHERE collection_id = %s::int8 AND id = ANY(%s)", (info.id, checked_ids(ids))
     )
     return max(cur.rowcount, 0)
 

@@ -474,6 +474,7 @@ class Collection(_message.Message):
     INDEX_BYTES_FIELD_NUMBER: _builtins.int
     TABLE_BYTES_FIELD_NUMBER: _builtins.int
     INDEXED_FIELD_NUMBER: _builtins.int
+    COUNT_ESTIMATED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     model: _builtins.str
     dim: _builtins.int
@@ -484,6 +485,10 @@ class Collection(_message.Message):
     table_bytes: _builtins.int
     indexed: _builtins.bool
     """False while a bulk load runs without the index (searches scan exactly meanwhile); set by GetCollection."""
+    count_estimated: _builtins.bool
+    """True when `count` is an estimate: ListCollections reads Postgres' statistics (they trail writes by up to a
+    few seconds) instead of counting every collection's rows; GetCollection counts exactly.
+    """
     @_builtins.property
     def index(self) -> Global___IndexOptions:
         """The options the index was built with (defaults filled in)."""
@@ -500,10 +505,11 @@ class Collection(_message.Message):
         index_bytes: _builtins.int = ...,
         table_bytes: _builtins.int = ...,
         indexed: _builtins.bool = ...,
+        count_estimated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "dim", b"dim", "index", b"index", "index_bytes", b"index_bytes", "indexed", b"indexed", "metric", b"metric", "model", b"model", "name", b"name", "table_bytes", b"table_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "count_estimated", b"count_estimated", "dim", b"dim", "index", b"index", "index_bytes", b"index_bytes", "indexed", b"indexed", "metric", b"metric", "model", b"model", "name", b"name", "table_bytes", b"table_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
