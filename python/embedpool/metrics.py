@@ -34,7 +34,15 @@ INFERENCE_SECONDS = Histogram(
 )
 TOKENS = Counter("embedpool_tokens_total", "real (unpadded) tokens embedded")
 DOCUMENTS = Counter("embedpool_documents_total", "documents embedded")
-BATCH_FAILURES = Counter("embedpool_batch_failures_total", "batches the engine failed on")
+BATCH_FAILURES = Counter(
+    "embedpool_batch_failures_total", "batches with a document the engine failed on, even after splitting"
+)
+INFERENCE_SPLITS = Counter(
+    "embedpool_inference_splits_total", "failed engine calls retried as two halves (a poison document, out of memory)"
+)
+SESSIONS_IN_ROTATION = Gauge(
+    "embedpool_sessions_in_rotation", "inference sessions serving batches (one that keeps failing is taken out)"
+)
 STORE_SECONDS = Histogram(
     "embedpool_store_write_duration_seconds", "time to store one batch (one transaction)", buckets=_LATENCY_BUCKETS
 )

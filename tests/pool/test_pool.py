@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 
 from embedpool import _native
-from embedpool.errors import DeadlineExceeded, InferenceFailed, Overloaded
+from embedpool.errors import DeadlineExceeded, InferenceFailed, Overloaded, Unavailable
 from embedpool.model import EmbeddingSession
 from embedpool.pool import BatchLimits, PoolConfig, running_pool
 
@@ -102,18 +102,72 @@ async def test_cancel_and_deadline_free_permits(session: EmbeddingSession, token
 
 
 @pytest.mark.anyio
-async def test_failing_batch_fails_only_its_requests(
+async def test_a_poison_document_fails_only_its_own_request(
     session: EmbeddingSession, tokenizer: _native.Tokenizer, poisoned_session: Callable[..., Any]
 ) -> None:
     ids, _ = tokenizer.encode_ragged(["zeppelin"])
     poisoned = poisoned_session(session, poison=int(ids[1]))
-    async with running_pool(tokenizer, [poisoned], _config(max_size=4)) as pool:
-        with pytest.raises(InferenceFailed, match="injected engine fault"):
-            await pool.embed(["a zeppelin"])
-        good = await pool.embed(["plain text", "more text"])
-        assert good.vectors.shape == (2, 384)
+    texts = [f"plain text number {i}" for i in range(6)]
+    results: dict[int, Any] = {}
+    async with running_pool(tokenizer, [poisoned], _config(max_size=8)) as pool:
+
+        async def call(k: int, batch: list[str]) -> None:
+            try:
+                results[k] = (await pool.embed(batch)).vectors
+            except InferenceFailed as e:
+                results[k] = e
+
+        async with anyio.create_task_group() as tg:  # admitted together, so they share batches
+            for k in range(3):
+                tg.start_soon(call, k, texts[2 * k : 2 * k + 2])
+            tg.start_soon(call, 3, ["a zeppelin", "fine company"])
         assert pool.permits_in_use == 0
-    assert poisoned.failures == 1
+        assert pool.sessions_in_rotation == 1
+    assert isinstance(results[3], InferenceFailed)
+    assert "zeppelin" not in str(results[3]) and "injected" not in str(results[3])  # the engine's words stay in the log
+    np.testing.assert_allclose(
+        np.concatenate([results[k] for k in range(3)]), _alone(session, tokenizer, texts), atol=2e-5
+    )
+    assert poisoned.failures >= 2  # the shared batch, then the halves holding the poison
+
+
+class _Panicking:
+    """A session whose engine call raises a BaseException, as a Rust panic (pyo3's PanicException) does."""
+
+    class Panic(BaseException):
+        pass
+
+    def __init__(self, inner: EmbeddingSession) -> None:
+        self.inner = inner
+        self.broken = True
+
+    def embed(self, input_ids: NDArray[np.int64], attention_mask: NDArray[np.int64]) -> NDArray[np.float32]:
+        if self.broken:
+            raise self.Panic("rust panicked")
+        return self.inner.embed(input_ids, attention_mask)
+
+
+@pytest.mark.anyio
+async def test_a_failing_session_leaves_rotation_and_returns_when_it_works(
+    session: EmbeddingSession, tokenizer: _native.Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from embedpool.pool import feeder
+
+    monkeypatch.setattr(feeder, "PROBE_INTERVAL_S", 0.3)
+    broken = _Panicking(session)
+    async with running_pool(tokenizer, [broken], _config()) as pool:
+        for _ in range(feeder.FAILED_BATCHES_TO_REMOVE):  # panics fail the request, never the pool
+            with pytest.raises(InferenceFailed):
+                await pool.embed(["text"])
+        assert pool.sessions_in_rotation == 0
+        with pytest.raises(Unavailable):
+            await pool.embed(["refused at once while no session works"])
+        broken.broken = False
+        with anyio.fail_after(10):
+            while pool.sessions_in_rotation == 0:
+                await anyio.sleep(0.05)
+        assert (await pool.embed(["works again"])).vectors.shape == (1, 384)
+        assert pool.permits_in_use == 0
 
 
 @given(

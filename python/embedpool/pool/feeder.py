@@ -1,4 +1,11 @@
-"""Feeders: one dedicated thread per inference session, pulling batches from the batch channel."""
+"""Feeders: one dedicated thread per inference session, pulling batches from the batch channel.
+
+A batch the engine fails on is split in halves and each half retried, down to single documents, so a
+poison document fails only its own request and an out-of-memory batch is served in smaller pieces. A
+session on which every document of several batches in a row failed is taken out of rotation: it stops
+taking batches while another session is in rotation (and answers them at once with UNAVAILABLE while none
+is), and is probed on its own every few seconds until it works again.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Final, Protocol
 
 import anyio
 import anyio.from_thread
@@ -15,9 +23,15 @@ from anyio.lowlevel import EventLoopToken
 from anyio.streams.memory import MemoryObjectReceiveStream
 from numpy.typing import NDArray
 
+from embedpool import metrics
 from embedpool.pool.scheduler import Batch
 
 log = logging.getLogger(__name__)
+
+FAILED_BATCHES_TO_REMOVE: Final = 3
+"""Batches in a row with no document embedded before a session is taken out of rotation."""
+PROBE_INTERVAL_S: Final = 5.0
+_IDLE_POLL_S: Final = 0.05
 
 
 class InferenceSession(Protocol):
@@ -26,10 +40,45 @@ class InferenceSession(Protocol):
     def embed(self, input_ids: NDArray[np.int64], attention_mask: NDArray[np.int64]) -> NDArray[np.float32]: ...
 
 
-# (batch, vectors or None, error or None, seconds spent in the engine); runs on the event loop.
-Completion = Callable[[Batch, NDArray[np.float32] | None, Exception | None, float], None]
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One batch's result: `vectors` rows are valid except those in `failed` (row -> what went wrong)."""
+
+    vectors: NDArray[np.float32]
+    failed: dict[int, str]
+    seconds: float
+    unavailable: bool = False
+    """True when no session was in rotation and the batch was not tried at all."""
+
+
+# Runs on the event loop.
+Completion = Callable[[Batch, Outcome], None]
 
 _LOOP_GONE = (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.RunFinishedError)
+
+
+@dataclass
+class Rotation:
+    """The sessions serving batches; shared by the feeder threads, read by the pool and health."""
+
+    total: int
+    _out: set[str] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def in_rotation(self) -> int:
+        with self._lock:
+            return self.total - len(self._out)
+
+    def take_out(self, name: str) -> None:
+        with self._lock:
+            self._out.add(name)
+            metrics.SESSIONS_IN_ROTATION.set(self.total - len(self._out))
+
+    def put_back(self, name: str) -> None:
+        with self._lock:
+            self._out.discard(name)
+            metrics.SESSIONS_IN_ROTATION.set(self.total - len(self._out))
 
 
 class Feeder:
@@ -44,15 +93,30 @@ class Feeder:
         batches: MemoryObjectReceiveStream[Batch],
         on_done: Completion,
         token: EventLoopToken,
+        rotation: Rotation,
+        dim: int,
     ) -> None:
+        self._name = name
         self._session = session
         self._batches = batches
         self._on_done = on_done
         self._token = token
+        self._rotation = rotation
+        self._dim = dim
+        self._failed_in_a_row = 0
+        self._probe: tuple[NDArray[np.int64], NDArray[np.int64]] | None = None
+        """Set while out of rotation: a one-document input the session failed on, to try again."""
+        self._probe_at = 0.0
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def stop(self) -> None:
+        """The pool is ending: a feeder out of rotation stops waiting for its probe (the others end when the
+        batch channel does)."""
+        self._stopping.set()
 
     def join(self) -> None:
         self._thread.join()
@@ -63,21 +127,89 @@ class Feeder:
 
     def _run(self) -> None:
         while True:
+            if self._probe is not None and time.monotonic() >= self._probe_at:
+                self._try_probe()
+            if self._probe is not None and self._rotation.in_rotation > 0:
+                # Others serve; this one only waits for its next probe (or the end of the pool).
+                if self._stopping.wait(_IDLE_POLL_S):
+                    return
+                continue
             try:
-                batch = anyio.from_thread.run(self._batches.receive, token=self._token)
+                batch = anyio.from_thread.run(self._receive, token=self._token)
             except _LOOP_GONE:
                 return
-            started = time.perf_counter()
-            out: NDArray[np.float32] | None = None
-            error: Exception | None = None
+            if batch is None:
+                continue
+            outcome = self._serve(batch)
             try:
-                out = self._session.embed(batch.ids, batch.mask)
-            except Exception as exc:  # an engine fault fails this batch only; the feeder keeps serving
-                log.exception("inference failed on a batch of %d documents", len(batch.entries))
-                error = exc
-            try:
-                anyio.from_thread.run_sync(
-                    self._on_done, batch, out, error, time.perf_counter() - started, token=self._token
-                )
+                anyio.from_thread.run_sync(self._on_done, batch, outcome, token=self._token)
             except _LOOP_GONE:
                 return
+
+    async def _receive(self) -> Batch | None:
+        # Bounded while out of rotation, so that a probe is tried on time even when no batch comes.
+        with anyio.move_on_after(_IDLE_POLL_S if self._probe is not None else None):
+            return await self._batches.receive()
+        return None
+
+    def _serve(self, batch: Batch) -> Outcome:
+        n = len(batch.entries)
+        if self._probe is not None:  # no session in rotation: answer now rather than let callers wait
+            vectors = np.zeros((n, self._dim), np.float32)
+            return Outcome(vectors, dict.fromkeys(range(n), "no inference session in rotation"), 0.0, unavailable=True)
+        started = time.perf_counter()
+        vectors = np.zeros((n, self._dim), np.float32)
+        failed: dict[int, str] = {}
+        self._infer(batch.ids, batch.mask, 0, n, vectors, failed)
+        seconds = time.perf_counter() - started
+        if len(failed) == n:
+            self._failed_in_a_row += 1
+            if self._failed_in_a_row >= FAILED_BATCHES_TO_REMOVE:
+                length = int(batch.mask[0].sum())
+                self._probe = (batch.ids[:1, :length].copy(), batch.mask[:1, :length].copy())
+                self._probe_at = time.monotonic() + PROBE_INTERVAL_S
+                self._rotation.take_out(self._name)
+                log.error("%s: out of rotation after %d failed batches in a row", self._name, self._failed_in_a_row)
+        else:
+            self._failed_in_a_row = 0
+        return Outcome(vectors, failed, seconds)
+
+    def _infer(
+        self,
+        ids: NDArray[np.int64],
+        mask: NDArray[np.int64],
+        start: int,
+        stop: int,
+        out: NDArray[np.float32],
+        failed: dict[int, str],
+    ) -> None:
+        """Rows start..stop into `out`; on a failure the halves are tried on their own, down to single rows."""
+        try:
+            out[start:stop] = self._session.embed(ids[start:stop], mask[start:stop])
+            return
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # a Rust panic is a BaseException: it fails rows, not the thread
+            if stop - start == 1:
+                log.error("%s: inference failed on a document: %r", self._name, exc)
+                failed[start] = f"{type(exc).__name__}"
+                return
+        metrics.INFERENCE_SPLITS.inc()
+        middle = (start + stop) // 2
+        self._infer(ids, mask, start, middle, out, failed)
+        self._infer(ids, mask, middle, stop, out, failed)
+
+    def _try_probe(self) -> None:
+        assert self._probe is not None
+        try:
+            self._session.embed(*self._probe)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            log.warning("%s: probe failed (%r); still out of rotation", self._name, exc)
+            self._probe_at = time.monotonic() + PROBE_INTERVAL_S
+            return
+        self._probe = None
+        self._failed_in_a_row = 0
+        self._rotation.put_back(self._name)
+        log.warning("%s: back in rotation", self._name)

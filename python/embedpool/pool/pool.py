@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 from embedpool import metrics
 from embedpool.errors import DeadlineExceeded, InferenceFailed, InvalidArgument, Unavailable
 from embedpool.pool.admission import Permits
-from embedpool.pool.feeder import Feeder, InferenceSession
+from embedpool.pool.feeder import Feeder, InferenceSession, Outcome, Rotation
 from embedpool.pool.job import Job
 from embedpool.pool.scheduler import Batch, BatchLimits, Scheduler
 
@@ -62,6 +62,8 @@ class EmbeddingPool:
         depth = len(self._sessions) * config.pipeline_depth
         self._batch_send, self._batch_receive = anyio.create_memory_object_stream[Batch](depth)
         self._free_slots = anyio.Semaphore(depth)
+        self._rotation = Rotation(len(self._sessions))
+        metrics.SESSIONS_IN_ROTATION.set(len(self._sessions))
         self._closed = False
 
     @property
@@ -72,10 +74,17 @@ class EmbeddingPool:
     def permits_in_use(self) -> int:
         return self._permits.in_use
 
+    @property
+    def sessions_in_rotation(self) -> int:
+        """Inference sessions serving batches; 0 means every one failed repeatedly (see pool.feeder)."""
+        return self._rotation.in_rotation
+
     async def embed(self, texts: Sequence[str], *, truncate: bool = True, deadline: float = math.inf) -> Embeddings:
         """Embeds `texts` in order. Raises Overloaded at once when no permits are free."""
         if self._closed:
             raise Unavailable("the server is shutting down")
+        if self._rotation.in_rotation == 0:
+            raise Unavailable("no inference session is working; retry later")
         n = len(texts)
         self._permits.acquire(n)
         job: Job | None = None
@@ -116,7 +125,15 @@ class EmbeddingPool:
         token = current_token()
         scheduler = Scheduler(self._ingress_receive, self._batch_send, self._free_slots, self._config.limits)
         feeders = [
-            Feeder(f"feeder-{k}", session, self._batch_receive.clone(), self._complete, token)
+            Feeder(
+                f"feeder-{k}",
+                session,
+                self._batch_receive.clone(),
+                self._complete,
+                token,
+                self._rotation,
+                self._config.dim,
+            )
             for k, session in enumerate(self._sessions)
         ]
         self._batch_receive.close()
@@ -128,6 +145,8 @@ class EmbeddingPool:
         finally:
             with anyio.CancelScope(shield=True):
                 for feeder in feeders:
+                    feeder.stop()
+                for feeder in feeders:
                     await anyio.to_thread.run_sync(feeder.join)
                     feeder.close()
 
@@ -136,24 +155,34 @@ class EmbeddingPool:
         self._closed = True
         self._ingress_send.close()
 
-    def _complete(self, batch: Batch, out: NDArray[np.float32] | None, error: Exception | None, seconds: float) -> None:
+    def _complete(self, batch: Batch, outcome: Outcome) -> None:
         """Runs on the event loop: fans a batch's rows back to their jobs and frees the feeder slot."""
         self._free_slots.release()
-        metrics.INFERENCE_SECONDS.observe(seconds)
-        if out is None:
+        failed = outcome.failed
+        if not outcome.unavailable:
+            metrics.INFERENCE_SECONDS.observe(outcome.seconds)
+        if failed:
             metrics.BATCH_FAILURES.inc()
-            failure = InferenceFailed(f"inference failed on a batch of {len(batch.entries)} documents: {error}")
-            for job, _ in batch.entries:
-                job.fail(failure)
+        for row, (job, i) in enumerate(batch.entries):
+            if job.done.is_set():
+                continue
+            if row in failed:
+                # The engine's own message stays in the log: it can name paths, devices or internals.
+                job.fail(
+                    Unavailable("no inference session is working; retry later")
+                    if outcome.unavailable
+                    else InferenceFailed(f"inference failed on document {i} of this request")
+                )
+            else:
+                job.deliver(i, outcome.vectors[row])
+        if outcome.unavailable:
             return
+        embedded = len(batch.entries) - len(failed)
         metrics.BATCH_INPUTS.observe(len(batch.entries))
         metrics.BATCH_TOKENS.observe(batch.padded_tokens)
         metrics.PADDING_EFFICIENCY.observe(batch.real_tokens / max(1, batch.padded_tokens))
         metrics.TOKENS.inc(batch.real_tokens)
-        metrics.DOCUMENTS.inc(len(batch.entries))
-        for row, (job, i) in enumerate(batch.entries):
-            if not job.done.is_set():
-                job.deliver(i, out[row])
+        metrics.DOCUMENTS.inc(embedded)
 
 
 @asynccontextmanager
