@@ -6,7 +6,7 @@ import argparse
 import json
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,20 +23,42 @@ if TYPE_CHECKING:
 async def _serve(settings: config.Settings) -> None:
     from embedpool.server.app import serve
 
-    stop = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            await tg.start(serve, settings, stop)
-            async for _ in signals:
-                stop.set()  # graceful: drain in-flight requests, then stop the pool and Postgres
-                break
+    stop, abort = anyio.Event(), anyio.Event()
+    # Open for the whole run: once a handler is gone, a second Ctrl-C kills the process and leaves Postgres up.
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_on_signals, signals, stop, abort)
+            await serve(settings, stop, abort=abort)
+            tg.cancel_scope.cancel()
+
+
+async def _on_signals(signals: AsyncIterator[signal.Signals], stop: anyio.Event, abort: anyio.Event) -> None:
+    """The first signal drains in-flight requests, then stops the pool and Postgres; a later one cuts the
+    drain short, and Postgres is still stopped cleanly."""
+    async for _ in signals:
+        (abort if stop.is_set() else stop).set()
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     settings = config.load(args)
     configure(settings.log_level, settings.log_format)
-    anyio.run(_serve, settings, backend="asyncio")
+    try:
+        anyio.run(_serve, settings, backend="asyncio")
+    except BaseExceptionGroup as group:  # what serve raised, wrapped by the task group
+        error = _sole_error(group)
+        if error is None:
+            raise
+        # One line, however many the message held: the start-up failures quote Postgres and OS errors.
+        print(f"embedpool: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _sole_error(group: BaseExceptionGroup[BaseException]) -> EmbedpoolError | None:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error if isinstance(error, EmbedpoolError) else None
 
 
 def _cmd_model_prepare(args: argparse.Namespace) -> int:

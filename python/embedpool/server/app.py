@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import anyio
 import anyio.to_thread
 import grpc.aio
 import prometheus_client
+import psycopg
 from anyio.abc import TaskStatus
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
@@ -19,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from embedpool.config import Settings
 from embedpool.engine import Engine, load_engine
+from embedpool.errors import StartupError, Unavailable
 from embedpool.pool import PoolConfig, running_pool
 from embedpool.pool.scheduler import BatchLimits
 from embedpool.server import validation
@@ -43,16 +48,30 @@ class Running:
     settings: Settings
 
 
+# The database probe behind gRPC health: one kept-open connection, one round trip a second.
+_PROBE_INTERVAL_S = 1.0
+_PROBE_TIMEOUT_S = 3.0
+# Restarts of a dead embedded Postgres: right after a crash its old backends may still hold the shared memory,
+# and a restart fails until they have noticed and exited; so retry, with doubling delays up to the cap.
+_RESTART_DELAY_S = 0.5
+_RESTART_DELAY_CAP_S = 30.0
+
+
 @asynccontextmanager
-async def open_store(settings: Settings) -> AsyncIterator[tuple[Store, str]]:
-    """The configured Postgres, or the embedded one under the data dir, started for this process."""
-    embedded: EmbeddedPostgres | None = None
+async def open_store(settings: Settings, embedded: EmbeddedPostgres | None = None) -> AsyncIterator[tuple[Store, str]]:
+    """The configured Postgres, or the embedded one under the data dir (`embedded`, when the caller claimed it
+    already), started for this process and stopped again at the end."""
     url = settings.database_url
-    if not url:
-        embedded = EmbeddedPostgres(settings.data_dir / "pg")
-        url = await anyio.to_thread.run_sync(embedded.start)
+    embedded = None if url else (embedded or EmbeddedPostgres(settings.data_dir / "pg"))
     try:
-        store = await Store.open(url)
+        if embedded is not None:
+            url = await anyio.to_thread.run_sync(embedded.start)
+        try:
+            store = await Store.open(url)
+        except Unavailable as e:
+            raise StartupError(f"cannot reach the database at {_redacted(url)}: {_one_line(e)}") from e
+        except psycopg.Error as e:  # e.g. no right to create the extension or the tables
+            raise StartupError(f"cannot set up the database at {_redacted(url)}: {_one_line(e)}") from e
         try:
             yield store, url
         finally:
@@ -61,13 +80,143 @@ async def open_store(settings: Settings) -> AsyncIterator[tuple[Store, str]]:
     finally:
         if embedded is not None:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(embedded.stop)
+                await anyio.to_thread.run_sync(embedded.close)
+
+
+async def _require_pgvector(url: str) -> None:
+    """An external database must offer pgvector; without it the first migration fails with a bare SQL error."""
+    try:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=10) as conn:
+            cursor = await conn.execute(
+                "SELECT 1 FROM pg_available_extensions WHERE name = 'vector'"
+                " UNION ALL SELECT 1 FROM pg_extension WHERE extname = 'vector'"
+            )
+            found = await cursor.fetchone() is not None
+    except psycopg.Error as e:
+        raise StartupError(f"cannot reach the database at {_redacted(url)}: {_one_line(e)}") from e
+    if not found:
+        raise StartupError(
+            f"the database at {_redacted(url)} has no pgvector extension: install pgvector on that Postgres server"
+        )
+
+
+def _redacted(url: str) -> str:
+    params = psycopg.conninfo.conninfo_to_dict(url)
+    params.pop("password", None)
+    return psycopg.conninfo.make_conninfo("", **params)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+class _Probe:
+    """Whether the database answers, on one connection kept open (a connection per probe forks a backend)."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def ok(self) -> bool:
+        try:
+            with anyio.fail_after(_PROBE_TIMEOUT_S):
+                if self._conn is None:
+                    self._conn = await psycopg.AsyncConnection.connect(
+                        self._url, autocommit=True, connect_timeout=int(_PROBE_TIMEOUT_S)
+                    )
+                await self._conn.execute("SELECT 1")
+        except (psycopg.Error, OSError, TimeoutError):
+            await self.close()
+            return False
+        return True
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with anyio.CancelScope(shield=True), contextlib.suppress(psycopg.Error, OSError):
+                await conn.close()
+
+
+async def _set_health(health: HealthServicer, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+    for name in ("", SERVICE_NAME):
+        await health.set(name, status)
+
+
+async def _supervise_database(url: str, embedded: EmbeddedPostgres | None, health: HealthServicer) -> NoReturn:
+    """Health follows the database: NOT_SERVING while it does not answer, SERVING once it does again. A dead
+    embedded Postgres is started again (the store's pool replaces its broken connections by itself)."""
+    probe = _Probe(url)
+    serving = True
+    delay = _RESTART_DELAY_S
+    try:
+        while True:
+            if (embedded is None or embedded.running) and await probe.ok():
+                if not serving:
+                    log.warning("database answers again: SERVING")
+                    await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+                    serving = True
+                delay = _RESTART_DELAY_S
+                await anyio.sleep(_PROBE_INTERVAL_S)
+                continue
+            if serving:
+                log.warning("database does not answer: NOT_SERVING until it does")
+                await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+                serving = False
+            if embedded is None or embedded.running:
+                await anyio.sleep(_PROBE_INTERVAL_S)  # an external one, or ours still starting or recovering
+                continue
+            try:
+                await anyio.to_thread.run_sync(embedded.start)
+            except Exception as e:  # whatever failed, the next attempt may succeed; the log says why
+                log.warning("restarting the embedded Postgres failed (%s); next try in %.1f s", _one_line(e), delay)
+                await anyio.sleep(delay)
+                delay = min(2 * delay, _RESTART_DELAY_CAP_S)
+            else:
+                log.warning("embedded Postgres in %s restarted", embedded.data_dir)
+    finally:
+        await probe.close()
+
+
+async def _check_database(settings: Settings, stack: AsyncExitStack) -> EmbeddedPostgres | None:
+    """First of all, so that a second server on the same data dir stops before it loads or binds anything, and a
+    database that cannot work is named before the model loads: the embedded Postgres's directory, claimed, or
+    the external database, checked for pgvector."""
+    if settings.database_url:
+        await _require_pgvector(settings.database_url)
+        return None
+    embedded = EmbeddedPostgres(settings.data_dir / "pg")
+    embedded.claim()
+    stack.push_async_callback(_shielded_close, embedded)  # open_store closes it too, unless never reached
+    return embedded
+
+
+async def _shielded_close(embedded: EmbeddedPostgres) -> None:
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(embedded.close)
+
+
+def _ensure_free(host: str, port: int, what: str) -> None:
+    """Binds and lets go of the port, to fail with a clear message before grpc prints its own C++ log line."""
+    if port <= 0:
+        return
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc and http.server do
+                probe.bind(address)
+    except OSError as e:
+        raise StartupError(f"cannot listen on {host}:{port} for {what}: {e.strerror}") from e
 
 
 def _metrics_server(settings: Settings, stack: AsyncExitStack) -> int:
     if settings.metrics_port < 0:
         return -1
-    http, thread = prometheus_client.start_http_server(settings.metrics_port, addr=settings.host)
+    try:
+        http, thread = prometheus_client.start_http_server(settings.metrics_port, addr=settings.host)
+    except OSError as e:
+        raise StartupError(
+            f"cannot listen on {settings.host}:{settings.metrics_port} for /metrics: {e.strerror}"
+        ) from e
 
     def stop() -> None:
         http.shutdown()
@@ -96,24 +245,23 @@ async def serve(
     settings: Settings,
     stop: anyio.Event | None = None,
     *,
+    abort: anyio.Event | None = None,
     engine: Engine | None = None,
     task_status: TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serves until `stop` is set, then drains: health goes NOT_SERVING, in-flight RPCs get `grace_seconds`,
-    and only then do the pool and the store shut down. Cancelling instead aborts without draining, because
-    cancellation reaches the pool's tasks too. `engine` may be passed in already loaded (e.g. wrapped for
-    fault injection); by default it is loaded from `settings`.
+    """Serves until `stop` is set, then drains: health goes NOT_SERVING, in-flight RPCs get `grace_seconds`
+    (cut short when `abort` is set), and only then do the pool and the store shut down. Cancelling instead
+    aborts without draining, because cancellation reaches the pool's tasks too. `engine` may be passed in
+    already loaded (e.g. wrapped for fault injection); by default it is loaded from `settings`.
+
+    Start-up checks what it can before the slow parts (the data dir's ownership, then the ports, then the model,
+    then the database) and fails with a one-line `StartupError` (or another `EmbedpoolError`). While serving,
+    health follows the database, and a dead embedded Postgres is restarted.
     """
-    if engine is None:
-        engine = await anyio.to_thread.run_sync(load_engine, settings)
-    settings = engine.settings
+    if engine is not None:
+        settings = engine.settings
     async with AsyncExitStack() as stack:
-        store, url = await stack.enter_async_context(open_store(settings))
-        await stack.enter_async_context(store.watching())  # collection rows cached, kept right by LISTEN
-        pool = await stack.enter_async_context(
-            running_pool(engine.tokenizer, engine.sessions, _pool_config(settings, engine))
-        )
-        metrics_port = _metrics_server(settings, stack)
+        embedded = await _check_database(settings, stack)
         server = grpc.aio.server(
             options=[
                 # The transport limit sits above the validated one, so an oversized request gets a precise
@@ -122,6 +270,17 @@ async def serve(
                 ("grpc.max_send_message_length", 256 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
             ]
+        )
+        stack.push_async_callback(server.stop, None)  # a no-op after the drain; releases the port before it
+        port = _bind(server, settings)
+        metrics_port = _metrics_server(settings, stack)
+        if engine is None:
+            engine = await anyio.to_thread.run_sync(_load_engine, settings)
+        settings = engine.settings
+        store, url = await stack.enter_async_context(open_store(settings, embedded))
+        await stack.enter_async_context(store.watching())  # collection rows cached, kept right by LISTEN
+        pool = await stack.enter_async_context(
+            running_pool(engine.tokenizer, engine.sessions, _pool_config(settings, engine))
         )
         limits = validation.Limits(
             settings.max_request_documents,
@@ -134,10 +293,8 @@ async def serve(
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
         await server.start()
-        for name in ("", SERVICE_NAME):
-            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving %s/%s on %s:%d (pid %d)",
             engine.model.name,
@@ -148,10 +305,43 @@ async def serve(
             extra={"port": port, "metrics_port": metrics_port},
         )
         task_status.started(Running(port=port, metrics_port=metrics_port, database_url=url, settings=settings))
-        try:
-            await (stop.wait() if stop is not None else anyio.sleep_forever())
-        finally:
-            with anyio.CancelScope(shield=True):
-                log.info("draining: %d documents in flight", pool.permits_in_use)
-                await health.enter_graceful_shutdown()
-                await server.stop(settings.grace_seconds)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_supervise_database, url, embedded, health)
+            try:
+                await (stop.wait() if stop is not None else anyio.sleep_forever())
+            finally:
+                with anyio.CancelScope(shield=True):
+                    log.info("draining: %d documents in flight", pool.permits_in_use)
+                    await health.enter_graceful_shutdown()
+                    await _drain(server, settings.grace_seconds, abort)
+                tg.cancel_scope.cancel()  # the supervisor, before the stack stops the store and Postgres
+
+
+def _bind(server: grpc.aio.Server, settings: Settings) -> int:
+    _ensure_free(settings.host, settings.port, "gRPC")
+    try:
+        return server.add_insecure_port(f"{settings.host}:{settings.port}")
+    except RuntimeError as e:  # taken between the check and the bind
+        raise StartupError(f"cannot listen on {settings.host}:{settings.port} for gRPC: {e}") from e
+
+
+def _load_engine(settings: Settings) -> Engine:
+    try:
+        return load_engine(settings)
+    except OSError as e:  # an unreadable model dir, or a model cache that cannot be written
+        raise StartupError(f"cannot load the model: {_one_line(e)}") from e
+
+
+async def _drain(server: grpc.aio.Server, grace: float, abort: anyio.Event | None) -> None:
+    """`server.stop(grace)`, unless `abort` is set first: then the RPCs still running are cancelled at once."""
+    async with anyio.create_task_group() as tg:
+        if abort is not None:
+
+            async def on_abort() -> None:
+                await abort.wait()
+                log.warning("aborting the requests still in flight")
+                await server.stop(None)
+
+            tg.start_soon(on_abort)
+        await server.stop(grace)
+        tg.cancel_scope.cancel()

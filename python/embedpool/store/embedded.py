@@ -97,6 +97,8 @@ class EmbeddedPostgres:
         holds another major version's cluster (cheap checks, for a server to make before its slow start-up)."""
         if self._lock_fd is not None:
             return
+        if self.data_dir.parent.exists() and not self.data_dir.parent.is_dir():
+            raise StartupError(f"data directory {self.data_dir.parent} is not a directory")
         try:
             self.data_dir.parent.mkdir(parents=True, exist_ok=True)
             # No O_TRUNC: the owner's pid in it is what a refused second server reports.
