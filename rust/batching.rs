@@ -3,7 +3,7 @@
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::prelude::*;
 
-use crate::errors::{Error, Result};
+use crate::errors::{self, Error, Result};
 use crate::padding::{check_multiple, round_up};
 
 /// Limits a batch must respect: padded cost `round_up(longest, multiple) * count <= max_tokens`
@@ -72,7 +72,7 @@ pub fn plan_batches<'py>(
                 .map_err(|_| Error::array("lengths", format!("lengths[{i}] is negative: {len}")))
         })
         .collect::<Result<Vec<usize>>>()?;
-    let batches = py.detach(|| plan(&lengths, budget));
+    let batches = errors::detach(py, || Ok(plan(&lengths, budget)))?;
     Ok(batches
         .into_iter()
         .map(|b| {

@@ -19,7 +19,7 @@ mod _native {
     #[pymodule_export]
     use crate::batching::plan_batches;
     #[pymodule_export]
-    use crate::errors::{InputTooLongError, NativeError};
+    use crate::errors::{InputTooLongError, InternalError, NativeError};
     #[pymodule_export]
     use crate::padding::pad_batch;
     #[pymodule_export]

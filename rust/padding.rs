@@ -6,7 +6,7 @@ use ndarray::{s, Array2};
 use numpy::{IntoPyArray, PyArray2, PyReadonlyArray1};
 use pyo3::prelude::*;
 
-use crate::errors::{Error, Result};
+use crate::errors::{self, Error, Result};
 
 /// Rounds `len` up to a multiple of `multiple` (which must be at least 1).
 pub fn round_up(len: usize, multiple: usize) -> usize {
@@ -75,7 +75,7 @@ pub fn pad_batch<'py>(
             Err(_) => Cow::Owned(p.as_array().to_vec()),
         })
         .collect();
-    let padded = py.detach(|| pad_rows(&rows, pad_id, multiple));
+    let padded = errors::detach(py, || Ok(pad_rows(&rows, pad_id, multiple)))?;
     Ok(padded.into_py(py))
 }
 

@@ -12,7 +12,7 @@ use tokenizers::{
     TruncationStrategy,
 };
 
-use crate::errors::{Error, Result};
+use crate::errors::{self, Error, Result};
 use crate::padding::{check_multiple, pad_rows, Padded};
 
 /// Characters kept per allowed token when capping long texts before tokenizing. Even dense text
@@ -297,7 +297,8 @@ impl Tokenizer {
     ) -> PyResult<Encoded<'py>> {
         let owners = collect_strings(texts)?;
         let texts = borrow_texts(&owners)?;
-        let (padded, lengths) = py.detach(|| self.encoder.encode_padded(&texts, truncate))?;
+        let (padded, lengths) =
+            errors::detach(py, || self.encoder.encode_padded(&texts, truncate))?;
         let (ids, mask) = padded.into_py(py);
         Ok((ids, mask, lengths.into_pyarray(py)))
     }
@@ -311,7 +312,7 @@ impl Tokenizer {
     ) -> PyResult<Ragged<'py>> {
         let owners = collect_strings(texts)?;
         let texts = borrow_texts(&owners)?;
-        let (flat, offsets) = py.detach(|| self.encoder.encode_ragged(&texts, truncate))?;
+        let (flat, offsets) = errors::detach(py, || self.encoder.encode_ragged(&texts, truncate))?;
         Ok((flat.into_pyarray(py), offsets.into_pyarray(py)))
     }
 

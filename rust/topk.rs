@@ -22,7 +22,7 @@ use numpy::{
 use pyo3::prelude::*;
 use rayon::prelude::*;
 
-use crate::errors::{Error, Result};
+use crate::errors::{self, Error, Result};
 use kernel::{tile_dots, Element, Isa, QUERY_ALIGN};
 
 /// Bytes of corpus rows per block: the block stays in L1/L2 while every query tile passes over it.
@@ -497,10 +497,14 @@ pub fn topk_cosine<'py>(
     let queries = contiguous(&queries);
     let result = if let Some(corpus) = typed::<f32>(corpus) {
         let corpus = contiguous(&corpus);
-        py.detach(|| top_k_cosine(&queries, Corpus::F32(&corpus), q_dim, k))
+        errors::detach(py, || {
+            top_k_cosine(&queries, Corpus::F32(&corpus), q_dim, k)
+        })
     } else if let Some(corpus) = typed::<f16>(corpus) {
         let corpus = contiguous(&corpus);
-        py.detach(|| top_k_cosine(&queries, Corpus::F16(&corpus), q_dim, k))
+        errors::detach(py, || {
+            top_k_cosine(&queries, Corpus::F16(&corpus), q_dim, k)
+        })
     } else {
         return Err(Error::array("corpus", "expected dtype float32 or float16").into());
     }?;

@@ -10,10 +10,21 @@ from typing import Self, final
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["InputTooLongError", "NativeError", "Tokenizer", "pad_batch", "plan_batches", "topk_cosine"]
+__all__ = [
+    "InputTooLongError",
+    "InternalError",
+    "NativeError",
+    "Tokenizer",
+    "pad_batch",
+    "plan_batches",
+    "topk_cosine",
+]
 
 class NativeError(ValueError):
     """Bad input to the native extension."""
+
+class InternalError(RuntimeError):
+    """A bug in the native extension: a Rust panic, caught at its boundary (never pyo3's PanicException)."""
 
 class InputTooLongError(NativeError):
     """A text exceeds the tokenizer's max_length and truncate=False; the message names its index."""
