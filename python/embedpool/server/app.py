@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -196,16 +197,22 @@ async def _shielded_close(embedded: EmbeddedPostgres) -> None:
 
 
 def _ensure_free(host: str, port: int, what: str) -> None:
-    """Binds and lets go of the port, to fail with a clear message before grpc prints its own C++ log line."""
+    """Binds and lets go of the port, to fail with a clear message before grpc prints its own C++ log line.
+    Only a port in use or not ours to take counts: grpc itself copes with, say, a host without IPv6."""
     if port <= 0:
         return
     try:
-        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-            with socket.socket(family, kind, proto) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc and http.server do
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # grpc reports a host it cannot resolve
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc and http.server do
+            try:
                 probe.bind(address)
-    except OSError as e:
-        raise StartupError(f"cannot listen on {host}:{port} for {what}: {e.strerror}") from e
+            except OSError as e:
+                if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                    raise StartupError(f"cannot listen on {host}:{port} for {what}: {e.strerror}") from e
 
 
 def _metrics_server(settings: Settings, stack: AsyncExitStack) -> int:
