@@ -63,7 +63,7 @@ def _base_settings(tmp: Path, model_dir: Path) -> Settings:
         data_dir=tmp,
         model=str(model_dir),
         variant="fp32",  # the golden comparisons need the full-precision graph
-        max_concurrent_inputs=512,
+        max_concurrent_inputs=1024,
         grace_seconds=2.0,
         log_level="warning",
     )

@@ -32,6 +32,13 @@ def test_bad_values_are_refused_with_the_variable_named() -> None:
         config.load(None, {"EMBEDPOOL_MAX_CONCURRENT_INPUTS": "0"})
 
 
+def test_a_request_the_admission_budget_cannot_hold_is_refused_at_start() -> None:
+    with pytest.raises(InvalidArgument, match="could never be admitted"):
+        config.load(None, {"EMBEDPOOL_MAX_CONCURRENT_INPUTS": "100", "EMBEDPOOL_MAX_REQUEST_DOCUMENTS": "101"})
+    with pytest.raises(InvalidArgument, match="could never be admitted"):
+        config.load(None, {"EMBEDPOOL_MAX_CONCURRENT_CHARS": "1000", "EMBEDPOOL_MAX_REQUEST_BYTES": "1001"})
+
+
 def test_device_defaults_are_filled() -> None:
     cpu = config.Settings().resolved(cuda=False, cores=2)
     gpu = config.Settings().resolved(cuda=True, cores=16)

@@ -45,9 +45,18 @@ class Settings:
     tokenizer_threads: int = _setting(0, "threads tokenizing concurrently (0: derived from cores)")
     max_batch_tokens: int = _setting(0, "padded-token budget of one batch (0: 65536 on cuda, 8192 on cpu)")
     max_batch_size: int = _setting(0, "documents in one batch (0: 256 on cuda, 64 on cpu)")
-    max_concurrent_inputs: int = _setting(8192, "documents admitted at once; beyond it RESOURCE_EXHAUSTED")
-    max_request_documents: int = _setting(1024, "documents in one Embed request")
+    max_concurrent_inputs: int = _setting(
+        8192, "documents admitted at once; beyond it unary calls get RESOURCE_EXHAUSTED and Ingest streams wait"
+    )
+    max_concurrent_chars: int = _setting(
+        64 * 1024 * 1024, "characters of text admitted at once (bounds memory as the document count does)"
+    )
+    max_ingest_streams: int = _setting(64, "Ingest streams open at once; beyond it RESOURCE_EXHAUSTED")
+    max_request_documents: int = _setting(1024, "documents in one Embed request or Ingest batch")
     max_request_bytes: int = _setting(16 * 1024 * 1024, "largest request message")
+    max_metadata_bytes: int = _setting(64 * 1024, "largest metadata of one document (encoded size)")
+    max_filter_bytes: int = _setting(16 * 1024, "largest metadata filter of a Search or DeleteDocuments")
+    max_delete_ids: int = _setting(10_000, "ids in one DeleteDocuments request")
     max_search_k: int = _setting(1000, "largest k a Search may ask for")
     ingest_window: int = _setting(4, "batches of one Ingest stream read ahead and embedding")
     ingest_stores: int = _setting(2, "batches of one Ingest stream stored at once (a database connection each)")
@@ -74,8 +83,13 @@ class Settings:
         positive = (
             "sessions_per_device",
             "max_concurrent_inputs",
+            "max_concurrent_chars",
+            "max_ingest_streams",
             "max_request_documents",
             "max_request_bytes",
+            "max_metadata_bytes",
+            "max_filter_bytes",
+            "max_delete_ids",
             "ingest_window",
             "ingest_stores",
         )
@@ -87,6 +101,17 @@ class Settings:
                 raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 1 <= self.max_search_k <= 100_000:
             raise InvalidArgument(f"max_search_k must be in 1..100000, got {self.max_search_k}")
+        # A request the admission budget cannot hold would be refused (or, streaming, wait) forever.
+        if self.max_request_documents > self.max_concurrent_inputs:
+            raise InvalidArgument(
+                f"max_request_documents ({self.max_request_documents}) must not exceed max_concurrent_inputs"
+                f" ({self.max_concurrent_inputs}): a full request could never be admitted"
+            )
+        if self.max_request_bytes > self.max_concurrent_chars:
+            raise InvalidArgument(
+                f"max_request_bytes ({self.max_request_bytes}) must not exceed max_concurrent_chars"
+                f" ({self.max_concurrent_chars}): a full request could never be admitted"
+            )
         return self
 
 

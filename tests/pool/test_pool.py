@@ -131,6 +131,35 @@ async def test_a_poison_document_fails_only_its_own_request(
     assert poisoned.failures >= 2  # the shared batch, then the halves holding the poison
 
 
+@pytest.mark.anyio
+async def test_a_waiting_caller_gets_in_when_room_frees_and_a_unary_one_is_refused(
+    session: EmbeddingSession, tokenizer: _native.Tokenizer
+) -> None:
+    async with running_pool(tokenizer, [session], _config(permits=8)) as pool:
+        results: list[int] = []
+
+        async def holder() -> None:
+            results.append(len((await pool.embed(["a long text that takes a moment " * 20] * 8)).vectors))
+
+        async def waiter() -> None:
+            results.append(len((await pool.embed(["waits for room"] * 8, wait=True)).vectors))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder)
+            await anyio.sleep(0)  # the holder is admitted first
+            assert pool.permits_in_use == 8
+            with pytest.raises(Overloaded):
+                await pool.embed(["no room"])
+            tg.start_soon(waiter)
+        assert results == [8, 8]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder)
+            await anyio.sleep(0)
+            with pytest.raises(DeadlineExceeded, match="waiting for room"):
+                await pool.embed(["x"] * 8, wait=True, deadline=anyio.current_time() + 0.001)
+        assert pool.permits_in_use == 0
+
+
 class _Panicking:
     """A session whose engine call raises a BaseException, as a Rust panic (pyo3's PanicException) does."""
 

@@ -113,6 +113,30 @@ CASES: list[tuple[str, Callable[[str], tuple[str, Any]], grpc.StatusCode, str]] 
     ),
     ("delete no ids", lambda c: ("DeleteDocuments", pb.DeleteDocumentsRequest(collection=c)), INVALID, "ids"),
     (
+        "delete too many ids",
+        lambda c: ("DeleteDocuments", pb.DeleteDocumentsRequest(collection=c, ids=[f"i{n}" for n in range(10_001)])),
+        INVALID,
+        "over the limit of 10000",
+    ),
+    (
+        "delete NUL id",
+        lambda c: ("DeleteDocuments", pb.DeleteDocumentsRequest(collection=c, ids=["a\x00b"])),
+        INVALID,
+        "ids[0]",
+    ),
+    (
+        "filter too large",
+        lambda c: ("Search", pb.SearchRequest(collection=c, text="q", k=3, filter=dict_to_struct({"k": "v" * 20_000}))),
+        INVALID,
+        "filter: ",
+    ),
+    (
+        "metadata too large",
+        lambda c: ("Embed", pb.EmbedRequest(documents=[_doc_with_metadata({"k": "v" * 70_000})], collection=c)),
+        INVALID,
+        "documents[0].metadata: ",
+    ),
+    (
         "delete ids and filter",
         lambda c: (
             "DeleteDocuments",

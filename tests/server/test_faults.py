@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,7 +25,12 @@ def faulty(
     tmp_path_factory: pytest.TempPathFactory, make_settings: object, poisoned_session: Callable[..., Any]
 ) -> Iterator[pb_grpc.EmbedderStub]:
     settings = make_settings(  # type: ignore[operator]
-        tmp_path_factory.mktemp("faulty"), max_concurrent_inputs=32, max_batch_size=8, variant="fp32_opt"
+        tmp_path_factory.mktemp("faulty"),
+        max_concurrent_inputs=32,
+        max_request_documents=32,
+        max_ingest_streams=2,
+        max_batch_size=8,
+        variant="fp32_opt",
     )
     engine: Engine = load_engine(settings)
     poison = int(engine.tokenizer.encode_ragged(["zeppelin"])[0][1])
@@ -87,3 +93,67 @@ def test_expired_deadline_is_deadline_exceeded(faulty: pb_grpc.EmbedderStub) -> 
         faulty.Embed(_request(32, "a long text " * 40), timeout=0.05)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert len(faulty.Embed(_request(2), timeout=60).vectors) == 2
+
+
+def test_an_ingest_stream_waits_for_room_while_unary_calls_are_refused(faulty: pb_grpc.EmbedderStub) -> None:
+    name = f"overloaded_{uuid.uuid4().hex[:8]}"
+    faulty.CreateCollection(pb.CreateCollectionRequest(name=name))
+    stop = threading.Event()
+    refused = 0
+
+    def flood() -> None:
+        nonlocal refused
+        while not stop.is_set():
+            try:
+                faulty.Embed(_request(24), timeout=60)
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                refused += 1
+
+    flooders = [threading.Thread(target=flood) for _ in range(4)]
+    for t in flooders:
+        t.start()
+    try:
+        batches = [
+            pb.IngestRequest(
+                collection=name if b == 0 else "",
+                batch_id=b,
+                documents=[pb.Document(id=f"{b}-{i}", text=f"document {i} of batch {b}") for i in range(32)],
+            )
+            for b in range(6)
+        ]
+        acks = list(faulty.Ingest(iter(batches), timeout=120))
+    finally:
+        stop.set()
+        for t in flooders:
+            t.join(60)
+    assert [a.batch_id for a in acks] == list(range(6))
+    assert faulty.GetCollection(pb.GetCollectionRequest(name=name)).count == 6 * 32
+    assert refused > 0, "the flood never filled the budget: the test proved nothing"
+
+
+def test_ingest_streams_beyond_the_limit_are_refused(faulty: pb_grpc.EmbedderStub) -> None:
+    name = f"streams_{uuid.uuid4().hex[:8]}"
+    faulty.CreateCollection(pb.CreateCollectionRequest(name=name))
+    release = threading.Event()
+
+    def held_open() -> Iterator[pb.IngestRequest]:
+        yield pb.IngestRequest(collection=name, batch_id=0, documents=[pb.Document(id="x", text="held")])
+        release.wait(60)
+
+    open_streams = [faulty.Ingest(held_open(), timeout=60) for _ in range(2)]
+    try:
+        for call in open_streams:
+            next(iter(call))  # each stream is being served (its first ack came back)
+        with pytest.raises(grpc.RpcError) as err:
+            list(faulty.Ingest(iter([pb.IngestRequest(collection=name, documents=[_doc_text()])]), timeout=30))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Ingest streams" in (err.value.details() or "")
+    finally:
+        release.set()
+        for call in open_streams:
+            list(call)
+
+
+def _doc_text() -> pb.Document:
+    return pb.Document(text="one too many")

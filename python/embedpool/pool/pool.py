@@ -39,6 +39,7 @@ class PoolConfig:
     limits: BatchLimits
     max_concurrent_inputs: int
     tokenizer_threads: int
+    max_concurrent_chars: int = 64 * 1024 * 1024
     pipeline_depth: int = 2  # batches cut ahead per session, so the next one is ready when the engine frees up
 
 
@@ -55,7 +56,7 @@ class EmbeddingPool:
         self._tokenizer = tokenizer
         self._sessions = list(sessions)
         self._config = config
-        self._permits = Permits(config.max_concurrent_inputs)
+        self._permits = Permits(config.max_concurrent_inputs, config.max_concurrent_chars)
         self._tokenize_limiter = anyio.CapacityLimiter(config.tokenizer_threads)
         # Every admitted job fits: a job holds >= 1 permit, so the channel can never hold more jobs than this.
         self._ingress_send, self._ingress_receive = anyio.create_memory_object_stream[Job](config.max_concurrent_inputs)
@@ -79,22 +80,33 @@ class EmbeddingPool:
         """Inference sessions serving batches; 0 means every one failed repeatedly (see pool.feeder)."""
         return self._rotation.in_rotation
 
-    async def embed(self, texts: Sequence[str], *, truncate: bool = True, deadline: float = math.inf) -> Embeddings:
-        """Embeds `texts` in order. Raises Overloaded at once when no permits are free."""
+    async def embed(
+        self, texts: Sequence[str], *, truncate: bool = True, deadline: float = math.inf, wait: bool = False
+    ) -> Embeddings:
+        """Embeds `texts` in order. Without room in the admission budget, raises Overloaded at once, or with
+        `wait` waits for room (until `deadline`)."""
         if self._closed:
             raise Unavailable("the server is shutting down")
         if self._rotation.in_rotation == 0:
             raise Unavailable("no inference session is working; retry later")
         n = len(texts)
-        self._permits.acquire(n)
+        chars = sum(map(len, texts))
         job: Job | None = None
+        admitted = False
         try:
             with anyio.fail_after(max(0.0, deadline - anyio.current_time()) if deadline < math.inf else None):
+                if wait:
+                    await self._permits.acquire_waiting(n, chars)
+                else:
+                    self._permits.acquire(n, chars)
+                admitted = True
                 ids, offsets = await self._tokenize(texts, truncate)
                 job = Job(ids=ids, offsets=offsets, dim=self._config.dim, deadline=deadline)
                 await self._ingress_send.send(job)
                 await job.done.wait()
         except TimeoutError as exc:
+            if not admitted:
+                raise DeadlineExceeded(f"deadline passed waiting for room for {n} documents") from exc
             raise DeadlineExceeded(
                 f"deadline passed with {job.remaining if job else n} of {n} documents pending"
             ) from exc
@@ -103,7 +115,8 @@ class EmbeddingPool:
         finally:
             if job is not None:
                 job.abandoned = True  # no-op when done; otherwise its queued documents are skipped
-            self._permits.release(n)
+            if admitted:
+                self._permits.release(n, chars)
         if job.error is not None:
             raise job.error
         return Embeddings(vectors=job.vectors, token_counts=np.diff(offsets))

@@ -244,6 +244,7 @@ def _pool_config(settings: Settings, engine: Engine) -> PoolConfig:
             pad_id=engine.tokenizer.pad_id,
         ),
         max_concurrent_inputs=settings.max_concurrent_inputs,
+        max_concurrent_chars=settings.max_concurrent_chars,
         tokenizer_threads=settings.tokenizer_threads,
     )
 
@@ -267,6 +268,7 @@ async def serve(
     """
     if engine is not None:
         settings = engine.settings
+    settings = settings.validate()  # the same checks as the CLI's, for settings built in code
     async with AsyncExitStack() as stack:
         embedded = await _check_database(settings, stack)
         server = grpc.aio.server(
@@ -289,14 +291,7 @@ async def serve(
         pool = await stack.enter_async_context(
             running_pool(engine.tokenizer, engine.sessions, _pool_config(settings, engine))
         )
-        limits = validation.Limits(
-            settings.max_request_documents,
-            settings.max_request_bytes,
-            settings.max_search_k,
-            settings.ingest_window,
-            settings.ingest_stores,
-        )
-        add_embedder(EmbedderServicer(pool, store, engine.model, limits), server)
+        add_embedder(EmbedderServicer(pool, store, engine.model, validation.Limits.from_settings(settings)), server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)

@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from embedpool.engine import ServingModel
-from embedpool.errors import InvalidArgument
+from embedpool.errors import InvalidArgument, Overloaded
 from embedpool.pool import EmbeddingPool
 from embedpool.server import validation
 from embedpool.server.codec import (
@@ -48,6 +48,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         self._limits = limits
         self._window, self._stores = limits.ingest_window, limits.ingest_stores
         self._writer = DocumentWriter(pool, store, model)
+        self._ingest_streams = 0
 
     @rpc
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
@@ -85,6 +86,15 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         self, request_iterator: AsyncIterator[pb.IngestRequest], context: Context
     ) -> None:
         """Embeds ahead, stores concurrently, acknowledges in order: see embedpool.server.ingest_stream."""
+        if self._ingest_streams >= self._limits.max_ingest_streams:
+            raise Overloaded(f"{self._ingest_streams} Ingest streams are open, the limit; retry later")
+        self._ingest_streams += 1
+        try:
+            await self._ingest(request_iterator, context)
+        finally:
+            self._ingest_streams -= 1
+
+    async def _ingest(self, request_iterator: AsyncIterator[pb.IngestRequest], context: Context) -> None:
         deadline = _deadline(context)
         collection = ""
 
@@ -101,7 +111,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         async def embed(request: pb.IngestRequest) -> EmbeddedBatch:
             truncate = request.truncate if request.HasField("truncate") else True
             return await self._writer.embed(
-                collection, request.documents, truncate=truncate, deadline=deadline, want_vectors=False
+                collection, request.documents, truncate=truncate, deadline=deadline, want_vectors=False, wait=True
             )
 
         async def ack(request: pb.IngestRequest, outcome: WriteOutcome) -> None:
@@ -203,7 +213,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
 
     @rpc
     async def DeleteDocuments(self, request: pb.DeleteDocumentsRequest, context: Context) -> pb.DeleteDocumentsResponse:
-        validation.delete_request(request)
+        validation.delete_request(request, self._limits)
         if request.ids:
             deleted = await self._store.delete(request.collection, list(request.ids))
         else:

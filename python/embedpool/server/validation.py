@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from google.protobuf import struct_pb2
 
+from embedpool.config import Settings
 from embedpool.errors import InvalidArgument
 from embedpool.v1 import embedpool_pb2 as pb
 
@@ -24,6 +25,24 @@ class Limits:
     max_search_k: int
     ingest_window: int
     ingest_stores: int
+    max_metadata_bytes: int = 64 * 1024
+    max_filter_bytes: int = 16 * 1024
+    max_delete_ids: int = 10_000
+    max_ingest_streams: int = 64
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(
+            max_request_documents=settings.max_request_documents,
+            max_request_bytes=settings.max_request_bytes,
+            max_search_k=settings.max_search_k,
+            ingest_window=settings.ingest_window,
+            ingest_stores=settings.ingest_stores,
+            max_metadata_bytes=settings.max_metadata_bytes,
+            max_filter_bytes=settings.max_filter_bytes,
+            max_delete_ids=settings.max_delete_ids,
+            max_ingest_streams=settings.max_ingest_streams,
+        )
 
 
 def collection_name(name: str, field: str = "collection") -> str:
@@ -63,10 +82,10 @@ def _documents(documents: Sequence[pb.Document], limits: Limits, *, storing: boo
         if not doc.text.strip():
             raise InvalidArgument(f"documents[{i}].text: must not be empty or only whitespace")
         if storing:
-            _storable(doc, i)
+            _storable(doc, i, limits)
 
 
-def _storable(doc: pb.Document, i: int) -> None:
+def _storable(doc: pb.Document, i: int, limits: Limits) -> None:
     """Postgres text and jsonb cannot hold NUL characters; say so instead of failing in COPY."""
     if len(doc.id.encode()) > MAX_ID_BYTES:
         raise InvalidArgument(f"documents[{i}].id: longer than {MAX_ID_BYTES} bytes")
@@ -74,6 +93,8 @@ def _storable(doc: pb.Document, i: int) -> None:
         raise InvalidArgument(f"documents[{i}].id: contains a NUL character")
     if "\x00" in doc.text:
         raise InvalidArgument(f"documents[{i}].text: contains a NUL character, which cannot be stored")
+    if doc.HasField("metadata") and (size := doc.metadata.ByteSize()) > limits.max_metadata_bytes:
+        raise InvalidArgument(f"documents[{i}].metadata: {size} bytes, over the limit of {limits.max_metadata_bytes}")
     if problem := _struct_problem(doc.metadata):
         raise InvalidArgument(f"documents[{i}].metadata: {problem}")
 
@@ -102,11 +123,25 @@ def _value_problem(value: struct_pb2.Value) -> str | None:
     return None
 
 
-def delete_request(request: pb.DeleteDocumentsRequest) -> None:
+def _filter(message: struct_pb2.Struct, limits: Limits) -> None:
+    if (size := message.ByteSize()) > limits.max_filter_bytes:
+        raise InvalidArgument(f"filter: {size} bytes, over the limit of {limits.max_filter_bytes}")
+    if problem := _struct_problem(message):
+        raise InvalidArgument(f"filter: {problem}")
+
+
+def delete_request(request: pb.DeleteDocumentsRequest, limits: Limits) -> None:
     collection_name(request.collection)
     has_filter = request.HasField("filter") and len(request.filter.fields) > 0
     if bool(request.ids) == has_filter:
         raise InvalidArgument("ids, filter: give exactly one (a non-empty filter, or at least one id)")
+    if len(request.ids) > limits.max_delete_ids:
+        raise InvalidArgument(f"ids: {len(request.ids)} ids, over the limit of {limits.max_delete_ids} per request")
+    for i, doc_id in enumerate(request.ids):
+        if not doc_id or len(doc_id.encode()) > MAX_ID_BYTES or "\x00" in doc_id:
+            raise InvalidArgument(f"ids[{i}]: must be 1..{MAX_ID_BYTES} bytes without NUL characters")
+    if has_filter:
+        _filter(request.filter, limits)
 
 
 def search_request(request: pb.SearchRequest, limits: Limits) -> None:
@@ -125,3 +160,5 @@ def search_request(request: pb.SearchRequest, limits: Limits) -> None:
         raise InvalidArgument(f"candidates: must be 0 or at least k ({request.k}), got {request.candidates}")
     if request.HasField("min_score") and not -1.0 <= request.min_score <= 1.0:
         raise InvalidArgument(f"min_score: must be in [-1, 1], got {request.min_score}")
+    if request.HasField("filter"):
+        _filter(request.filter, limits)

@@ -68,6 +68,8 @@ class EmbeddedBatch:
     """By id: the store confirms their hashes when it writes the rows, or they are embedded then."""
     truncate: bool
     deadline: float
+    wait: bool = False
+    """Whether embedding waits for room in the admission budget (Ingest) or fails fast (unary calls)."""
 
     @property
     def skipped_unchanged(self) -> int:
@@ -109,6 +111,7 @@ class DocumentWriter:
         truncate: bool,
         deadline: float,
         want_vectors: bool,
+        wait: bool = False,
     ) -> EmbeddedBatch:
         ids = [doc.id or derived_id(doc.text) for doc in documents]
         # An id's earlier documents in the request are overwritten by its last: they need no row (nor, unless
@@ -127,7 +130,8 @@ class DocumentWriter:
         vectors: NDArray[np.float32] | None = None
         rows: list[DocumentRow] = []
         if todo:
-            embedded = await self._pool.embed([documents[i].text for i in todo], truncate=truncate, deadline=deadline)
+            texts = [documents[i].text for i in todo]
+            embedded = await self._pool.embed(texts, truncate=truncate, deadline=deadline, wait=wait)
             for j, i in enumerate(todo):
                 token_counts[i] = int(embedded.token_counts[j])
             rows = [
@@ -139,7 +143,7 @@ class DocumentWriter:
             ]
             if want_vectors:
                 vectors = embedded.vectors
-        return EmbeddedBatch(collection, ids, rows, token_counts, vectors, assumed, truncate, deadline)
+        return EmbeddedBatch(collection, ids, rows, token_counts, vectors, assumed, truncate, deadline, wait)
 
     async def store(self, batch: EmbeddedBatch) -> WriteOutcome:
         while True:
@@ -173,7 +177,9 @@ class DocumentWriter:
     async def _embed_assumed(self, batch: EmbeddedBatch, ids: Sequence[str]) -> EmbeddedBatch:
         """`batch` with the documents of `ids` embedded after all: their rows changed since they were checked."""
         docs = [batch.assumed[doc_id] for doc_id in ids]
-        embedded = await self._pool.embed([d.text for d in docs], truncate=batch.truncate, deadline=batch.deadline)
+        embedded = await self._pool.embed(
+            [d.text for d in docs], truncate=batch.truncate, deadline=batch.deadline, wait=batch.wait
+        )
         token_counts = list(batch.token_counts)
         for doc, count in zip(docs, embedded.token_counts, strict=True):
             token_counts[doc.index] = int(count)
