@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from embedpool.errors import StartupError
@@ -83,3 +84,21 @@ def test_a_cluster_of_another_major_version_is_refused_before_anything_starts(tm
         pg.start()
     pg.close()
     assert sorted(p.name for p in pgdata.iterdir()) == ["PG_VERSION"]
+
+
+def test_a_postmaster_whose_owner_died_is_taken_over_and_stopped_at_close(tmp_path: Path) -> None:
+    pgdata = tmp_path / "pg"
+    owner = "import sys, time; from embedpool.store import EmbeddedPostgres; EmbeddedPostgres(sys.argv[1]).start();"
+    owner += " print('up', flush=True); time.sleep(120)"
+    with subprocess.Popen([sys.executable, "-c", owner, str(pgdata)], stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stdout.readline() == "up\n"
+        proc.kill()  # its lock goes with it; its postmaster does not
+    orphan = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+    pg = EmbeddedPostgres(pgdata)
+    try:
+        pg.start()
+        assert int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0]) == orphan
+    finally:
+        pg.close()
+    assert not pg.running
+    assert not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE
