@@ -33,6 +33,9 @@ class Settings:
         "where the embedded Postgres and converted models live",
     )
     database_url: str = _setting("", "external Postgres with pgvector; empty starts the embedded one")
+    db_pool_size: int = _setting(16, "database connections this server opens at most (each replica its own)")
+    db_statement_timeout: float = _setting(30.0, "seconds a database statement may run (0: no limit)")
+    db_lock_timeout: float = _setting(10.0, "seconds a statement may wait for a lock (0: no limit)")
     model: str = _setting("", "model dir (ONNX or safetensors checkpoint); empty = bundled all-MiniLM-L6-v2")
     device: str = _setting("auto", "inference device", choices=("auto", "cpu", "cuda"))
     variant: str = _setting(
@@ -90,13 +93,22 @@ class Settings:
             "max_metadata_bytes",
             "max_filter_bytes",
             "max_delete_ids",
+            "db_pool_size",
             "ingest_window",
             "ingest_stores",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_batch_tokens", "max_batch_size", "intra_op_threads", "tokenizer_threads", "port"):
+        for name in (
+            "max_batch_tokens",
+            "max_batch_size",
+            "intra_op_threads",
+            "tokenizer_threads",
+            "port",
+            "db_statement_timeout",
+            "db_lock_timeout",
+        ):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 1 <= self.max_search_k <= 100_000:

@@ -68,9 +68,14 @@ async def open_store(settings: Settings, embedded: EmbeddedPostgres | None = Non
         if embedded is not None:
             url = await anyio.to_thread.run_sync(embedded.start)
         try:
-            store = await Store.open(url)
-        except Unavailable as e:
-            raise StartupError(f"cannot reach the database at {_redacted(url)}: {_one_line(e)}") from e
+            store = await Store.open(
+                url,
+                max_size=settings.db_pool_size,
+                statement_timeout=settings.db_statement_timeout,
+                lock_timeout=settings.db_lock_timeout,
+            )
+        except Unavailable as e:  # its own message is the caller's short one; the operator wants the cause
+            raise StartupError(f"cannot reach the database at {_redacted(url)}: {_one_line(e.__cause__ or e)}") from e
         except psycopg.Error as e:  # e.g. no right to create the extension or the tables
             raise StartupError(f"cannot set up the database at {_redacted(url)}: {_one_line(e)}") from e
         try:

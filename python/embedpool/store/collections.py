@@ -188,6 +188,7 @@ async def build_index(
     """Create the collection's HNSW index unless it exists, with the given build memory and workers."""
     async with conn.transaction():
         info = await lookup(conn, name, lock=True)
+        await conn.execute("SELECT set_config('statement_timeout', '0', true)")  # a build may take minutes
         await conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (maintenance_work_mem,))
         if parallel_workers is not None:
             await conn.execute(

@@ -14,27 +14,17 @@ from numpy.typing import NDArray
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from embedpool.errors import Unavailable
 from embedpool.store import collections, search, writer
 from embedpool.store._codec import configure_connection
 from embedpool.store.catalog import CollectionCache
 from embedpool.store.collections import HnswOptions
+from embedpool.store.dberrors import database_errors
 from embedpool.store.migrations import migrate_up
 from embedpool.store.records import CollectionInfo, CollectionStats, DocumentRow, Hit, UpsertResult
 
 T = TypeVar("T")
 
 __all__ = ["Store"]
-
-
-@contextlib.asynccontextmanager
-async def _unavailable_on_connection_errors() -> AsyncIterator[None]:
-    # OperationalError covers a server that is down, shutting down or restarting, a dropped connection and
-    # the pool's own timeout (PoolTimeout subclasses it): all mean "retry later", none is the caller's fault.
-    try:
-        yield
-    except psycopg.OperationalError as e:
-        raise Unavailable(f"database unavailable: {e}".strip()) from e
 
 
 def _graph_mb(rows: int, dim: int) -> int:
@@ -52,17 +42,30 @@ class Store:
         self._cache = CollectionCache()
 
     @classmethod
-    async def open(cls, url: str, *, min_size: int = 1, max_size: int = 8, timeout: float = 10.0) -> Store:
-        """Connect, migrate the schema up, and open a pool. `timeout`: seconds to wait for a connection."""
+    async def open(
+        cls,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 8,
+        timeout: float = 10.0,
+        statement_timeout: float = 30.0,
+        lock_timeout: float = 10.0,
+    ) -> Store:
+        """Connect, migrate the schema up, and open a pool. `timeout`: seconds to wait for a connection;
+        `statement_timeout`/`lock_timeout`: the pool's connections give up on a statement (or on waiting for a
+        lock) after that many seconds (0: never), so a stuck database cannot hold requests forever. Index
+        builds lift the statement timeout for their own transaction."""
         connect_timeout = max(1, math.ceil(timeout))
-        async with _unavailable_on_connection_errors():
+        options = f"-c statement_timeout={round(statement_timeout * 1000)} -c lock_timeout={round(lock_timeout * 1000)}"
+        with database_errors():
             async with await AsyncConnection.connect(url, autocommit=True, connect_timeout=connect_timeout) as conn:
                 await migrate_up(conn)
             pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
                 url,
                 min_size=min_size,
                 max_size=max_size,
-                kwargs={"autocommit": True, "connect_timeout": connect_timeout},
+                kwargs={"autocommit": True, "connect_timeout": connect_timeout, "options": options},
                 configure=configure_connection,
                 # One empty round trip per checkout: after a database restart, stale connections are replaced
                 # instead of failing the first request that draws each of them.
@@ -106,8 +109,9 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[AsyncConnection[Any]]:
-        async with _unavailable_on_connection_errors(), self._pool.connection() as conn:
-            yield conn
+        with database_errors():
+            async with self._pool.connection() as conn:
+                yield conn
 
     async def create_collection(
         self, name: str, *, model: str, dim: int, metric: str = "cosine", hnsw: HnswOptions | None = None
