@@ -66,3 +66,35 @@ async def test_a_load_that_died_before_the_build_resumes_in_bulk_mode(postgres: 
         await store.upsert(name, rows(unit_vectors(50, DIM, seed=1), start=50))
     stats = await store.stats(name)
     assert (stats.count, stats.indexed) == (100, True)
+
+
+async def _crashed_bulk_load(store: Store, postgres: EmbeddedPostgres) -> str:
+    """A collection as a bulk load leaves it when its server dies mid-load: rows, no index."""
+    name = unique_name("crashed")
+    info = await store.create_collection(name, model="m", dim=DIM)
+    async with await AsyncConnection.connect(postgres.uri, autocommit=True) as conn:
+        await conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index_name(info))))
+    await store.upsert(name, rows(unit_vectors(50, DIM)))
+    return name
+
+
+async def test_an_interrupted_bulk_load_is_finished_at_start(store: Store, postgres: EmbeddedPostgres) -> None:
+    name = await _crashed_bulk_load(store, postgres)
+    assert not (await store.stats(name)).indexed
+    assert name in await store.finish_interrupted_builds()
+    assert (await store.stats(name)).indexed
+
+
+async def test_a_load_in_progress_elsewhere_is_left_to_its_owner(store: Store, postgres: EmbeddedPostgres) -> None:
+    name = await _crashed_bulk_load(store, postgres)
+    other = await Store.open(postgres.uri, max_size=2)
+    try:
+        async with other.bulk_load(name) as bulk:  # "another server", loading in bulk right now
+            assert bulk
+            assert name not in await store.finish_interrupted_builds()
+            async with store.bulk_load(name) as second:
+                assert not second  # a second loader writes incrementally instead of racing the owner
+            assert not (await store.stats(name)).indexed
+        assert (await store.stats(name)).indexed  # the owner built it at the end
+    finally:
+        await other.close()

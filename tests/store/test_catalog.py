@@ -24,7 +24,7 @@ async def test_a_drop_and_recreate_on_another_replica_reaches_the_cache(postgres
     a = await Store.open(postgres.uri, max_size=2)
     b = await Store.open(postgres.uri, max_size=2)
     try:
-        async with a.watching():
+        async with a.running():
             name = unique_name("catalog")
             first = await b.create_collection(name, model="m", dim=8)
             assert (await a.collection(name)).id == first.id  # now cached on a

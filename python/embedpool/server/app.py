@@ -292,7 +292,7 @@ async def serve(
             engine = await anyio.to_thread.run_sync(_load_engine, settings)
         settings = engine.settings
         store, url = await stack.enter_async_context(open_store(settings, embedded))
-        await stack.enter_async_context(store.watching())  # collection rows cached, kept right by LISTEN
+        await stack.enter_async_context(store.running())  # collection cache (LISTEN), interrupted index builds
         pool = await stack.enter_async_context(
             running_pool(engine.tokenizer, engine.sessions, _pool_config(settings, engine))
         )

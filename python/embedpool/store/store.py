@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -14,6 +15,7 @@ from numpy.typing import NDArray
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from embedpool.errors import EmbedpoolError
 from embedpool.store import collections, search, writer
 from embedpool.store._codec import configure_connection
 from embedpool.store.catalog import CollectionCache
@@ -23,6 +25,9 @@ from embedpool.store.migrations import migrate_up
 from embedpool.store.records import CollectionInfo, CollectionStats, DocumentRow, Hit, UpsertResult
 
 T = TypeVar("T")
+_log = logging.getLogger("embedpool.store")
+# The first key of the advisory locks on a collection's index (the second is the collection's id).
+_INDEX_LOCK = 0x656D6270
 
 __all__ = ["Store"]
 
@@ -37,7 +42,9 @@ class Store:
     def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Any]]) -> None:
         """Use `await Store.open(url)`."""
         self._pool = pool
-        self._url = pool.conninfo
+        conninfo = pool.conninfo
+        self._url = conninfo if isinstance(conninfo, str) else ""
+        """For the connections the store holds outside its pool (LISTEN, index locks)."""
         # Collection rows for the per-request checks and reads (writes look the row up again, under a lock).
         self._cache = CollectionCache()
 
@@ -89,15 +96,23 @@ class Store:
         await self._pool.close()
 
     @contextlib.asynccontextmanager
-    async def watching(self) -> AsyncIterator[None]:
-        """Caches collection rows for the block, kept right by LISTEN (see store.catalog); without it every
-        request looks its collection up (one primary-key read)."""
+    async def running(self) -> AsyncIterator[None]:
+        """The store's background work for the block: collection rows cached, kept right by LISTEN (see
+        store.catalog; without it every request looks its collection up, one primary-key read), and indexes
+        that an interrupted bulk load left unbuilt built (searches scan exactly meanwhile)."""
         async with anyio.create_task_group() as tg:
             await tg.start(self._cache.watch, self._url)
+            tg.start_soon(self._finish_interrupted_builds_logged)
             try:
                 yield
             finally:
                 tg.cancel_scope.cancel()
+
+    async def _finish_interrupted_builds_logged(self) -> None:
+        try:
+            await self.finish_interrupted_builds()
+        except EmbedpoolError as e:  # the next start tries again; serving goes on
+            _log.warning("could not finish interrupted index builds: %s (%s)", e, e.__cause__)
 
     async def collection(self, name: str) -> CollectionInfo:
         """The collection's row (no count): from the cache when it is live, else one primary-key read."""
@@ -154,17 +169,57 @@ class Store:
         they are written. `maintenance_work_mem` defaults to an estimate of the graph's size (64MB..4GB);
         `parallel_workers` to the server's max_parallel_maintenance_workers.
         """
+        async with self._index_owner(collection) as owner:
+            if not owner:  # another server is loading it in bulk, or finishing such a load: load incrementally
+                yield False
+                return
+            async with self._connection() as conn:
+                bulk = await collections.drop_index_if_empty(conn, collection)
+            try:
+                yield bulk
+            finally:
+                if bulk:
+                    # Shielded: a cancelled load (a client gone, a shutdown) must not leave the collection
+                    # unindexed. A crash does; `finish_interrupted_builds` at the next start repairs that.
+                    with anyio.CancelScope(shield=True):
+                        await self.build_index(
+                            collection, maintenance_work_mem=maintenance_work_mem, parallel_workers=parallel_workers
+                        )
+
+    @contextlib.asynccontextmanager
+    async def _index_owner(self, collection: str) -> AsyncIterator[bool]:
+        """Whether this block owns the collection's index (a bulk load, or the build after one): a session-level
+        advisory lock on a connection of its own, so a crashed owner's lock ends with its connection."""
+        info = await self.collection(collection)
+        with database_errors():
+            async with await AsyncConnection.connect(self._url, autocommit=True) as conn:
+                cur = await conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (_INDEX_LOCK, info.id))
+                row = await cur.fetchone()
+                owner = bool(row and row[0])
+                try:
+                    yield owner
+                finally:
+                    if owner:
+                        with anyio.CancelScope(shield=True), contextlib.suppress(psycopg.Error):
+                            await conn.execute("SELECT pg_advisory_unlock(%s, %s)", (_INDEX_LOCK, info.id))
+
+    async def finish_interrupted_builds(self) -> list[str]:
+        """Build the index of every collection left without one by a bulk load that did not finish (a crash,
+        a killed server), unless another server is on it; the names built. Run at start-up."""
         async with self._connection() as conn:
-            bulk = await collections.drop_index_if_empty(conn, collection)
-        try:
-            yield bulk
-        finally:
-            if bulk:
-                # Shielded: a cancelled load (a client gone, a shutdown) must not leave the collection unindexed.
-                with anyio.CancelScope(shield=True):
-                    await self.build_index(
-                        collection, maintenance_work_mem=maintenance_work_mem, parallel_workers=parallel_workers
-                    )
+            cur = await conn.execute(
+                "SELECT name FROM collections"
+                " WHERE to_regclass(quote_ident('documents_c' || id || '_hnsw')) IS NULL ORDER BY name"
+            )
+            missing = [name for (name,) in await cur.fetchall()]
+        built = []
+        for name in missing:
+            async with self._index_owner(name) as owner:
+                if owner:
+                    _log.warning("collection %r has no index (an interrupted bulk load?): building it", name)
+                    await self.build_index(name)
+                    built.append(name)
+        return built
 
     async def build_index(
         self, collection: str, *, maintenance_work_mem: str | None = None, parallel_workers: int | None = None
