@@ -132,6 +132,22 @@ async def test_a_poison_document_fails_only_its_own_request(
 
 
 @pytest.mark.anyio
+async def test_a_client_retrying_its_poison_document_does_not_take_the_session_out(
+    session: EmbeddingSession, tokenizer: _native.Tokenizer, poisoned_session: Callable[..., Any]
+) -> None:
+    from embedpool.pool import feeder
+
+    ids, _ = tokenizer.encode_ragged(["zeppelin"])
+    poisoned = poisoned_session(session, poison=int(ids[1]))
+    async with running_pool(tokenizer, [poisoned], _config()) as pool:
+        for _ in range(feeder.FAILED_BATCHES_TO_REMOVE + 2):
+            with pytest.raises(InferenceFailed):
+                await pool.embed(["zeppelin"])
+        assert pool.sessions_in_rotation == 1  # the canary still works: the input was the problem
+        assert (await pool.embed(["still serving"])).vectors.shape == (1, 384)
+
+
+@pytest.mark.anyio
 async def test_a_waiting_caller_gets_in_when_room_frees_and_a_unary_one_is_refused(
     session: EmbeddingSession, tokenizer: _native.Tokenizer
 ) -> None:

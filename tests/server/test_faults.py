@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -157,3 +158,60 @@ def test_ingest_streams_beyond_the_limit_are_refused(faulty: pb_grpc.EmbedderStu
 
 def _doc_text() -> pb.Document:
     return pb.Document(text="one too many")
+
+
+class _Breakable:
+    """A real session that fails every call while `broken`: an engine that stopped working (a lost GPU)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.broken = False
+
+    def embed(self, input_ids: Any, attention_mask: Any) -> Any:
+        if self.broken:
+            raise RuntimeError("device lost")
+        return self.inner.embed(input_ids, attention_mask)
+
+
+def test_health_is_not_serving_while_no_session_works(
+    tmp_path: Any, make_settings: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from embedpool.pool import feeder
+
+    monkeypatch.setattr(feeder, "PROBE_INTERVAL_S", 0.2)
+    settings = make_settings(tmp_path, variant="fp32_opt")
+    engine: Engine = load_engine(settings)
+    session = _Breakable(engine.sessions[0])
+    engine = dataclasses.replace(engine, sessions=[session])
+    serving = health_pb2.HealthCheckResponse.SERVING
+    with start_blocking_portal(backend="asyncio") as portal:
+        future, running = portal.start_task(functools.partial(serve, engine=engine), settings)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                stub, health = pb_grpc.EmbedderStub(channel), health_pb2_grpc.HealthStub(channel)
+
+                def status() -> int:
+                    return health.Check(health_pb2.HealthCheckRequest(service="")).status
+
+                session.broken = True
+                codes = []
+                for _ in range(feeder.FAILED_BATCHES_TO_REMOVE + 1):
+                    with pytest.raises(grpc.RpcError) as err:
+                        stub.Embed(_request(1), timeout=30)
+                    codes.append(err.value.code())
+                assert codes[-1] == grpc.StatusCode.UNAVAILABLE  # out of rotation: refused at once, retryable
+                _wait_for(lambda: status() != serving)
+                session.broken = False
+                _wait_for(lambda: status() == serving)
+                assert len(stub.Embed(_request(2), timeout=30).vectors) == 2
+        finally:
+            future.cancel()
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)

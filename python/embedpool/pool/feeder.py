@@ -95,6 +95,7 @@ class Feeder:
         token: EventLoopToken,
         rotation: Rotation,
         dim: int,
+        canary: tuple[NDArray[np.int64], NDArray[np.int64]],
     ) -> None:
         self._name = name
         self._session = session
@@ -103,9 +104,9 @@ class Feeder:
         self._token = token
         self._rotation = rotation
         self._dim = dim
+        self._canary = canary
         self._failed_in_a_row = 0
-        self._probe: tuple[NDArray[np.int64], NDArray[np.int64]] | None = None
-        """Set while out of rotation: a one-document input the session failed on, to try again."""
+        self._out = False
         self._probe_at = 0.0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -127,9 +128,9 @@ class Feeder:
 
     def _run(self) -> None:
         while True:
-            if self._probe is not None and time.monotonic() >= self._probe_at:
+            if self._out and time.monotonic() >= self._probe_at:
                 self._try_probe()
-            if self._probe is not None and self._rotation.in_rotation > 0:
+            if self._out and self._rotation.in_rotation > 0:
                 # Others serve; this one only waits for its next probe (or the end of the pool).
                 if self._stopping.wait(_IDLE_POLL_S):
                     return
@@ -148,13 +149,13 @@ class Feeder:
 
     async def _receive(self) -> Batch | None:
         # Bounded while out of rotation, so that a probe is tried on time even when no batch comes.
-        with anyio.move_on_after(_IDLE_POLL_S if self._probe is not None else None):
+        with anyio.move_on_after(_IDLE_POLL_S if self._out else None):
             return await self._batches.receive()
         return None
 
     def _serve(self, batch: Batch) -> Outcome:
         n = len(batch.entries)
-        if self._probe is not None:  # no session in rotation: answer now rather than let callers wait
+        if self._out:  # no session in rotation: answer now rather than let callers wait
             vectors = np.zeros((n, self._dim), np.float32)
             return Outcome(vectors, dict.fromkeys(range(n), "no inference session in rotation"), 0.0, unavailable=True)
         started = time.perf_counter()
@@ -162,16 +163,15 @@ class Feeder:
         failed: dict[int, str] = {}
         self._infer(batch.ids, batch.mask, 0, n, vectors, failed)
         seconds = time.perf_counter() - started
-        if len(failed) == n:
+        if len(failed) < n or self._canary_works():
+            self._failed_in_a_row = 0
+        else:
             self._failed_in_a_row += 1
             if self._failed_in_a_row >= FAILED_BATCHES_TO_REMOVE:
-                length = int(batch.mask[0].sum())
-                self._probe = (batch.ids[:1, :length].copy(), batch.mask[:1, :length].copy())
+                self._out = True
                 self._probe_at = time.monotonic() + PROBE_INTERVAL_S
                 self._rotation.take_out(self._name)
                 log.error("%s: out of rotation after %d failed batches in a row", self._name, self._failed_in_a_row)
-        else:
-            self._failed_in_a_row = 0
         return Outcome(vectors, failed, seconds)
 
     def _infer(
@@ -199,17 +199,21 @@ class Feeder:
         self._infer(ids, mask, start, middle, out, failed)
         self._infer(ids, mask, middle, stop, out, failed)
 
-    def _try_probe(self) -> None:
-        assert self._probe is not None
+    def _canary_works(self) -> bool:
         try:
-            self._session.embed(*self._probe)
+            self._session.embed(*self._canary)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:
-            log.warning("%s: probe failed (%r); still out of rotation", self._name, exc)
+            log.warning("%s: the canary failed too (%r)", self._name, exc)
+            return False
+        return True
+
+    def _try_probe(self) -> None:
+        if not self._canary_works():
             self._probe_at = time.monotonic() + PROBE_INTERVAL_S
             return
-        self._probe = None
+        self._out = False
         self._failed_in_a_row = 0
         self._rotation.put_back(self._name)
         log.warning("%s: back in rotation", self._name)

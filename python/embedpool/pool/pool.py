@@ -146,6 +146,7 @@ class EmbeddingPool:
                 token,
                 self._rotation,
                 self._config.dim,
+                self._canary(),
             )
             for k, session in enumerate(self._sessions)
         ]
@@ -162,6 +163,12 @@ class EmbeddingPool:
                 for feeder in feeders:
                     await anyio.to_thread.run_sync(feeder.join)
                     feeder.close()
+
+    def _canary(self) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """A known-good one-document input, to tell a broken session from a batch of poison documents."""
+        ids, _ = self._tokenizer.encode_ragged(["ok"])
+        row = ids[None, :].astype(np.int64)
+        return row, np.ones_like(row)
 
     def close(self) -> None:
         """Stops admitting work; `run` returns once everything admitted is answered."""

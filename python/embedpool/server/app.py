@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from embedpool.config import Settings
 from embedpool.engine import Engine, load_engine
 from embedpool.errors import StartupError, Unavailable
-from embedpool.pool import PoolConfig, running_pool
+from embedpool.pool import EmbeddingPool, PoolConfig, running_pool
 from embedpool.pool.scheduler import BatchLimits
 from embedpool.server import validation
 from embedpool.server.decoding import add_embedder
@@ -148,26 +148,36 @@ async def _set_health(health: HealthServicer, status: health_pb2.HealthCheckResp
         await health.set(name, status)
 
 
-async def _supervise_database(url: str, embedded: EmbeddedPostgres | None, health: HealthServicer) -> NoReturn:
-    """Health follows the database: NOT_SERVING while it does not answer, SERVING once it does again. A dead
-    embedded Postgres is started again (the store's pool replaces its broken connections by itself)."""
+async def _supervise(
+    url: str, embedded: EmbeddedPostgres | None, health: HealthServicer, pool: EmbeddingPool
+) -> NoReturn:
+    """Health follows the database and the inference sessions: NOT_SERVING while the database does not answer
+    or no session is in rotation (see pool.feeder), SERVING once both work again. A dead embedded Postgres is
+    started again (the store's pool replaces its broken connections by itself)."""
     probe = _Probe(url)
     serving = True
     delay = _RESTART_DELAY_S
+
+    async def set_serving(ok: bool, why: str) -> None:
+        nonlocal serving
+        if ok != serving:
+            log.warning("%s: %s", why, "SERVING" if ok else "NOT_SERVING until it does")
+            await _set_health(
+                health, health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            serving = ok
+
     try:
         while True:
             if (embedded is None or embedded.running) and await probe.ok():
-                if not serving:
-                    log.warning("database answers again: SERVING")
-                    await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
-                    serving = True
                 delay = _RESTART_DELAY_S
+                if pool.sessions_in_rotation > 0:
+                    await set_serving(True, "database and inference work")
+                else:
+                    await set_serving(False, "no inference session is in rotation")
                 await anyio.sleep(_PROBE_INTERVAL_S)
                 continue
-            if serving:
-                log.warning("database does not answer: NOT_SERVING until it does")
-                await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
-                serving = False
+            await set_serving(False, "database does not answer")
             if embedded is None or embedded.running:
                 await anyio.sleep(_PROBE_INTERVAL_S)  # an external one, or ours still starting or recovering
                 continue
@@ -313,7 +323,7 @@ async def serve(
         )
         task_status.started(Running(port=port, metrics_port=metrics_port, database_url=url, settings=settings))
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_supervise_database, url, embedded, health)
+            tg.start_soon(_supervise, url, embedded, health, pool)
             try:
                 await (stop.wait() if stop is not None else anyio.sleep_forever())
             finally:
