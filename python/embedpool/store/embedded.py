@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil  # type: ignore[import-untyped]  # no types-psutil in the dev deps yet
+import psutil
 import psycopg
 from psycopg import sql
 
