@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from embedpool.errors import InvalidArgument
-from embedpool.store import DocumentRow, Store
+from embedpool.store import DocumentRow, StaleAssumption, Store
 
 from .conftest import rows, unique_name, unit_vectors
 
@@ -119,3 +119,19 @@ async def test_an_invalid_last_row_of_an_id_falls_back_to_the_earlier_one(store:
     assert (result.inserted, result.updated, result.unchanged) == (0, 1, 1)
     assert [rid for rid, _ in result.rejected] == ["d0"]
     assert (await _stored(store, collection, 2))["d0"] == "text 0 v2"
+
+
+async def test_an_assumption_of_unchanged_rows_is_confirmed_when_writing(store: Store, collection: str) -> None:
+    vectors = unit_vectors(3, DIM)
+    await store.upsert(collection, rows(vectors, tag="v1"))
+    # d0 and d1 were seen unchanged (hash of v1) and not embedded; d2 is written with new content.
+    result = await store.upsert(collection, rows(vectors[2:], start=2, tag="v2"), {"d0": b"0:v1", "d1": b"1:v1"})
+    assert (result.updated, result.unchanged) == (1, 2)
+
+    # Another writer changes d1 before our batch is stored: our "unchanged" would be a lie, and the batch
+    # would keep the other writer's row where ours was sent later. Nothing of it is written.
+    await store.upsert(collection, rows(vectors[1:2], start=1, tag="other"))
+    with pytest.raises(StaleAssumption) as stale:
+        await store.upsert(collection, rows(vectors[2:], start=2, tag="v3"), {"d0": b"0:v1", "d1": b"1:v1"})
+    assert stale.value.ids == ["d1"]
+    assert (await _stored(store, collection, 3))["d2"] == "text 2 v2"
