@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,6 +30,10 @@ class Golden:
     texts: list[str]
     input_ids: list[list[int]]
     vectors: NDArray[np.float32]
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """Hypothesis prints fixtures along with a failing example: 57 texts and vectors would bury it."""
+        printer.text(f"Golden({len(self.texts)} texts)")
 
 
 def pad_batch(rows: Sequence[Sequence[int]], width: int | None = None) -> Padded:

@@ -93,10 +93,6 @@ def test_tiny_checkpoint_fuses(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("variant", ["fp32_opt", "fp16", "int8"])
 def test_converted_variants_are_fused(bundle: ModelBundle, variant: str) -> None:
+    # int8 replaces only the weight MatMuls: the fused fp32 ops stay.
     stats = fused_operator_statistics(bundle.onnx[variant])  # type: ignore[index]
-    if variant == "int8":  # quantization turns the fused ops into their quantized forms
-        model = onnx.load(str(bundle.onnx["int8"]))
-        ops = [n.op_type for n in model.graph.node]
-        assert ops.count("QAttention") == 6 and ops.count("EmbedLayerNormalization") == 1
-    else:
-        assert {k: stats[k] for k in EXPECTED_FUSION} == EXPECTED_FUSION
+    assert {k: stats[k] for k in EXPECTED_FUSION} == EXPECTED_FUSION

@@ -88,13 +88,15 @@ def test_broken_checkpoint_raises_clearly(tmp_path: Path, damage: str) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_int8_variant_quantizes_attention_to_signed_int8(bundle: ModelBundle) -> None:
-    # s8 weights take ORT's VNNI kernels (faster than fp32_opt); the feed-forward MatMuls stay fp32 for cosine.
+def test_int8_variant_quantizes_every_weight_matmul_per_token(bundle: ModelBundle) -> None:
+    # Per-token scales (blocked QuantizeLinear) keep a text's vector independent of its batch; u8 x s8 takes ORT's
+    # VNNI kernels. No per-tensor dynamic quantization may remain: it couples the rows of a batch.
     model = onnx.load(str(bundle.onnx["int8"]))
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("QAttention") == 6 and ops.count("MatMulInteger") == 6
-    assert [n.name for n in model.graph.node if n.op_type == "MatMul"] == [
-        f"l{i}/ffn/{p}/matmul/MatMul" for i in range(6) for p in ("up", "down")
-    ]
-    quantized = [t for t in model.graph.initializer if t.name.endswith("_quantized") and len(t.dims) == 2]
-    assert len(quantized) == 12 and all(t.data_type == onnx.TensorProto.INT8 for t in quantized)
+    assert ops.count("MatMulIntegerToFloat") == 18 and ops.count("Attention") == 6 and "MatMul" not in ops
+    assert not {"DynamicQuantizeLinear", "QAttention", "DynamicQuantizeMatMul"} & set(ops)
+    blocks = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(blocks) == 18 and all({a.name for a in n.attribute} == {"axis", "block_size"} for n in blocks)
+    weights = {t.name: t for t in model.graph.initializer}
+    gemm_weights = [weights[n.input[1]] for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert all(t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2 for t in gemm_weights)

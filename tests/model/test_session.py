@@ -15,9 +15,9 @@ from embedpool.model.convert import Variant
 from .conftest import THREADS, Golden, pad_batch, row_cosines
 
 Sessions = Callable[[Variant], EmbeddingSession]
-# fp32 graphs reproduce PyTorch to float rounding; int8 keeps the feed-forward MatMuls in fp32 to stay above 0.99
-# (worst golden text "?!" at 0.9906; quantizing them too gives 0.965, see bench/quantize.py).
-MIN_COSINE: dict[Variant, float] = {"fp32": 0.9999, "fp32_opt": 0.9999, "int8": 0.99}
+# fp32 graphs reproduce PyTorch to float rounding; int8 (per-token scales) has its worst golden text at 0.9950
+# whatever the batch (bench/quantize.py).
+MIN_COSINE: dict[Variant, float] = {"fp32": 0.9999, "fp32_opt": 0.9999, "int8": 0.995}
 
 
 @pytest.mark.parametrize("variant", sorted(MIN_COSINE))
@@ -33,7 +33,7 @@ def test_golden_in_padded_batches(sessions: Sessions, golden: Golden, variant: V
         assert cos.min() >= MIN_COSINE[variant], f"worst row {cos.argmin()}: {golden.texts[cos.argmin()]!r}"
 
 
-@pytest.mark.parametrize("variant", ["fp32", "fp32_opt"])
+@pytest.mark.parametrize("variant", ["fp32", "fp32_opt", "int8"])
 def test_batch_composition_does_not_matter(sessions: Sessions, golden: Golden, variant: Variant) -> None:
     session = sessions(variant)
     rows = [golden.input_ids[i] for i in (49, 0, 56, 50, 7)]  # short, medium, 256 tokens, one word, ...

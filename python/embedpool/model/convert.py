@@ -30,9 +30,11 @@ from embedpool.model.checkpoint import (
     load_config,
     read_json,
 )
+from embedpool.model.int8 import quantize_per_token
 from embedpool.model.pooling import NODE_PREFIX, append_pooling
 
-CONVERTER_VERSION = "2"
+# Part of the cache key: bump it whenever a conversion would write different graphs.
+CONVERTER_VERSION = "3"
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
 
@@ -42,7 +44,7 @@ VARIANT_FILES: Mapping[Variant, str] = {
     "fp32": ONNX_FILE,  # reference graph: any padding layout
     "fp32_opt": "model_opt.onnx",  # fused for the CPU EP
     "fp16": "model_fp16.onnx",  # fused, float16 weights, for the CUDA EP
-    "int8": "model_int8.onnx",  # fused, attention dynamically quantized to s8, for the CPU EP
+    "int8": "model_int8.onnx",  # fused, MatMuls u8 x s8 with per-token activation scales, for the CPU EP
 }
 _COPIED_FILES = (TOKENIZER_FILE, CONFIG_FILE, POOLING_CONFIG_FILE, SBERT_CONFIG_FILE, MODULES_FILE)
 _HASHED_FILES = (WEIGHTS_FILE, ONNX_FILE, *_COPIED_FILES)
@@ -121,25 +123,10 @@ def _write_fp32_opt(fp32_path: Path, out: Path, config: ModelConfig) -> None:
 
 
 def _write_int8(opt_path: Path, out: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    model = onnx.load(str(opt_path))
-    # Dynamic quantization scales each MatMul input per tensor, and the feed-forward inputs carry BERT's outliers
-    # (the [CLS] row reaches ~30 where other channels sit near 0.6): quantizing them costs ~3.5% cosine on short
-    # texts ("?!": 0.965), while attention and its output projection quantize almost losslessly (0.9906). Neither
-    # SmoothQuant nor static QDQ recovered the feed-forward MatMuls at a speed gain (see bench/quantize.py).
-    # Signed int8 weights (u8s8) take ORT's VNNI kernels: 1.14x fp32_opt where u8u8 weights ran at 0.9x. Keep the
-    # full 8-bit range: reduce_range (7-bit weights, for CPUs without VNNI) drops the worst cosine to 0.9895.
-    feed_forward = [n.name for n in model.graph.node if n.op_type == "MatMul" and "/ffn/" in n.name]
-    quantize_dynamic(
-        str(opt_path),
-        str(out),
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        op_types_to_quantize=["MatMul", "Attention"],
-        nodes_to_exclude=feed_forward,
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    # Per-token activation scales: a text's vector must not depend on its batch-mates (see model/int8.py).
+    # Asymmetric rows: min golden cosine 0.9950 at 1.43x fp32_opt; symmetric ones 0.9923 at 1.55x
+    # (bench/quantize.py, one thread).
+    onnx.save(quantize_per_token(onnx.load(str(opt_path)), asymmetric=True), str(out))
 
 
 def _write_manifest(out: Path, config: ModelConfig, src: Path, digest: str, variants: Collection[Variant]) -> None:
