@@ -70,9 +70,9 @@ def cpu_has_vnni() -> bool:
 
 
 def serving_variant(requested: str, device: Device, bundle: ModelBundle) -> VariantChoice:
-    """auto: the fused fp16 graph on a GPU. On CPU the int8 graph where the CPU has VNNI (its signed int8
-    weights saturate without it): it still matches the reference to cos >= 0.99 and served 1.75x the raw fp32
-    engine on 2 cores, against 1.58x for fused fp32. Elsewhere the session's own choice, fused fp32."""
+    """auto: the fused fp16 graph on a GPU. On CPU the int8 graph where the CPU has VNNI (u8 x s8 products
+    saturate without it): its per-token scales give a text the same vector in any batch, within cos 0.995 of the
+    reference, at 1.43x fused fp32 per CPU-second (bench/quantize.py). Elsewhere the session's choice, fused fp32."""
     if requested != "auto":
         return cast(Variant, requested)
     if device == "cpu" and "int8" in bundle.onnx and cpu_has_vnni():
