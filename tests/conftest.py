@@ -3,7 +3,9 @@ a real embedpool server on 127.0.0.1 (own event loop thread) with its embedded P
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -17,6 +19,7 @@ from hypothesis import HealthCheck, settings
 from numpy.typing import NDArray
 
 from embedpool.config import Settings
+from embedpool.engine import Engine
 from embedpool.pool import InferenceSession
 from embedpool.server.app import Running, serve
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
@@ -69,15 +72,21 @@ def _base_settings(tmp: Path, model_dir: Path) -> Settings:
     )
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory, make_settings: SettingsFactory) -> Iterator[Running]:
-    settings = make_settings(tmp_path_factory.mktemp("server"))
+@contextlib.contextmanager
+def serving(settings: Settings, engine: Engine | None = None) -> Iterator[Running]:
+    """A real server on its own event loop thread for the block (tests import this from conftest)."""
     with start_blocking_portal(backend="asyncio") as portal:
-        future, running = portal.start_task(serve, settings)
+        future, running = portal.start_task(functools.partial(serve, engine=engine), settings)
         try:
             yield running
         finally:
             future.cancel()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, make_settings: SettingsFactory) -> Iterator[Running]:
+    with serving(make_settings(tmp_path_factory.mktemp("server"))) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -6,26 +6,21 @@ from pathlib import Path
 
 import grpc
 import psycopg
-from anyio.from_thread import start_blocking_portal
 
-from embedpool.server.app import serve
 from embedpool.store.embedded import EmbeddedPostgres
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
+
+from ..conftest import serving
 
 
 def test_database_url_points_at_another_postgres(tmp_path: Path, make_settings: object) -> None:
     with EmbeddedPostgres(tmp_path / "external") as external:
         settings = make_settings(tmp_path / "data", database_url=external.uri)  # type: ignore[operator]
-        with start_blocking_portal(backend="asyncio") as portal:
-            future, running = portal.start_task(serve, settings)
-            try:
-                with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-                    stub = pb_grpc.EmbedderStub(channel)
-                    stub.CreateCollection(pb.CreateCollectionRequest(name="elsewhere"))
-                    stub.Embed(pb.EmbedRequest(collection="elsewhere", documents=[pb.Document(id="a", text="x y")]))
-            finally:
-                future.cancel()
+        with serving(settings) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.EmbedderStub(channel)
+            stub.CreateCollection(pb.CreateCollectionRequest(name="elsewhere"))
+            stub.Embed(pb.EmbedRequest(collection="elsewhere", documents=[pb.Document(id="a", text="x y")]))
         assert running.database_url == external.uri
         assert not (tmp_path / "data" / "pg").exists()
         with psycopg.connect(external.uri) as conn:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import threading
 import time
 import uuid
@@ -13,12 +12,12 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from anyio.from_thread import start_blocking_portal
 
 from embedpool.engine import Engine, load_engine
-from embedpool.server.app import serve
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
+
+from ..conftest import serving
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +35,8 @@ def faulty(
     engine: Engine = load_engine(settings)
     poison = int(engine.tokenizer.encode_ragged(["zeppelin"])[0][1])
     engine = dataclasses.replace(engine, sessions=[poisoned_session(engine.sessions[0], poison)])
-    with start_blocking_portal(backend="asyncio") as portal:
-        future, running = portal.start_task(functools.partial(serve, engine=engine), settings)
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-                yield pb_grpc.EmbedderStub(channel)
-        finally:
-            future.cancel()
+    with serving(settings, engine) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        yield pb_grpc.EmbedderStub(channel)
 
 
 def _request(n: int, text: str = "an ordinary sentence about databases") -> pb.EmbedRequest:
@@ -185,29 +179,24 @@ def test_health_is_not_serving_while_no_session_works(
     engine: Engine = load_engine(settings)
     session = _Breakable(engine.sessions[0])
     engine = dataclasses.replace(engine, sessions=[session])
-    serving = health_pb2.HealthCheckResponse.SERVING
-    with start_blocking_portal(backend="asyncio") as portal:
-        future, running = portal.start_task(functools.partial(serve, engine=engine), settings)
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-                stub, health = pb_grpc.EmbedderStub(channel), health_pb2_grpc.HealthStub(channel)
+    ok = health_pb2.HealthCheckResponse.SERVING
+    with serving(settings, engine) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub, health = pb_grpc.EmbedderStub(channel), health_pb2_grpc.HealthStub(channel)
 
-                def status() -> int:
-                    return health.Check(health_pb2.HealthCheckRequest(service="")).status
+        def status() -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service="")).status
 
-                session.broken = True
-                codes = []
-                for _ in range(feeder.FAILED_BATCHES_TO_REMOVE + 1):
-                    with pytest.raises(grpc.RpcError) as err:
-                        stub.Embed(_request(1), timeout=30)
-                    codes.append(err.value.code())
-                assert codes[-1] == grpc.StatusCode.UNAVAILABLE  # out of rotation: refused at once, retryable
-                _wait_for(lambda: status() != serving)
-                session.broken = False
-                _wait_for(lambda: status() == serving)
-                assert len(stub.Embed(_request(2), timeout=30).vectors) == 2
-        finally:
-            future.cancel()
+        session.broken = True
+        codes = []
+        for _ in range(feeder.FAILED_BATCHES_TO_REMOVE + 1):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Embed(_request(1), timeout=30)
+            codes.append(err.value.code())
+        assert codes[-1] == grpc.StatusCode.UNAVAILABLE  # out of rotation: refused at once, retryable
+        _wait_for(lambda: status() != ok)
+        session.broken = False
+        _wait_for(lambda: status() == ok)
+        assert len(stub.Embed(_request(2), timeout=30).vectors) == 2
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:

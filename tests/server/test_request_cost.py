@@ -18,16 +18,15 @@ import grpc
 import numpy as np
 import psycopg
 import pytest
-from anyio.from_thread import start_blocking_portal
 from numpy.typing import NDArray
 from psycopg import sql
 
-from embedpool.server.app import Running, serve
+from embedpool.server.app import Running
 from embedpool.store import DocumentRow, EmbeddedPostgres, Store, running_postgres
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
-from ..conftest import SettingsFactory
+from ..conftest import SettingsFactory, serving
 
 SMALL, LARGE = 6000, 24000
 # A statement may cost this much more on the large collection (the HNSW walk and B-tree depth grow a little).
@@ -52,12 +51,8 @@ def cost_server(
     counted_postgres: EmbeddedPostgres, make_settings: SettingsFactory, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Running]:
     settings = make_settings(tmp_path_factory.mktemp("cost-server"), database_url=counted_postgres.uri)
-    with start_blocking_portal(backend="asyncio") as portal:
-        future, running = portal.start_task(serve, settings)
-        try:
-            yield running
-        finally:
-            future.cancel()
+    with serving(settings) as running:
+        yield running
 
 
 def _vectors(n: int, seed: int) -> NDArray[np.float32]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
@@ -32,17 +33,8 @@ class Limits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
-        return cls(
-            max_request_documents=settings.max_request_documents,
-            max_request_bytes=settings.max_request_bytes,
-            max_search_k=settings.max_search_k,
-            ingest_window=settings.ingest_window,
-            ingest_stores=settings.ingest_stores,
-            max_metadata_bytes=settings.max_metadata_bytes,
-            max_filter_bytes=settings.max_filter_bytes,
-            max_delete_ids=settings.max_delete_ids,
-            max_ingest_streams=settings.max_ingest_streams,
-        )
+        """Each limit is the setting of the same name: defined once, in config.Settings."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
 
 
 def collection_name(name: str, field: str = "collection") -> str:
