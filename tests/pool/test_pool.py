@@ -242,3 +242,41 @@ def test_mixed_lengths_under_concurrency_match_embedding_alone(
         assert got is not None
         cos = (got * _alone(session, tokenizer, texts)).sum(axis=1)
         assert cos.min() >= 0.9999
+
+
+class _Recording:
+    """The real session, noting each engine run that `terminate()` stopped."""
+
+    def __init__(self, inner: EmbeddingSession) -> None:
+        self.inner = inner
+        self.stopped = 0
+        self.started = anyio.Event()
+
+    def embed(self, input_ids: NDArray[np.int64], attention_mask: NDArray[np.int64]) -> NDArray[np.float32]:
+        from embedpool.model.session import Terminated
+
+        self.started.set()
+        try:
+            return self.inner.embed(input_ids, attention_mask)
+        except Terminated:
+            self.stopped += 1
+            raise
+
+    def terminate(self) -> None:
+        self.inner.terminate()
+
+
+@pytest.mark.anyio
+async def test_a_run_whose_callers_all_left_is_stopped_and_is_no_failure(
+    session: EmbeddingSession, tokenizer: _native.Tokenizer
+) -> None:
+    recording = _Recording(session)
+    long_texts = [f"a long passage number {i} " + "with many words in it " * 40 for i in range(32)]
+    async with running_pool(tokenizer, [recording], _config(max_size=32, max_tokens=32 * 256)) as pool:
+        with anyio.move_on_after(0.3):  # the caller leaves while its batch runs
+            await pool.embed(long_texts)
+        with anyio.fail_after(60):
+            served = await pool.embed(["the next caller is served"])
+        assert served.vectors.shape == (1, 384)
+        assert recording.stopped == 1
+        assert pool.sessions_in_rotation == 1 and pool.permits_in_use == 0

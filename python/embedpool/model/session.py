@@ -52,6 +52,10 @@ def _session_options(intra_op_threads: int) -> ort.SessionOptions:
     return options
 
 
+class Terminated(Exception):  # not a failure: the outcome of terminate()
+    """The run was stopped by `EmbeddingSession.terminate()`."""
+
+
 class EmbeddingSession:
     """Embeds batches of token ids. One thread at a time calls `embed` (each worker owns its session)."""
 
@@ -69,6 +73,7 @@ class EmbeddingSession:
         self._config = bundle.config
         self._variant = _resolve_variant(bundle, variant, device)
         self._device: Device = device
+        self._running: ort.RunOptions | None = None
         providers = [_PROVIDERS[device], "CPUExecutionProvider"] if device == "cuda" else [_PROVIDERS[device]]
         if device == "cuda":
             load_cuda_libraries()
@@ -112,25 +117,40 @@ class EmbeddingSession:
         return feeds
 
     def embed(self, input_ids: NDArray[np.int64], attention_mask: NDArray[np.int64]) -> NDArray[np.float32]:
-        """[batch, seq] int64 ids and mask (1 = token, 0 = padding) -> [batch, dim] float32 unit vectors."""
+        """[batch, seq] int64 ids and mask (1 = token, 0 = padding) -> [batch, dim] float32 unit vectors.
+        A run stopped by `terminate()` raises Terminated."""
         feeds = self._feeds(input_ids, attention_mask)
+        options = ort.RunOptions()
+        self._running = options
         try:
-            result = self._run_cuda(feeds) if self._device == "cuda" else self._run_cpu(feeds)
+            run = self._run_cuda if self._device == "cuda" else self._run_cpu
+            result = run(feeds, options)
         except Exception as exc:
+            if options.terminate:
+                raise Terminated("the run was stopped: nobody waits for its results") from exc
             where = f"{self._config.name}/{self._variant} on batch {input_ids.shape}"
             raise InferenceFailed(f"inference failed for {where}: {exc}") from exc
+        finally:
+            self._running = None
         return np.asarray(result, dtype=np.float32)
 
-    def _run_cpu(self, feeds: dict[str, NDArray[np.int64]]) -> NDArray[np.float32]:
-        out: NDArray[np.float32] = self._session.run([self._output_name], feeds)[0]
+    def terminate(self) -> None:
+        """Stop the run in progress, if any (from another thread): ONNX Runtime checks the flag between
+        operators, so a batch whose callers all left stops within one layer instead of running to the end."""
+        options = self._running
+        if options is not None:
+            options.terminate = True
+
+    def _run_cpu(self, feeds: dict[str, NDArray[np.int64]], options: ort.RunOptions) -> NDArray[np.float32]:
+        out: NDArray[np.float32] = self._session.run([self._output_name], feeds, options)[0]
         return out
 
-    def _run_cuda(self, feeds: dict[str, NDArray[np.int64]]) -> NDArray[np.float32]:
+    def _run_cuda(self, feeds: dict[str, NDArray[np.int64]], options: ort.RunOptions) -> NDArray[np.float32]:
         # Inputs are copied to the device once; the output is bound to host memory so only [batch, dim] comes back.
         binding = self._session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         binding.bind_output(self._output_name, "cpu")
-        self._session.run_with_iobinding(binding)
+        self._session.run_with_iobinding(binding, options)
         out: NDArray[np.float32] = binding.copy_outputs_to_cpu()[0]
         return out

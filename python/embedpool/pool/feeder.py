@@ -49,6 +49,8 @@ class Outcome:
     seconds: float
     unavailable: bool = False
     """True when no session was in rotation and the batch was not tried at all."""
+    stopped: bool = False
+    """True when the run was stopped because every caller of the batch had left (see Feeder.stop_if_unwanted)."""
 
 
 # Runs on the event loop.
@@ -109,6 +111,9 @@ class Feeder:
         self._out = False
         self._probe_at = 0.0
         self._stopping = threading.Event()
+        self._running: Batch | None = None
+        """The batch being embedded; set and read on the event loop."""
+        self._stop_requested = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -150,11 +155,34 @@ class Feeder:
     async def _receive(self) -> Batch | None:
         # Bounded while out of rotation, so that a probe is tried on time even when no batch comes.
         with anyio.move_on_after(_IDLE_POLL_S if self._out else None):
-            return await self._batches.receive()
+            batch = (await self._batches.receive()).live(anyio.current_time())
+            self._running, self._stop_requested = batch, False
+            return batch
         return None
 
+    def stop_if_unwanted(self) -> None:
+        """On the event loop, when a caller leaves: if nobody waits for the batch being embedded any more, stop
+        the engine's run (a session with `terminate()`), so the next work starts now rather than after it."""
+        batch = self._running
+        if batch is None or self._stop_requested:
+            return
+        now = anyio.current_time()
+        if all(job.expired(now) for job, _ in batch.entries):
+            terminate = getattr(self._session, "terminate", None)
+            if terminate is not None:
+                self._stop_requested = True
+                terminate()
+
     def _serve(self, batch: Batch) -> Outcome:
+        try:
+            return self._serve_live(batch)
+        finally:
+            self._running = None
+
+    def _serve_live(self, batch: Batch) -> Outcome:
         n = len(batch.entries)
+        if n == 0:  # every caller left while it waited in the channel
+            return Outcome(np.zeros((0, self._dim), np.float32), {}, 0.0, stopped=True)
         if self._out:  # no session in rotation: answer now rather than let callers wait
             vectors = np.zeros((n, self._dim), np.float32)
             return Outcome(vectors, dict.fromkeys(range(n), "no inference session in rotation"), 0.0, unavailable=True)
@@ -163,6 +191,8 @@ class Feeder:
         failed: dict[int, str] = {}
         self._infer(batch.ids, batch.mask, 0, n, vectors, failed)
         seconds = time.perf_counter() - started
+        if self._stop_requested:
+            return Outcome(vectors, dict.fromkeys(range(n), "stopped"), seconds, stopped=True)
         if len(failed) < n or self._canary_works():
             self._failed_in_a_row = 0
         else:
@@ -190,6 +220,8 @@ class Feeder:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # a Rust panic is a BaseException: it fails rows, not the thread
+            if self._stop_requested:  # stopped on purpose (stop_if_unwanted): not the engine's fault
+                return
             if stop - start == 1:
                 log.error("%s: inference failed on a document: %r", self._name, exc)
                 failed[start] = f"{type(exc).__name__}"

@@ -64,6 +64,7 @@ class EmbeddingPool:
         self._batch_send, self._batch_receive = anyio.create_memory_object_stream[Batch](depth)
         self._free_slots = anyio.Semaphore(depth)
         self._rotation = Rotation(len(self._sessions))
+        self._feeders: list[Feeder] = []
         metrics.SESSIONS_IN_ROTATION.set(len(self._sessions))
         self._closed = False
 
@@ -113,8 +114,10 @@ class EmbeddingPool:
         except anyio.ClosedResourceError as exc:
             raise Unavailable("the server is shutting down") from exc
         finally:
-            if job is not None:
-                job.abandoned = True  # no-op when done; otherwise its queued documents are skipped
+            if job is not None and not job.done.is_set():
+                job.abandoned = True  # its queued documents are skipped, and a run only it waits for stopped
+                for feeder in self._feeders:
+                    feeder.stop_if_unwanted()
             if admitted:
                 self._permits.release(n, chars)
         if job.error is not None:
@@ -137,7 +140,7 @@ class EmbeddingPool:
         """Runs the scheduler and the feeders until `close()`; then drains queued work and joins the threads."""
         token = current_token()
         scheduler = Scheduler(self._ingress_receive, self._batch_send, self._free_slots, self._config.limits)
-        feeders = [
+        self._feeders = feeders = [
             Feeder(
                 f"feeder-{k}",
                 session,
@@ -178,6 +181,8 @@ class EmbeddingPool:
     def _complete(self, batch: Batch, outcome: Outcome) -> None:
         """Runs on the event loop: fans a batch's rows back to their jobs and frees the feeder slot."""
         self._free_slots.release()
+        if outcome.stopped:  # nobody waits for these rows
+            return
         failed = outcome.failed
         if not outcome.unavailable:
             metrics.INFERENCE_SECONDS.observe(outcome.seconds)

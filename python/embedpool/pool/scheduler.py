@@ -34,6 +34,16 @@ class Batch:
     def padded_tokens(self) -> int:
         return int(self.ids.size)
 
+    def live(self, now: float) -> Batch:
+        """This batch without the rows of jobs that expired since it was cut (their callers left, or their
+        deadline or another row's failure ended them): no work is spent on results nobody waits for."""
+        keep = [row for row, (job, _) in enumerate(self.entries) if not job.expired(now)]
+        if len(keep) == len(self.entries):
+            return self
+        rows = np.asarray(keep, dtype=np.intp)
+        mask = self.mask[rows]
+        return Batch(self.ids[rows], mask, [self.entries[r] for r in keep], int(mask.sum()))
+
 
 class Scheduler:
     """Pulls jobs from the ingress channel, keeps their documents in arrival order, and cuts one batch each
