@@ -154,3 +154,28 @@ async def test_a_failed_acknowledgement_ends_the_stream_with_its_own_error() -> 
         await run_ingest(_requests(50), _nothing, embed, store, ack, window=2, stores=1)
     assert raised.group_contains(Unavailable)
     assert not raised.group_contains(anyio.BrokenResourceError)
+
+
+async def test_a_draining_server_finishes_what_it_read_and_stops_reading() -> None:
+    acked: list[int] = []
+    stop = anyio.Event()
+
+    async def open_stream() -> AsyncIterator[pb.IngestRequest]:
+        for b in range(2):
+            yield pb.IngestRequest(batch_id=b)
+        await anyio.sleep_forever()  # the client keeps the stream open, as a long load does
+
+    async def embed(request: pb.IngestRequest) -> EmbeddedBatch:
+        return EmbeddedBatch("c", [], [], [], None, {}, truncate=True, deadline=math.inf)
+
+    async def store(batch: EmbeddedBatch) -> WriteOutcome:
+        return WriteOutcome([], [], None, UpsertResult(), 0)
+
+    async def ack(request: pb.IngestRequest, outcome: WriteOutcome) -> None:
+        acked.append(request.batch_id)
+        if len(acked) == 2:
+            stop.set()  # the server starts draining
+
+    with anyio.fail_after(10):
+        stopped = await run_ingest(open_stream(), _nothing, embed, store, ack, window=2, stores=1, stop=stop)
+    assert stopped and acked == [0, 1]

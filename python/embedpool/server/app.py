@@ -306,7 +306,8 @@ async def serve(
         pool = await stack.enter_async_context(
             running_pool(engine.tokenizer, engine.sessions, _pool_config(settings, engine))
         )
-        add_embedder(EmbedderServicer(pool, store, engine.model, validation.Limits.from_settings(settings)), server)
+        servicer = EmbedderServicer(pool, store, engine.model, validation.Limits.from_settings(settings))
+        add_embedder(servicer, server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
@@ -330,6 +331,7 @@ async def serve(
                 with anyio.CancelScope(shield=True):
                     log.info("draining: %d documents in flight", pool.permits_in_use)
                     await health.enter_graceful_shutdown()
+                    servicer.drain()
                     await _drain(server, settings.grace_seconds, abort)
                 tg.cancel_scope.cancel()  # the supervisor, before the stack stops the store and Postgres
 

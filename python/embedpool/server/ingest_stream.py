@@ -98,18 +98,23 @@ async def run_ingest(
     *,
     window: int,
     stores: int,
-) -> None:
+    stop: anyio.Event | None = None,
+) -> bool:
     """Drive one Ingest stream: `check` validates each request as it is read (raising ends the stream),
     `embed` embeds one, `store` writes one embedded batch, `ack` sends one acknowledgement. The first error,
-    in stream order, ends the stream (raised in an ExceptionGroup)."""
+    in stream order, ends the stream (raised in an ExceptionGroup). Once `stop` is set (the server drains),
+    no further request is read; the ones read are finished and acknowledged, and True is returned: the client
+    resends the rest elsewhere, from the batch after the last acknowledged one."""
+    stop = stop or anyio.Event()
     embedded_send, embedded_receive = anyio.create_memory_object_stream[
         tuple[pb.IngestRequest, _Future[EmbeddedBatch]]
     ](window)
     stored_send, stored_receive = anyio.create_memory_object_stream[tuple[pb.IngestRequest, _Storing]](stores)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_read, requests, check, embed, embedded_send, tg)
+        tg.start_soon(_read, requests, check, embed, embedded_send, tg, stop)
         tg.start_soon(_acknowledge, stored_receive, ack)
         await _store(embedded_receive, store, stores, stored_send, tg)
+    return stop.is_set()
 
 
 async def _read(
@@ -118,14 +123,22 @@ async def _read(
     embed: Embed,
     send: MemoryObjectSendStream[tuple[pb.IngestRequest, _Future[EmbeddedBatch]]],
     tg: TaskGroup,
+    stop: anyio.Event,
 ) -> None:
-    async with send:
+    async with send, anyio.create_task_group() as reading:
+
+        async def stop_reading() -> None:
+            await stop.wait()
+            reading.cancel_scope.cancel()
+
+        reading.start_soon(stop_reading)
         async for request in requests:
             await check(request)
             embedded = _Future[EmbeddedBatch]()
             tg.start_soon(embedded.settle, functools.partial(embed, request))
             if not await _forward(send, (request, embedded)):
-                return
+                break
+        reading.cancel_scope.cancel()
 
 
 async def _store(

@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from embedpool.engine import ServingModel
-from embedpool.errors import InvalidArgument, Overloaded
+from embedpool.errors import InvalidArgument, Overloaded, Unavailable
 from embedpool.pool import EmbeddingPool
 from embedpool.server import validation
 from embedpool.server.codec import (
@@ -49,6 +49,12 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         self._window, self._stores = limits.ingest_window, limits.ingest_stores
         self._writer = DocumentWriter(pool, store, model)
         self._ingest_streams = 0
+        self._draining = anyio.Event()
+
+    def drain(self) -> None:
+        """The server is stopping: Ingest streams finish the batches they read and end with UNAVAILABLE, so
+        their clients resume elsewhere now instead of being cut off when the grace period ends."""
+        self._draining.set()
 
     @rpc
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
@@ -139,7 +145,18 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             validation.collection_name(first.collection)
         loading = self._store.bulk_load(first.collection) if first.bulk else contextlib.nullcontext()
         async with loading:
-            await run_ingest(stream(), check, embed, self._writer.store, ack, window=self._window, stores=self._stores)
+            stopped = await run_ingest(
+                stream(),
+                check,
+                embed,
+                self._writer.store,
+                ack,
+                window=self._window,
+                stores=self._stores,
+                stop=self._draining,
+            )
+        if stopped:
+            raise Unavailable("the server is shutting down: resend from the batch after the last acknowledged one")
 
     @rpc
     async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:
