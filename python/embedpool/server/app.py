@@ -29,6 +29,7 @@ from embedpool.pool import EmbeddingPool, PoolConfig, running_pool
 from embedpool.pool.scheduler import BatchLimits
 from embedpool.server import validation
 from embedpool.server.decoding import add_embedder
+from embedpool.server.heap import Trimmer
 from embedpool.server.servicer import EmbedderServicer
 from embedpool.store import Store
 from embedpool.store.embedded import EmbeddedPostgres
@@ -153,8 +154,10 @@ async def _supervise(
 ) -> NoReturn:
     """Health follows the database and the inference sessions: NOT_SERVING while the database does not answer
     or no session is in rotation (see pool.feeder), SERVING once both work again. A dead embedded Postgres is
-    started again (the store's pool replaces its broken connections by itself)."""
+    started again (the store's pool replaces its broken connections by itself). While nothing is in flight,
+    freed heap goes back to the operating system (server.heap)."""
     probe = _Probe(url)
+    trimmer = Trimmer()
     serving = True
     delay = _RESTART_DELAY_S
 
@@ -175,6 +178,7 @@ async def _supervise(
                     await set_serving(True, "database and inference work")
                 else:
                     await set_serving(False, "no inference session is in rotation")
+                await trimmer.maybe_trim(idle=pool.permits_in_use == 0)
                 await anyio.sleep(_PROBE_INTERVAL_S)
                 continue
             await set_serving(False, "database does not answer")
