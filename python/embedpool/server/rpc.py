@@ -24,6 +24,7 @@ log = logging.getLogger("embedpool.rpc")
 Method = TypeVar("Method", bound=Callable[..., Awaitable[Any]])
 
 REQUEST_ID_KEY = "x-request-id"
+_QUIET = (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 def _incoming_request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -93,9 +94,10 @@ def rpc(method: Method) -> Method:
         finally:
             elapsed = time.perf_counter() - started
             metrics.RPC_LATENCY.labels(name, code.name).observe(elapsed)
-            # Successful calls log at debug (metrics count them); failures at info, with their request id.
+            # Successful calls and refusals under load log at debug (metrics count them; a refusal a line would
+            # flood the log exactly when it matters); other failures at info, with their request id.
             log.log(
-                logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO,
+                logging.DEBUG if code in _QUIET else logging.INFO,
                 "%s %s",
                 name,
                 code.name,
