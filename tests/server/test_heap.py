@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from embedpool.server.heap import Trimmer
+from embedpool.server.heap import Trimmer, limit_heap_growth
 
 pytestmark = pytest.mark.anyio
 
@@ -24,3 +24,8 @@ async def test_trims_when_idle_and_not_too_often() -> None:
     assert not await trimmer.maybe_trim(idle=False)
     assert await trimmer.maybe_trim(idle=True)
     assert not await trimmer.maybe_trim(idle=True)  # within the interval
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_the_mmap_threshold_and_arenas_can_be_pinned() -> None:
+    assert limit_heap_growth()

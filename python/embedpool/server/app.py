@@ -29,7 +29,7 @@ from embedpool.pool import EmbeddingPool, PoolConfig, running_pool
 from embedpool.pool.scheduler import BatchLimits
 from embedpool.server import validation
 from embedpool.server.decoding import add_embedder
-from embedpool.server.heap import Trimmer
+from embedpool.server.heap import Trimmer, limit_heap_growth
 from embedpool.server.servicer import EmbedderServicer
 from embedpool.store import Store
 from embedpool.store.embedded import EmbeddedPostgres
@@ -288,6 +288,7 @@ async def serve(
     if engine is not None:
         settings = engine.settings
     settings = settings.validate()  # the same checks as the CLI's, for settings built in code
+    limit_heap_growth()  # large requests' memory goes back when freed (server.heap)
     async with AsyncExitStack() as stack:
         embedded = await _check_database(settings, stack)
         server = grpc.aio.server(

@@ -1,9 +1,12 @@
-"""Gives freed heap memory back to the operating system while the server is idle.
+"""Keeps freed heap memory from staying with the process (glibc only; elsewhere these do nothing).
 
-glibc keeps memory freed by large requests (a 16 MB message, its decoded documents and token arrays) for
-reuse, and its mmap threshold adapts upwards after such requests, so RSS stays at its high-water mark for
-good. `malloc_trim(0)` returns the free pages; it is cheap when there is little to return, and is called only
-while no documents are in flight, at most every `interval` seconds.
+glibc serves large blocks (a 16 MB message, its decoded documents and token arrays) with mmap and unmaps them
+when freed, but after each such free it raises its mmap threshold to that size, so the next large blocks come
+from the heap and their pages stay: RSS keeps its high-water mark for good. And each thread that allocates
+(grpc's, the tokenizer's, ONNX Runtime's) may get an arena of its own, up to 8 per core, each keeping its
+free pages. `limit_heap_growth` pins the threshold and allows one arena per core, and `Trimmer` calls
+`malloc_trim(0)` (cheap when there is little to return) while no documents are in flight, at most every
+`interval` seconds, for what fragmentation leaves behind.
 """
 
 from __future__ import annotations
@@ -11,24 +14,41 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import time
 from collections.abc import Callable
 
 import anyio.to_thread
 
-__all__ = ["Trimmer"]
+__all__ = ["Trimmer", "limit_heap_growth"]
+
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc's mallopt parameter numbers
+MMAP_THRESHOLD = 256 * 1024
 
 
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
+def _libc_function(name: str, *argtypes: type) -> Callable[..., int] | None:
+    library = ctypes.util.find_library("c")
+    function = getattr(ctypes.CDLL(library), name, None) if library else None  # glibc's (not musl's, macOS's)
+    if function is None:
         return None
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None)  # glibc only (not musl, not macOS)
-    if trim is None:
-        return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim  # type: ignore[no-any-return]
+    function.argtypes, function.restype = list(argtypes), ctypes.c_int
+    return function  # type: ignore[no-any-return]
+
+
+def _malloc_trim() -> Callable[..., int] | None:
+    return _libc_function("malloc_trim", ctypes.c_size_t)
+
+
+def limit_heap_growth(mmap_threshold: int = MMAP_THRESHOLD, arenas: int | None = None) -> bool:
+    """Blocks of `mmap_threshold` bytes and up are mmapped and unmapped when freed, whatever came before, and
+    threads share at most `arenas` (default: one per core) heaps; whether glibc took both. Call it before the
+    server's threads start (arenas already made stay)."""
+    mallopt = _libc_function("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:
+        return False
+    arenas = arenas or os.cpu_count() or 1
+    return mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(_M_ARENA_MAX, arenas) == 1
 
 
 class Trimmer:
