@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -39,6 +40,17 @@ def test_converted_dir_loads_as_is(converted: Path) -> None:
     assert bundle.root == converted
     assert set(bundle.onnx) == {"fp32", "fp32_opt", "fp16", "int8"}
     assert bundle.tokenizer_path.is_file() and bundle.config.dim == 384
+
+
+def test_an_older_conversion_does_not_serve_its_batch_dependent_int8(converted: Path, tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    for item in converted.iterdir():
+        (old / item.name).symlink_to(item)
+    manifest = json.loads((converted / "embedpool.json").read_text())
+    (old / "embedpool.json").unlink()
+    (old / "embedpool.json").write_text(json.dumps({**manifest, "converter_version": "2"}))
+    assert set(load_model_dir(old).onnx) == {"fp32", "fp32_opt", "fp16"}
 
 
 def test_raw_checkpoint_needs_a_cache(tmp_path: Path) -> None:

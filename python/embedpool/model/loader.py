@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,10 @@ from types import MappingProxyType
 from embedpool.errors import InvalidArgument, NotFound
 from embedpool.model.checkpoint import MANIFEST_FILE, TOKENIZER_FILE, ModelConfig, load_config, read_json
 from embedpool.model.convert import ALL_VARIANTS, ONNX_FILE, WEIGHTS_FILE, Variant, prepare_model
+
+_log = logging.getLogger(__name__)
+# The first converter whose int8 graph scales activations per token (batch-invariant vectors).
+_PER_TOKEN_INT8 = 3
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,17 @@ def default_checkpoint() -> Path:
 
 
 def _bundle(root: Path) -> ModelBundle:
-    listed = read_json(root / MANIFEST_FILE).get("variants", {})
+    manifest = read_json(root / MANIFEST_FILE)
+    listed = dict(manifest.get("variants", {}))
+    made_by = str(manifest.get("converter_version", "0"))
+    if (int(made_by) if made_by.isdigit() else 0) < _PER_TOKEN_INT8 and "int8" in listed:
+        _log.warning(
+            "%s was converted by an older embedpool (converter v%s): its int8 graph makes a text's vector depend"
+            " on its batch-mates, so it is not served; convert the model again for int8",
+            root,
+            made_by,
+        )
+        del listed["int8"]
     onnx = {v: root / str(listed[v]) for v in ALL_VARIANTS if v in listed and (root / str(listed[v])).is_file()}
     if "fp32" not in onnx:
         raise InvalidArgument(f"{root}: embedpool.json lists no existing fp32 model")
