@@ -42,10 +42,6 @@ __all__ = ["DATABASE", "EmbeddedPostgres", "default_data_dir", "running_postgres
 
 DATABASE = "embedpool"
 _STOP_TIMEOUT_S = 30
-# postmaster.pid's start time is the postmaster's own clock reading, taken just after the exec; the kernel's
-# process creation time comes from a different clock. Pid reuse within this window by another postmaster of
-# the same directory is the only mix-up it lets through, and the directory lock already rules that out.
-_START_TIME_SLACK_S = 5.0
 _log = logging.getLogger(__name__)
 
 
@@ -305,21 +301,23 @@ def _pidfile_pid(pidfile: Path) -> int | None:
 
 def _postmaster(pgdata: Path) -> psutil.Process | None:
     """The running postmaster of `pgdata`: the pid postmaster.pid names, if that process is a live `postgres -D
-    pgdata` created when the file says the postmaster started. None for a stale file whose pid was reused."""
+    pgdata`. None for a stale file whose pid was reused by anything else; a reuse by another postmaster of the
+    same directory cannot happen while the directory lock is held. (No comparison of the file's start time
+    with the process's: the two come from different clocks, and a stepped wall clock made a live postmaster
+    look gone, so the supervisor tried to start a second one.)"""
     try:
-        lines = (pgdata / "postmaster.pid").read_text().split("\n")
-        pid, started = int(lines[0]), int(lines[2])
-    except (OSError, ValueError, IndexError):
+        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
         return None  # absent, or half-written by a postmaster that is starting
     try:
         proc = psutil.Process(pid)
         with proc.oneshot():
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return None
-            argv, created = proc.cmdline(), proc.create_time()
+            argv = proc.cmdline()
     except psutil.Error:
         return None
-    if not argv or Path(argv[0]).name != "postgres" or abs(created - started) > _START_TIME_SLACK_S:
+    if not argv or Path(argv[0]).name != "postgres":
         return None
     data_dirs = [Path(argv[i + 1]).resolve() for i, arg in enumerate(argv[:-1]) if arg == "-D"]
     return proc if data_dirs == [pgdata.resolve()] else None
