@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -166,13 +167,13 @@ class EmbeddedPostgres:
 
     def _start_server(self, pgdata: Path) -> PostgresServer:
         try:
-            return PostgresServer(pgdata, cleanup_mode=None)
+            return _library_server(pgdata)
         except subprocess.CalledProcessError:
             # Seen once on a heavily loaded 2-core box: pg_ctl gave up while the postmaster was still coming
             # up. One more try, after which the error (and the log the library printed) stands.
             _log.warning("embedded Postgres in %s did not start; retrying once", pgdata)
             time.sleep(1.0)
-            return PostgresServer(pgdata, cleanup_mode=None)
+            return _library_server(pgdata)
 
     def _adopt_or_clear(self, pgdata: Path) -> None:
         """Before the library looks at postmaster.pid, which it trusts whenever its pid exists at all."""
@@ -297,6 +298,17 @@ def _pidfile_pid(pidfile: Path) -> int | None:
         return int(pidfile.read_text().split("\n", 1)[0])
     except (OSError, ValueError):
         return None
+
+
+# The library serialises starts across processes with one class-level fasteners lock, which is not safe
+# between threads of one process (a supervisor's restart beside another instance's start: "Unable to release
+# an unacquired lock"); this lock serialises them within the process first.
+_LIBRARY_LOCK = threading.Lock()
+
+
+def _library_server(pgdata: Path) -> PostgresServer:
+    with _LIBRARY_LOCK:
+        return PostgresServer(pgdata, cleanup_mode=None)
 
 
 def _postmaster(pgdata: Path) -> psutil.Process | None:
