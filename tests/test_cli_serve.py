@@ -178,7 +178,8 @@ def database_without_pgvector(served: Served) -> str:
 
 
 @pytest.mark.parametrize(
-    "case", ["grpc-port", "metrics-port", "model-dir", "data-dir", "postgres-version", "external-pgvector"]
+    "case",
+    ["grpc-port", "metrics-port", "model-dir", "data-dir", "postgres-version", "external-pgvector", "exposed"],
 )
 def test_start_up_failures_end_in_one_line(
     case: str, tmp_path: Path, model_dir: Path, busy_port: int, request: pytest.FixtureRequest
@@ -192,6 +193,9 @@ def test_start_up_failures_end_in_one_line(
     elif case == "metrics-port":
         args["--metrics-port"] = str(busy_port)
         expected = f"cannot listen on 127.0.0.1:{busy_port} for /metrics: Address already in use"
+    elif case == "exposed":
+        args["--host"] = "0.0.0.0"
+        expected = "refusing to serve gRPC on 0.0.0.0 in plaintext to the network without credentials"
     elif case == "model-dir":
         args["--model"] = str(tmp_path / "no-such-model")
         expected = f"model directory not found: {tmp_path / 'no-such-model'}"

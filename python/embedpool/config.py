@@ -28,6 +28,8 @@ class Settings:
     host: str = _setting("127.0.0.1", "address the gRPC server binds")
     port: int = _setting(50051, "gRPC port (0 picks a free one)")
     metrics_port: int = _setting(9464, "Prometheus /metrics port (0 picks a free one, -1 disables)")
+    metrics_host: str = _setting("127.0.0.1", "address /metrics binds (its own, so exposing gRPC does not expose it)")
+    insecure: bool = _setting(False, "allow plaintext listeners on non-loopback addresses (warned at every start)")
     data_dir: Path = _setting(  # noqa: RUF009 - evaluated once at import on purpose: a Path is immutable
         Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "embedpool",
         "where the embedded Postgres and converted models live",
@@ -141,13 +143,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds one flag per setting; the defaults shown are the built-in ones (env vars override them)."""
     for f in dataclasses.fields(Settings):
         env = ENV_PREFIX + f.name.upper()
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            default=None,
-            choices=f.metadata["choices"],
-            help=f"{f.metadata['help']} [env {env}, default {f.default}]",
-        )
+        flag = "--" + f.name.replace("_", "-")
+        help = f"{f.metadata['help']} [env {env}, default {f.default}]"
+        if isinstance(f.default, bool):  # `--insecure` alone means true; `--insecure false` is accepted too
+            parser.add_argument(flag, dest=f.name, default=None, nargs="?", const="true", help=help)
+            continue
+        parser.add_argument(flag, dest=f.name, default=None, choices=f.metadata["choices"], help=help)
 
 
 def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -29,6 +29,7 @@ from embedpool.pool import EmbeddingPool, PoolConfig, running_pool
 from embedpool.pool.scheduler import BatchLimits
 from embedpool.server import validation
 from embedpool.server.decoding import add_embedder
+from embedpool.server.exposure import check_exposure
 from embedpool.server.heap import Trimmer, limit_heap_growth
 from embedpool.server.servicer import EmbedderServicer
 from embedpool.store import Store
@@ -238,10 +239,10 @@ def _metrics_server(settings: Settings, stack: AsyncExitStack) -> int:
     if settings.metrics_port < 0:
         return -1
     try:
-        http, thread = prometheus_client.start_http_server(settings.metrics_port, addr=settings.host)
+        http, thread = prometheus_client.start_http_server(settings.metrics_port, addr=settings.metrics_host)
     except OSError as e:
         raise StartupError(
-            f"cannot listen on {settings.host}:{settings.metrics_port} for /metrics: {e.strerror}"
+            f"cannot listen on {settings.metrics_host}:{settings.metrics_port} for /metrics: {e.strerror}"
         ) from e
 
     def stop() -> None:
@@ -288,6 +289,7 @@ async def serve(
     if engine is not None:
         settings = engine.settings
     settings = settings.validate()  # the same checks as the CLI's, for settings built in code
+    check_exposure(settings)
     limit_heap_growth()  # large requests' memory goes back when freed (server.heap)
     async with AsyncExitStack() as stack:
         embedded = await _check_database(settings, stack)
