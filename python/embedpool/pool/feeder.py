@@ -1,10 +1,13 @@
 """Feeders: one dedicated thread per inference session, pulling batches from the batch channel.
 
 A batch the engine fails on is split in halves and each half retried, down to single documents, so a
-poison document fails only its own request and an out-of-memory batch is served in smaller pieces. A
-session on which every document of several batches in a row failed is taken out of rotation: it stops
-taking batches while another session is in rotation (and answers them at once with UNAVAILABLE while none
-is), and is probed on its own every few seconds until it works again.
+poison document fails only its own request and an out-of-memory batch is served in smaller pieces. When
+every document of a batch failed, a known-good canary input tells a broken session from a batch of poison
+(a client retrying its poison document must not take the server down). A session that failed the canary
+too, several batches in a row, is taken out of rotation: it stops taking batches while another session is
+in rotation (and answers them at once with UNAVAILABLE while none is), and is probed with the canary every
+few seconds until it works again. Rows whose callers left are dropped before a batch runs, and a run whose
+callers all left is stopped (`stop_if_unwanted`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from embedpool.pool.scheduler import Batch
 log = logging.getLogger(__name__)
 
 FAILED_BATCHES_TO_REMOVE: Final = 3
-"""Batches in a row with no document embedded before a session is taken out of rotation."""
+"""Batches in a row with no document embedded, and the canary failing too, before a session leaves rotation."""
 PROBE_INTERVAL_S: Final = 5.0
 _IDLE_POLL_S: Final = 0.05
 
@@ -42,10 +45,10 @@ class InferenceSession(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """One batch's result: `vectors` rows are valid except those in `failed` (row -> what went wrong)."""
+    """One batch's result: `vectors` rows are valid except those in `failed` (why is in the log)."""
 
     vectors: NDArray[np.float32]
-    failed: dict[int, str]
+    failed: set[int]
     seconds: float
     unavailable: bool = False
     """True when no session was in rotation and the batch was not tried at all."""
@@ -148,7 +151,7 @@ class Feeder:
                 continue
             outcome = self._serve(batch)
             try:
-                anyio.from_thread.run_sync(self._on_done, batch, outcome, token=self._token)
+                anyio.from_thread.run_sync(self._finish, batch, outcome, token=self._token)
             except _LOOP_GONE:
                 return
 
@@ -173,26 +176,24 @@ class Feeder:
                 self._stop_requested = True
                 terminate()
 
-    def _serve(self, batch: Batch) -> Outcome:
-        try:
-            return self._serve_live(batch)
-        finally:
-            self._running = None
+    def _finish(self, batch: Batch, outcome: Outcome) -> None:
+        """On the event loop: the batch is no longer running; hand its outcome on."""
+        self._running = None
+        self._on_done(batch, outcome)
 
-    def _serve_live(self, batch: Batch) -> Outcome:
+    def _serve(self, batch: Batch) -> Outcome:
         n = len(batch.entries)
-        if n == 0:  # every caller left while it waited in the channel
-            return Outcome(np.zeros((0, self._dim), np.float32), {}, 0.0, stopped=True)
-        if self._out:  # no session in rotation: answer now rather than let callers wait
-            vectors = np.zeros((n, self._dim), np.float32)
-            return Outcome(vectors, dict.fromkeys(range(n), "no inference session in rotation"), 0.0, unavailable=True)
-        started = time.perf_counter()
         vectors = np.zeros((n, self._dim), np.float32)
-        failed: dict[int, str] = {}
+        if n == 0:  # every caller left while it waited in the channel
+            return Outcome(vectors, set(), 0.0, stopped=True)
+        if self._out:  # no session in rotation: answer now rather than let callers wait
+            return Outcome(vectors, set(range(n)), 0.0, unavailable=True)
+        started = time.perf_counter()
+        failed: set[int] = set()
         self._infer(batch.ids, batch.mask, 0, n, vectors, failed)
         seconds = time.perf_counter() - started
         if self._stop_requested:
-            return Outcome(vectors, dict.fromkeys(range(n), "stopped"), seconds, stopped=True)
+            return Outcome(vectors, set(range(n)), seconds, stopped=True)
         if len(failed) < n or self._canary_works():
             self._failed_in_a_row = 0
         else:
@@ -211,7 +212,7 @@ class Feeder:
         start: int,
         stop: int,
         out: NDArray[np.float32],
-        failed: dict[int, str],
+        failed: set[int],
     ) -> None:
         """Rows start..stop into `out`; on a failure the halves are tried on their own, down to single rows."""
         try:
@@ -224,7 +225,7 @@ class Feeder:
                 return
             if stop - start == 1:
                 log.error("%s: inference failed on a document: %r", self._name, exc)
-                failed[start] = f"{type(exc).__name__}"
+                failed.add(start)
                 return
         metrics.INFERENCE_SPLITS.inc()
         middle = (start + stop) // 2
