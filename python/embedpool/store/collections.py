@@ -55,10 +55,10 @@ METRICS: Final = {
     "ip": Metric(sql.SQL("<#>"), "ip_ops"),
 }
 
-_COLUMNS = sql.SQL("id, name, model, dim, metric, created_at, hnsw_m, hnsw_ef_construction, hnsw_halfvec")
-_COLUMNS_OF_C = sql.SQL(
-    "c.id, c.name, c.model, c.dim, c.metric, c.created_at, c.hnsw_m, c.hnsw_ef_construction, c.hnsw_halfvec"
-)
+# A CollectionInfo's stored fields, once: bare, and qualified for queries that join `collections c`.
+_FIELDS = ("id", "name", "model", "dim", "metric", "created_at", "hnsw_m", "hnsw_ef_construction", "hnsw_halfvec")
+_COLUMNS = sql.SQL(", ").join(map(sql.Identifier, _FIELDS))
+_COLUMNS_OF_C = sql.SQL(", ").join(sql.Identifier("c", f) for f in _FIELDS)
 
 
 def partition_name(info: CollectionInfo) -> str:

@@ -325,17 +325,17 @@ async def _upsert(
     async with conn.transaction():
         info = await collections.lookup(conn, collection, lock=True)
         screened = _screen(rows, info)
-        wanted = [*screened.positions, *(i for i in assumed if i not in screened.positions)]
+        only_assumed = {i: h for i, h in assumed.items() if i not in screened.positions}
+        wanted = [*screened.positions, *only_assumed]
         # One read serves both: the hashes that make rows unchanged, and the confirmation of the assumed ones.
         # Read after earlier writes of the same ids committed (the caller orders them), so a stale assumption
         # is seen here rather than overwriting a newer row with the older one's "unchanged".
         stored = await hashes(conn, info, wanted) if wanted else {}
-        stale = [i for i, h in assumed.items() if i not in screened.positions and stored.get(i) != h]
+        stale = [i for i, h in only_assumed.items() if stored.get(i) != h]
         if stale:
             raise StaleAssumption(sorted(stale))
-        confirmed = sum(1 for i in assumed if i not in screened.positions)
         todo, unchanged, rejected = _select(rows, screened, stored)
-        unchanged += confirmed
+        unchanged += len(only_assumed)
         if not todo:
             return UpsertResult(unchanged=unchanged, rejected=rejected)
         partition = sql.Identifier(collections.partition_name(info))
