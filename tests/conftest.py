@@ -22,6 +22,7 @@ from embedpool.config import Settings
 from embedpool.engine import Engine
 from embedpool.pool import InferenceSession
 from embedpool.server.app import Running, serve
+from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -81,6 +82,19 @@ def serving(settings: Settings, engine: Engine | None = None) -> Iterator[Runnin
             yield running
         finally:
             future.cancel()
+
+
+def ingest_batches(
+    collection: str, n_batches: int, size: int, *, start: int = 0, prefix: str = "d"
+) -> Iterator[pb.IngestRequest]:
+    """Ingest batches start..n_batches-1 of `size` documents with ids `{prefix}{batch}-{i}`; the first one names
+    the collection (tests import this from conftest)."""
+    for b in range(start, n_batches):
+        documents = [
+            pb.Document(id=f"{prefix}{b}-{i}", text=f"batch {b} document {i} about subject {i % 7}")
+            for i in range(size)
+        ]
+        yield pb.IngestRequest(collection=collection if b == start else "", batch_id=b, documents=documents)
 
 
 @pytest.fixture(scope="session")

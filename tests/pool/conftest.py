@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +25,13 @@ def session(bundle: ModelBundle) -> EmbeddingSession:
 @pytest.fixture(scope="session")
 def tokenizer(bundle: ModelBundle) -> _native.Tokenizer:
     return _native.Tokenizer(str(bundle.tokenizer_path), max_length=bundle.config.max_tokens, pad_to_multiple_of=16)
+
+
+@pytest.fixture
+def poisoned(session: EmbeddingSession, tokenizer: _native.Tokenizer, poisoned_session: Callable[..., Any]) -> Any:
+    """The real session, failing every batch that holds the word "zeppelin" (a poison document)."""
+    ids, _ = tokenizer.encode_ragged(["zeppelin"])
+    return poisoned_session(session, poison=int(ids[1]))
 
 
 @pytest.fixture

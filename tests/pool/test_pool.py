@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -103,10 +103,8 @@ async def test_cancel_and_deadline_free_permits(session: EmbeddingSession, token
 
 @pytest.mark.anyio
 async def test_a_poison_document_fails_only_its_own_request(
-    session: EmbeddingSession, tokenizer: _native.Tokenizer, poisoned_session: Callable[..., Any]
+    session: EmbeddingSession, tokenizer: _native.Tokenizer, poisoned: Any
 ) -> None:
-    ids, _ = tokenizer.encode_ragged(["zeppelin"])
-    poisoned = poisoned_session(session, poison=int(ids[1]))
     texts = [f"plain text number {i}" for i in range(6)]
     results: dict[int, Any] = {}
     async with running_pool(tokenizer, [poisoned], _config(max_size=8)) as pool:
@@ -133,12 +131,10 @@ async def test_a_poison_document_fails_only_its_own_request(
 
 @pytest.mark.anyio
 async def test_a_client_retrying_its_poison_document_does_not_take_the_session_out(
-    session: EmbeddingSession, tokenizer: _native.Tokenizer, poisoned_session: Callable[..., Any]
+    tokenizer: _native.Tokenizer, poisoned: Any
 ) -> None:
     from embedpool.pool import feeder
 
-    ids, _ = tokenizer.encode_ragged(["zeppelin"])
-    poisoned = poisoned_session(session, poison=int(ids[1]))
     async with running_pool(tokenizer, [poisoned], _config()) as pool:
         for _ in range(feeder.FAILED_BATCHES_TO_REMOVE + 2):
             with pytest.raises(InferenceFailed):

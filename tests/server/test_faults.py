@@ -17,7 +17,7 @@ from embedpool.engine import Engine, load_engine
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
-from ..conftest import serving
+from ..conftest import ingest_batches, serving
 
 
 @pytest.fixture(scope="module")
@@ -109,15 +109,7 @@ def test_an_ingest_stream_waits_for_room_while_unary_calls_are_refused(faulty: p
     for t in flooders:
         t.start()
     try:
-        batches = [
-            pb.IngestRequest(
-                collection=name if b == 0 else "",
-                batch_id=b,
-                documents=[pb.Document(id=f"{b}-{i}", text=f"document {i} of batch {b}") for i in range(32)],
-            )
-            for b in range(6)
-        ]
-        acks = list(faulty.Ingest(iter(batches), timeout=120))
+        acks = list(faulty.Ingest(ingest_batches(name, 6, 32), timeout=120))
     finally:
         stop.set()
         for t in flooders:

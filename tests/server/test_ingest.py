@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import queue
 import uuid
-from collections.abc import Iterator
 
 import anyio
 import grpc
@@ -15,6 +14,8 @@ from embedpool.store import Store
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
+from ..conftest import ingest_batches
+
 
 @pytest.fixture
 def collection(stub: pb_grpc.EmbedderStub) -> str:
@@ -23,43 +24,37 @@ def collection(stub: pb_grpc.EmbedderStub) -> str:
     return name
 
 
-def _batches(collection: str, n_batches: int, size: int, start: int = 0) -> Iterator[pb.IngestRequest]:
-    for b in range(start, n_batches):
-        docs = [pb.Document(id=f"d{b}-{i}", text=f"batch {b} document {i} about subject {i % 7}") for i in range(size)]
-        yield pb.IngestRequest(collection=collection if b == start else "", batch_id=b, documents=docs)
-
-
 def _count(stub: pb_grpc.EmbedderStub, name: str) -> int:
     return stub.GetCollection(pb.GetCollectionRequest(name=name)).count
 
 
 def test_acks_come_in_order_and_resending_is_harmless(stub: pb_grpc.EmbedderStub, collection: str) -> None:
-    acks = list(stub.Ingest(_batches(collection, 6, 20), timeout=120))
+    acks = list(stub.Ingest(ingest_batches(collection, 6, 20), timeout=120))
     assert [a.batch_id for a in acks] == list(range(6))
     assert all(a.upsert.inserted == 20 and not a.rejected for a in acks)
     assert acks[2].ids[3] == "d2-3"
     assert _count(stub, collection) == 120
 
-    again = list(stub.Ingest(_batches(collection, 6, 20), timeout=120))
+    again = list(stub.Ingest(ingest_batches(collection, 6, 20), timeout=120))
     assert all(a.skipped_unchanged == 20 and a.upsert.unchanged == 20 and a.upsert.inserted == 0 for a in again)
     assert _count(stub, collection) == 120
 
 
 def test_resume_after_an_interrupted_stream(stub: pb_grpc.EmbedderStub, collection: str) -> None:
-    call = stub.Ingest(_batches(collection, 8, 10), timeout=120)
+    call = stub.Ingest(ingest_batches(collection, 8, 10), timeout=120)
     last = -1
     for ack in call:
         last = ack.batch_id
         if last == 2:
             call.cancel()  # the client "crashes" after three acknowledgements
             break
-    acks = list(stub.Ingest(_batches(collection, 8, 10, start=last + 1), timeout=120))
+    acks = list(stub.Ingest(ingest_batches(collection, 8, 10, start=last + 1), timeout=120))
     assert [a.batch_id for a in acks] == list(range(last + 1, 8))
     assert _count(stub, collection) == 80
 
 
 def test_bad_batch_fails_the_stream_with_invalid_argument(stub: pb_grpc.EmbedderStub, collection: str) -> None:
-    good = list(_batches(collection, 2, 5))
+    good = list(ingest_batches(collection, 2, 5))
     bad = pb.IngestRequest(batch_id=2, documents=[pb.Document(id="x", text="")])
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Ingest(iter([*good, bad]), timeout=60))
@@ -119,7 +114,7 @@ def test_bulk_stream_loads_without_the_index_and_builds_it_at_the_end(
     stub: pb_grpc.EmbedderStub, collection: str, server: Running
 ) -> None:
     outbox: queue.Queue[pb.IngestRequest | None] = queue.Queue()
-    batches = list(_batches(collection, 3, 10))
+    batches = list(ingest_batches(collection, 3, 10))
     batches[0].bulk = True
     acks = stub.Ingest(iter(outbox.get, None), timeout=120)
     outbox.put(batches[0])
@@ -134,7 +129,7 @@ def test_bulk_stream_loads_without_the_index_and_builds_it_at_the_end(
     assert hits[0].id == "d2-4"
 
     # A collection that has documents keeps its index: bulk changes nothing there.
-    more = list(_batches(collection, 5, 10, start=3))
+    more = list(ingest_batches(collection, 5, 10, start=3))
     more[0].bulk = True
     assert [a.upsert.inserted for a in stub.Ingest(iter(more), timeout=120)] == [10, 10]
     assert _indexed(server, collection) and _count(stub, collection) == 50
@@ -143,7 +138,7 @@ def test_bulk_stream_loads_without_the_index_and_builds_it_at_the_end(
 def test_a_failed_bulk_stream_still_leaves_the_collection_indexed(
     stub: pb_grpc.EmbedderStub, collection: str, server: Running
 ) -> None:
-    batches = list(_batches(collection, 2, 10))
+    batches = list(ingest_batches(collection, 2, 10))
     batches[0].bulk = True
     batches[1].documents[3].text = " "  # INVALID_ARGUMENT ends the stream after batch 0
     with pytest.raises(grpc.RpcError) as err:

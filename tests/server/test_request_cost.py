@@ -26,7 +26,7 @@ from embedpool.store import DocumentRow, EmbeddedPostgres, Store, running_postgr
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
-from ..conftest import SettingsFactory, serving
+from ..conftest import SettingsFactory, ingest_batches, serving
 
 SMALL, LARGE = 6000, 24000
 # A statement may cost this much more on the large collection (the HNSW walk and B-tree depth grow a little).
@@ -98,15 +98,8 @@ def _data_rpcs(stub: pb_grpc.EmbedderStub, collection: str) -> None:
         query = _vectors(1, seed=100 + i)[0]
         stub.Search(pb.SearchRequest(collection=collection, vector=query.astype("<f4").tobytes(), k=10))
         stub.Search(pb.SearchRequest(collection=collection, text=f"document number {i}", k=10))
-    batches = [
-        pb.IngestRequest(
-            collection=collection if b == 0 else "",
-            batch_id=b,
-            documents=[pb.Document(id=f"ingest-{uuid.uuid4().hex}", text=f"ingested {b} {j}") for j in range(8)],
-        )
-        for b in range(3)
-    ]
-    assert len(list(stub.Ingest(iter(batches), timeout=60))) == 3
+    batches = ingest_batches(collection, 3, 8, prefix=f"ingest-{uuid.uuid4().hex}-")  # new ids each call
+    assert len(list(stub.Ingest(batches, timeout=60))) == 3
     stub.ListCollections(pb.ListCollectionsRequest())
 
 
