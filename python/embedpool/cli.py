@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from embedpool import config
-from embedpool.errors import EmbedpoolError
+from embedpool.errors import EmbedpoolError, one_line
 from embedpool.logs import configure
 
 if TYPE_CHECKING:
@@ -48,8 +48,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         error = _sole_error(group)
         if error is None:
             raise
-        # One line, however many the message held: the start-up failures quote Postgres and OS errors.
-        print(f"embedpool: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"embedpool: {one_line(error)}", file=sys.stderr)
         return 2
     return 0
 

@@ -42,3 +42,8 @@ class InferenceFailed(EmbedpoolError, RuntimeError):
 class StartupError(EmbedpoolError, RuntimeError):
     """The server cannot start as configured (a port in use, a data directory another server owns, a database
     without pgvector): the message says what is wrong and what to change."""
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line: start-up failures quote Postgres and OS messages that span several."""
+    return " ".join(str(error).split())

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from embedpool.config import Settings
 from embedpool.engine import Engine, load_engine
-from embedpool.errors import StartupError, Unavailable
+from embedpool.errors import StartupError, Unavailable, one_line
 from embedpool.pool import EmbeddingPool, PoolConfig, running_pool
 from embedpool.pool.scheduler import BatchLimits
 from embedpool.server import validation
@@ -77,9 +77,9 @@ async def open_store(settings: Settings, embedded: EmbeddedPostgres | None = Non
                 lock_timeout=settings.db_lock_timeout,
             )
         except Unavailable as e:  # its own message is the caller's short one; the operator wants the cause
-            raise StartupError(f"cannot reach the database at {_redacted(url)}: {_one_line(e.__cause__ or e)}") from e
+            raise StartupError(f"cannot reach the database at {_redacted(url)}: {one_line(e.__cause__ or e)}") from e
         except psycopg.Error as e:  # e.g. no right to create the extension or the tables
-            raise StartupError(f"cannot set up the database at {_redacted(url)}: {_one_line(e)}") from e
+            raise StartupError(f"cannot set up the database at {_redacted(url)}: {one_line(e)}") from e
         try:
             yield store, url
         finally:
@@ -101,7 +101,7 @@ async def _require_pgvector(url: str) -> None:
             )
             found = await cursor.fetchone() is not None
     except psycopg.Error as e:
-        raise StartupError(f"cannot reach the database at {_redacted(url)}: {_one_line(e)}") from e
+        raise StartupError(f"cannot reach the database at {_redacted(url)}: {one_line(e)}") from e
     if not found:
         raise StartupError(
             f"the database at {_redacted(url)} has no pgvector extension: install pgvector on that Postgres server"
@@ -112,10 +112,6 @@ def _redacted(url: str) -> str:
     params = psycopg.conninfo.conninfo_to_dict(url)
     params.pop("password", None)
     return psycopg.conninfo.make_conninfo("", **params)
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
 
 
 class _Probe:
@@ -189,7 +185,7 @@ async def _supervise(
             try:
                 await anyio.to_thread.run_sync(embedded.start)
             except Exception as e:  # whatever failed, the next attempt may succeed; the log says why
-                log.warning("restarting the embedded Postgres failed (%s); next try in %.1f s", _one_line(e), delay)
+                log.warning("restarting the embedded Postgres failed (%s); next try in %.1f s", one_line(e), delay)
                 await anyio.sleep(delay)
                 delay = min(2 * delay, _RESTART_DELAY_CAP_S)
             else:
@@ -355,7 +351,7 @@ def _load_engine(settings: Settings) -> Engine:
     try:
         return load_engine(settings)
     except OSError as e:  # an unreadable model dir, or a model cache that cannot be written
-        raise StartupError(f"cannot load the model: {_one_line(e)}") from e
+        raise StartupError(f"cannot load the model: {one_line(e)}") from e
 
 
 async def _drain(server: grpc.aio.Server, grace: float, abort: anyio.Event | None) -> None:
