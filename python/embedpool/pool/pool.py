@@ -101,7 +101,7 @@ class EmbeddingPool:
                 else:
                     self._permits.acquire(n, chars)
                 admitted = True
-                ids, offsets = await self._tokenize(texts, truncate)
+                ids, offsets = await self._tokenize(texts, chars, truncate)
                 job = Job(ids=ids, offsets=offsets, dim=self._config.dim, deadline=deadline)
                 await self._ingress_send.send(job)
                 await job.done.wait()
@@ -124,9 +124,11 @@ class EmbeddingPool:
             raise job.error
         return Embeddings(vectors=job.vectors, token_counts=np.diff(offsets))
 
-    async def _tokenize(self, texts: Sequence[str], truncate: bool) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    async def _tokenize(
+        self, texts: Sequence[str], chars: int, truncate: bool
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
         try:
-            if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
+            if chars <= INLINE_TOKENIZE_CHARS:
                 # A query-sized input tokenizes in tens of microseconds: less than the hop to a worker thread
                 # and back, which would be most of the pool's overhead on an idle server.
                 return self._tokenizer.encode_ragged(texts, truncate=truncate)
