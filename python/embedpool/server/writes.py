@@ -187,5 +187,6 @@ class DocumentWriter:
             DocumentRow(id=doc_id, text=d.text, metadata=d.metadata, content_hash=d.content_hash, embedding=vector)
             for doc_id, d, vector in zip(ids, docs, embedded.vectors, strict=True)
         ]
-        assumed = {doc_id: d for doc_id, d in batch.assumed.items() if doc_id not in set(ids)}
+        embedded_now = set(ids)
+        assumed = {doc_id: d for doc_id, d in batch.assumed.items() if doc_id not in embedded_now}
         return dataclasses.replace(batch, rows=[*batch.rows, *rows], token_counts=token_counts, assumed=assumed)
