@@ -29,7 +29,16 @@ class Settings:
     port: int = _setting(50051, "gRPC port (0 picks a free one)")
     metrics_port: int = _setting(9464, "Prometheus /metrics port (0 picks a free one, -1 disables)")
     metrics_host: str = _setting("127.0.0.1", "address /metrics binds (its own, so exposing gRPC does not expose it)")
-    insecure: bool = _setting(False, "allow plaintext listeners on non-loopback addresses (warned at every start)")
+    insecure: bool = _setting(
+        False, "allow non-loopback listeners with neither TLS nor API keys (warned at every start)"
+    )
+    tls_cert: str = _setting("", "PEM certificate chain: gRPC and /metrics serve TLS (reloaded on change or SIGHUP)")
+    tls_key: str = _setting("", "PEM private key of --tls-cert")
+    tls_client_ca: str = _setting("", "PEM CA bundle: clients must present a certificate it signed (mTLS)")
+    auth: str = _setting(
+        "off", "off: no credentials (loopback only); keys: every RPC needs an API key", choices=("off", "keys")
+    )
+    reflection: bool = _setting(True, "serve gRPC reflection (health and reflection need no key)")
     data_dir: Path = _setting(  # noqa: RUF009 - evaluated once at import on purpose: a Path is immutable
         Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "embedpool",
         "where the embedded Postgres and converted models live",
@@ -121,6 +130,10 @@ class Settings:
                 f"max_request_documents ({self.max_request_documents}) must not exceed max_concurrent_inputs"
                 f" ({self.max_concurrent_inputs}): a full request could never be admitted"
             )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise InvalidArgument("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise InvalidArgument("tls_client_ca (mTLS) needs tls_cert and tls_key")
         if self.max_request_bytes > self.max_concurrent_chars:
             raise InvalidArgument(
                 f"max_request_bytes ({self.max_request_bytes}) must not exceed max_concurrent_chars"

@@ -24,7 +24,20 @@ class AlreadyExists(EmbedpoolError):
 
 
 class Overloaded(EmbedpoolError):
-    """No capacity right now (permits or queue full); the caller may retry later."""
+    """No capacity right now (permits or queue full, a quota spent); the caller may retry later, after
+    `retry_after` seconds when that is known (sent to gRPC callers as google.rpc.RetryInfo)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unauthenticated(EmbedpoolError, PermissionError):
+    """No credential, or one that is not valid (unknown, revoked, malformed)."""
+
+
+class PermissionDenied(EmbedpoolError, PermissionError):
+    """A valid credential whose role or collection grant does not cover the request."""
 
 
 class DeadlineExceeded(EmbedpoolError, TimeoutError):

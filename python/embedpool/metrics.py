@@ -51,3 +51,13 @@ STORED_DOCUMENTS = Counter(
     "documents written to collections, by outcome (unchanged: same content hash, neither embedded nor written)",
     ["outcome"],
 )
+AUTH_FAILURES = Counter(
+    "embedpool_auth_failures_total", "requests refused for their credential, by gRPC status", ["code"]
+)
+QUOTA_REFUSALS = Counter("embedpool_quota_refusals_total", "requests refused because their key's rate was spent")
+# Per tenant (label bounded by security.usage: the first tenants seen keep their name, the rest are "other").
+TENANT_REQUESTS = Counter("embedpool_tenant_requests_total", "RPCs served, by tenant", ["tenant"])
+TENANT_TOKENS = Counter("embedpool_tenant_tokens_total", "tokens embedded, by tenant", ["tenant"])
+TENANT_DOCUMENTS = Counter("embedpool_tenant_documents_total", "documents stored or deleted, by tenant", ["tenant"])
+TENANT_SEARCHES = Counter("embedpool_tenant_searches_total", "searches, by tenant", ["tenant"])
+TENANT_BYTES_OUT = Counter("embedpool_tenant_bytes_out_total", "response bytes sent, by tenant", ["tenant"])

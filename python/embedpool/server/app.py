@@ -27,7 +27,12 @@ from embedpool.engine import Engine, load_engine
 from embedpool.errors import StartupError, Unavailable, one_line
 from embedpool.pool import EmbeddingPool, PoolConfig, running_pool
 from embedpool.pool.scheduler import BatchLimits
+from embedpool.security.audit import Auditor
+from embedpool.security.authenticator import Authenticator
+from embedpool.security.quota import Quotas
+from embedpool.security.usage import UsageBook
 from embedpool.server import validation
+from embedpool.server.auth import Guard
 from embedpool.server.decoding import add_embedder
 from embedpool.server.exposure import check_exposure
 from embedpool.server.heap import Trimmer, limit_heap_growth
@@ -289,14 +294,16 @@ async def serve(
     limit_heap_growth()  # large requests' memory goes back when freed (server.heap)
     async with AsyncExitStack() as stack:
         embedded = await _check_database(settings, stack)
+        guard = Guard()  # every Embedder call passes it (server.auth); armed once the store is open
         server = grpc.aio.server(
+            interceptors=[guard],
             options=[
                 # The transport limit sits above the validated one, so an oversized request gets a precise
                 # INVALID_ARGUMENT from validation instead of the transport's RESOURCE_EXHAUSTED.
                 ("grpc.max_receive_message_length", 2 * settings.max_request_bytes + (1 << 20)),
                 ("grpc.max_send_message_length", 256 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         stack.push_async_callback(server.stop, None)  # a no-op after the drain; releases the port before it
         port = _bind(server, settings)
@@ -306,6 +313,10 @@ async def serve(
         settings = engine.settings
         store, url = await stack.enter_async_context(open_store(settings, embedded))
         await stack.enter_async_context(store.running())  # collection cache (LISTEN), interrupted index builds
+        authenticator = Authenticator(store, required=settings.auth == "keys")
+        await stack.enter_async_context(authenticator.running())  # key cache (LISTEN): revocations reach it
+        usage = UsageBook(store)
+        guard.arm(authenticator, Auditor(store), usage, Quotas())
         pool = await stack.enter_async_context(
             running_pool(engine.tokenizer, engine.sessions, _pool_config(settings, engine))
         )
@@ -313,21 +324,26 @@ async def serve(
         add_embedder(servicer, server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server
+            )
         await server.start()
         await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "serving %s/%s on %s:%d (pid %d)",
+            "serving %s/%s on %s:%d (pid %d, auth %s)",
             engine.model.name,
             engine.model.variant,
             settings.host,
             port,
             os.getpid(),
+            settings.auth,
             extra={"port": port, "metrics_port": metrics_port},
         )
         task_status.started(Running(port=port, metrics_port=metrics_port, database_url=url, settings=settings))
         async with anyio.create_task_group() as tg:
             tg.start_soon(_supervise, url, embedded, health, pool)
+            tg.start_soon(usage.run)  # flushes once more when cancelled, while the store is still open
             try:
                 await (stop.wait() if stop is not None else anyio.sleep_forever())
             finally:

@@ -1,8 +1,10 @@
-"""Which listeners face the network, and the refusal to serve plaintext there without being told to.
+"""Which listeners face the network, and the refusal to serve them unprotected without being told to.
 
-The server has no TLS and no credentials yet: on a loopback address only local processes reach it, but bound
-to any other address everyone on the network can read every stored text and drop any collection. So such a
-bind needs `--insecure`, said explicitly, and is warned about at every start.
+On a loopback address only local processes reach a listener. Bound to any other address, gRPC needs TLS or
+API keys (`--auth keys`), and /metrics (which has no keys) needs TLS; otherwise everyone on the network could
+read every stored text and drop any collection. Serving so anyway needs `--insecure`, said explicitly, and
+is warned about at every start. Keys without TLS are allowed but warned about: they cross the network in
+plaintext.
 """
 
 from __future__ import annotations
@@ -30,17 +32,20 @@ def is_loopback(host: str) -> bool:
 
 def check_exposure(settings: Settings) -> None:
     """StartupError for a non-loopback listener without `insecure`; with it, a warning naming each one."""
+    tls = bool(settings.tls_cert)
     exposed = [(what, host) for what, host in _listeners(settings) if not is_loopback(host)]
-    if not exposed:
-        return
-    names = ", ".join(f"{what} on {host}" for what, host in exposed)
-    if not settings.insecure:
-        raise StartupError(
-            f"refusing to serve {names} in plaintext to the network without credentials: bind to a loopback"
-            " address, or pass --insecure (EMBEDPOOL_INSECURE=1) to accept that anyone who reaches it can read"
-            " and change every collection"
-        )
-    log.warning("INSECURE: serving %s in plaintext without credentials (--insecure)", names)
+    unprotected = [(w, h) for w, h in exposed if not (tls or (w == "gRPC" and settings.auth == "keys"))]
+    if unprotected:
+        names = ", ".join(f"{what} on {host}" for what, host in unprotected)
+        if not settings.insecure:
+            raise StartupError(
+                f"refusing to serve {names} to the network with neither TLS nor API keys: bind to a loopback"
+                " address, give --tls-cert/--tls-key (and --auth keys for gRPC), or pass --insecure"
+                " (EMBEDPOOL_INSECURE=1) to accept that anyone who reaches it can read and change every collection"
+            )
+        log.warning("INSECURE: serving %s with neither TLS nor API keys (--insecure)", names)
+    if not tls and settings.auth == "keys" and any(what == "gRPC" for what, _ in exposed):
+        log.warning("API keys cross the network in plaintext: give --tls-cert and --tls-key")
 
 
 def _listeners(settings: Settings) -> list[tuple[str, str]]:

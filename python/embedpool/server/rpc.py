@@ -12,10 +12,14 @@ from typing import Any, TypeVar, cast
 
 import grpc
 import grpc.aio
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from embedpool import metrics
-from embedpool.errors import EmbedpoolError, InvalidArgument
+from embedpool.errors import EmbedpoolError, InvalidArgument, Overloaded
 from embedpool.logs import request_id
+from embedpool.security.tenancy import caller_view
 from embedpool.server.decoding import Malformed
 from embedpool.server.errors import status_for
 
@@ -27,11 +31,34 @@ REQUEST_ID_KEY = "x-request-id"
 _QUIET = (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
-def _incoming_request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+def incoming_request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The id the server.auth interceptor took for this call, else the caller's `x-request-id`, else a new one."""
+    rid = request_id.get()
+    if rid:
+        return rid
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= 128:
             return value
     return uuid.uuid4().hex
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: EmbedpoolError, rid: str) -> grpc.StatusCode:
+    """Ends the call with `error`'s status (the one table in server.errors); raises grpc.aio.AbortError. The
+    message names collections as the caller does; INTERNAL ones carry the request id, to find in the logs;
+    a known retry delay goes along as google.rpc.RetryInfo, which gRPC clients' retry policies read."""
+    code = status_for(error)
+    message = caller_view(str(error))
+    if code == grpc.StatusCode.INTERNAL:
+        message = f"{message} (request id {rid})"
+    if isinstance(error, Overloaded) and error.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1, round(error.retry_after * 1e9)))
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        status = rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[detail]))
+        await context.abort(status.code, status.details, status.trailing_metadata)
+    await context.abort(code, message)
+    raise AssertionError("unreachable: abort raises")
 
 
 def _domain_error(group: ExceptionGroup[Exception]) -> Exception:
@@ -64,7 +91,7 @@ def rpc(method: Method) -> Method:
 
     @functools.wraps(method)
     async def wrapper(self: object, request: object, context: grpc.aio.ServicerContext[Any, Any], /) -> Any:
-        rid = _incoming_request_id(context)
+        rid = incoming_request_id(context)
         token = request_id.set(rid)
         started = time.perf_counter()
         code = grpc.StatusCode.OK
@@ -80,8 +107,7 @@ def rpc(method: Method) -> Method:
                 raise _domain_error(group) from group
         except EmbedpoolError as exc:
             code = status_for(exc)
-            message = str(exc) if code != grpc.StatusCode.INTERNAL else f"{exc} (request id {rid})"
-            await context.abort(code, message)
+            await abort(context, exc, rid)
         except grpc.aio.AbortError:
             raise
         except asyncio.CancelledError:

@@ -15,6 +15,7 @@ from numpy.typing import NDArray
 from embedpool.engine import ServingModel
 from embedpool.errors import InvalidArgument, Overloaded, Unavailable
 from embedpool.pool import EmbeddingPool
+from embedpool.security.usage import meter
 from embedpool.server import validation
 from embedpool.server.codec import (
     collection_message,
@@ -40,6 +41,12 @@ def _deadline(context: Context) -> float:
     return math.inf if remaining is None else anyio.current_time() + remaining
 
 
+def _meter_write(outcome: WriteOutcome) -> None:
+    usage = meter()
+    usage.tokens += sum(outcome.token_counts)
+    usage.documents += outcome.upsert.inserted + outcome.upsert.updated
+
+
 class EmbedderServicer(pb_grpc.EmbedderServicer):
     def __init__(self, pool: EmbeddingPool, store: Store, model: ServingModel, limits: validation.Limits) -> None:
         self._pool = pool
@@ -63,6 +70,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         texts = [doc.text for doc in request.documents]
         if not request.collection:
             embedded = await self._pool.embed(texts, truncate=truncate, deadline=_deadline(context))
+            meter().tokens += int(embedded.token_counts.sum())
             return pb.EmbedResponse(
                 dim=self._model.dim,
                 vectors=[] if request.skip_vectors else pack_vectors(embedded.vectors),
@@ -77,6 +85,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             deadline=_deadline(context),
             want_vectors=not request.skip_vectors,
         )
+        _meter_write(outcome)
         return pb.EmbedResponse(
             dim=self._model.dim,
             vectors=pack_vectors(outcome.vectors) if outcome.vectors is not None else [],
@@ -121,15 +130,16 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             )
 
         async def ack(request: pb.IngestRequest, outcome: WriteOutcome) -> None:
-            await context.write(
-                pb.IngestAck(
-                    batch_id=request.batch_id,
-                    upsert=upsert_stats(outcome.upsert),
-                    skipped_unchanged=outcome.skipped_unchanged,
-                    rejected=outcome.rejected,
-                    ids=outcome.ids,
-                )
+            message = pb.IngestAck(
+                batch_id=request.batch_id,
+                upsert=upsert_stats(outcome.upsert),
+                skipped_unchanged=outcome.skipped_unchanged,
+                rejected=outcome.rejected,
+                ids=outcome.ids,
             )
+            _meter_write(outcome)
+            meter().bytes_out += message.ByteSize()
+            await context.write(message)
 
         requests = aiter(request_iterator)
         first = await anext(requests, None)
@@ -162,6 +172,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:
         validation.search_request(request, self._limits)
         collection = await self._check_collection(request.collection)
+        meter().searches += 1
         query = await self._query_vector(request, collection.dim, context)
         found = await self._store.search(
             request.collection,
@@ -189,6 +200,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     async def _query_vector(self, request: pb.SearchRequest, dim: int, context: Context) -> NDArray[np.float32]:
         if request.WhichOneof("query") == "text":
             embedded = await self._pool.embed([request.text], deadline=_deadline(context))
+            meter().tokens += int(embedded.token_counts.sum())
             query: NDArray[np.float32] = embedded.vectors[0]
             return query
         vector = unpack_vector(request.vector, dim, "vector")
@@ -235,6 +247,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             deleted = await self._store.delete(request.collection, list(request.ids))
         else:
             deleted = await self._store.delete_where(request.collection, struct_to_dict(request.filter))
+        meter().documents += deleted
         return pb.DeleteDocumentsResponse(deleted=deleted)
 
     @rpc

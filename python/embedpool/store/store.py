@@ -122,6 +122,17 @@ class Store:
                 info = await self._lookup(conn, name)
         return info
 
+    @property
+    def url(self) -> str:
+        """The database's URL, for the connections kept outside the pool (LISTEN)."""
+        return self._url
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConnection[Any]]:
+        """A pooled connection (autocommit) for one short piece of work; database errors become domain ones."""
+        async with self._connection() as conn:
+            yield conn
+
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[AsyncConnection[Any]]:
         with database_errors():
@@ -287,7 +298,7 @@ class Store:
     async def _lookup(self, conn: AsyncConnection[Any], name: str) -> CollectionInfo:
         generation = self._cache.generation
         info = await collections.lookup(conn, name)
-        self._cache.put(info, generation)
+        self._cache.put(name, info, generation)
         return info
 
     async def delete(self, collection: str, ids: Sequence[str]) -> int:

@@ -1,0 +1,84 @@
+"""Who is calling and what they may do: roles, the actions they grant, and collection grants.
+
+Transport-free: the gRPC interceptor (server.auth) and every later door ask `authorize` the same question.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+from dataclasses import dataclass
+
+from embedpool.errors import PermissionDenied
+
+__all__ = ["ANONYMOUS", "Action", "Principal", "Role", "authorize"]
+
+
+class Role(enum.IntEnum):
+    """Ordered: each role may do everything the ones below it may."""
+
+    READER = 1
+    WRITER = 2
+    ADMIN = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, text: str) -> Role:
+        try:
+            return cls[text.upper()]
+        except KeyError:
+            raise ValueError(f"role must be reader, writer or admin, not {text!r}") from None
+
+
+class Action(enum.Enum):
+    """What a request does."""
+
+    EMBED = "embed"  # vectors only, no collection
+    READ = "read"  # Search, GetCollection, ListCollections, model info
+    WRITE = "write"  # Embed into a collection, Ingest, DeleteDocuments
+    ADMIN = "administer"  # CreateCollection, DropCollection, key management
+
+    @property
+    def role(self) -> Role:
+        """The least role that may do it."""
+        return _LEAST_ROLE[self]
+
+
+_LEAST_ROLE: dict[Action, Role] = {
+    Action.EMBED: Role.READER,
+    Action.READ: Role.READER,
+    Action.WRITE: Role.WRITER,
+    Action.ADMIN: Role.ADMIN,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """A verified caller. `collections` is a glob over the tenant's collection names ("*": all of them)."""
+
+    tenant: str
+    role: Role
+    key_id: str = ""
+    collections: str = "*"
+    tokens_per_s: float | None = None
+    docs_per_s: float | None = None
+
+    def may_see(self, collection: str) -> bool:
+        return self.collections == "*" or fnmatch.fnmatchcase(collection, self.collections)
+
+
+ANONYMOUS = Principal(tenant="default", role=Role.ADMIN)
+"""The caller when authentication is off: the default tenant's admin, as the service behaved before keys."""
+
+
+def authorize(principal: Principal, action: Action, collection: str = "") -> None:
+    """PermissionDenied unless `principal`'s role covers `action` and its grant covers `collection`."""
+    if principal.role < action.role:
+        raise PermissionDenied(
+            f"this key's role ({principal.role.label}) may not {action.value}; it needs {action.role.label}"
+        )
+    if collection and not principal.may_see(collection):
+        raise PermissionDenied(f"this key is not granted collection {collection!r}")
