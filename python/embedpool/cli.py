@@ -1,22 +1,28 @@
-"""Command line: `embedpool serve | model prepare | model convert | embed | ingest | search`."""
+"""Command line: `embedpool serve | model prepare | model convert | embed | ingest | search | keys | audit | usage`."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
+from anyio.streams.memory import MemoryObjectSendStream
 
 from embedpool import config
 from embedpool.errors import EmbedpoolError, one_line
 from embedpool.logs import configure
 
 if TYPE_CHECKING:
+    import grpc
+
     from embedpool.v1 import embedpool_pb2 as pb
 
 
@@ -24,19 +30,32 @@ async def _serve(settings: config.Settings) -> None:
     from embedpool.server.app import serve
 
     stop, abort = anyio.Event(), anyio.Event()
+    request_reload, reloads = anyio.create_memory_object_stream[None](1)
+    # SIGHUP is taken over only to reload TLS files; without TLS it keeps ending the process with its terminal.
+    hangup = (signal.SIGHUP,) if settings.tls_cert else ()
     # Open for the whole run: once a handler is gone, a second Ctrl-C kills the process and leaves Postgres up.
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, *hangup) as signals, reloads:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_on_signals, signals, stop, abort)
-            await serve(settings, stop, abort=abort)
+            tg.start_soon(_on_signals, signals, stop, abort, request_reload)
+            await serve(settings, stop, abort=abort, reload_tls=reloads)
             tg.cancel_scope.cancel()
 
 
-async def _on_signals(signals: AsyncIterator[signal.Signals], stop: anyio.Event, abort: anyio.Event) -> None:
-    """The first signal drains in-flight requests, then stops the pool and Postgres; a later one cuts the
-    drain short, and Postgres is still stopped cleanly."""
-    async for _ in signals:
-        (abort if stop.is_set() else stop).set()
+async def _on_signals(
+    signals: AsyncIterator[signal.Signals],
+    stop: anyio.Event,
+    abort: anyio.Event,
+    request_reload: MemoryObjectSendStream[None],
+) -> None:
+    """SIGHUP reloads the TLS files. The first other signal drains in-flight requests, then stops the pool and
+    Postgres; a later one cuts the drain short, and Postgres is still stopped cleanly."""
+    with request_reload:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                with contextlib.suppress(anyio.WouldBlock):  # one already pending reads the files as they are then
+                    request_reload.send_nowait(None)
+            else:
+                (abort if stop.is_set() else stop).set()
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -77,14 +96,22 @@ def _cmd_model_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _connect(args: argparse.Namespace) -> Callable[[str], grpc.Channel]:
+    """Opens a channel with the client flags' credentials (see `_add_client_arguments`)."""
+    from embedpool.channel import open_channel
+
+    return functools.partial(
+        open_channel, api_key=args.api_key, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
+    )
+
+
 def _cmd_embed(args: argparse.Namespace) -> int:
-    import grpc
     import numpy as np
 
     from embedpool.v1 import embedpool_pb2 as pb
     from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    with _connect(args)(args.target) as channel:
         stub = pb_grpc.EmbedderStub(channel)
         docs = [pb.Document(text=t) for t in args.texts]
         reply = stub.Embed(pb.EmbedRequest(documents=docs, collection=args.collection))
@@ -120,6 +147,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
             bulk=not args.no_bulk,
             progress=not args.quiet,
             state_dir=Path(args.state_dir) if args.state_dir else None,
+            connect=_connect(args),
         )
     except SourceError as exc:
         print(f"embedpool ingest: {exc}", file=sys.stderr)
@@ -147,18 +175,29 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    import grpc
-
     from embedpool.v1 import embedpool_pb2 as pb
     from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    with _connect(args)(args.target) as channel:
         reply = pb_grpc.EmbedderStub(channel).Search(
             pb.SearchRequest(collection=args.collection, text=args.query, k=args.k)
         )
     for hit in reply.hits:
         print(json.dumps({"id": hit.id, "score": round(hit.score, 4), "text": hit.text[:80]}))
     return 0
+
+
+def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="127.0.0.1:50051")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("EMBEDPOOL_API_KEY", ""),
+        help="sent as 'authorization: Bearer <key>' (default: $EMBEDPOOL_API_KEY); without --tls-ca only to a"
+        " loopback target",
+    )
+    parser.add_argument("--tls-ca", default="", help="PEM CA bundle: connect with TLS, verifying the server by it")
+    parser.add_argument("--tls-cert", default="", help="PEM client certificate, for a server that requires mTLS")
+    parser.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,13 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     embed = sub.add_parser("embed", help="embed texts with a running server")
     embed.add_argument("texts", nargs="+")
     embed.add_argument("--collection", default="")
-    embed.add_argument("--target", default="127.0.0.1:50051")
+    _add_client_arguments(embed)
     embed.set_defaults(func=_cmd_embed)
 
     ingest = sub.add_parser("ingest", help="stream a JSONL file or a directory of .txt/.md into a collection")
     ingest.add_argument("collection")
     ingest.add_argument("source", help='FILE.jsonl ({"id"?, "text", "metadata"?} per line) or DIR')
-    ingest.add_argument("--target", default="127.0.0.1:50051")
+    _add_client_arguments(ingest)
     ingest.add_argument("--batch-size", type=int, default=256)
     ingest.add_argument("--restart", action="store_true", help="ignore the checkpoint and start from the top")
     ingest.add_argument("--no-create", action="store_true", help="fail unless the collection exists")
@@ -212,8 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("collection")
     search.add_argument("query")
     search.add_argument("-k", type=int, default=5)
-    search.add_argument("--target", default="127.0.0.1:50051")
+    _add_client_arguments(search)
     search.set_defaults(func=_cmd_search)
+
+    from embedpool import admin  # keys, audit, usage: on the database directly
+
+    admin.add_parsers(sub)
     return parser
 
 

@@ -9,6 +9,7 @@ balancer a key gets up to N times its rate: set the rate per replica.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -35,14 +36,15 @@ class TokenBucket:
         return self.rate * _BURST_S
 
     def _refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-        self.stamp = now
+        if now > self.stamp:  # a `now` read before the bucket was made is earlier than its stamp
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+            self.stamp = now
 
     def take(self, n: float, now: float) -> float:
         """Takes `n` and returns 0, or takes nothing and returns the seconds until it could."""
         self._refill(now)
         needed = min(n, self.capacity)
-        if self.level >= needed:
+        if self.level >= needed - 1e-9 * self.capacity:  # who waited as told is not refused by a rounding error
             self.level -= n
             return 0.0
         return (needed - self.level) / self.rate
@@ -74,7 +76,7 @@ class Quotas:
 
     def admit(self, principal: Principal, documents: int) -> None:
         """Overloaded with the seconds to wait (RetryInfo) when the key's rate is spent."""
-        wait = self.delay(principal, documents)
+        wait = math.ceil(self.delay(principal, documents) * 1000) / 1000  # whole milliseconds, rounded up
         if wait > 0.0:
             metrics.QUOTA_REFUSALS.inc()
             raise Overloaded(f"this key's rate limit is reached; retry in {wait:.3f} s", retry_after=wait)

@@ -29,6 +29,7 @@ from embedpool.security.principal import Action, Principal, authorize
 from embedpool.security.quota import Quotas
 from embedpool.security.tenancy import acting_as, qualify, unqualify
 from embedpool.security.usage import Usage, UsageBook, metering
+from embedpool.server import validation
 from embedpool.server.decoding import Malformed
 from embedpool.server.errors import status_for
 from embedpool.server.rpc import abort, incoming_request_id
@@ -229,6 +230,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic in
             metrics.AUTH_FAILURES.labels("PERMISSION_DENIED").inc()
             raise
         if collection:
+            validation.collection_name(collection, rule.field, stored=False)  # no "/": no other namespace
             setattr(request, rule.field, qualify(call.principal.tenant, collection))
 
     async def _close(self, call: _Call, status: str, audited: bool, context: Context) -> None:

@@ -15,6 +15,9 @@ from embedpool.errors import InvalidArgument
 from embedpool.v1 import embedpool_pb2 as pb
 
 COLLECTION_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,63}")
+# What handlers see: server.auth has checked the caller's name against COLLECTION_NAME and moved it into the
+# caller's tenant namespace (security.tenancy), so a "/" here can only be the one it added.
+STORED_COLLECTION_NAME = re.compile(r"(?:[a-z0-9][a-z0-9_-]{0,62}/)?[A-Za-z0-9_.\-]{1,63}")
 MAX_ID_BYTES = 512
 MAX_CANDIDATES = 10_000
 
@@ -37,10 +40,11 @@ class Limits:
         return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
 
 
-def collection_name(name: str, field: str = "collection") -> str:
+def collection_name(name: str, field: str = "collection", *, stored: bool = True) -> str:
+    """`stored`: the name as handlers see it, in the caller's tenant namespace; else as a caller sends it."""
     if not name:
         raise InvalidArgument(f"{field}: must not be empty")
-    if not COLLECTION_NAME.fullmatch(name):
+    if not (STORED_COLLECTION_NAME if stored else COLLECTION_NAME).fullmatch(name):
         raise InvalidArgument(f"{field}: {name[:80]!r} is not a valid name (1-63 of A-Z a-z 0-9 _ . -)")
     return name
 

