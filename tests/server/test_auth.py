@@ -5,6 +5,7 @@ a key over its rate gets RESOURCE_EXHAUSTED with RetryInfo while another key is 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 import urllib.request
@@ -144,8 +145,8 @@ def test_role_by_rpc_by_tenant_matrix(
         allowed = RANK[role] >= RANK[needed]
         own = f"beta-scratch-{next(_names)}"
         stub.CreateCollection(pb.CreateCollectionRequest(name=own), metadata=bearer(admins["beta"]))
-        outcomes[rpc, "own"] = _code(lambda: call(stub, own, bearer(key)))
-        outcomes[rpc, "other"] = _code(lambda: call(stub, "alpha-docs", bearer(key)))
+        outcomes[rpc, "own"] = _code(functools.partial(call, stub, own, bearer(key)))
+        outcomes[rpc, "other"] = _code(functools.partial(call, stub, "alpha-docs", bearer(key)))
         assert outcomes[rpc, "own"] == (grpc.StatusCode.OK if allowed else grpc.StatusCode.PERMISSION_DENIED), rpc
         if rpc not in ("Embed", "GetModelInfo"):  # these name no collection
             expected = grpc.StatusCode.NOT_FOUND if allowed else grpc.StatusCode.PERMISSION_DENIED
