@@ -28,6 +28,7 @@ import grpc
 from google.protobuf import struct_pb2
 from tqdm import tqdm
 
+from embedpool.channel import open_channel
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
@@ -222,6 +223,7 @@ def run_ingest(
     window: int = 4,
     state_dir: Path | None = None,
     on_ack: Callable[[pb.IngestAck], None] | None = None,
+    connect: Callable[[str], grpc.Channel] = open_channel,
 ) -> IngestSummary:
     """Ingest `source` into `collection` of the server at `target` (host:port); see the module docstring.
 
@@ -230,6 +232,8 @@ def run_ingest(
     (None: an existing collection is used as it is, a new one gets the defaults). `bulk`: an empty collection
     is loaded without its HNSW index, which the server builds when the stream ends. `window`: batches in
     flight. `on_ack` sees each acknowledgement after it is checkpointed; what it raises ends the run.
+    `connect` opens the channel to `target` (e.g. `open_channel` with TLS and an API key bound; plaintext by
+    default).
     The checkpoint is removed once everything is acknowledged.
     """
     if batch_size < 1:
@@ -245,7 +249,7 @@ def run_ingest(
         checkpoint = _Checkpoint(str(source.resolve()), target, collection, batch_id=0, position=0, documents=0)
     summary = IngestSummary(resumed_after=checkpoint.documents)
     started = time.perf_counter()
-    with grpc.insecure_channel(target) as channel:
+    with connect(target) as channel:
         stub = pb_grpc.EmbedderStub(channel)
         if create:
             _create(stub, collection, index)

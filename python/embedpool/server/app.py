@@ -15,9 +15,8 @@ from typing import Any, NoReturn
 import anyio
 import anyio.to_thread
 import grpc.aio
-import prometheus_client
 import psycopg
-from anyio.abc import TaskStatus
+from anyio.abc import ObjectReceiveStream, TaskStatus
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -36,7 +35,9 @@ from embedpool.server.auth import Guard
 from embedpool.server.decoding import add_embedder
 from embedpool.server.exposure import check_exposure
 from embedpool.server.heap import Trimmer, limit_heap_growth
+from embedpool.server.metrics_http import MetricsServer
 from embedpool.server.servicer import EmbedderServicer
+from embedpool.server.tls import ServerTls, server_tls
 from embedpool.store import Store
 from embedpool.store.embedded import EmbeddedPostgres
 from embedpool.v1 import embedpool_pb2
@@ -236,23 +237,18 @@ def _ensure_free(host: str, port: int, what: str) -> None:
                     raise StartupError(f"cannot listen on {host}:{port} for {what}: {e.strerror}") from e
 
 
-def _metrics_server(settings: Settings, stack: AsyncExitStack) -> int:
+def _metrics_server(settings: Settings, stack: AsyncExitStack, tls: ServerTls | None) -> int:
     if settings.metrics_port < 0:
         return -1
     try:
-        http, thread = prometheus_client.start_http_server(settings.metrics_port, addr=settings.metrics_host)
+        http = MetricsServer(settings.metrics_host, settings.metrics_port, tls.ssl_context if tls else None)
     except OSError as e:
         raise StartupError(
             f"cannot listen on {settings.metrics_host}:{settings.metrics_port} for /metrics: {e.strerror}"
         ) from e
-
-    def stop() -> None:
-        http.shutdown()
-        http.server_close()
-        thread.join(timeout=5)
-
-    stack.callback(stop)
-    return int(http.server_port)
+    stack.callback(http.close)
+    log.info("/metrics on %s:%d: %s", settings.metrics_host, http.port, tls.mode if tls else "plain HTTP")
+    return http.port
 
 
 def _pool_config(settings: Settings, engine: Engine) -> PoolConfig:
@@ -276,12 +272,14 @@ async def serve(
     *,
     abort: anyio.Event | None = None,
     engine: Engine | None = None,
+    reload_tls: ObjectReceiveStream[None] | None = None,
     task_status: TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serves until `stop` is set, then drains: health goes NOT_SERVING, in-flight RPCs get `grace_seconds`
     (cut short when `abort` is set), and only then do the pool and the store shut down. Cancelling instead
     aborts without draining, because cancellation reaches the pool's tasks too. `engine` may be passed in
-    already loaded (e.g. wrapped for fault injection); by default it is loaded from `settings`.
+    already loaded (e.g. wrapped for fault injection); by default it is loaded from `settings`. With TLS, each
+    item from `reload_tls` (the CLI's SIGHUP) reads the certificate files again (see server.tls).
 
     Start-up checks what it can before the slow parts (the data dir's ownership, then the ports, then the model,
     then the database) and fails with a one-line `StartupError` (or another `EmbedpoolError`). While serving,
@@ -306,8 +304,9 @@ async def serve(
             ],
         )
         stack.push_async_callback(server.stop, None)  # a no-op after the drain; releases the port before it
-        port = _bind(server, settings)
-        metrics_port = _metrics_server(settings, stack)
+        tls = server_tls(settings)
+        port = _bind(server, settings, tls)
+        metrics_port = _metrics_server(settings, stack, tls)
         if engine is None:
             engine = await anyio.to_thread.run_sync(_load_engine, settings)
         settings = engine.settings
@@ -343,6 +342,8 @@ async def serve(
         task_status.started(Running(port=port, metrics_port=metrics_port, database_url=url, settings=settings))
         async with anyio.create_task_group() as tg:
             tg.start_soon(_supervise, url, embedded, health, pool)
+            if tls is not None:
+                tg.start_soon(tls.watch, reload_tls)
             tg.start_soon(usage.run)  # flushes once more when cancelled, while the store is still open
             try:
                 await (stop.wait() if stop is not None else anyio.sleep_forever())
@@ -355,12 +356,17 @@ async def serve(
                 tg.cancel_scope.cancel()  # the supervisor, before the stack stops the store and Postgres
 
 
-def _bind(server: grpc.aio.Server, settings: Settings) -> int:
+def _bind(server: grpc.aio.Server, settings: Settings, tls: ServerTls | None) -> int:
     _ensure_free(settings.host, settings.port, "gRPC")
+    address = f"{settings.host}:{settings.port}"
     try:
-        return server.add_insecure_port(f"{settings.host}:{settings.port}")
+        port = (
+            server.add_insecure_port(address) if tls is None else server.add_secure_port(address, tls.grpc_credentials)
+        )
     except RuntimeError as e:  # taken between the check and the bind
         raise StartupError(f"cannot listen on {settings.host}:{settings.port} for gRPC: {e}") from e
+    log.info("gRPC on %s:%d: %s", settings.host, port, tls.mode if tls else "plaintext")
+    return port
 
 
 def _load_engine(settings: Settings) -> Engine:
