@@ -195,7 +195,7 @@ def test_start_up_failures_end_in_one_line(
         expected = f"cannot listen on 127.0.0.1:{busy_port} for /metrics: Address already in use"
     elif case == "exposed":
         args["--host"] = "0.0.0.0"
-        expected = "refusing to serve gRPC on 0.0.0.0 in plaintext to the network without credentials"
+        expected = "refusing to serve gRPC on 0.0.0.0 to the network with neither TLS nor API keys"
     elif case == "model-dir":
         args["--model"] = str(tmp_path / "no-such-model")
         expected = f"model directory not found: {tmp_path / 'no-such-model'}"
