@@ -9,7 +9,9 @@ the same run measures the baselines:
   warmed up — so the ratio measures serving overhead honestly;
 - raw ONNX Runtime on the fp32 graph (the CPU goal is stated against it);
 - sentence-transformers, where it is importable (or from --baseline-site DIR, e.g. `pip install --target DIR
-  sentence-transformers`, which keeps torch out of .venv).
+  sentence-transformers`, which keeps torch out of .venv);
+- authentication off vs on (`--auth keys`, every call with an API key): two servers side by side, driven in
+  alternating rounds, for Embed throughput and the per-call cost on a call without inference (GetModelInfo).
 Prints a table, writes DIR/serve.json and DIR/serve.png (throughput and p99 vs concurrency).
 """
 
@@ -100,8 +102,10 @@ def sentence_transformers_baseline(texts: list[str], device: str) -> dict[str, A
     }
 
 
-def start_server(args: argparse.Namespace, model_dir: Path, data_dir: Path) -> tuple[subprocess.Popen[str], int]:
-    cmd = [sys.executable, "-m", "embedpool.cli", "serve", "--port", "0", "--metrics-port", "-1"]
+def start_server(
+    args: argparse.Namespace, model_dir: Path, data_dir: Path, *extra: str
+) -> tuple[subprocess.Popen[str], int]:
+    cmd = [sys.executable, "-m", "embedpool.cli", "serve", "--port", "0", "--metrics-port", "-1", *extra]
     cmd += ["--model", str(model_dir), "--data-dir", str(data_dir), "--device", args.device, "--variant", args.variant]
     cmd += ["--log-level", "info", "--max-concurrent-inputs", "65536"]
     env = {**os.environ, "EMBEDPOOL_LOG_FORMAT": "json", "EMBEDPOOL_LOG_LEVEL": "info"}
@@ -114,7 +118,13 @@ def start_server(args: argparse.Namespace, model_dir: Path, data_dir: Path) -> t
     raise RuntimeError(f"server exited with {proc.wait()}")
 
 
-async def drive(port: int, texts: list[str], concurrency: int, per_request: int, seconds: float) -> dict[str, Any]:
+Metadata = tuple[tuple[str, str], ...]
+KEYS_CREATE = (sys.executable, "-m", "embedpool.cli", "keys", "create")
+
+
+async def drive(
+    port: int, texts: list[str], concurrency: int, per_request: int, seconds: float, metadata: Metadata = ()
+) -> dict[str, Any]:
     """`concurrency` clients, each sending requests of `per_request` documents back to back."""
     latencies: list[float] = []
     docs = tokens = 0
@@ -123,7 +133,7 @@ async def drive(port: int, texts: list[str], concurrency: int, per_request: int,
         f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 1 << 28)]
     ) as ch:
         stub = pb_grpc.EmbedderStub(ch)
-        await stub.Embed(pb.EmbedRequest(documents=[pb.Document(text=t) for t in requests[0]]))
+        await stub.Embed(pb.EmbedRequest(documents=[pb.Document(text=t) for t in requests[0]]), metadata=metadata)
         deadline = time.perf_counter() + seconds
         cursor = 0
 
@@ -133,7 +143,9 @@ async def drive(port: int, texts: list[str], concurrency: int, per_request: int,
                 batch = requests[cursor % len(requests)]
                 cursor += 1
                 t0 = time.perf_counter()
-                reply = await stub.Embed(pb.EmbedRequest(documents=[pb.Document(text=t) for t in batch]))
+                reply = await stub.Embed(
+                    pb.EmbedRequest(documents=[pb.Document(text=t) for t in batch]), metadata=metadata
+                )
                 latencies.append(time.perf_counter() - t0)
                 docs += len(reply.vectors)
                 tokens += sum(reply.token_counts)
@@ -169,6 +181,115 @@ async def idle_latency(port: int, n: int) -> dict[str, float]:
     return {"p50_ms": float(q[0]), "p99_ms": float(q[1]), "mean_ms": statistics.fmean(samples) * 1000}
 
 
+async def call_costs(ports: dict[str, tuple[int, Metadata]], blocks: int, per_block: int) -> dict[str, Any]:
+    """Microseconds per GetModelInfo round trip (no inference, no database: the transport, the interceptor and
+    the handler) on each server, in short alternating blocks so that the machine's drift hits both alike.
+    Returns the median block of each, and the median of the blocks' paired differences."""
+    channels = {k: grpc.aio.insecure_channel(f"127.0.0.1:{port}") for k, (port, _) in ports.items()}
+    per: dict[str, list[float]] = {k: [] for k in ports}
+    try:
+        stubs = {k: pb_grpc.EmbedderStub(ch) for k, ch in channels.items()}
+        for _ in range(blocks + 1):  # the first block warms up and is dropped
+            for k, stub in stubs.items():
+                metadata = ports[k][1]
+                t0 = time.perf_counter()
+                for _ in range(per_block):
+                    await stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata)
+                per[k].append((time.perf_counter() - t0) / per_block * 1e6)
+    finally:
+        for ch in channels.values():
+            await ch.close()
+    blocks = {k: v[1:] for k, v in per.items()}
+
+    def paired(a: str, b: str) -> float:
+        return statistics.median(y - x for x, y in zip(blocks[a], blocks[b], strict=True))
+
+    return {
+        "blocks_us": blocks,
+        **{f"{k}_us": statistics.median(v) for k, v in blocks.items()},
+        "overhead_us": paired("off", "on"),
+        # The same header sent to the server that ignores it: the client's cost of sending it, so that
+        # on - off_with_header is what the server spends on authentication.
+        "client_header_us": paired("off", "off_with_header"),
+        "server_auth_us": paired("off_with_header", "on"),
+    }
+
+
+async def authenticate_cost(data_dir: Path, key: str, n: int) -> float:
+    """Microseconds per `Authenticator.authenticate` in this process, on the keyed server's database with the
+    key cached: what authentication itself costs, without the transport's noise around it."""
+    from embedpool.security.authenticator import Authenticator
+    from embedpool.store import Store
+    from embedpool.store.embedded import running_uri
+
+    url = running_uri(data_dir / "pg")
+    assert url is not None, "the keyed server's Postgres is not running"
+    store = await Store.open(url, max_size=1)
+    try:
+        auth = Authenticator(store, required=True)
+        async with auth.running():
+            header = f"Bearer {key}"
+            for _ in range(100):
+                await auth.authenticate(header)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                await auth.authenticate(header)
+            return (time.perf_counter() - t0) / n * 1e6
+    finally:
+        await store.close()
+
+
+def auth_overhead(
+    args: argparse.Namespace, model_dir: Path, texts: list[str], concurrency: int, seconds: float, rounds: int
+) -> dict[str, Any]:
+    """The same load on a server without authentication and one with `--auth keys`, in alternating rounds (the
+    machine's noise drifts; alternating spreads it over both). Medians of the rounds."""
+    with tempfile.TemporaryDirectory() as off_dir, tempfile.TemporaryDirectory() as on_dir:
+        created = subprocess.run(
+            [*KEYS_CREATE, "--data-dir", on_dir, "--tenant", "bench", "--role", "writer"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        key = json.loads(created.stdout)["key"]
+        metadata: Metadata = (("authorization", f"Bearer {key}"),)
+        off, off_port = start_server(args, model_dir, Path(off_dir))
+        on, on_port = start_server(args, model_dir, Path(on_dir), "--auth", "keys")
+        throughput: dict[str, list[float]] = {"off": [], "on": []}
+        try:
+            arms = [("off", off_port, ()), ("on", on_port, metadata)]
+            for i in range(rounds):
+                for label, port, md in arms if i % 2 == 0 else arms[::-1]:  # neither always goes first
+                    load = asyncio.run(drive(port, texts, concurrency, args.per_request, seconds, md))
+                    throughput[label].append(load["docs_per_s"])
+            calls = asyncio.run(
+                call_costs(
+                    {"off": (off_port, ()), "off_with_header": (off_port, metadata), "on": (on_port, metadata)},
+                    10 if args.quick else 30,
+                    200,
+                )
+            )
+            authenticate_us = asyncio.run(authenticate_cost(Path(on_dir), key, 20_000))
+        finally:
+            for proc in (off, on):
+                proc.terminate()
+                proc.wait(60)
+    docs = {k: statistics.median(v) for k, v in throughput.items()}
+    return {
+        "concurrency": concurrency,
+        "rounds": rounds,
+        "docs_per_s_rounds": throughput,
+        "off": {"docs_per_s": docs["off"], "call_us": calls["off_us"]},
+        "on": {"docs_per_s": docs["on"], "call_us": calls["on_us"]},
+        "throughput_on_vs_off": docs["on"] / docs["off"],
+        "call_overhead_us": calls["overhead_us"],
+        "client_header_us": calls["client_header_us"],
+        "server_auth_us": calls["server_auth_us"],
+        "call_blocks_us": calls["blocks_us"],
+        "authenticate_us": authenticate_us,
+    }
+
+
 def plot(levels: list[dict[str, Any]], raw: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -199,6 +320,7 @@ def main() -> None:
     parser.add_argument("--per-request", type=int, default=32, help="documents per Embed request")
     parser.add_argument("--seconds", type=float, default=None, help="duration of each level")
     parser.add_argument("--server-arg", action="append", default=[], help="extra `embedpool serve` argument")
+    parser.add_argument("--no-auth", action="store_true", help="skip the authentication off/on comparison")
     parser.add_argument(
         "--baseline-site",
         type=Path,
@@ -235,6 +357,9 @@ def main() -> None:
             proc.wait(60)
 
     best = max(results, key=lambda r: r["docs_per_s"])
+    auth = None
+    if not args.no_auth:
+        auth = auth_overhead(args, bundle.root, texts, best["concurrency"], seconds, 4 if args.quick else 6)
     ratios = {
         "service_vs_raw_ort": best["docs_per_s"] / raw["docs_per_s"],
         "service_vs_raw_ort_fp32": best["docs_per_s"] / raw_fp32["docs_per_s"],
@@ -251,6 +376,7 @@ def main() -> None:
         "idle_one_short_text": idle,
         "levels": results,
         "ratios": ratios,
+        "auth": auth,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve.json").write_text(json.dumps(report, indent=2))
@@ -270,6 +396,16 @@ def main() -> None:
             f"{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}"
         )
     print(f"{'idle, one short text':<34}{'':>22}{idle['p50_ms']:>9.2f}{'':>9}{idle['p99_ms']:>9.2f}")
+    if auth is not None:
+        for label in ("off", "on"):
+            name = f"auth {label} c={auth['concurrency']} x{args.per_request}"
+            print(f"{name:<34}{auth[label]['docs_per_s']:>10.1f}   GetModelInfo {auth[label]['call_us']:.0f} us/call")
+        ratios["auth_on_vs_off_throughput"] = auth["throughput_on_vs_off"]
+        print(
+            f"auth: per-call overhead {auth['call_overhead_us']:.1f} us over loopback (median of paired blocks):"
+            f" client sending the header {auth['client_header_us']:.1f} us, server {auth['server_auth_us']:.1f} us;"
+            f" authenticate() itself {auth['authenticate_us']:.1f} us"
+        )
     print("ratios: " + ", ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
     print(f"wrote {args.out / 'serve.json'} and {args.out / 'serve.png'}")
 

@@ -342,3 +342,43 @@ def test_revocation_reaches_a_second_server_within_a_second(
         finally:
             for ch in channels:
                 ch.close()
+
+
+def test_admins_manage_their_own_tenants_keys_over_grpc(
+    keyed: Running, stub: pb_grpc.EmbedderStub, admins: dict[str, str]
+) -> None:
+    alpha = bearer(admins["alpha"])
+    made = stub.CreateKey(pb.CreateKeyRequest(role="reader", docs_per_s=50, note="made over gRPC"), metadata=alpha)
+    assert made.key.startswith(f"ep_{made.info.id}_") and made.info.tenant == "alpha"
+    assert made.info.docs_per_s == 50 and not made.info.HasField("tokens_per_s")
+    assert stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=bearer(made.key)).dim > 0
+    listed = stub.ListKeys(pb.ListKeysRequest(), metadata=alpha)
+    assert made.info.id in {k.id for k in listed.keys} and {k.tenant for k in listed.keys} == {"alpha"}
+    beta_key = stub.CreateKey(pb.CreateKeyRequest(role="reader"), metadata=bearer(admins["beta"]))
+    assert _code(lambda: stub.RevokeKey(pb.RevokeKeyRequest(id=beta_key.info.id), metadata=alpha)) == (
+        grpc.StatusCode.NOT_FOUND
+    )
+    revoked = stub.RevokeKey(pb.RevokeKeyRequest(id=made.info.id), metadata=alpha)
+    assert revoked.revoked_at_unix_ms > 0
+    deadline = time.monotonic() + 1.0
+    while _code(lambda: stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=bearer(made.key))) == (grpc.StatusCode.OK):
+        assert time.monotonic() < deadline, "the key revoked over gRPC still works after 1 s"
+        time.sleep(0.01)
+
+
+def test_only_an_admin_granted_every_collection_manages_keys(keyed: Running, stub: pb_grpc.EmbedderStub) -> None:
+    for key in (
+        make_key(keyed.database_url, "alpha", "writer"),
+        make_key(keyed.database_url, "alpha", "admin", collections="team-*"),  # could grant itself "*"
+    ):
+        for call in (
+            lambda md: stub.CreateKey(pb.CreateKeyRequest(role="admin"), metadata=md),
+            lambda md: stub.ListKeys(pb.ListKeysRequest(), metadata=md),
+            lambda md: stub.RevokeKey(pb.RevokeKeyRequest(id="0123456789ab"), metadata=md),
+        ):
+            assert _code(functools.partial(call, bearer(key))) == grpc.StatusCode.PERMISSION_DENIED
+    bad = stub.CreateKey
+    admin = make_key(keyed.database_url, "alpha", "admin")
+    assert _code(lambda: bad(pb.CreateKeyRequest(role="root"), metadata=bearer(admin))) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )

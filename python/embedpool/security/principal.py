@@ -5,13 +5,14 @@ Transport-free: the gRPC interceptor (server.auth) and every later door ask `aut
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import fnmatch
 from dataclasses import dataclass
 
 from embedpool.errors import PermissionDenied
 
-__all__ = ["ANONYMOUS", "Action", "Principal", "Role", "authorize"]
+__all__ = ["ANONYMOUS", "Action", "Principal", "Role", "acting", "authorize", "current"]
 
 
 class Role(enum.IntEnum):
@@ -82,3 +83,16 @@ def authorize(principal: Principal, action: Action, collection: str = "") -> Non
         )
     if collection and not principal.may_see(collection):
         raise PermissionDenied(f"this key is not granted collection {collection!r}")
+
+
+_current: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal", default=ANONYMOUS)
+
+
+def acting(principal: Principal) -> None:
+    """Sets the running call's principal (server.auth does, once it is verified)."""
+    _current.set(principal)
+
+
+def current() -> Principal:
+    """The running call's principal: what key management acts as."""
+    return _current.get()

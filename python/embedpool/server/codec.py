@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,7 @@ from numpy.typing import NDArray
 
 from embedpool.errors import InvalidArgument
 from embedpool.store import CollectionInfo, CollectionStats, HnswOptions, UpsertResult
+from embedpool.store.keys import KeyRecord
 from embedpool.v1 import embedpool_pb2 as pb
 
 _LE_F32 = np.dtype("<f4")
@@ -91,3 +93,24 @@ def index_options(message: pb.IndexOptions) -> HnswOptions:
         ef_construction=message.ef_construction or defaults.ef_construction,
         halfvec=message.halfvec,
     )
+
+
+def _unix_ms(at: datetime | None) -> int:
+    return 0 if at is None else round(at.timestamp() * 1000)
+
+
+def key_message(record: KeyRecord) -> pb.ApiKey:
+    message = pb.ApiKey(
+        id=record.id,
+        tenant=record.tenant,
+        role=record.role,
+        collections=record.collections,
+        note=record.note,
+        created_at_unix_ms=_unix_ms(record.created_at),
+        revoked_at_unix_ms=_unix_ms(record.revoked_at),
+    )
+    if record.tokens_per_s is not None:
+        message.tokens_per_s = record.tokens_per_s
+    if record.docs_per_s is not None:
+        message.docs_per_s = record.docs_per_s
+    return message

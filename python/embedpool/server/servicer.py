@@ -13,14 +13,17 @@ import numpy as np
 from numpy.typing import NDArray
 
 from embedpool.engine import ServingModel
-from embedpool.errors import InvalidArgument, Overloaded, Unavailable
+from embedpool.errors import InvalidArgument, Overloaded, PermissionDenied, Unavailable
 from embedpool.pool import EmbeddingPool
+from embedpool.security import keyring
+from embedpool.security.principal import current as current_principal
 from embedpool.security.usage import meter
 from embedpool.server import validation
 from embedpool.server.codec import (
     collection_message,
     dict_to_struct,
     index_options,
+    key_message,
     pack_vectors,
     struct_to_dict,
     unpack_vector,
@@ -39,6 +42,15 @@ Context = grpc.aio.ServicerContext[Any, Any]
 def _deadline(context: Context) -> float:
     remaining = context.time_remaining()
     return math.inf if remaining is None else anyio.current_time() + remaining
+
+
+def _key_manager() -> str:
+    """The tenant whose keys the caller may manage: its own, and only with a key granted every collection (one
+    limited to some could otherwise make itself a key for all)."""
+    principal = current_principal()
+    if principal.collections != "*":
+        raise PermissionDenied("managing keys needs an admin key granted every collection (--collections '*')")
+    return principal.tenant
 
 
 def _meter_write(outcome: WriteOutcome) -> None:
@@ -268,6 +280,29 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             pooling=m.pooling,
             normalized=True,
         )
+
+    @rpc
+    async def CreateKey(self, request: pb.CreateKeyRequest, context: Context) -> pb.CreateKeyResponse:
+        tenant = _key_manager()
+        key, record = await keyring.create_key(
+            self._store,
+            tenant=tenant,
+            role=request.role,
+            collections=request.collections or "*",
+            tokens_per_s=request.tokens_per_s if request.HasField("tokens_per_s") else None,
+            docs_per_s=request.docs_per_s if request.HasField("docs_per_s") else None,
+            note=request.note,
+        )
+        return pb.CreateKeyResponse(key=key, info=key_message(record))
+
+    @rpc
+    async def ListKeys(self, request: pb.ListKeysRequest, context: Context) -> pb.ListKeysResponse:
+        records = await keyring.list_keys(self._store, _key_manager())
+        return pb.ListKeysResponse(keys=[key_message(r) for r in records])
+
+    @rpc
+    async def RevokeKey(self, request: pb.RevokeKeyRequest, context: Context) -> pb.ApiKey:
+        return key_message(await keyring.revoke_key(self._store, request.id, _key_manager()))
 
     @property
     def _model_label(self) -> str:

@@ -79,6 +79,21 @@ class EmbedderStub:
                 request_serializer=embedpool_dot_v1_dot_embedpool__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=embedpool_dot_v1_dot_embedpool__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.CreateKey = channel.unary_unary(
+                '/embedpool.v1.Embedder/CreateKey',
+                request_serializer=embedpool_dot_v1_dot_embedpool__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=embedpool_dot_v1_dot_embedpool__pb2.CreateKeyResponse.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/embedpool.v1.Embedder/ListKeys',
+                request_serializer=embedpool_dot_v1_dot_embedpool__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=embedpool_dot_v1_dot_embedpool__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/embedpool.v1.Embedder/RevokeKey',
+                request_serializer=embedpool_dot_v1_dot_embedpool__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=embedpool_dot_v1_dot_embedpool__pb2.ApiKey.FromString,
+                _registered_method=True)
 
 
 class EmbedderServicer:
@@ -151,6 +166,26 @@ class EmbedderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateKey(self, request, context):
+        """API keys of the caller's own tenant (admin role, with a key granted every collection). The key itself is
+        in CreateKey's reply only; the server keeps a hash. A revocation reaches every server within a second.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbedderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +233,21 @@ def add_EmbedderServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=embedpool_dot_v1_dot_embedpool__pb2.GetModelInfoRequest.FromString,
                     response_serializer=embedpool_dot_v1_dot_embedpool__pb2.ModelInfo.SerializeToString,
+            ),
+            'CreateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKey,
+                    request_deserializer=embedpool_dot_v1_dot_embedpool__pb2.CreateKeyRequest.FromString,
+                    response_serializer=embedpool_dot_v1_dot_embedpool__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=embedpool_dot_v1_dot_embedpool__pb2.ListKeysRequest.FromString,
+                    response_serializer=embedpool_dot_v1_dot_embedpool__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=embedpool_dot_v1_dot_embedpool__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=embedpool_dot_v1_dot_embedpool__pb2.ApiKey.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -443,6 +493,87 @@ class Embedder:
             '/embedpool.v1.Embedder/GetModelInfo',
             embedpool_dot_v1_dot_embedpool__pb2.GetModelInfoRequest.SerializeToString,
             embedpool_dot_v1_dot_embedpool__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedpool.v1.Embedder/CreateKey',
+            embedpool_dot_v1_dot_embedpool__pb2.CreateKeyRequest.SerializeToString,
+            embedpool_dot_v1_dot_embedpool__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedpool.v1.Embedder/ListKeys',
+            embedpool_dot_v1_dot_embedpool__pb2.ListKeysRequest.SerializeToString,
+            embedpool_dot_v1_dot_embedpool__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedpool.v1.Embedder/RevokeKey',
+            embedpool_dot_v1_dot_embedpool__pb2.RevokeKeyRequest.SerializeToString,
+            embedpool_dot_v1_dot_embedpool__pb2.ApiKey.FromString,
             options,
             channel_credentials,
             insecure,

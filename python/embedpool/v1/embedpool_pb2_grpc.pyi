@@ -66,6 +66,12 @@ class EmbedderStub:
     """Deletes documents of a collection by id, or those whose metadata contains a filter."""
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.GetModelInfoRequest, _embedpool_pb2.ModelInfo]
     """Describes the model being served."""
+    CreateKey: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.CreateKeyRequest, _embedpool_pb2.CreateKeyResponse]
+    """API keys of the caller's own tenant (admin role, with a key granted every collection). The key itself is
+    in CreateKey's reply only; the server keeps a hash. A revocation reaches every server within a second.
+    """
+    ListKeys: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.ListKeysRequest, _embedpool_pb2.ListKeysResponse]
+    RevokeKey: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.RevokeKeyRequest, _embedpool_pb2.ApiKey]
 
 @_typing.type_check_only
 class EmbedderAsyncStub(EmbedderStub):
@@ -94,6 +100,12 @@ class EmbedderAsyncStub(EmbedderStub):
     """Deletes documents of a collection by id, or those whose metadata contains a filter."""
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.GetModelInfoRequest, _embedpool_pb2.ModelInfo]  # type: ignore[assignment]
     """Describes the model being served."""
+    CreateKey: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.CreateKeyRequest, _embedpool_pb2.CreateKeyResponse]  # type: ignore[assignment]
+    """API keys of the caller's own tenant (admin role, with a key granted every collection). The key itself is
+    in CreateKey's reply only; the server keeps a hash. A revocation reaches every server within a second.
+    """
+    ListKeys: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.ListKeysRequest, _embedpool_pb2.ListKeysResponse]  # type: ignore[assignment]
+    RevokeKey: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.RevokeKeyRequest, _embedpool_pb2.ApiKey]  # type: ignore[assignment]
 
 class EmbedderServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -173,5 +185,29 @@ class EmbedderServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_embedpool_pb2.ModelInfo, _abc.Awaitable[_embedpool_pb2.ModelInfo]]:
         """Describes the model being served."""
+
+    @_abc_1.abstractmethod
+    def CreateKey(
+        self,
+        request: _embedpool_pb2.CreateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedpool_pb2.CreateKeyResponse, _abc.Awaitable[_embedpool_pb2.CreateKeyResponse]]:
+        """API keys of the caller's own tenant (admin role, with a key granted every collection). The key itself is
+        in CreateKey's reply only; the server keeps a hash. A revocation reaches every server within a second.
+        """
+
+    @_abc_1.abstractmethod
+    def ListKeys(
+        self,
+        request: _embedpool_pb2.ListKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedpool_pb2.ListKeysResponse, _abc.Awaitable[_embedpool_pb2.ListKeysResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeKey(
+        self,
+        request: _embedpool_pb2.RevokeKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedpool_pb2.ApiKey, _abc.Awaitable[_embedpool_pb2.ApiKey]]: ...
 
 def add_EmbedderServicer_to_server(servicer: EmbedderServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
