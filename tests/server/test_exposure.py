@@ -66,7 +66,7 @@ def test_insecure_is_a_flag() -> None:
 def test_tls_protects_every_listener_and_keys_protect_grpc(caplog: pytest.LogCaptureFixture) -> None:
     exposed = dataclasses.replace(Settings(), host="0.0.0.0", metrics_host="0.0.0.0")
     check_exposure(dataclasses.replace(exposed, tls_cert="c.pem", tls_key="k.pem"))
-    with pytest.raises(StartupError, match="refusing to serve /metrics on 0.0.0.0"):  # /metrics has no keys
+    with pytest.raises(StartupError, match=r"refusing to serve /metrics on 0\.0\.0\.0"):  # /metrics has no keys
         check_exposure(dataclasses.replace(exposed, auth="keys"))
     with caplog.at_level(logging.WARNING, logger="embedpool.server"):
         check_exposure(dataclasses.replace(Settings(), host="0.0.0.0", auth="keys"))
