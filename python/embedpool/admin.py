@@ -6,6 +6,7 @@ made before any key exists, and an audit can be verified without the server."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +20,7 @@ from embedpool import config
 from embedpool.errors import StartupError, Unavailable, one_line
 from embedpool.security import audit, keyring
 from embedpool.store import Store
+from embedpool.store import usage as usage_rows
 from embedpool.store.embedded import EmbeddedPostgres, running_uri
 from embedpool.store.keys import KeyRecord
 
@@ -109,25 +111,8 @@ async def _audit_verify(store: Store, args: argparse.Namespace) -> int:
 
 async def _usage(store: Store, args: argparse.Namespace) -> int:
     async with store.connection() as conn:
-        cur = await conn.execute(
-            "SELECT tenant, hour, requests, tokens, documents, searches, bytes_out FROM tenant_usage"
-            " WHERE %(tenant)s::text IS NULL OR tenant = %(tenant)s ORDER BY hour, tenant",
-            {"tenant": args.tenant},
-        )
-        for tenant, hour, requests, tokens, documents, searches, bytes_out in await cur.fetchall():
-            print(
-                json.dumps(
-                    {
-                        "tenant": tenant,
-                        "hour": hour.isoformat(),
-                        "requests": requests,
-                        "tokens": tokens,
-                        "documents": documents,
-                        "searches": searches,
-                        "bytes_out": bytes_out,
-                    }
-                )
-            )
+        for row in await usage_rows.rows(conn, args.tenant):
+            print(json.dumps({**dataclasses.asdict(row), "hour": row.hour.isoformat()}))
     return 0
 
 

@@ -35,6 +35,9 @@ def test_a_collection_grant_is_a_glob() -> None:
     authorize(principal, Action.EMBED)  # no collection, nothing to grant
     with pytest.raises(PermissionDenied, match="not granted"):
         authorize(principal, Action.READ, "other")
+    with pytest.raises(PermissionDenied, match="granted every collection"):  # or it could grant itself "*"
+        authorize(principal, Action.MANAGE_KEYS)
+    authorize(Principal(tenant="t", role=Role.ADMIN), Action.MANAGE_KEYS)
 
 
 @given(tenants, names)

@@ -88,12 +88,12 @@ class Authenticator:
         generation = self._cache.generation
         async with self._store.connection() as conn:
             record = await key_rows.lookup(conn, key_id)
-        entry = None if record is None else _entry(record)
+        entry = None if record is None else _entry_of(record)
         self._cache.put(key_id, entry, generation)
         return entry
 
 
-def _entry(record: key_rows.KeyRecord) -> _Entry:
+def _entry_of(record: key_rows.KeyRecord) -> _Entry:
     principal = Principal(
         tenant=record.tenant,
         role=Role.parse(record.role),

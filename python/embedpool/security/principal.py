@@ -9,10 +9,14 @@ import contextvars
 import enum
 import fnmatch
 from dataclasses import dataclass
+from typing import Final
 
 from embedpool.errors import PermissionDenied
 
-__all__ = ["ANONYMOUS", "Action", "Principal", "Role", "acting", "authorize", "current"]
+__all__ = ["ANONYMOUS", "DEFAULT_TENANT", "Action", "Principal", "Role", "acting", "authorize", "current"]
+
+DEFAULT_TENANT: Final = "default"
+"""The tenant of callers without keys, whose namespace holds the collections made before keys existed."""
 
 
 class Role(enum.IntEnum):
@@ -40,7 +44,8 @@ class Action(enum.Enum):
     EMBED = "embed"  # vectors only, no collection
     READ = "read"  # Search, GetCollection, ListCollections, model info
     WRITE = "write"  # Embed into a collection, Ingest, DeleteDocuments
-    ADMIN = "administer"  # CreateCollection, DropCollection, key management
+    ADMIN = "administer"  # CreateCollection, DropCollection
+    MANAGE_KEYS = "manage keys"  # CreateKey, ListKeys, RevokeKey: only with a grant of every collection
 
     @property
     def role(self) -> Role:
@@ -53,6 +58,7 @@ _LEAST_ROLE: dict[Action, Role] = {
     Action.READ: Role.READER,
     Action.WRITE: Role.WRITER,
     Action.ADMIN: Role.ADMIN,
+    Action.MANAGE_KEYS: Role.ADMIN,
 }
 
 
@@ -71,7 +77,7 @@ class Principal:
         return self.collections == "*" or fnmatch.fnmatchcase(collection, self.collections)
 
 
-ANONYMOUS = Principal(tenant="default", role=Role.ADMIN)
+ANONYMOUS = Principal(tenant=DEFAULT_TENANT, role=Role.ADMIN)
 """The caller when authentication is off: the default tenant's admin, as the service behaved before keys."""
 
 
@@ -81,6 +87,9 @@ def authorize(principal: Principal, action: Action, collection: str = "") -> Non
         raise PermissionDenied(
             f"this key's role ({principal.role.label}) may not {action.value}; it needs {action.role.label}"
         )
+    if action is Action.MANAGE_KEYS and principal.collections != "*":
+        # A key limited to some collections could otherwise make itself a key for all of them.
+        raise PermissionDenied("managing keys needs an admin key granted every collection (--collections '*')")
     if collection and not principal.may_see(collection):
         raise PermissionDenied(f"this key is not granted collection {collection!r}")
 

@@ -7,18 +7,16 @@ name another's collection: to it, another tenant's collection does not exist (NO
 
 from __future__ import annotations
 
-import contextvars
 import re
 from typing import Final
 
 from embedpool.errors import InvalidArgument
+from embedpool.security.principal import DEFAULT_TENANT, current
 
-__all__ = ["DEFAULT_TENANT", "TENANT_NAME", "acting_as", "caller_view", "check_tenant", "qualify", "unqualify"]
+__all__ = ["DEFAULT_TENANT", "TENANT_NAME", "caller_view", "check_tenant", "qualify", "unqualify"]
 
-DEFAULT_TENANT: Final = "default"
 TENANT_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _SEPARATOR: Final = "/"
-_acting: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default=DEFAULT_TENANT)
 
 
 def check_tenant(tenant: str) -> str:
@@ -42,12 +40,7 @@ def unqualify(tenant: str, stored: str) -> str | None:
     return stored[len(prefix) :] if stored.startswith(prefix) else None
 
 
-def acting_as(tenant: str) -> contextvars.Token[str]:
-    """Sets the tenant of the running call, whose names `caller_view` writes messages in."""
-    return _acting.set(tenant)
-
-
 def caller_view(message: str) -> str:
     """`message` with the running call's collections named as its tenant knows them (names are quoted)."""
-    tenant = _acting.get()
+    tenant = current().tenant
     return message if tenant == DEFAULT_TENANT else message.replace(f"'{tenant}{_SEPARATOR}", "'")

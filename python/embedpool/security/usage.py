@@ -14,6 +14,7 @@ import anyio
 from embedpool import metrics
 from embedpool.errors import EmbedpoolError
 from embedpool.store import Store
+from embedpool.store import usage as usage_rows
 
 __all__ = ["Usage", "UsageBook", "meter", "metering"]
 
@@ -80,18 +81,10 @@ class UsageBook:
         pending, self._pending = self._pending, {}
         if not pending or self._store is None:
             return
-        # In tenant order, so two servers flushing the same tenants cannot deadlock.
-        rows = [(t, u.requests, u.tokens, u.documents, u.searches, u.bytes_out) for t, u in sorted(pending.items())]
+        counts = [(t, u.requests, u.tokens, u.documents, u.searches, u.bytes_out) for t, u in pending.items()]
         try:
-            async with self._store.connection() as conn, conn.cursor() as cur:
-                await cur.executemany(
-                    "INSERT INTO tenant_usage AS u (tenant, hour, requests, tokens, documents, searches, bytes_out)"
-                    " VALUES (%s, date_trunc('hour', now()), %s, %s, %s, %s, %s)"
-                    " ON CONFLICT (tenant, hour) DO UPDATE SET requests = u.requests + excluded.requests,"
-                    " tokens = u.tokens + excluded.tokens, documents = u.documents + excluded.documents,"
-                    " searches = u.searches + excluded.searches, bytes_out = u.bytes_out + excluded.bytes_out",
-                    rows,
-                )
+            async with self._store.connection() as conn:
+                await usage_rows.add(conn, counts)
         except EmbedpoolError as e:
             _log.warning("could not record usage (kept for the next try): %s", e)
             for tenant, usage in pending.items():

@@ -27,7 +27,7 @@ from embedpool.security.audit import AuditEvent, Auditor
 from embedpool.security.authenticator import Authenticator, parse_bearer
 from embedpool.security.principal import Action, Principal, acting, authorize
 from embedpool.security.quota import Quotas
-from embedpool.security.tenancy import acting_as, qualify, unqualify
+from embedpool.security.tenancy import qualify, unqualify
 from embedpool.security.usage import Usage, UsageBook, metering
 from embedpool.server import validation
 from embedpool.server.decoding import Malformed
@@ -84,9 +84,9 @@ RULES: Final[dict[str, Rule]] = {
     "CreateCollection": Rule(_fixed(Action.ADMIN), "name", _always, _none),
     "DropCollection": Rule(_fixed(Action.ADMIN), "name", _always, _none),
     "DeleteDocuments": Rule(_fixed(Action.WRITE), "collection", _always, _none),
-    "CreateKey": Rule(_fixed(Action.ADMIN), "", _always, _none),
-    "ListKeys": Rule(_fixed(Action.ADMIN), "", _never, _none),
-    "RevokeKey": Rule(_fixed(Action.ADMIN), "", _always, _none),
+    "CreateKey": Rule(_fixed(Action.MANAGE_KEYS), "", _always, _none),
+    "ListKeys": Rule(_fixed(Action.MANAGE_KEYS), "", _never, _none),
+    "RevokeKey": Rule(_fixed(Action.MANAGE_KEYS), "", _always, _none),
 }
 """Every Embedder method, with what it does (a test checks that none is missing)."""
 
@@ -218,8 +218,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic in
             await abort(context, e, rid)
         except EmbedpoolError as e:  # the key store is unreachable: UNAVAILABLE, retryable
             await abort(context, e, rid)
-        acting(principal)
-        acting_as(principal.tenant)
+        acting(principal)  # for key management and for messages naming collections as the caller does
         usage = Usage(requests=1)
         metering(usage)
         return _Call(rid, name, context.peer(), principal, usage)

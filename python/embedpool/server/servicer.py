@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from embedpool.engine import ServingModel
-from embedpool.errors import InvalidArgument, Overloaded, PermissionDenied, Unavailable
+from embedpool.errors import InvalidArgument, Overloaded, Unavailable
 from embedpool.pool import EmbeddingPool
 from embedpool.security import keyring
 from embedpool.security.principal import current as current_principal
@@ -44,13 +44,9 @@ def _deadline(context: Context) -> float:
     return math.inf if remaining is None else anyio.current_time() + remaining
 
 
-def _key_manager() -> str:
-    """The tenant whose keys the caller may manage: its own, and only with a key granted every collection (one
-    limited to some could otherwise make itself a key for all)."""
-    principal = current_principal()
-    if principal.collections != "*":
-        raise PermissionDenied("managing keys needs an admin key granted every collection (--collections '*')")
-    return principal.tenant
+def _own_tenant() -> str:
+    """Keys are managed within the caller's tenant (server.auth has checked that it may: Action.MANAGE_KEYS)."""
+    return current_principal().tenant
 
 
 def _meter_write(outcome: WriteOutcome) -> None:
@@ -283,7 +279,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
 
     @rpc
     async def CreateKey(self, request: pb.CreateKeyRequest, context: Context) -> pb.CreateKeyResponse:
-        tenant = _key_manager()
+        tenant = _own_tenant()
         key, record = await keyring.create_key(
             self._store,
             tenant=tenant,
@@ -297,12 +293,12 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
 
     @rpc
     async def ListKeys(self, request: pb.ListKeysRequest, context: Context) -> pb.ListKeysResponse:
-        records = await keyring.list_keys(self._store, _key_manager())
+        records = await keyring.list_keys(self._store, _own_tenant())
         return pb.ListKeysResponse(keys=[key_message(r) for r in records])
 
     @rpc
     async def RevokeKey(self, request: pb.RevokeKeyRequest, context: Context) -> pb.ApiKey:
-        return key_message(await keyring.revoke_key(self._store, request.id, _key_manager()))
+        return key_message(await keyring.revoke_key(self._store, request.id, _own_tenant()))
 
     @property
     def _model_label(self) -> str:
