@@ -382,3 +382,15 @@ def test_only_an_admin_granted_every_collection_manages_keys(keyed: Running, stu
     assert _code(lambda: bad(pb.CreateKeyRequest(role="root"), metadata=bearer(admin))) == (
         grpc.StatusCode.INVALID_ARGUMENT
     )
+
+
+def test_key_management_input_postgres_cannot_hold_is_invalid(keyed: Running, stub: pb_grpc.EmbedderStub) -> None:
+    """Found by the chaos fuzzer once it covered every method: a NUL reached Postgres and came back INTERNAL."""
+    admin = bearer(make_key(keyed.database_url, "alpha", "admin"))
+    for call in (
+        lambda: stub.RevokeKey(pb.RevokeKeyRequest(id="0123456789a\x00"), metadata=admin),
+        lambda: stub.RevokeKey(pb.RevokeKeyRequest(id="not a key id"), metadata=admin),
+        lambda: stub.CreateKey(pb.CreateKeyRequest(role="reader", note="a\x00b"), metadata=admin),
+        lambda: stub.CreateKey(pb.CreateKeyRequest(role="reader", collections="a\x00*"), metadata=admin),
+    ):
+        assert _code(call) == grpc.StatusCode.INVALID_ARGUMENT

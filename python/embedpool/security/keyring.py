@@ -39,8 +39,10 @@ async def create_key(
         role = Role.parse(role).label
     except ValueError as e:
         raise InvalidArgument(str(e)) from None
-    if not collections or len(collections) > _MAX_GLOB_CHARS or "/" in collections:
+    if not collections or len(collections) > _MAX_GLOB_CHARS or "/" in collections or "\x00" in collections:
         raise InvalidArgument(f"collections: a glob of 1-{_MAX_GLOB_CHARS} characters without '/', got {collections!r}")
+    if "\x00" in note:  # Postgres text cannot hold NUL
+        raise InvalidArgument("note: must not contain NUL characters")
     text, parsed = keys.generate()
     async with store.connection() as conn:
         record = await key_rows.insert(
@@ -65,5 +67,7 @@ async def list_keys(store: Store, tenant: str | None = None) -> list[KeyRecord]:
 async def revoke_key(store: Store, key_id: str, tenant: str | None = None) -> KeyRecord:
     """Revoked at once on every server sharing the database (each drops the key from its cache on the
     notification); NotFound for an unknown id (or another tenant's, when `tenant` is given)."""
+    if not keys.is_key_id(key_id):
+        raise InvalidArgument(f"id: {key_id[:40]!r} is not a key id (12 hex digits, as `keys list` shows)")
     async with store.connection() as conn:
         return await key_rows.revoke(conn, key_id, tenant)

@@ -10,10 +10,11 @@ import secrets
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["ParsedKey", "generate", "matches", "parse", "secret_hash"]
+__all__ = ["ParsedKey", "generate", "is_key_id", "matches", "parse", "secret_hash"]
 
 _PREFIX: Final = "ep_"
-_FORMAT: Final = re.compile(r"ep_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
+_ID: Final = "[0-9a-f]{12}"
+_FORMAT: Final = re.compile(rf"ep_({_ID})_([A-Za-z0-9_-]{{43}})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,10 @@ def generate() -> tuple[str, ParsedKey]:
 def parse(text: str) -> ParsedKey | None:
     match = _FORMAT.fullmatch(text)
     return ParsedKey(match[1], match[2]) if match else None
+
+
+def is_key_id(text: str) -> bool:
+    return re.fullmatch(_ID, text) is not None
 
 
 def secret_hash(secret: str) -> bytes:
