@@ -19,6 +19,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -29,6 +30,26 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _VectorEncoding:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VectorEncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VectorEncoding.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VECTOR_ENCODING_FLOAT32: _VectorEncoding.ValueType  # 0
+    """Little-endian float32, 4 bytes a component (the default)."""
+    VECTOR_ENCODING_FLOAT16: _VectorEncoding.ValueType  # 1
+    """Little-endian IEEE float16, 2 bytes a component: half the bandwidth, within 1e-3 of float32."""
+
+class VectorEncoding(_VectorEncoding, metaclass=_VectorEncodingEnumTypeWrapper):
+    """How vectors are packed into bytes."""
+
+VECTOR_ENCODING_FLOAT32: VectorEncoding.ValueType  # 0
+"""Little-endian float32, 4 bytes a component (the default)."""
+VECTOR_ENCODING_FLOAT16: VectorEncoding.ValueType  # 1
+"""Little-endian IEEE float16, 2 bytes a component: half the bandwidth, within 1e-3 of float32."""
+Global___VectorEncoding: _TypeAlias = VectorEncoding  # noqa: Y015
 
 @_typing.final
 class Document(_message.Message):
@@ -72,6 +93,8 @@ class EmbedRequest(_message.Message):
     COLLECTION_FIELD_NUMBER: _builtins.int
     TRUNCATE_FIELD_NUMBER: _builtins.int
     SKIP_VECTORS_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     """When set, the documents are upserted into this collection (which must exist)."""
     truncate: _builtins.bool
@@ -80,6 +103,12 @@ class EmbedRequest(_message.Message):
     """
     skip_vectors: _builtins.bool
     """When true, the vectors are not returned (saves bandwidth for pure ingestion)."""
+    dimensions: _builtins.int
+    """Matryoshka: return the first `dimensions` components, normalised again. Only for models trained for it
+    (ModelInfo.dimensions lists the sizes); INVALID_ARGUMENT otherwise, or together with a collection.
+    """
+    encoding: Global___VectorEncoding.ValueType
+    """How returned vectors are packed."""
     @_builtins.property
     def documents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Document]:
         """1..max_batch_documents documents (server setting, default 1024)."""
@@ -91,13 +120,20 @@ class EmbedRequest(_message.Message):
         collection: _builtins.str = ...,
         truncate: _builtins.bool | None = ...,
         skip_vectors: _builtins.bool = ...,
+        dimensions: _builtins.int | None = ...,
+        encoding: Global___VectorEncoding.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_truncate", b"_truncate", "truncate", b"truncate"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_truncate", b"_truncate", "dimensions", b"dimensions", "truncate", b"truncate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncate", b"_truncate", "collection", b"collection", "documents", b"documents", "skip_vectors", b"skip_vectors", "truncate", b"truncate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_truncate", b"_truncate", "collection", b"collection", "dimensions", b"dimensions", "documents", b"documents", "encoding", b"encoding", "skip_vectors", b"skip_vectors", "truncate", b"truncate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
+    _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015
     _WhichOneofReturnType__truncate: _TypeAlias = _typing.Literal["truncate"]  # noqa: Y015
     _WhichOneofArgType__truncate: _TypeAlias = _typing.Literal["_truncate", b"_truncate"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dimensions) -> _WhichOneofReturnType__dimensions | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__truncate) -> _WhichOneofReturnType__truncate | None: ...
 
 Global___EmbedRequest: _TypeAlias = EmbedRequest  # noqa: Y015
@@ -113,10 +149,13 @@ class EmbedResponse(_message.Message):
     UPSERT_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
     dim: _builtins.int
     """Dimension of every vector."""
     model: _builtins.str
     """Name of the model variant that produced the vectors (e.g. "all-MiniLM-L6-v2/fp32_opt")."""
+    encoding: Global___VectorEncoding.ValueType
+    """How `vectors` are packed (as requested)."""
     @_builtins.property
     def vectors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """One packed little-endian float32 vector per document, in request order (empty when skip_vectors)."""
@@ -147,10 +186,11 @@ class EmbedResponse(_message.Message):
         upsert: Global___UpsertStats | None = ...,
         model: _builtins.str = ...,
         rejected: _abc.Iterable[Global___RejectedDocument] | None = ...,
+        encoding: Global___VectorEncoding.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["upsert", b"upsert"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dim", b"dim", "ids", b"ids", "model", b"model", "rejected", b"rejected", "token_counts", b"token_counts", "upsert", b"upsert", "vectors", b"vectors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dim", b"dim", "encoding", b"encoding", "ids", b"ids", "model", b"model", "rejected", b"rejected", "token_counts", b"token_counts", "upsert", b"upsert", "vectors", b"vectors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -301,6 +341,7 @@ class SearchRequest(_message.Message):
     CANDIDATES_FIELD_NUMBER: _builtins.int
     MIN_SCORE_FIELD_NUMBER: _builtins.int
     INCLUDE_VECTORS_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     text: _builtins.str
     """Query text, embedded by the serving model."""
@@ -316,6 +357,8 @@ class SearchRequest(_message.Message):
     """When set, hits with cosine similarity below this are dropped."""
     include_vectors: _builtins.bool
     """When true, each hit carries its stored vector."""
+    encoding: Global___VectorEncoding.ValueType
+    """How returned vectors are packed."""
     @_builtins.property
     def filter(self) -> _struct_pb2.Struct:
         """Only documents whose metadata contains this JSON object (jsonb @>) are returned."""
@@ -331,10 +374,11 @@ class SearchRequest(_message.Message):
         candidates: _builtins.int = ...,
         min_score: _builtins.float | None = ...,
         include_vectors: _builtins.bool = ...,
+        encoding: Global___VectorEncoding.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "filter", b"filter", "min_score", b"min_score", "query", b"query", "text", b"text", "vector", b"vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "candidates", b"candidates", "collection", b"collection", "filter", b"filter", "include_vectors", b"include_vectors", "k", b"k", "min_score", b"min_score", "query", b"query", "text", b"text", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "candidates", b"candidates", "collection", b"collection", "encoding", b"encoding", "filter", b"filter", "include_vectors", b"include_vectors", "k", b"k", "min_score", b"min_score", "query", b"query", "text", b"text", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__min_score: _TypeAlias = _typing.Literal["min_score"]  # noqa: Y015
     _WhichOneofArgType__min_score: _TypeAlias = _typing.Literal["_min_score", b"_min_score"]  # noqa: Y015
@@ -361,7 +405,7 @@ class SearchHit(_message.Message):
     """Cosine similarity in [-1, 1], exact (reranked against the stored full-precision vector)."""
     text: _builtins.str
     vector: _builtins.bytes
-    """Packed little-endian float32, only when include_vectors."""
+    """Packed as SearchRequest.encoding asks, only when include_vectors."""
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct: ...
     def __init__(
@@ -679,6 +723,7 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     POOLING_FIELD_NUMBER: _builtins.int
     NORMALIZED_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Model name, e.g. "all-MiniLM-L6-v2"."""
     dim: _builtins.int
@@ -691,6 +736,10 @@ class ModelInfo(_message.Message):
     pooling: _builtins.str
     """Pooling inside the graph ("mean") and whether vectors are L2-normalised (always true)."""
     normalized: _builtins.bool
+    @_builtins.property
+    def dimensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Smaller sizes the model was trained to be truncated to (Matryoshka), for EmbedRequest.dimensions."""
+
     def __init__(
         self,
         *,
@@ -701,10 +750,11 @@ class ModelInfo(_message.Message):
         device: _builtins.str = ...,
         pooling: _builtins.str = ...,
         normalized: _builtins.bool = ...,
+        dimensions: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dim", b"dim", "max_tokens", b"max_tokens", "name", b"name", "normalized", b"normalized", "pooling", b"pooling", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dim", b"dim", "dimensions", b"dimensions", "max_tokens", b"max_tokens", "name", b"name", "normalized", b"normalized", "pooling", b"pooling", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
