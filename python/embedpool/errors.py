@@ -1,4 +1,4 @@
-"""Domain errors. Every layer raises these; server/errors.py maps each class to one gRPC status.
+"""Domain errors. Every layer raises these; embedpool.status maps each class to its gRPC and HTTP status.
 
 Subclass the stdlib exception whose meaning matches, so code that does not know embedpool still
 handles them sensibly.

@@ -31,7 +31,7 @@ from embedpool.security.tenancy import qualify, unqualify
 from embedpool.security.usage import Usage, UsageBook, metering
 from embedpool.server import validation
 from embedpool.server.decoding import Malformed
-from embedpool.server.errors import status_for
+from embedpool.status import grpc_status as status_for
 from embedpool.server.rpc import abort, incoming_request_id
 from embedpool.v1 import embedpool_pb2 as pb
 

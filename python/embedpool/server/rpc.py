@@ -21,7 +21,7 @@ from embedpool.errors import EmbedpoolError, InvalidArgument, Overloaded
 from embedpool.logs import request_id
 from embedpool.security.tenancy import caller_view
 from embedpool.server.decoding import Malformed
-from embedpool.server.errors import status_for
+from embedpool.status import grpc_status as status_for
 
 log = logging.getLogger("embedpool.rpc")
 

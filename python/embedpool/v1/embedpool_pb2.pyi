@@ -724,6 +724,7 @@ class ModelInfo(_message.Message):
     POOLING_FIELD_NUMBER: _builtins.int
     NORMALIZED_FIELD_NUMBER: _builtins.int
     DIMENSIONS_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Model name, e.g. "all-MiniLM-L6-v2"."""
     dim: _builtins.int
@@ -740,6 +741,10 @@ class ModelInfo(_message.Message):
     def dimensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Smaller sizes the model was trained to be truncated to (Matryoshka), for EmbedRequest.dimensions."""
 
+    @_builtins.property
+    def limits(self) -> Global___ServerLimits:
+        """This server's request limits, so clients can split large inputs into calls it accepts."""
+
     def __init__(
         self,
         *,
@@ -751,14 +756,47 @@ class ModelInfo(_message.Message):
         pooling: _builtins.str = ...,
         normalized: _builtins.bool = ...,
         dimensions: _abc.Iterable[_builtins.int] | None = ...,
+        limits: Global___ServerLimits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dim", b"dim", "dimensions", b"dimensions", "max_tokens", b"max_tokens", "name", b"name", "normalized", b"normalized", "pooling", b"pooling", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dim", b"dim", "dimensions", b"dimensions", "limits", b"limits", "max_tokens", b"max_tokens", "name", b"name", "normalized", b"normalized", "pooling", b"pooling", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class ServerLimits(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_REQUEST_DOCUMENTS_FIELD_NUMBER: _builtins.int
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_SEARCH_K_FIELD_NUMBER: _builtins.int
+    MAX_DELETE_IDS_FIELD_NUMBER: _builtins.int
+    max_request_documents: _builtins.int
+    """Documents per Embed request or Ingest batch."""
+    max_request_bytes: _builtins.int
+    """Serialized bytes per request (or Ingest batch)."""
+    max_search_k: _builtins.int
+    """Largest Search k."""
+    max_delete_ids: _builtins.int
+    """Ids per DeleteDocuments request."""
+    def __init__(
+        self,
+        *,
+        max_request_documents: _builtins.int = ...,
+        max_request_bytes: _builtins.int = ...,
+        max_search_k: _builtins.int = ...,
+        max_delete_ids: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_delete_ids", b"max_delete_ids", "max_request_bytes", b"max_request_bytes", "max_request_documents", b"max_request_documents", "max_search_k", b"max_search_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerLimits: _TypeAlias = ServerLimits  # noqa: Y015
 
 @_typing.final
 class ApiKey(_message.Message):
