@@ -31,8 +31,8 @@ from embedpool.security.tenancy import qualify, unqualify
 from embedpool.security.usage import Usage, UsageBook, metering
 from embedpool.server import validation
 from embedpool.server.decoding import Malformed
-from embedpool.status import grpc_status as status_for
 from embedpool.server.rpc import abort, incoming_request_id
+from embedpool.status import grpc_status as status_for
 from embedpool.v1 import embedpool_pb2 as pb
 
 __all__ = ["RULES", "Guard"]
