@@ -7,9 +7,9 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from embedpool import engine as engine_module
 from embedpool.config import Settings
 from embedpool.engine import cpu_has_vnni, load_engine, pick_device, serving_variant
+from embedpool.model import device as device_module
 from embedpool.model import load_model_dir
 
 
@@ -39,6 +39,6 @@ def test_auto_device_needs_the_cuda_provider_and_a_gpu(
     monkeypatch: pytest.MonkeyPatch, providers: list[str], gpu: bool, device: str
 ) -> None:
     monkeypatch.setattr(ort, "get_available_providers", lambda: providers)
-    monkeypatch.setattr(engine_module, "_has_nvidia_gpu", lambda: gpu)
+    monkeypatch.setattr(device_module, "_has_nvidia_gpu", lambda: gpu)
     assert pick_device("auto") == device
     assert (pick_device("cpu"), pick_device("cuda")) == ("cpu", "cuda")  # asked for: no second-guessing
