@@ -39,6 +39,16 @@ def test_a_request_the_admission_budget_cannot_hold_is_refused_at_start() -> Non
         config.load(None, {"EMBEDPOOL_MAX_CONCURRENT_CHARS": "1000", "EMBEDPOOL_MAX_REQUEST_BYTES": "1001"})
 
 
+def test_matryoshka_dims_are_comma_separated_ints() -> None:
+    assert config.Settings().matryoshka_dims == ()
+    assert config.load(_parse(["--matryoshka-dims", "128,256,64"]), {}).matryoshka_dims == (256, 128, 64)
+    assert config.load(None, {"EMBEDPOOL_MATRYOSHKA_DIMS": " 64, 128 ,64"}).matryoshka_dims == (128, 64)
+    with pytest.raises(InvalidArgument, match=r"EMBEDPOOL_MATRYOSHKA_DIMS: .* comma-separated ints"):
+        config.load(_parse(["--matryoshka-dims", "256;128"]), {})
+    with pytest.raises(InvalidArgument, match="matryoshka_dims must each be >= 1"):
+        config.load(None, {"EMBEDPOOL_MATRYOSHKA_DIMS": "128,0"})
+
+
 def test_device_defaults_are_filled() -> None:
     cpu = config.Settings().resolved(cuda=False, cores=2)
     gpu = config.Settings().resolved(cuda=True, cores=16)

@@ -9,6 +9,7 @@ import pytest
 
 from embedpool.config import Settings
 from embedpool.engine import cpu_has_vnni, load_engine, pick_device, serving_variant
+from embedpool.errors import StartupError
 from embedpool.model import device as device_module
 from embedpool.model import load_model_dir
 
@@ -21,10 +22,17 @@ def test_auto_variant_follows_the_device(model_dir: Path) -> None:
 
 
 def test_engine_reports_the_variant_it_serves(model_dir: Path) -> None:
-    engine = load_engine(Settings(model=str(model_dir)))
+    engine = load_engine(Settings(model=str(model_dir), matryoshka_dims=(256, 128)))
     assert engine.model.device == "cpu"
     assert engine.model.variant == ("int8" if cpu_has_vnni() else "fp32_opt")
     assert engine.settings.max_batch_tokens == 8192 and engine.pad_multiple == 16
+    assert (engine.model.dim, engine.model.dimensions) == (384, (256, 128))
+
+
+@pytest.mark.parametrize("dims", [(384,), (512, 128)])
+def test_matryoshka_sizes_must_be_below_the_model_dimension(model_dir: Path, dims: tuple[int, ...]) -> None:
+    with pytest.raises(StartupError, match=r"^matryoshka_dims: .*dimension 384"):
+        load_engine(Settings(model=str(model_dir), matryoshka_dims=dims))
 
 
 @pytest.mark.parametrize(

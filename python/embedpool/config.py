@@ -54,6 +54,11 @@ class Settings:
         "model variant (auto: fused fp16 on cuda; on cpu int8 with VNNI, else fused fp32)",
         choices=("auto", "fp32", "fp32_opt", "fp16", "int8"),
     )
+    matryoshka_dims: tuple[int, ...] = _setting(
+        (),
+        "sizes the model was trained to be truncated to (Matryoshka); EmbedRequest.dimensions / the HTTP"
+        " `dimensions` accept only these",
+    )
     sessions_per_device: int = _setting(1, "ONNX Runtime sessions (one feeder thread each)")
     intra_op_threads: int = _setting(0, "ONNX Runtime threads per session (0: derived from cores)")
     tokenizer_threads: int = _setting(0, "threads tokenizing concurrently (0: derived from cores)")
@@ -122,6 +127,9 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)}")
+        # Each below the model's dimension too, which only the loaded model knows (checked by the engine).
+        if any(d < 1 for d in self.matryoshka_dims):
+            raise InvalidArgument(f"matryoshka_dims must each be >= 1, got {self.matryoshka_dims}")
         if not 1 <= self.max_search_k <= 100_000:
             raise InvalidArgument(f"max_search_k must be in 1..100000, got {self.max_search_k}")
         # A request the admission budget cannot hold would be refused (or, streaming, wait) forever.
@@ -147,9 +155,18 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     try:
         if kind is bool:
             return raw.lower() in ("1", "true", "yes", "on")
+        if kind is tuple:  # comma-separated ints, kept largest first and once each
+            return tuple(sorted({int(item) for item in raw.split(",") if item.strip()}, reverse=True))
         return kind(raw)
     except ValueError as exc:
-        raise InvalidArgument(f"{ENV_PREFIX}{f.name.upper()}: cannot parse {raw!r} as {kind.__name__}") from exc
+        what = "comma-separated ints" if kind is tuple else kind.__name__
+        raise InvalidArgument(f"{ENV_PREFIX}{f.name.upper()}: cannot parse {raw!r} as {what}") from exc
+
+
+def _shown_default(default: Any) -> str:
+    if default in ("", ()):
+        return "(empty)"
+    return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -157,7 +174,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(Settings):
         env = ENV_PREFIX + f.name.upper()
         flag = "--" + f.name.replace("_", "-")
-        help = f"{f.metadata['help']} [env {env}, default {f.default}]"
+        help = f"{f.metadata['help']} [env {env}, default {_shown_default(f.default)}]"
         if isinstance(f.default, bool):  # `--insecure` alone means true; `--insecure false` is accepted too
             parser.add_argument(flag, dest=f.name, default=None, nargs="?", const="true", help=help)
             continue
@@ -180,7 +197,7 @@ def settings_table() -> str:
     """Markdown table of every setting, for the README (kept honest by a test)."""
     rows = ["| CLI flag | env var | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(Settings):
-        default = "~/.local/share/embedpool" if f.name == "data_dir" else (f.default if f.default != "" else "(empty)")
+        default = "~/.local/share/embedpool" if f.name == "data_dir" else _shown_default(f.default)
         flag = "--" + f.name.replace("_", "-")
         rows.append(f"| `{flag}` | `{ENV_PREFIX}{f.name.upper()}` | `{default}` | {f.metadata['help']} |")
     return "\n".join(rows)

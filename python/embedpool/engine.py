@@ -13,6 +13,7 @@ from pathlib import Path
 
 from embedpool import _native
 from embedpool.config import Settings
+from embedpool.errors import StartupError
 from embedpool.model import EmbeddingSession, ModelBundle, default_checkpoint, load_model_dir
 from embedpool.model.device import cpu_has_vnni, pick_device
 from embedpool.model.variant_policy import serving_variant
@@ -46,6 +47,7 @@ class ServingModel:
     variant: str
     device: str
     pooling: str
+    dimensions: tuple[int, ...] = ()  # Matryoshka sizes the model may be truncated to, besides `dim`
 
 
 @dataclass(frozen=True)
@@ -67,11 +69,23 @@ def prepare(settings: Settings) -> ModelBundle:
     return load_model_dir(model_source(settings), cache_root=settings.data_dir / "models")
 
 
+def matryoshka_dims(settings: Settings, dim: int) -> tuple[int, ...]:
+    """The configured truncation sizes, each checked against the model's dimension before any session starts."""
+    too_big = [d for d in settings.matryoshka_dims if d >= dim]
+    if too_big:
+        raise StartupError(
+            f"matryoshka_dims: {', '.join(map(str, too_big))} not below the model's dimension {dim}"
+            " (list only the smaller sizes the model was trained to be truncated to)"
+        )
+    return settings.matryoshka_dims
+
+
 def load_engine(settings: Settings) -> Engine:
     device = pick_device(settings.device)
     cuda = device == "cuda"
     settings = settings.resolved(cuda=cuda, cores=os.cpu_count())
     bundle = prepare(settings)
+    dimensions = matryoshka_dims(settings, bundle.config.dim)
     variant = serving_variant(settings.variant, device, bundle)
     sessions = [
         EmbeddingSession(bundle, variant=variant, device=device, intra_op_threads=settings.intra_op_threads)
@@ -96,5 +110,6 @@ def load_engine(settings: Settings) -> Engine:
         variant=sessions[0].variant,
         device=device,
         pooling=bundle.config.pooling,
+        dimensions=dimensions,
     )
     return Engine(settings, bundle, tokenizer, sessions, model, PAD_MULTIPLE)
