@@ -1,5 +1,7 @@
 """embedpool: a gRPC embedding service with a Rust hot path, an ONNX Runtime worker pool and pgvector storage."""
 
+from importlib.metadata import version
+
 from embedpool.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -21,4 +23,5 @@ __all__ = [
     "Overloaded",
     "Unavailable",
 ]
-__version__ = "0.1.0"
+# Cargo.toml holds the one version; maturin writes it into the package metadata (pyproject's version is dynamic).
+__version__ = version("embedpool")

@@ -201,7 +201,10 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from embedpool import __version__
+
     parser = argparse.ArgumentParser(prog="embedpool", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC server (embedded Postgres unless --database-url)")
