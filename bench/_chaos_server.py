@@ -36,7 +36,7 @@ class ServerProcess:
     def __init__(self, data_dir: Path, model_dir: Path, env: dict[str, str] | None = None, **flags: object) -> None:
         self.data_dir = data_dir
         self.model_dir = model_dir
-        self.flags = {"port": 0, "metrics_port": -1, "log_format": "json", **flags}
+        self.flags = {"port": 0, "metrics_port": -1, "http_port": 0, "log_format": "json", **flags}
         self.log: collections.deque[str] = collections.deque(maxlen=2000)
         self.log_lines = 0
         self.errors: list[str] = []  # embedpool's errors and INTERNAL/UNKNOWN answers, kept whatever the log volume

@@ -64,6 +64,7 @@ def _base_settings(tmp: Path, model_dir: Path) -> Settings:
     return Settings(
         port=0,
         metrics_port=0,
+        http_port=0,
         data_dir=tmp,
         model=str(model_dir),
         variant="fp32",  # the golden comparisons need the full-precision graph

@@ -80,7 +80,19 @@ def _wait_ready(proc: subprocess.Popen[str]) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Served]:
     data_dir = tmp_path_factory.mktemp("serve")
-    cmd = [*SERVE, "--port", "0", "--metrics-port", "0", "--data-dir", str(data_dir), "--model", str(model_dir)]
+    cmd = [
+        *SERVE,
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--http-port",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        "--model",
+        str(model_dir),
+    ]
     cmd += ["--variant", "int8", "--grace-seconds", "60"]
     with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=ENV) as proc:
         try:
@@ -137,7 +149,7 @@ def test_a_second_server_on_the_same_data_dir_exits_at_once_naming_the_owner(ser
     # it. Either way it stopped that Postgres on its way out.
     for metrics_port in (0, served.metrics_port):
         code, lines = _serve_fails(
-            "--port", "0", "--metrics-port", str(metrics_port), "--data-dir", str(served.data_dir)
+            "--port", "0", "--metrics-port", str(metrics_port), "--http-port", "0", "--data-dir", str(served.data_dir)
         )
         assert code == 2
         assert lines == [
@@ -185,7 +197,13 @@ def test_start_up_failures_end_in_one_line(
     case: str, tmp_path: Path, model_dir: Path, busy_port: int, request: pytest.FixtureRequest
 ) -> None:
     data_dir = tmp_path / "data"
-    args = {"--port": "0", "--metrics-port": "0", "--data-dir": str(data_dir), "--model": str(model_dir)}
+    args = {
+        "--port": "0",
+        "--metrics-port": "0",
+        "--http-port": "0",
+        "--data-dir": str(data_dir),
+        "--model": str(model_dir),
+    }
     env = ENV
     if case == "grpc-port":
         args["--port"] = str(busy_port)
@@ -195,7 +213,7 @@ def test_start_up_failures_end_in_one_line(
         expected = f"cannot listen on 127.0.0.1:{busy_port} for /metrics: Address already in use"
     elif case == "exposed":
         args["--host"] = "0.0.0.0"
-        expected = "refusing to serve gRPC on 0.0.0.0 to the network with neither TLS nor API keys"
+        expected = "refusing to serve gRPC on 0.0.0.0, HTTP on 0.0.0.0 to the network with neither TLS nor API keys"
     elif case == "model-dir":
         args["--model"] = str(tmp_path / "no-such-model")
         expected = f"model directory not found: {tmp_path / 'no-such-model'}"

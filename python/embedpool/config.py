@@ -27,12 +27,17 @@ def _setting(default: Any, help: str, *, choices: Sequence[str] | None = None) -
 class Settings:
     host: str = _setting("127.0.0.1", "address the gRPC server binds")
     port: int = _setting(50051, "gRPC port (0 picks a free one)")
+    http_port: int = _setting(
+        8080, "HTTP port: OpenAI-compatible /v1/embeddings, collections, /docs (0 picks a free one, -1 disables)"
+    )
     metrics_port: int = _setting(9464, "Prometheus /metrics port (0 picks a free one, -1 disables)")
     metrics_host: str = _setting("127.0.0.1", "address /metrics binds (its own, so exposing gRPC does not expose it)")
     insecure: bool = _setting(
         False, "allow non-loopback listeners with neither TLS nor API keys (warned at every start)"
     )
-    tls_cert: str = _setting("", "PEM certificate chain: gRPC and /metrics serve TLS (reloaded on change or SIGHUP)")
+    tls_cert: str = _setting(
+        "", "PEM certificate chain: gRPC, HTTP and /metrics serve TLS (reloaded on change or SIGHUP)"
+    )
     tls_key: str = _setting("", "PEM private key of --tls-cert")
     tls_client_ca: str = _setting("", "PEM CA bundle: clients must present a certificate it signed (mTLS)")
     auth: str = _setting(

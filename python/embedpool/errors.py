@@ -15,6 +15,10 @@ class InvalidArgument(EmbedpoolError, ValueError):
     """The caller sent something malformed: the message says what and where."""
 
 
+class RequestTooLarge(InvalidArgument):
+    """More documents, ids or bytes in one request than the server's limits allow: split it (the client does)."""
+
+
 class NotFound(EmbedpoolError, LookupError):
     """A named thing (collection, document) does not exist."""
 

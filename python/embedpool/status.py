@@ -21,6 +21,7 @@ from embedpool.errors import (
     NotFound,
     Overloaded,
     PermissionDenied,
+    RequestTooLarge,
     Unauthenticated,
     Unavailable,
 )
@@ -38,6 +39,7 @@ class Status:
 
 STATUS: Final[dict[type[EmbedpoolError], Status]] = {
     InvalidArgument: Status(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
+    RequestTooLarge: Status(grpc.StatusCode.INVALID_ARGUMENT, 413, "invalid_request_error"),
     Unauthenticated: Status(grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error"),
     PermissionDenied: Status(grpc.StatusCode.PERMISSION_DENIED, 403, "permission_error"),
     NotFound: Status(grpc.StatusCode.NOT_FOUND, 404, "not_found_error"),
@@ -66,7 +68,9 @@ def http_status(error: BaseException) -> int:
     return status_of(error).http
 
 
-_ERROR_FOR_GRPC: Final = {status.grpc: cls for cls, status in STATUS.items() if cls is not InferenceFailed}
+_ERROR_FOR_GRPC: Final = {
+    status.grpc: cls for cls, status in STATUS.items() if cls not in (InferenceFailed, RequestTooLarge)
+}
 
 
 def error_for_grpc(code: grpc.StatusCode | None, message: str) -> EmbedpoolError:

@@ -11,7 +11,7 @@ from embedpool.security import keys
 from embedpool.security.principal import Action, Principal, Role, authorize
 from embedpool.security.quota import TokenBucket
 from embedpool.security.tenancy import DEFAULT_TENANT, TENANT_NAME, qualify, unqualify
-from embedpool.server.validation import COLLECTION_NAME
+from embedpool.service.limits import COLLECTION_NAME
 
 tenants = st.from_regex(TENANT_NAME, fullmatch=True)
 names = st.from_regex(COLLECTION_NAME, fullmatch=True)

@@ -1,4 +1,4 @@
-"""The Ingest pipeline itself (embedpool.server.ingest_stream) over a real store: concurrent stores, in-order
+"""The Ingest pipeline itself (embedpool.service.ingest) over a real store: concurrent stores, in-order
 acks, ids shared between batches stored in stream order, the first error in stream order ends the stream.
 
 Batches come pre-embedded (random unit vectors) so the store's timing, not the model's, decides the race."""
@@ -15,8 +15,9 @@ import pytest
 
 from embedpool.errors import Unavailable
 from embedpool.server.app import Running
-from embedpool.server.ingest_stream import run_ingest
-from embedpool.server.writes import EmbeddedBatch, WriteOutcome
+from embedpool.service.documents import WriteOutcome
+from embedpool.service.ingest import run_ingest
+from embedpool.service.writes import EmbeddedBatch
 from embedpool.store import DocumentRow, Store, UpsertResult
 from embedpool.v1 import embedpool_pb2 as pb
 

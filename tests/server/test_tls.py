@@ -364,6 +364,7 @@ def test_serve_stops_on_a_bad_key_before_binding(
 def test_cli_serve_names_the_bad_file_in_one_line(good: Certs, tmp_path: Path, model_dir: Path) -> None:
     good.cert.write_bytes(b"not a certificate " + _SECRET)
     serve_cmd = [sys.executable, "-m", "embedpool.cli", "serve", "--port", "0", "--metrics-port", "0"]
+    serve_cmd += ["--http-port", "0"]
     serve_cmd += ["--data-dir", str(tmp_path / "data"), "--model", str(model_dir)]
     serve_cmd += ["--tls-cert", str(good.cert), "--tls-key", str(good.key)]
     env = {**os.environ, "EMBEDPOOL_LOG_FORMAT": "json"}

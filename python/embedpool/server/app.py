@@ -24,13 +24,15 @@ from grpc_reflection.v1alpha import reflection
 from embedpool.config import Settings
 from embedpool.engine import Engine, load_engine
 from embedpool.errors import StartupError, Unavailable, one_line
+from embedpool.http.app import create_app
+from embedpool.http.server import HttpServer
+from embedpool.http.server import bind as bind_http
 from embedpool.pool import EmbeddingPool, PoolConfig, running_pool
 from embedpool.pool.scheduler import BatchLimits
 from embedpool.security.audit import Auditor
 from embedpool.security.authenticator import Authenticator
 from embedpool.security.quota import Quotas
 from embedpool.security.usage import UsageBook
-from embedpool.server import validation
 from embedpool.server.auth import Guard
 from embedpool.server.decoding import add_embedder
 from embedpool.server.exposure import check_exposure
@@ -38,6 +40,8 @@ from embedpool.server.heap import Trimmer, limit_heap_growth
 from embedpool.server.metrics_http import MetricsServer
 from embedpool.server.servicer import EmbedderServicer
 from embedpool.server.tls import ServerTls, server_tls
+from embedpool.service import EmbeddingService, Limits
+from embedpool.service.gate import Gate
 from embedpool.store import Store
 from embedpool.store.embedded import EmbeddedPostgres
 from embedpool.v1 import embedpool_pb2
@@ -55,6 +59,19 @@ class Running:
     metrics_port: int
     database_url: str
     settings: Settings
+    http_port: int = -1
+
+
+@dataclass
+class _Readiness:
+    """What HTTP /ready reports (gRPC health says the same as one status): kept by `_supervise`."""
+
+    database: bool = True
+    inference: bool = True
+    draining: bool = False
+
+    def checks(self) -> dict[str, bool]:
+        return {"model": self.inference, "database": self.database, "accepting": not self.draining}
 
 
 # The database probe behind gRPC health: one kept-open connection, one round trip a second.
@@ -153,7 +170,7 @@ async def _set_health(health: HealthServicer, status: health_pb2.HealthCheckResp
 
 
 async def _supervise(
-    url: str, embedded: EmbeddedPostgres | None, health: HealthServicer, pool: EmbeddingPool
+    url: str, embedded: EmbeddedPostgres | None, health: HealthServicer, pool: EmbeddingPool, ready: _Readiness
 ) -> NoReturn:
     """Health follows the database and the inference sessions: NOT_SERVING while the database does not answer
     or no session is in rotation (see pool.feeder), SERVING once both work again. A dead embedded Postgres is
@@ -177,6 +194,7 @@ async def _supervise(
         while True:
             if (embedded is None or embedded.running) and await probe.ok():
                 delay = _RESTART_DELAY_S
+                ready.database, ready.inference = True, pool.sessions_in_rotation > 0
                 if pool.sessions_in_rotation > 0:
                     await set_serving(True, "database and inference work")
                 else:
@@ -184,6 +202,7 @@ async def _supervise(
                 await trimmer.maybe_trim(idle=pool.permits_in_use == 0)
                 await anyio.sleep(_PROBE_INTERVAL_S)
                 continue
+            ready.database = False
             await set_serving(False, "database does not answer")
             if embedded is None or embedded.running:
                 await anyio.sleep(_PROBE_INTERVAL_S)  # an external one, or ours still starting or recovering
@@ -251,6 +270,14 @@ def _metrics_server(settings: Settings, stack: AsyncExitStack, tls: ServerTls | 
     return http.port
 
 
+def _http_socket(settings: Settings, stack: AsyncExitStack) -> socket.socket | None:
+    if settings.http_port < 0:
+        return None
+    sock = bind_http(settings.host, settings.http_port)
+    stack.callback(sock.close)
+    return sock
+
+
 def _pool_config(settings: Settings, engine: Engine) -> PoolConfig:
     return PoolConfig(
         dim=engine.model.dim,
@@ -307,6 +334,7 @@ async def serve(
         tls = server_tls(settings)
         port = _bind(server, settings, tls)
         metrics_port = _metrics_server(settings, stack, tls)
+        http_socket = _http_socket(settings, stack)
         if engine is None:
             engine = await anyio.to_thread.run_sync(_load_engine, settings)
         settings = engine.settings
@@ -315,11 +343,24 @@ async def serve(
         authenticator = Authenticator(store, required=settings.auth == "keys")
         await stack.enter_async_context(authenticator.running())  # key cache (LISTEN): revocations reach it
         usage = UsageBook(store)
-        guard.arm(authenticator, Auditor(store), usage, Quotas())
+        gate = Gate(authenticator, Auditor(store), usage, Quotas())
+        guard.arm(gate)
         pool = await stack.enter_async_context(
             running_pool(engine.tokenizer, engine.sessions, _pool_config(settings, engine))
         )
-        servicer = EmbedderServicer(pool, store, engine.model, validation.Limits.from_settings(settings))
+        service = EmbeddingService(pool, store, engine.model, Limits.from_settings(settings))
+        servicer = EmbedderServicer(service)
+        ready = _Readiness()
+        http = (
+            HttpServer(
+                create_app(service, gate, ready.checks),
+                http_socket,
+                tls.ssl_context if tls else None,
+                settings.grace_seconds,
+            )
+            if http_socket is not None
+            else None
+        )
         add_embedder(servicer, server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -329,6 +370,9 @@ async def serve(
             )
         await server.start()
         await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+        http_port = http.port if http is not None else -1
+        if http is not None:
+            log.info("HTTP on %s:%d: %s", settings.host, http_port, tls.mode if tls else "plain HTTP")
         log.info(
             "serving %s/%s on %s:%d (pid %d, auth %s)",
             engine.model.name,
@@ -337,11 +381,15 @@ async def serve(
             port,
             os.getpid(),
             settings.auth,
-            extra={"port": port, "metrics_port": metrics_port},
+            extra={"port": port, "metrics_port": metrics_port, "http_port": http_port},
         )
-        task_status.started(Running(port=port, metrics_port=metrics_port, database_url=url, settings=settings))
+        task_status.started(
+            Running(port=port, metrics_port=metrics_port, database_url=url, settings=settings, http_port=http_port)
+        )
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_supervise, url, embedded, health, pool)
+            tg.start_soon(_supervise, url, embedded, health, pool, ready)
+            if http is not None:
+                tg.start_soon(http.run)
             if tls is not None:
                 tg.start_soon(tls.watch, reload_tls)
             tg.start_soon(usage.run)  # flushes once more when cancelled, while the store is still open
@@ -351,8 +399,12 @@ async def serve(
                 with anyio.CancelScope(shield=True):
                     log.info("draining: %d documents in flight", pool.permits_in_use)
                     await health.enter_graceful_shutdown()
-                    servicer.drain()
-                    await _drain(server, settings.grace_seconds, abort)
+                    ready.draining = True
+                    service.drain()
+                    async with anyio.create_task_group() as draining:
+                        if http is not None:
+                            draining.start_soon(http.stop)
+                        await _drain(server, settings.grace_seconds, abort)
                 tg.cancel_scope.cancel()  # the supervisor, before the stack stops the store and Postgres
 
 

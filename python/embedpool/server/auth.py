@@ -1,17 +1,10 @@
-"""The one gate every Embedder RPC passes: credential, role and collection grant, tenant namespace, rate limit,
-usage and audit. Handlers never check any of it; health and reflection pass untouched.
-
-Per call: the key is verified (UNAUTHENTICATED), the request's action and collection are authorized
-(PERMISSION_DENIED), the collection name is moved into the caller's tenant namespace (security.tenancy:
-another tenant's collection is then simply NOT_FOUND), the key's rate is checked (RESOURCE_EXHAUSTED with
-RetryInfo; an Ingest stream waits instead), and afterwards the call's usage is booked and, for writes, admin
-actions and refused credentials, an audit event is appended.
+"""The gRPC door's side of the security gate (service.gate): an interceptor that passes every Embedder call
+through it, with the rule of each method (its action, its collection field, whether it is audited). Health and
+reflection pass untouched.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -20,24 +13,16 @@ import anyio
 import grpc
 import grpc.aio
 
-from embedpool import metrics
-from embedpool.errors import EmbedpoolError, PermissionDenied, Unauthenticated, Unavailable
-from embedpool.logs import request_id
-from embedpool.security.audit import AuditEvent, Auditor
-from embedpool.security.authenticator import Authenticator, parse_bearer
-from embedpool.security.principal import Action, Principal, acting, authorize
-from embedpool.security.quota import Quotas
-from embedpool.security.tenancy import qualify, unqualify
-from embedpool.security.usage import Usage, UsageBook, metering
-from embedpool.server import validation
+from embedpool.errors import EmbedpoolError, PermissionDenied
+from embedpool.security.principal import Action
 from embedpool.server.decoding import Malformed
 from embedpool.server.rpc import abort, incoming_request_id
-from embedpool.status import grpc_status as status_for
+from embedpool.service.gate import Call, Gate
+from embedpool.status import grpc_status
 from embedpool.v1 import embedpool_pb2 as pb
 
 __all__ = ["RULES", "Guard"]
 
-_log = logging.getLogger("embedpool.auth")
 SERVICE_PREFIX: Final = "/embedpool.v1.Embedder/"
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -91,25 +76,11 @@ RULES: Final[dict[str, Rule]] = {
 """Every Embedder method, with what it does (a test checks that none is missing)."""
 
 
-@dataclass(slots=True)
-class _Call:
-    rid: str
-    method: str
-    peer: str
-    principal: Principal
-    usage: Usage
-    collection: str = ""
-    """As the caller named it."""
-
-
 class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic in the stubs only
     """Made before the gRPC server (interceptors are fixed at its creation), armed once the store is open."""
 
-    def arm(self, authenticator: Authenticator, auditor: Auditor, usage: UsageBook, quotas: Quotas) -> None:
-        self._auth = authenticator
-        self._auditor = auditor
-        self._book = usage
-        self._quotas = quotas
+    def arm(self, gate: Gate) -> None:
+        self._gate = gate
 
     async def intercept_service(
         self,
@@ -146,19 +117,19 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic in
     ) -> Callable[[Any, Context], Awaitable[Any]]:
         async def behavior(request: Any, context: Context) -> Any:
             call = await self._open(name, authorization, context)
-            status, audited = "UNKNOWN", False
+            status = "UNKNOWN"
             try:
                 if not isinstance(request, Malformed):  # the handler answers INVALID_ARGUMENT; nothing to check
-                    audited = rule.audited(request)
+                    call.audited = rule.audited(request)
                     try:
                         self._admit(call, rule, request)
-                        self._quotas.admit(call.principal, rule.documents(request))
+                        self._gate.admit(call, rule.documents(request))
                     except EmbedpoolError as e:
-                        status = status_for(e).name
+                        status = grpc_status(e).name
                         await abort(context, e, call.rid)
                 response = await inner(request, context)
                 status = "OK"
-                _to_caller(call.principal, response)
+                _to_caller(self._gate, call, response)
                 call.usage.bytes_out += response.ByteSize()
                 return response
             except grpc.aio.AbortError:
@@ -168,7 +139,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic in
                 status = "CANCELLED"
                 raise
             finally:
-                await self._close(call, status, audited, context)
+                await self._close(call, status, context)
 
         return behavior
 
@@ -177,16 +148,14 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic in
     ) -> Callable[[AsyncIterator[Any], Context], Awaitable[None]]:
         async def behavior(requests: AsyncIterator[Any], context: Context) -> None:
             call = await self._open(name, authorization, context)
+            call.audited = rule.audited(None)
             status = "UNKNOWN"
 
             async def admitted() -> AsyncIterator[Any]:
                 async for request in requests:
                     if not isinstance(request, Malformed):
                         self._admit(call, rule, request)
-                        # A stream is slowed to its key's rate rather than ended: it waits as it does for
-                        # room in the admission budget (the caller's deadline still bounds it).
-                        while (wait := self._quotas.delay(call.principal, rule.documents(request))) > 0:
-                            await anyio.sleep(wait)
+                        await self._gate.pace(call, rule.documents(request))
                     yield request
 
             try:
@@ -199,71 +168,31 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic in
                 status = "CANCELLED"
                 raise
             finally:
-                await self._close(call, status, rule.audited(None), context)
+                await self._close(call, status, context)
 
         return behavior
 
-    async def _open(self, name: str, authorization: str | None, context: Context) -> _Call:
-        """Authenticates the call; on failure audits it and ends it with UNAUTHENTICATED."""
+    async def _open(self, name: str, authorization: str | None, context: Context) -> Call:
         rid = incoming_request_id(context)
-        request_id.set(rid)  # this task's, which the handler runs in
         try:
-            principal = await self._auth.authenticate(authorization)
-        except Unauthenticated as e:
-            metrics.AUTH_FAILURES.labels("UNAUTHENTICATED").inc()
-            key_id = ""
-            with contextlib.suppress(Unauthenticated):
-                key_id = parse_bearer(authorization).id
-            await self._audit(AuditEvent(rid, "", key_id, context.peer(), name, status="UNAUTHENTICATED"))
+            return await self._gate.open(name, authorization, context.peer(), rid)
+        except EmbedpoolError as e:  # Unauthenticated; Unavailable when the key store cannot be read
             await abort(context, e, rid)
-        except EmbedpoolError as e:  # the key store is unreachable: UNAVAILABLE, retryable
-            await abort(context, e, rid)
-        acting(principal)  # for key management and for messages naming collections as the caller does
-        usage = Usage(requests=1)
-        metering(usage)
-        return _Call(rid, name, context.peer(), principal, usage)
+            raise AssertionError("unreachable: abort raises") from e
 
-    def _admit(self, call: _Call, rule: Rule, request: Any) -> None:
+    def _admit(self, call: Call, rule: Rule, request: Any) -> None:
         """Authorizes the request and moves its collection into the tenant's namespace."""
         collection = str(getattr(request, rule.field)) if rule.field else ""
-        call.collection = call.collection or collection
-        try:
-            authorize(call.principal, rule.action(request), collection)
-        except PermissionDenied:
-            metrics.AUTH_FAILURES.labels("PERMISSION_DENIED").inc()
-            raise
-        if collection:
-            validation.collection_name(collection, rule.field, stored=False)  # no "/": no other namespace
-            setattr(request, rule.field, qualify(call.principal.tenant, collection))
+        qualified = self._gate.authorize(call, rule.action(request), collection, rule.field)
+        if qualified:
+            setattr(request, rule.field, qualified)
 
-    async def _close(self, call: _Call, status: str, audited: bool, context: Context) -> None:
-        """Books the call's usage and charges its tokens; appends its audit event when it wrote, administered or
-        was refused. The audit of a call that succeeded must land: if it cannot, the call fails UNAVAILABLE
-        (its write is idempotent, and the retry is audited)."""
-        self._book.add(call.principal.tenant, call.usage)
-        self._quotas.charge_tokens(call.principal, call.usage.tokens)
-        if not (audited or status == "PERMISSION_DENIED"):
-            return
-        p = call.principal
-        event = AuditEvent(
-            call.rid, p.tenant, p.key_id, call.peer, call.method, call.collection, call.usage.documents, status
-        )
-        if status != "OK":
-            await self._audit(event)
-            return
+    async def _close(self, call: Call, status: str, context: Context) -> None:
         try:
-            await self._auditor.record(event)
-        except EmbedpoolError as e:
-            _log.error("could not append the audit event of %s (request %s): %s", call.method, call.rid, e)
+            await self._gate.close(call, status)
+        except EmbedpoolError as e:  # the audit of a call that succeeded could not be written
             with anyio.CancelScope(shield=True):
-                await abort(context, Unavailable("the audit log is unavailable; retry"), call.rid)
-
-    async def _audit(self, event: AuditEvent) -> None:
-        """For calls that failed anyway: a lost event is logged, and does not change the caller's answer."""
-        try:
-            await self._auditor.record(event)
-        except EmbedpoolError as e:
-            _log.warning("could not append the audit event of a failed %s: %s", event.method, e)
+                await abort(context, e, call.rid)
 
 
 def _code(context: Context) -> str:
@@ -279,16 +208,15 @@ _NO_RULE: Final = Rule(_unruled, "", _never, _none)
 """A method added to the proto without a rule is refused, never open."""
 
 
-def _to_caller(principal: Principal, response: Any) -> None:
+def _to_caller(gate: Gate, call: Call, response: Any) -> None:
     """Collections in a response named as the caller's tenant knows them; other tenants' left out."""
     if isinstance(response, pb.Collection):
-        response.name = unqualify(principal.tenant, response.name) or response.name
+        response.name = gate.caller_name(call, response.name)
     elif isinstance(response, pb.ListCollectionsResponse):
+        by_name = {c.name: c for c in response.collections}
         visible = []
-        for collection in response.collections:
-            name = unqualify(principal.tenant, collection.name)
-            if name is not None and principal.may_see(name):
-                collection.name = name
-                visible.append(collection)
+        for stored, name in gate.visible(call, by_name):
+            by_name[stored].name = name
+            visible.append(by_name[stored])
         del response.collections[:]
         response.collections.extend(visible)

@@ -1,8 +1,9 @@
-"""Wire formats: packed little-endian float32 vectors, protobuf Struct <-> dicts, store records -> messages."""
+"""The gRPC door's wire formats: packed vectors, protobuf Struct <-> dicts, messages <-> the core's values."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -10,26 +11,77 @@ import numpy as np
 from google.protobuf import struct_pb2
 from numpy.typing import NDArray
 
+from embedpool.engine import ServingModel
 from embedpool.errors import InvalidArgument
+from embedpool.service import Document, Hit, Limits, Rejected
 from embedpool.store import CollectionInfo, CollectionStats, HnswOptions, UpsertResult
 from embedpool.store.keys import KeyRecord
 from embedpool.v1 import embedpool_pb2 as pb
 
 _LE_F32 = np.dtype("<f4")
+_PACKING: dict[int, np.dtype[Any]] = {
+    pb.VECTOR_ENCODING_FLOAT32: _LE_F32,
+    pb.VECTOR_ENCODING_FLOAT16: np.dtype("<f2"),
+}
 
 
-def pack_vectors(vectors: NDArray[np.float32]) -> list[bytes]:
-    rows = np.ascontiguousarray(vectors, dtype=_LE_F32)
+def pack_vectors(vectors: NDArray[np.float32], encoding: int = pb.VECTOR_ENCODING_FLOAT32) -> list[bytes]:
+    dtype = _PACKING.get(encoding)
+    if dtype is None:
+        raise InvalidArgument(f"encoding: {encoding} is not a VectorEncoding")
+    rows = np.ascontiguousarray(vectors, dtype=dtype)
     return [row.tobytes() for row in rows]
 
 
-def unpack_vector(data: bytes, dim: int, what: str) -> NDArray[np.float32]:
-    if len(data) != 4 * dim:
-        raise InvalidArgument(f"{what}: expected {dim} float32 values ({4 * dim} bytes), got {len(data)} bytes")
-    vector = np.frombuffer(data, dtype=_LE_F32).astype(np.float32)
-    if not np.isfinite(vector).all():
-        raise InvalidArgument(f"{what}: contains NaN or infinity")
-    return vector
+def unpack_vector(data: bytes, what: str) -> NDArray[np.float32]:
+    """Packed little-endian float32; the core checks its size against the collection's and its values."""
+    if len(data) % 4:
+        raise InvalidArgument(f"{what}: {len(data)} bytes is not a whole number of float32 values")
+    return np.frombuffer(data, dtype=_LE_F32).astype(np.float32)
+
+
+def documents(messages: Sequence[pb.Document]) -> list[Document]:
+    converted = []
+    for i, doc in enumerate(messages):
+        try:
+            metadata = struct_to_dict(doc.metadata) if doc.HasField("metadata") else None
+        except InvalidArgument as e:
+            raise InvalidArgument(f"documents[{i}].{e}") from None
+        converted.append(Document(doc.text, doc.id, metadata))
+    return converted
+
+
+def rejected(values: Sequence[Rejected]) -> list[pb.RejectedDocument]:
+    return [pb.RejectedDocument(index=r.index, id=r.id, reason=r.reason) for r in values]
+
+
+def hit_message(hit: Hit, encoding: int) -> pb.SearchHit:
+    return pb.SearchHit(
+        id=hit.id,
+        score=hit.score,
+        text=hit.text,
+        metadata=dict_to_struct(hit.metadata),
+        vector=pack_vectors(hit.vector[None, :], encoding)[0] if hit.vector is not None else b"",
+    )
+
+
+def model_info(model: ServingModel, limits: Limits) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=model.name,
+        dim=model.dim,
+        max_tokens=model.max_tokens,
+        variant=model.variant,
+        device=model.device,
+        pooling=model.pooling,
+        normalized=True,
+        dimensions=sorted(model.dimensions, reverse=True),
+        limits=pb.ServerLimits(
+            max_request_documents=limits.max_request_documents,
+            max_request_bytes=limits.max_request_bytes,
+            max_search_k=limits.max_search_k,
+            max_delete_ids=limits.max_delete_ids,
+        ),
+    )
 
 
 def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:

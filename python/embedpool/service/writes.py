@@ -1,16 +1,16 @@
 """Embedding documents into a collection: ids, content hashes, the unchanged-document cache, the upsert.
 
-Shared by Embed (with a collection) and Ingest, so both have the same idempotency rules.
+Shared by every write (Embed with a collection, upserts over HTTP, Ingest streams), so all have the same
+idempotency rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,9 +19,8 @@ from numpy.typing import NDArray
 from embedpool import metrics
 from embedpool.engine import ServingModel
 from embedpool.pool import EmbeddingPool
-from embedpool.server.codec import struct_to_dict
+from embedpool.service.documents import Document, Rejected, WriteOutcome
 from embedpool.store import DocumentRow, StaleAssumption, Store, UpsertResult
-from embedpool.v1 import embedpool_pb2 as pb
 
 
 def derived_id(text: str) -> str:
@@ -29,20 +28,10 @@ def derived_id(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def content_hash(model: str, text: str, metadata: dict[str, Any]) -> bytes:
-    """Everything a stored row depends on. Same hash => the stored row is already right: skip embedding and writing."""
-    canonical = json.dumps(metadata, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(f"{model}\x00{text}\x00{canonical}".encode()).digest()
-
-
-@dataclass(frozen=True)
-class WriteOutcome:
-    ids: list[str]
-    token_counts: list[int]  # 0 for documents skipped as unchanged
-    vectors: NDArray[np.float32] | None  # [n, dim] when asked for
-    upsert: UpsertResult
-    skipped_unchanged: int
-    rejected: list[pb.RejectedDocument] = field(default_factory=list)
+def content_hash(model: str, text: str, canonical_metadata: str) -> bytes:
+    """Everything a stored row depends on. Same hash => the stored row is already right: skip embedding and writing.
+    `canonical_metadata`: service.limits.canonical_json of the metadata (as service.limits.documents returns it)."""
+    return hashlib.sha256(f"{model}\x00{text}\x00{canonical_metadata}".encode()).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,31 +83,36 @@ class DocumentWriter:
     async def write(
         self,
         collection: str,
-        documents: Sequence[pb.Document],
+        documents: Sequence[Document],
+        canonical: Sequence[str],
         *,
         truncate: bool,
         deadline: float,
         want_vectors: bool,
     ) -> WriteOutcome:
-        batch = await self.embed(collection, documents, truncate=truncate, deadline=deadline, want_vectors=want_vectors)
+        batch = await self.embed(
+            collection, documents, canonical, truncate=truncate, deadline=deadline, want_vectors=want_vectors
+        )
         return await self.store(batch)
 
     async def embed(
         self,
         collection: str,
-        documents: Sequence[pb.Document],
+        documents: Sequence[Document],
+        canonical: Sequence[str],
         *,
         truncate: bool,
         deadline: float,
         want_vectors: bool,
         wait: bool = False,
     ) -> EmbeddedBatch:
+        """`canonical`: each document's metadata as service.limits.documents encoded it when checking it."""
         ids = [doc.id or derived_id(doc.text) for doc in documents]
         # An id's earlier documents in the request are overwritten by its last: they need no row (nor, unless
         # vectors are asked for, an embedding).
         latest = sorted({doc_id: i for i, doc_id in enumerate(ids)}.values())
-        metadata = {i: struct_to_dict(documents[i].metadata) for i in latest}
-        hashes = {i: content_hash(self._model.name, documents[i].text, metadata[i]) for i in latest}
+        metadata = {i: dict(documents[i].metadata or {}) for i in latest}
+        hashes = {i: content_hash(self._model.name, documents[i].text, canonical[i]) for i in latest}
         assumed: dict[str, Unembedded] = {}
         if not want_vectors:
             stored = await self._store.existing_hashes(collection, [ids[i] for i in latest])
@@ -169,8 +163,7 @@ class DocumentWriter:
             metrics.STORED_DOCUMENTS.labels(outcome).inc(count)
         first_index = {doc_id: i for i, doc_id in reversed(list(enumerate(batch.ids)))}
         rejected = [
-            pb.RejectedDocument(index=first_index.get(doc_id, 0), id=doc_id, reason=reason)
-            for doc_id, reason in result.rejected
+            Rejected(index=first_index.get(doc_id, 0), id=doc_id, reason=reason) for doc_id, reason in result.rejected
         ]
         return WriteOutcome(batch.ids, batch.token_counts, batch.vectors, result, batch.skipped_unchanged, rejected)
 

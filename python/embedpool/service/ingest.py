@@ -1,9 +1,9 @@
-"""The Ingest RPC's pipeline: batches are embedded ahead, stored concurrently, and acknowledged in order.
+"""The ingest pipeline of a stream of batches: embedded ahead, stored concurrently, acknowledged in order.
 
     reader ──(window embedding)──> storer ──(stores storing)──> acker ──> client
 
 - Embedding: each batch starts embedding as soon as it is read; at most `window` (--ingest-window) are read
-  ahead, so a fast client is held back by gRPC flow control, not server memory.
+  ahead, so a fast client is held back by its transport's flow control, not server memory.
 - Storing: up to `stores` (--ingest-stores) batches are written at once, each in its own transaction on its own pooled
   connection (one COPY stream keeps one Postgres backend busy; bench/ingest.py `writer_fresh_2_streams`).
   A batch that shares an id with an earlier batch still in flight waits for it, so the later row of an id
@@ -23,13 +23,14 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from embedpool.server.writes import EmbeddedBatch, WriteOutcome
-from embedpool.v1 import embedpool_pb2 as pb
+from embedpool.service.documents import WriteOutcome
+from embedpool.service.writes import EmbeddedBatch
 
 __all__ = ["run_ingest"]
 
 
 T = TypeVar("T")
+R = TypeVar("R")  # a batch as the door received it: read, checked, embedded, acknowledged
 
 
 class _Future(Generic[T]):
@@ -83,18 +84,15 @@ class _Storing:
         await self.outcome.settle(stored)
 
 
-Check = Callable[[pb.IngestRequest], Awaitable[None]]
-Embed = Callable[[pb.IngestRequest], Awaitable[EmbeddedBatch]]
 Store = Callable[[EmbeddedBatch], Awaitable[WriteOutcome]]
-Ack = Callable[[pb.IngestRequest, WriteOutcome], Awaitable[None]]
 
 
 async def run_ingest(
-    requests: AsyncIterator[pb.IngestRequest],
-    check: Check,
-    embed: Embed,
+    requests: AsyncIterator[R],
+    check: Callable[[R], Awaitable[None]],
+    embed: Callable[[R], Awaitable[EmbeddedBatch]],
     store: Store,
-    ack: Ack,
+    ack: Callable[[R, WriteOutcome], Awaitable[None]],
     *,
     window: int,
     stores: int,
@@ -106,10 +104,8 @@ async def run_ingest(
     no further request is read; the ones read are finished and acknowledged, and True is returned: the client
     resends the rest elsewhere, from the batch after the last acknowledged one."""
     stop = stop or anyio.Event()
-    embedded_send, embedded_receive = anyio.create_memory_object_stream[
-        tuple[pb.IngestRequest, _Future[EmbeddedBatch]]
-    ](window)
-    stored_send, stored_receive = anyio.create_memory_object_stream[tuple[pb.IngestRequest, _Storing]](stores)
+    embedded_send, embedded_receive = anyio.create_memory_object_stream[tuple[R, _Future[EmbeddedBatch]]](window)
+    stored_send, stored_receive = anyio.create_memory_object_stream[tuple[R, _Storing]](stores)
     async with anyio.create_task_group() as tg:
         tg.start_soon(_read, requests, check, embed, embedded_send, tg, stop)
         tg.start_soon(_acknowledge, stored_receive, ack)
@@ -118,10 +114,10 @@ async def run_ingest(
 
 
 async def _read(
-    requests: AsyncIterator[pb.IngestRequest],
-    check: Check,
-    embed: Embed,
-    send: MemoryObjectSendStream[tuple[pb.IngestRequest, _Future[EmbeddedBatch]]],
+    requests: AsyncIterator[R],
+    check: Callable[[R], Awaitable[None]],
+    embed: Callable[[R], Awaitable[EmbeddedBatch]],
+    send: MemoryObjectSendStream[tuple[R, _Future[EmbeddedBatch]]],
     tg: TaskGroup,
     stop: anyio.Event,
 ) -> None:
@@ -142,10 +138,10 @@ async def _read(
 
 
 async def _store(
-    receive: MemoryObjectReceiveStream[tuple[pb.IngestRequest, _Future[EmbeddedBatch]]],
+    receive: MemoryObjectReceiveStream[tuple[R, _Future[EmbeddedBatch]]],
     store: Store,
     stores: int,
-    send: MemoryObjectSendStream[tuple[pb.IngestRequest, _Storing]],
+    send: MemoryObjectSendStream[tuple[R, _Storing]],
     tg: TaskGroup,
 ) -> None:
     slots = anyio.Semaphore(stores)
@@ -170,7 +166,9 @@ async def _forward(send: MemoryObjectSendStream[T], item: T) -> bool:
     return True
 
 
-async def _acknowledge(receive: MemoryObjectReceiveStream[tuple[pb.IngestRequest, _Storing]], ack: Ack) -> None:
+async def _acknowledge(
+    receive: MemoryObjectReceiveStream[tuple[R, _Storing]], ack: Callable[[R, WriteOutcome], Awaitable[None]]
+) -> None:
     async with receive:
         async for request, storing in receive:
             await ack(request, await storing.outcome.result())

@@ -1,0 +1,53 @@
+"""The HTTP door as an ASGI application: OpenAI-compatible embeddings, collections, health and readiness, and the
+OpenAPI 3.1 document generated from the routes (/openapi.json, interactive at /docs)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import FastAPI
+from starlette.responses import Response
+
+from embedpool import __version__
+from embedpool.http import collections, embeddings, errors
+from embedpool.http.guard import Gatekeeper, RequestLimits
+from embedpool.http.schemas import Health
+from embedpool.service import EmbeddingService
+from embedpool.service.gate import Gate
+
+DESCRIPTION = """Embeddings and vector search over pgvector. `POST /v1/embeddings` speaks OpenAI's embeddings API
+(the `openai` SDK and the frameworks built on it work with `base_url` set to this server's `/v1`). With
+`--auth keys`, send `Authorization: Bearer <key>`. Errors have OpenAI's shape, `{"error": {...}}`, with the
+status a gRPC caller would get, as its HTTP equivalent."""
+
+
+def create_app(service: EmbeddingService, gate: Gate, ready: Callable[[], dict[str, bool]]) -> FastAPI:
+    """`ready`: the readiness checks by name (model warm, database reachable), each True when passing."""
+    app = FastAPI(
+        title="embedpool",
+        version=__version__,
+        description=DESCRIPTION,
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    errors.install(app)
+    keeper = Gatekeeper(gate)
+    app.include_router(embeddings.router(service, keeper))
+    app.include_router(collections.router(service, keeper))
+
+    @app.get("/health", response_model=Health, tags=["Operations"])
+    async def health() -> Health:
+        """Liveness: the process answers. No key needed."""
+        return Health(status="ok")
+
+    @app.get("/ready", response_model=Health, responses={503: {"model": Health}}, tags=["Operations"])
+    async def readiness() -> Response:
+        """Readiness: the model is warm and the database answers (503 otherwise). No key needed."""
+        checks = ready()
+        ok = all(checks.values())
+        body = Health(status="ok" if ok else "unavailable", checks=checks)
+        return Response(body.model_dump_json(), status_code=200 if ok else 503, media_type="application/json")
+
+    app.add_middleware(RequestLimits, max_bytes=service.limits.max_request_bytes)
+    return app

@@ -1,0 +1,128 @@
+"""The HTTP door's side of the security gate (service.gate), and the request id and body limit every request
+passes first."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from embedpool.errors import EmbedpoolError, RequestTooLarge
+from embedpool.http.errors import domain_error
+from embedpool.logs import request_id
+from embedpool.service.gate import Call, Gate
+from embedpool.status import grpc_status
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+class Gatekeeper:
+    """Opens each API call at the gate and closes it with the call's outcome."""
+
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+
+    @property
+    def gate(self) -> Gate:
+        return self._gate
+
+    @asynccontextmanager
+    async def call(self, request: Request, method: str) -> AsyncIterator[Call]:
+        """`method`: the operation's gRPC name, so both doors audit and meter under the same names."""
+        peer = _peer(request)
+        call = await self._gate.open(method, request.headers.get("authorization"), peer, request_id.get())
+        status = "UNKNOWN"
+        try:
+            yield call
+            status = "OK"
+        except EmbedpoolError as e:
+            status = grpc_status(e).name
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "CANCELLED"
+            raise
+        except Exception:
+            status = "INTERNAL"
+            raise
+        finally:
+            await self._gate.close(call, status)  # raises Unavailable when an OK call's audit cannot be written
+
+
+class RequestLimits:
+    """ASGI middleware: a request id for every request (the caller's `x-request-id`, else a new one), sent back
+    in the response; bodies over `max_bytes` refused with 413 before they are read whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self._app = app
+        self._max = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        rid = _incoming_id(scope) or uuid.uuid4().hex
+        token = request_id.set(rid)
+        scope.setdefault("state", {})["rid"] = rid
+        try:
+            await self._serve(scope, receive, send, rid)
+        finally:
+            request_id.reset(token)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, rid: str) -> None:
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), rid.encode())]
+            await send(message)
+
+        declared = _content_length(scope)
+        if declared is not None and declared > self._max:
+            await domain_error(_too_large(declared, self._max))(scope, receive, send_with_id)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self._max:
+                    raise _too_large(received, self._max)
+            return message
+
+        await self._app(scope, counted, send_with_id)
+
+
+def _too_large(size: int, limit: int) -> RequestTooLarge:
+    return RequestTooLarge(f"request body is {size} bytes or more, over the limit of {limit}")
+
+
+def _incoming_id(scope: Scope) -> str:
+    for key, value in scope.get("headers", ()):
+        if key == REQUEST_ID_HEADER.encode() and 0 < len(value) <= 128:
+            try:
+                return str(value.decode("ascii"))
+            except UnicodeDecodeError:
+                return ""
+    return ""
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _peer(request: Request) -> str:
+    """As grpc names peers, so audit rows from both doors read alike."""
+    if request.client is None:
+        return ""
+    host, port = request.client.host, request.client.port
+    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"

@@ -1,0 +1,193 @@
+"""Request and response bodies of the HTTP door: strict (unknown fields and wrong types are the caller's 400),
+documented in /openapi.json. Shapes only: limits and content checks are the core's (service.limits), one
+definition for both doors."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+Encoding = Literal["float", "base64", "base64_float16"]
+"""float: JSON numbers; base64: little-endian float32 bytes (OpenAI's); base64_float16: little-endian IEEE
+float16 bytes, half the size (an embedpool extension)."""
+
+_ENCODING_DOC = "float: JSON numbers; base64: little-endian float32 bytes, base64; base64_float16: float16 bytes"
+
+
+class EmbeddingsRequest(_Strict):
+    """OpenAI's embeddings request."""
+
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A text or a list of texts (token-id arrays are not supported: send text)"
+    )
+    model: str = Field(description="The served model's name (GET /v1/models lists it)")
+    encoding_format: Encoding = Field("float", description=_ENCODING_DOC)
+    dimensions: int | None = Field(
+        None, description="Matryoshka size, for models trained for it (GET /v1/models lists the sizes)"
+    )
+    user: str | None = Field(None, description="The end user, for the caller's own tracking (not stored)")
+    truncate: bool = Field(True, description="embedpool: cut over-long texts to the model's limit (else 400)")
+
+
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingItem]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    dim: int
+    dimensions: list[int] = Field(description="Every size `dimensions` accepts, the full one first")
+    max_tokens: int
+    variant: str
+    device: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# Collections
+
+
+class IndexOptions(_Strict):
+    m: int | None = Field(None, description="HNSW m (links per node); default 16")
+    ef_construction: int | None = Field(None, description="HNSW build-time candidate list; default 64")
+    halfvec: bool = Field(False, description="Index float16 copies (half the index size); search reranks exactly")
+
+
+class CreateCollection(_Strict):
+    name: str = Field(description="1-63 of A-Z a-z 0-9 _ . -")
+    index: IndexOptions | None = None
+
+
+class Collection(BaseModel):
+    object: Literal["collection"] = "collection"
+    name: str
+    model: str
+    dim: int
+    metric: str
+    count: int
+    count_estimated: bool
+    index: dict[str, Any]
+    index_bytes: int | None = None
+    table_bytes: int | None = None
+    indexed: bool | None = None
+
+
+class CollectionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Collection]
+
+
+class Deleted(BaseModel):
+    object: Literal["collection.deleted"] = "collection.deleted"
+    name: str
+    deleted: bool
+
+
+JsonObject = dict[str, Any]
+
+
+class DocumentIn(_Strict):
+    text: str
+    id: str = Field("", description="Empty: derived from the text, so a resent text lands on the same row")
+    metadata: JsonObject | None = None
+
+
+class UpsertDocuments(_Strict):
+    documents: list[DocumentIn]
+    truncate: bool = True
+    return_vectors: bool = False
+    encoding_format: Encoding = "float"
+
+
+class RejectedDocument(BaseModel):
+    index: int
+    id: str
+    reason: str
+
+
+class UpsertResult(BaseModel):
+    object: Literal["upsert"] = "upsert"
+    ids: list[str]
+    inserted: int
+    updated: int
+    unchanged: int
+    skipped_unchanged: int
+    rejected: list[RejectedDocument]
+    vectors: list[list[float] | str] | None = None
+    usage: Usage
+
+
+class DeleteDocuments(_Strict):
+    ids: list[str] | None = None
+    filter: JsonObject | None = Field(None, description="Documents whose metadata contains this object")
+
+
+class DeletedDocuments(BaseModel):
+    object: Literal["documents.deleted"] = "documents.deleted"
+    deleted: int
+
+
+class SearchRequest(_Strict):
+    query: str | None = Field(None, description="Text to embed and search for (or give `vector`)")
+    vector: list[float] | None = Field(None, description="A query vector of the collection's dim")
+    k: Annotated[int, Field(description="Number of hits")] = 10
+    filter: JsonObject | None = None
+    candidates: int | None = Field(None, description="HNSW candidates before the exact rerank")
+    min_score: float | None = None
+    include_vectors: bool = False
+    encoding_format: Encoding = "float"
+
+
+class SearchHit(BaseModel):
+    id: str
+    score: float
+    text: str
+    metadata: JsonObject
+    vector: list[float] | str | None = None
+
+
+class SearchResult(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SearchHit]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, bool] = {}

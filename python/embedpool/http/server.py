@@ -1,0 +1,92 @@
+"""Runs the HTTP door with uvicorn as a task in the server's own asyncio loop, beside grpc.aio: one process,
+one pool, one store. The socket is bound here (a port in use is a StartupError before anything loads, and
+port 0 reports the port it got); signals stay the CLI's (uvicorn's own handlers are not installed)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+import ssl
+from collections.abc import Callable, Generator
+
+import anyio
+import uvicorn
+from fastapi import FastAPI
+
+from embedpool.errors import StartupError
+
+log = logging.getLogger("embedpool.http")
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield  # the CLI owns SIGINT/SIGTERM (and SIGHUP for TLS): a stop reaches us through `stop`
+
+
+def bind(host: str, port: int) -> socket.socket:
+    sock: socket.socket | None = None
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        if sock is not None:
+            sock.close()
+        reason = e.strerror if e.errno in (errno.EADDRINUSE, errno.EACCES) else str(e)
+        raise StartupError(f"cannot listen on {host}:{port} for HTTP: {reason}") from e
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _following(current: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    """A context for the listener that hands each handshake the current context (the server-name callback runs
+    before the certificate is chosen), so rotated certificates serve new connections without a restart."""
+    front = current()
+
+    def use_current(connection: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        connection.context = current()
+
+    front.sni_callback = use_current
+    return front
+
+
+class HttpServer:
+    def __init__(
+        self, app: FastAPI, sock: socket.socket, tls: Callable[[], ssl.SSLContext] | None, grace: float
+    ) -> None:
+        """`tls`: the current server context (server.tls makes a new one on each certificate reload)."""
+        config = uvicorn.Config(
+            app,
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            log_config=None,  # our logging (embedpool.logs), not uvicorn's
+            timeout_graceful_shutdown=max(1, round(grace)),
+            server_header=False,
+        )
+        config.load()
+        config.ssl = _following(tls) if tls is not None else None
+        self._server = _Server(config)
+        self._sock = sock
+        self.port: int = sock.getsockname()[1]
+
+    async def run(self) -> None:
+        try:
+            await self._server.serve(sockets=[self._sock])
+        finally:
+            self._sock.close()
+
+    async def stop(self) -> None:
+        """Stops accepting, lets requests in flight finish (up to the grace period)."""
+        self._server.should_exit = True
+        with anyio.move_on_after(60):
+            while self._server.started and not self._done():
+                await anyio.sleep(0.05)
+
+    def _done(self) -> bool:
+        return not self._server.server_state.connections and not self._server.server_state.tasks

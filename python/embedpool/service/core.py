@@ -1,0 +1,332 @@
+"""The service core: every operation embedpool offers, with no transport types. Each door (gRPC in
+embedpool.server, HTTP in embedpool.http) parses its request into these calls and maps what they raise through
+embedpool.status; the security gate (security.gate) has authorized the call and qualified its collection name
+before it gets here, and the caller's usage is metered here (security.usage.meter)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import numpy as np
+from numpy.typing import NDArray
+
+from embedpool.engine import ServingModel
+from embedpool.errors import InvalidArgument, Overloaded, Unavailable
+from embedpool.pool import EmbeddingPool
+from embedpool.security import keyring
+from embedpool.security.principal import current as current_principal
+from embedpool.security.usage import meter
+from embedpool.service import limits as check
+from embedpool.service.documents import Document, Embedded, Hit, WriteOutcome
+from embedpool.service.ingest import run_ingest
+from embedpool.service.limits import Limits
+from embedpool.service.writes import DocumentWriter, EmbeddedBatch
+from embedpool.store import CollectionInfo, CollectionStats, HnswOptions, Store
+from embedpool.store.keys import KeyRecord
+
+__all__ = ["EmbeddingService", "IngestBatch"]
+
+
+@dataclass(frozen=True, slots=True)
+class IngestBatch:
+    """One batch of an ingest stream, as a door read it."""
+
+    documents: Sequence[Document]
+    collection: str = ""
+    """"": the stream's collection (the first batch must name it)."""
+    truncate: bool = True
+    tag: object = None
+    """The door's own (e.g. the gRPC batch id), for its acknowledgement."""
+
+
+def _meter_write(outcome: WriteOutcome) -> None:
+    usage = meter()
+    usage.tokens += sum(outcome.token_counts)
+    usage.documents += outcome.upsert.inserted + outcome.upsert.updated
+
+
+def _normalized(vectors: NDArray[np.float32]) -> NDArray[np.float32]:
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    out: NDArray[np.float32] = (vectors / np.maximum(norms, np.float32(1e-12))).astype(np.float32, copy=False)
+    return out
+
+
+class EmbeddingService:
+    def __init__(self, pool: EmbeddingPool, store: Store, model: ServingModel, limits: Limits) -> None:
+        self._pool = pool
+        self._store = store
+        self._model = model
+        self._limits = limits
+        self._writer = DocumentWriter(pool, store, model)
+        self._ingest_streams = 0
+        self._draining = anyio.Event()
+
+    @property
+    def model(self) -> ServingModel:
+        return self._model
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @property
+    def model_label(self) -> str:
+        return f"{self._model.name}/{self._model.variant}"
+
+    def drain(self) -> None:
+        """The server is stopping: ingest streams finish the batches they read and end with Unavailable, so
+        their clients resume elsewhere now instead of being cut off when the grace period ends."""
+        self._draining.set()
+
+    # Embedding
+
+    def dimensions(self, requested: int | None, field: str = "dimensions") -> int:
+        """The vector size to return: the model's, or a Matryoshka size it was trained for."""
+        full = self._model.dim
+        if requested is None or requested == full:
+            return full
+        if requested in self._model.dimensions:
+            return requested
+        sizes = ", ".join(map(str, sorted({full, *self._model.dimensions}, reverse=True)))
+        if not self._model.dimensions:
+            raise InvalidArgument(
+                f"{field}: {self._model.name} is not trained for truncated (Matryoshka) vectors; it returns {full}"
+            )
+        raise InvalidArgument(f"{field}: {self._model.name} returns {sizes} dimensions, not {requested}")
+
+    async def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        truncate: bool = True,
+        deadline: float = math.inf,
+        dimensions: int | None = None,
+        field: str = "documents",
+    ) -> Embedded:
+        """`field`: what the caller's door calls the texts, for error messages."""
+        check.texts(texts, self._limits, field)
+        size = self.dimensions(dimensions)
+        embedded = await self._pool.embed(texts, truncate=truncate, deadline=deadline)
+        counts = embedded.token_counts.tolist()
+        meter().tokens += sum(counts)
+        vectors = embedded.vectors if size == self._model.dim else _normalized(embedded.vectors[:, :size])
+        return Embedded(vectors, counts)
+
+    async def write(
+        self,
+        collection: str,
+        documents: Sequence[Document],
+        *,
+        truncate: bool = True,
+        deadline: float = math.inf,
+        want_vectors: bool = False,
+    ) -> WriteOutcome:
+        """Embeds `documents` and upserts them into `collection` (idempotent: see service.writes)."""
+        check.collection_name(collection)
+        canonical = check.documents(documents, self._limits)
+        await self._writable(collection)
+        outcome = await self._writer.write(
+            collection, documents, canonical, truncate=truncate, deadline=deadline, want_vectors=want_vectors
+        )
+        _meter_write(outcome)
+        return outcome
+
+    async def ingest(
+        self,
+        batches: AsyncIterator[IngestBatch],
+        ack: Callable[[IngestBatch, WriteOutcome], Awaitable[None]],
+        *,
+        deadline: float = math.inf,
+        bulk: bool = False,
+    ) -> None:
+        """A stream of batches into one collection: embedded ahead, stored concurrently, `ack`ed in order (see
+        service.ingest). `bulk`: an empty collection is loaded without its HNSW index, built at the end."""
+        if self._ingest_streams >= self._limits.max_ingest_streams:
+            raise Overloaded(f"{self._ingest_streams} Ingest streams are open, the limit; retry later")
+        self._ingest_streams += 1
+        try:
+            await self._ingest(batches, ack, deadline, bulk)
+        finally:
+            self._ingest_streams -= 1
+
+    async def _ingest(
+        self,
+        batches: AsyncIterator[IngestBatch],
+        ack: Callable[[IngestBatch, WriteOutcome], Awaitable[None]],
+        deadline: float,
+        bulk: bool,
+    ) -> None:
+        first = await anext(aiter(batches), None)
+        if first is None:
+            return
+        if not first.collection:
+            raise InvalidArgument("collection: the first batch must name the collection")
+        collection = check.collection_name(first.collection)
+        canonical: dict[int, list[str]] = {}  # by id(batch): checked once, used when embedding
+
+        async def stream() -> AsyncIterator[IngestBatch]:
+            yield first
+            async for batch in batches:
+                yield batch
+
+        async def checked(batch: IngestBatch) -> None:
+            if batch.collection and batch.collection != collection:
+                raise InvalidArgument(f"collection: stream is for {collection!r}, batch names {batch.collection!r}")
+            canonical[id(batch)] = check.documents(batch.documents, self._limits)
+            await self._writable(collection)
+
+        async def embed(batch: IngestBatch) -> EmbeddedBatch:
+            encoded = canonical.pop(id(batch))
+            return await self._writer.embed(
+                collection,
+                batch.documents,
+                encoded,
+                truncate=batch.truncate,
+                deadline=deadline,
+                want_vectors=False,
+                wait=True,
+            )
+
+        async def acknowledge(batch: IngestBatch, outcome: WriteOutcome) -> None:
+            _meter_write(outcome)
+            await ack(batch, outcome)
+
+        loading = self._store.bulk_load(collection) if bulk else contextlib.nullcontext()
+        async with loading:
+            stopped = await run_ingest(
+                stream(),
+                checked,
+                embed,
+                self._writer.store,
+                acknowledge,
+                window=self._limits.ingest_window,
+                stores=self._limits.ingest_stores,
+                stop=self._draining,
+            )
+        if stopped:
+            raise Unavailable("the server is shutting down: resend from the batch after the last acknowledged one")
+
+    # Search
+
+    async def search(
+        self,
+        collection: str,
+        *,
+        text: str | None = None,
+        vector: NDArray[np.float32] | None = None,
+        k: int,
+        candidates: int | None = None,
+        filter: Mapping[str, Any] | None = None,
+        min_score: float | None = None,
+        include_vectors: bool = False,
+        deadline: float = math.inf,
+    ) -> list[Hit]:
+        if (text is None) == (vector is None):
+            raise InvalidArgument("query: set either text or vector")
+        check.collection_name(collection)
+        check.search(text=text, k=k, candidates=candidates, min_score=min_score, filter=filter, limits=self._limits)
+        info = await self._writable(collection)
+        meter().searches += 1
+        if text is not None:
+            embedded = await self._pool.embed([text], deadline=deadline)
+            meter().tokens += int(embedded.token_counts.sum())
+            query: NDArray[np.float32] = embedded.vectors[0]
+        else:
+            assert vector is not None
+            query = self._query_vector(vector, info.dim)
+        found = await self._store.search(
+            collection, query, k=k, candidates=candidates or None, filter=dict(filter) if filter else None
+        )
+        hits = []
+        for hit in found:
+            score = 1.0 - hit.distance  # the collection's metric is cosine (`_writable`)
+            if min_score is not None and score < min_score:
+                break
+            hits.append(Hit(hit.id, score, hit.text, hit.metadata, hit.embedding if include_vectors else None))
+        return hits
+
+    @staticmethod
+    def _query_vector(vector: NDArray[np.float32], dim: int) -> NDArray[np.float32]:
+        if vector.shape != (dim,):
+            raise InvalidArgument(f"vector: expected {dim} float32 values, got {vector.size}")
+        if not np.isfinite(vector).all():
+            raise InvalidArgument("vector: contains NaN or infinity")
+        norm = float(np.linalg.norm(vector))
+        if norm == 0.0:
+            raise InvalidArgument("vector: must not be all zeros")
+        normalized: NDArray[np.float32] = (vector / norm).astype(np.float32, copy=False)
+        return normalized
+
+    async def _writable(self, name: str) -> CollectionInfo:
+        """The collection, checked to hold this server's model's vectors (cosine, same model and dim)."""
+        collection = await self._store.collection(name)
+        if collection.metric != "cosine":
+            raise InvalidArgument(f"collection {name!r} uses the {collection.metric} metric; Search scores are cosine")
+        if collection.dim != self._model.dim or collection.model != self._model.name:
+            raise InvalidArgument(
+                f"collection {name!r} holds {collection.model} vectors of dim {collection.dim}; "
+                f"this server serves {self._model.name} (dim {self._model.dim})"
+            )
+        return collection
+
+    # Collections
+
+    async def create_collection(self, name: str, index: HnswOptions | None = None) -> CollectionInfo:
+        check.collection_name(name, "name")
+        return await self._store.create_collection(
+            name, model=self._model.name, dim=self._model.dim, hnsw=index or HnswOptions()
+        )
+
+    async def list_collections(self) -> list[CollectionInfo]:
+        return await self._store.list_collections()
+
+    async def get_collection(self, name: str) -> tuple[CollectionInfo, CollectionStats]:
+        check.collection_name(name, "name")
+        return await self._store.collection(name), await self._store.stats(name)
+
+    async def drop_collection(self, name: str) -> None:
+        check.collection_name(name, "name")
+        await self._store.drop_collection(name)
+
+    async def delete(self, collection: str, *, ids: Sequence[str] = (), filter: Mapping[str, Any] | None = None) -> int:
+        check.collection_name(collection)
+        check.delete(ids, filter, self._limits)
+        if ids:
+            deleted = await self._store.delete(collection, list(ids))
+        else:
+            assert filter
+            deleted = await self._store.delete_where(collection, dict(filter))
+        meter().documents += deleted
+        return deleted
+
+    # API keys, within the caller's tenant (the gate has checked that it may: Action.MANAGE_KEYS)
+
+    async def create_key(
+        self,
+        *,
+        role: str,
+        collections: str = "*",
+        tokens_per_s: float | None = None,
+        docs_per_s: float | None = None,
+        note: str = "",
+    ) -> tuple[str, KeyRecord]:
+        return await keyring.create_key(
+            self._store,
+            tenant=current_principal().tenant,
+            role=role,
+            collections=collections or "*",
+            tokens_per_s=tokens_per_s,
+            docs_per_s=docs_per_s,
+            note=note,
+        )
+
+    async def list_keys(self) -> list[KeyRecord]:
+        return await keyring.list_keys(self._store, current_principal().tenant)
+
+    async def revoke_key(self, key_id: str) -> KeyRecord:
+        return await keyring.revoke_key(self._store, key_id, current_principal().tenant)

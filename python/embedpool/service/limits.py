@@ -1,0 +1,165 @@
+"""Every request limit and input check, defined once: the gRPC door, the HTTP door and the core all use these.
+
+Checks raise InvalidArgument (RequestTooLarge for sizes) with a message naming the field, as the caller's
+door spells it (`field` arguments), and the document index where there is one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from embedpool.config import Settings
+from embedpool.errors import InvalidArgument, RequestTooLarge
+from embedpool.service.documents import Document
+
+COLLECTION_NAME: Final = re.compile(r"[A-Za-z0-9_.\-]{1,63}")
+# What the core sees: the gate has checked the caller's name against COLLECTION_NAME and moved it into the
+# caller's tenant namespace (security.tenancy), so a "/" here can only be the one it added.
+STORED_COLLECTION_NAME: Final = re.compile(r"(?:[a-z0-9][a-z0-9_-]{0,62}/)?[A-Za-z0-9_.\-]{1,63}")
+MAX_ID_BYTES: Final = 512
+MAX_CANDIDATES: Final = 10_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_documents: int
+    max_request_bytes: int
+    max_search_k: int
+    ingest_window: int
+    ingest_stores: int
+    max_metadata_bytes: int = 64 * 1024
+    max_filter_bytes: int = 16 * 1024
+    max_delete_ids: int = 10_000
+    max_ingest_streams: int = 64
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        """Each limit is the setting of the same name: defined once, in config.Settings."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+
+
+def collection_name(name: str, field: str = "collection", *, stored: bool = True) -> str:
+    """`stored`: the name as the core sees it, in the caller's tenant namespace; else as a caller sends it."""
+    if not name:
+        raise InvalidArgument(f"{field}: must not be empty")
+    if not (STORED_COLLECTION_NAME if stored else COLLECTION_NAME).fullmatch(name):
+        raise InvalidArgument(f"{field}: {name[:80]!r} is not a valid name (1-63 of A-Z a-z 0-9 _ . -)")
+    return name
+
+
+def request_bytes(size: int, limits: Limits) -> None:
+    if size > limits.max_request_bytes:
+        raise RequestTooLarge(f"request is {size} bytes, over the limit of {limits.max_request_bytes}")
+
+
+def texts(values: Sequence[str], limits: Limits, field: str = "documents") -> None:
+    """Texts to embed: 1..max_request_documents, none empty. `field`: "documents" (of Document messages) or the
+    name of a list of plain texts."""
+    _count(len(values), limits, field)
+    suffix = ".text" if field == "documents" else ""
+    for i, text in enumerate(values):
+        if not text.strip():
+            raise InvalidArgument(f"{field}[{i}]{suffix}: must not be empty or only whitespace")
+
+
+def documents(docs: Sequence[Document], limits: Limits, field: str = "documents") -> list[str]:
+    """Documents to store. Returns each one's metadata as canonical JSON (sorted keys, no NaN), which is what
+    the size limit measures and what the content hash covers, so it is encoded once."""
+    _count(len(docs), limits, field)
+    canonical = []
+    for i, doc in enumerate(docs):
+        if not doc.text.strip():
+            raise InvalidArgument(f"{field}[{i}].text: must not be empty or only whitespace")
+        if len(doc.id.encode()) > MAX_ID_BYTES:
+            raise InvalidArgument(f"{field}[{i}].id: longer than {MAX_ID_BYTES} bytes")
+        # Postgres text and jsonb cannot hold NUL characters: say so instead of failing in COPY.
+        if "\x00" in doc.id:
+            raise InvalidArgument(f"{field}[{i}].id: contains a NUL character")
+        if "\x00" in doc.text:
+            raise InvalidArgument(f"{field}[{i}].text: contains a NUL character, which cannot be stored")
+        encoded = _json(doc.metadata or {}, f"{field}[{i}].metadata")
+        if (size := len(encoded.encode())) > limits.max_metadata_bytes:
+            raise InvalidArgument(f"{field}[{i}].metadata: {size} bytes, over the limit of {limits.max_metadata_bytes}")
+        canonical.append(encoded)
+    return canonical
+
+
+def json_filter(value: Mapping[str, Any], limits: Limits, field: str = "filter") -> None:
+    encoded = _json(value, field)
+    if (size := len(encoded.encode())) > limits.max_filter_bytes:
+        raise InvalidArgument(f"{field}: {size} bytes, over the limit of {limits.max_filter_bytes}")
+
+
+def search(
+    *,
+    text: str | None,
+    k: int,
+    candidates: int | None,
+    min_score: float | None,
+    filter: Mapping[str, Any] | None,
+    limits: Limits,
+) -> None:
+    if text is not None and not text.strip():
+        raise InvalidArgument("text: must not be empty or only whitespace")
+    if not 1 <= k <= limits.max_search_k:
+        raise InvalidArgument(f"k: must be in 1..{limits.max_search_k}, got {k}")
+    if candidates is not None:
+        if candidates > MAX_CANDIDATES:
+            raise InvalidArgument(f"candidates: must be at most {MAX_CANDIDATES}, got {candidates}")
+        if candidates < k:
+            raise InvalidArgument(f"candidates: must be 0 or at least k ({k}), got {candidates}")
+    if min_score is not None and not -1.0 <= min_score <= 1.0:
+        raise InvalidArgument(f"min_score: must be in [-1, 1], got {min_score}")
+    if filter:
+        json_filter(filter, limits)
+
+
+def delete(ids: Sequence[str], filter: Mapping[str, Any] | None, limits: Limits) -> None:
+    if bool(ids) == bool(filter):
+        raise InvalidArgument("ids, filter: give exactly one (a non-empty filter, or at least one id)")
+    if len(ids) > limits.max_delete_ids:
+        raise RequestTooLarge(f"ids: {len(ids)} ids, over the limit of {limits.max_delete_ids} per request")
+    for i, doc_id in enumerate(ids):
+        if not doc_id or len(doc_id.encode()) > MAX_ID_BYTES or "\x00" in doc_id:
+            raise InvalidArgument(f"ids[{i}]: must be 1..{MAX_ID_BYTES} bytes without NUL characters")
+    if filter:
+        json_filter(filter, limits)
+
+
+def _count(n: int, limits: Limits, field: str) -> None:
+    if n == 0:
+        raise InvalidArgument(f"{field}: must contain at least one document")
+    if n > limits.max_request_documents:
+        raise RequestTooLarge(f"{field}: {n} documents, over the limit of {limits.max_request_documents} per request")
+
+
+def canonical_json(value: Mapping[str, Any]) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _json(value: Mapping[str, Any], field: str) -> str:
+    try:
+        encoded = canonical_json(value)
+    except ValueError:
+        raise InvalidArgument(f"{field}: NaN and infinity are not JSON numbers") from None
+    except TypeError as e:
+        raise InvalidArgument(f"{field}: not a JSON object ({e})") from None
+    # NUL is escaped as \u0000; the walk tells it from a literal backslash-u0000 in a string.
+    if "\\u0000" in encoded and _has_nul(value):
+        raise InvalidArgument(f"{field}: contains a NUL character, which cannot be stored")
+    return encoded
+
+
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, Mapping):
+        return any("\x00" in str(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(map(_has_nul, value))
+    return False
