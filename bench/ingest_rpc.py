@@ -2,7 +2,7 @@
 
 One embedded Postgres serves both the server (started as a separate process with --database-url, so the load
 generator does not share its GIL) and the store-alone baseline:
-- e2e: `embedpool.ingest.run_ingest`, what `embedpool ingest FILE.jsonl` runs (one bidirectional stream,
+- e2e: `embedpool.client.Client.ingest` of a FileSource, what `embedpool ingest FILE.jsonl` runs (one stream,
   batches of --batch documents, 4 in flight, bulk mode: the empty collection is loaded without its HNSW index,
   which is built when the streams end), into a fresh collection; --streams such clients at once, each on its
   own share of the shared real-text corpus. The time includes the index build.
@@ -39,9 +39,9 @@ import numpy as np
 from corpus import passages
 from serve import drive, start_server
 
+from embedpool.client import Client, FileSource, IngestSummary
 from embedpool.config import Settings
 from embedpool.engine import pick_device, prepare
-from embedpool.ingest import run_ingest
 from embedpool.store import DocumentRow, EmbeddedPostgres, Store
 
 DIM = 384
@@ -59,17 +59,17 @@ def write_sources(texts: list[str], streams: int, directory: Path) -> list[Path]
     return paths
 
 
-def e2e(target: str, sources: list[Path], batch: int, state: Path) -> dict[str, Any]:
+def ingest_file(target: str, source: Path, batch: int) -> IngestSummary:
+    with Client(target) as client:  # a client (a connection) per stream, as separate `embedpool ingest` runs
+        return client.ingest("bench", FileSource(source), batch_size=batch)
+
+
+def e2e(target: str, sources: list[Path], batch: int) -> dict[str, Any]:
+    with Client(target) as client:
+        client.create_collection("bench", exist_ok=True)
     started = time.perf_counter()
     with ThreadPoolExecutor(len(sources)) as threads:
-        summaries = list(
-            threads.map(
-                lambda source: run_ingest(
-                    target, "bench", source, batch_size=batch, progress=False, state_dir=state, resume=False
-                ),
-                sources,
-            )
-        )
+        summaries = list(threads.map(lambda source: ingest_file(target, source, batch), sources))
     elapsed = time.perf_counter() - started
     documents = sum(s.documents for s in summaries)
     inserted = sum(s.inserted for s in summaries)
@@ -128,11 +128,10 @@ def main() -> None:
         try:
             target = f"127.0.0.1:{port}"
             sources = write_sources(texts, streams, tmp_path)
-            (tmp_path / "state").mkdir()
             # Warm-up: the server warmed every padded length before reporting ready; this warms the client.
             asyncio.run(drive(port, texts[: args.batch], streams, args.batch, 1.0))
             embedded = asyncio.run(drive(port, texts, streams, args.batch, 10.0 if args.quick else 30.0))
-            end_to_end = e2e(target, sources, args.batch, tmp_path / "state")
+            end_to_end = e2e(target, sources, args.batch)
         finally:
             proc.terminate()
             proc.wait(60)

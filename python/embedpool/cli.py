@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
@@ -21,9 +20,9 @@ from embedpool.errors import EmbedpoolError, one_line
 from embedpool.logs import configure
 
 if TYPE_CHECKING:
-    import grpc
+    from tqdm import tqdm
 
-    from embedpool.v1 import embedpool_pb2 as pb
+    from embedpool.client import Client, IndexOptions, IngestProgress
 
 
 async def _serve(settings: config.Settings) -> None:
@@ -96,64 +95,60 @@ def _cmd_model_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _connect(args: argparse.Namespace) -> Callable[[str], grpc.Channel]:
-    """Opens a channel with the client flags' credentials (see `_add_client_arguments`)."""
-    from embedpool.channel import open_channel
+def _client(args: argparse.Namespace) -> Client:
+    """A client of `--target` (replicas separated by commas) with the client flags' credentials (see
+    `_add_client_arguments`)."""
+    from embedpool.client import Client
 
-    return functools.partial(
-        open_channel, api_key=args.api_key, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
-    )
+    return Client(args.target, api_key=args.api_key, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from embedpool.v1 import embedpool_pb2 as pb
-    from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
-
-    with _connect(args)(args.target) as channel:
-        stub = pb_grpc.EmbedderStub(channel)
-        docs = [pb.Document(text=t) for t in args.texts]
-        reply = stub.Embed(pb.EmbedRequest(documents=docs, collection=args.collection))
-    for text, raw, ident in zip(args.texts, reply.vectors, list(reply.ids) or [""] * len(args.texts), strict=True):
-        vec = np.frombuffer(raw, dtype="<f4")
-        print(json.dumps({"id": ident, "text": text[:60], "dim": reply.dim, "head": vec[:4].round(4).tolist()}))
+    with _client(args) as client:
+        if args.collection:
+            stored = client.upsert(args.collection, args.texts, return_vectors=True)
+            vectors, ids = stored.vectors, stored.ids
+        else:
+            vectors, ids = client.embed(args.texts), [""] * len(args.texts)
+    assert vectors is not None
+    for text, vec, ident in zip(args.texts, vectors, ids, strict=True):
+        print(json.dumps({"id": ident, "text": text[:60], "dim": len(vec), "head": vec[:4].round(4).tolist()}))
     return 0
 
 
-def _index_options(args: argparse.Namespace) -> pb.IndexOptions | None:
+def _index_options(args: argparse.Namespace) -> IndexOptions | None:
     """IndexOptions from the ingest flags, or None when none was given (use the collection as it is)."""
-    from embedpool.v1 import embedpool_pb2 as pb  # the CLI imports grpc code lazily
+    from embedpool.client import IndexOptions
 
     if not (args.hnsw_m or args.hnsw_ef_construction or args.halfvec):
         return None
-    return pb.IndexOptions(m=args.hnsw_m, ef_construction=args.hnsw_ef_construction, halfvec=args.halfvec)
+    return IndexOptions(m=args.hnsw_m, ef_construction=args.hnsw_ef_construction, halfvec=args.halfvec)
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    import grpc
-
-    from embedpool.ingest import SourceError, run_ingest
+    from embedpool.client import CheckpointError, FileSource, SourceError, checkpoint_path
 
     try:
-        summary = run_ingest(
-            args.target,
-            args.collection,
-            Path(args.source),
-            batch_size=args.batch_size,
-            resume=not args.restart,
-            create=not args.no_create,
-            index=_index_options(args),
-            bulk=not args.no_bulk,
-            progress=not args.quiet,
-            state_dir=Path(args.state_dir) if args.state_dir else None,
-            connect=_connect(args),
-        )
-    except SourceError as exc:
+        source = FileSource(args.source)
+        with _client(args) as client, _ProgressBar(enabled=not args.quiet) as bar:
+            if not args.no_create:
+                # Without index flags, an existing collection is taken as it is; with them, it must match.
+                index = _index_options(args)
+                client.create_collection(args.collection, index=index, exist_ok=index is None)
+            summary = client.ingest(
+                args.collection,
+                source,
+                batch_size=args.batch_size,
+                bulk=not args.no_bulk,
+                checkpoint=checkpoint_path(args.source, args.state_dir),
+                resume=not args.restart,
+                progress=bar.update if not args.quiet else None,
+            )
+    except (SourceError, CheckpointError) as exc:
         print(f"embedpool ingest: {exc}", file=sys.stderr)
         return 2
-    except grpc.RpcError as exc:
-        print(f"embedpool ingest: {exc.code().name}: {exc.details()} (re-run to resume)", file=sys.stderr)
+    except EmbedpoolError as exc:
+        print(f"embedpool ingest: {type(exc).__name__}: {exc} (re-run to resume)", file=sys.stderr)
         return 1
     for doc_id, reason in summary.rejected:
         print(json.dumps({"rejected": doc_id, "reason": reason}), file=sys.stderr)
@@ -174,21 +169,41 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 1 if summary.rejected else 0
 
 
-def _cmd_search(args: argparse.Namespace) -> int:
-    from embedpool.v1 import embedpool_pb2 as pb
-    from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
+class _ProgressBar:
+    """The ingest's progress as a tqdm bar, opened at the first report (which knows the total)."""
 
-    with _connect(args)(args.target) as channel:
-        reply = pb_grpc.EmbedderStub(channel).Search(
-            pb.SearchRequest(collection=args.collection, text=args.query, k=args.k)
-        )
-    for hit in reply.hits:
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: tqdm[Any] | None = None
+
+    def update(self, progress: IngestProgress) -> None:
+        from tqdm import tqdm
+
+        bar = self.bar
+        if bar is None:
+            bar = self.bar = tqdm(total=progress.total, unit="doc", dynamic_ncols=True, smoothing=0.1)
+        bar.update(progress.acknowledged - bar.n)
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        hits = client.search(args.collection, args.query, k=args.k)
+    for hit in hits:
         print(json.dumps({"id": hit.id, "score": round(hit.score, 4), "text": hit.text[:80]}))
     return 0
 
 
 def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default="127.0.0.1:50051")
+    parser.add_argument(
+        "--target", default="127.0.0.1:50051", help="host:port; replicas separated by commas are taken in turn"
+    )
     parser.add_argument(
         "--api-key",
         default=os.environ.get("EMBEDPOOL_API_KEY", ""),

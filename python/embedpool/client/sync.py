@@ -1,0 +1,310 @@
+"""`Client`: the embedpool API over sync grpc channels, with splitting, retries and fail-over built in."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import grpc
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from embedpool.client import calls, ingest_sync, wire
+from embedpool.client.base import ClientBase, as_source, checkpoint_file
+from embedpool.client.ingest import IngestLedger, IngestProgress, IngestSummary, Source
+from embedpool.client.retry import Attempts, Deadline, Failure, RetryPolicy
+from embedpool.client.types import Collection, Document, Hit, IndexOptions, Limits, ModelInfo, UpsertResult
+from embedpool.errors import AlreadyExists, InvalidArgument
+from embedpool.v1 import embedpool_pb2 as pb
+from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
+
+__all__ = ["Client"]
+
+R = TypeVar("R")
+Q = TypeVar("Q")
+Stub = pb_grpc.EmbedderStub
+
+
+class Client(ClientBase):
+    """A client of one embedpool server, or of several replicas taken in turn (`targets`: "host:port", a list,
+    or a comma-separated string). Thread-safe.
+
+    `timeout`: seconds each method may take in all (its split calls, retries and waits), None for no limit; a
+    method's own `timeout` replaces it. `concurrency`: split calls in flight at once. `limits`: split inputs by
+    these instead of the limits the server announces. Credentials as `embedpool.channel.open_channel`.
+    Errors are embedpool.errors' domain errors, never grpc.RpcError.
+    """
+
+    def __init__(
+        self,
+        targets: str | Sequence[str],
+        *,
+        api_key: str = "",
+        tls_ca: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
+        timeout: float | None = 120.0,
+        retry: RetryPolicy | None = None,
+        concurrency: int = 4,
+        limits: Limits | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        super().__init__(
+            targets,
+            api_key=api_key,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            timeout=timeout,
+            retry=retry,
+            concurrency=concurrency,
+            limits=limits,
+            options=options,
+        )
+        self._channels = [self._open(t, aio=False) for t in self.targets]
+        self._stubs = [Stub(channel) for channel in self._channels]
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # Calls: every RPC goes through _call, which retries it and moves it between targets.
+
+    def _call(self, method: str, invoke: Callable[[Stub, float | None], R], deadline: Deadline) -> R:
+        attempts = Attempts(self._retry, deadline, method)
+        while True:
+            index = self._targets.pick()
+            try:
+                reply = invoke(self._stubs[index], deadline.remaining())
+            except grpc.RpcError as e:
+                assert isinstance(e, grpc.Call)
+                failure = Failure.of(e.code(), e.details(), e.trailing_metadata())
+            else:
+                self._targets.answered(index)
+                return reply
+            # Decided outside the except block: the domain error raised carries no grpc.RpcError context.
+            failover = failure.code == grpc.StatusCode.UNAVAILABLE and self._targets.unavailable(index)
+            time.sleep(attempts.failed(failure, self._targets.addresses[index], failover=failover))
+
+    def _map(
+        self,
+        method: str,
+        invoke: Callable[[Stub, float | None, Q], R],
+        requests: Sequence[Q],
+        offsets: Sequence[int],
+        deadline: Deadline,
+    ) -> list[R]:
+        """One call per request, up to `concurrency` at once; the replies in request order."""
+
+        def one(i: int) -> R:
+            try:
+                return self._call(method, lambda stub, timeout: invoke(stub, timeout, requests[i]), deadline)
+            except InvalidArgument as e:
+                raise calls.shifted(e, offsets[i]) from None
+
+        if len(requests) <= 1:
+            return [one(i) for i in range(len(requests))]
+        pool = self._executor()
+        futures: list[Future[R]] = [pool.submit(one, i) for i in range(len(requests))]
+        try:
+            return [f.result() for f in futures]
+        finally:
+            for f in futures:
+                f.cancel()  # after a failure, the calls not started yet are not made
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._concurrency, thread_name_prefix="embedpool-client")
+            return self._pool
+
+    def _limits(self, deadline: Deadline) -> Limits:
+        return self._limits_given or self._model_info(deadline).limits
+
+    def _model_info(self, deadline: Deadline) -> ModelInfo:
+        if self._info is None:
+            reply = self._call(
+                "GetModelInfo", lambda s, t: s.GetModelInfo(pb.GetModelInfoRequest(), timeout=t), deadline
+            )
+            self._info = wire.model_info(reply)
+        return self._info
+
+    # The API.
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """The served model and the server's request limits (asked once, then remembered)."""
+        return self._model_info(self._deadline(timeout))
+
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        truncate: bool = True,
+        dimensions: int | None = None,
+        timeout: float | None = None,
+    ) -> NDArray[np.float32]:
+        """[len(texts), dim] unit vectors in input order (`dimensions`: a Matryoshka size of the model)."""
+        deadline = self._deadline(timeout)
+        docs = calls.texts(texts)
+        plan = calls.embed_plan(docs, self._limits(deadline), truncate=truncate, dimensions=dimensions)
+        replies = self._map("Embed", lambda s, t, r: s.Embed(r, timeout=t), plan.requests, plan.offsets, deadline)
+        return plan.vectors(replies, dimensions or (self._model_info(deadline).dim if not docs else 0))
+
+    def upsert(
+        self,
+        collection: str,
+        documents: Iterable[Document | str],
+        *,
+        truncate: bool = True,
+        return_vectors: bool = False,
+        timeout: float | None = None,
+    ) -> UpsertResult:
+        """Embeds and stores `documents` (a plain str is a document without id or metadata)."""
+        deadline = self._deadline(timeout)
+        plan = calls.embed_plan(
+            calls.documents(documents),
+            self._limits(deadline),
+            collection=collection,
+            truncate=truncate,
+            skip_vectors=not return_vectors,
+        )
+        replies = self._map("Embed", lambda s, t, r: s.Embed(r, timeout=t), plan.requests, plan.offsets, deadline)
+        return calls.upsert_result(plan, replies, with_vectors=return_vectors)
+
+    def search(
+        self,
+        collection: str,
+        query: str | ArrayLike,
+        *,
+        k: int = 10,
+        filter: Mapping[str, Any] | None = None,
+        candidates: int | None = None,
+        min_score: float | None = None,
+        include_vectors: bool = False,
+        timeout: float | None = None,
+    ) -> list[Hit]:
+        """The `k` nearest documents to a query text or vector, best first."""
+        request = calls.search_request(
+            collection,
+            query,
+            k=k,
+            filter=filter,
+            candidates=candidates,
+            min_score=min_score,
+            include_vectors=include_vectors,
+        )
+        reply = self._call("Search", lambda s, t: s.Search(request, timeout=t), self._deadline(timeout))
+        return [wire.hit(h) for h in reply.hits]
+
+    def create_collection(
+        self, name: str, *, index: IndexOptions | None = None, exist_ok: bool = False, timeout: float | None = None
+    ) -> Collection:
+        """Creates `name` with `index` options (None: the server's defaults).
+
+        Creating it again with the same options succeeds (so a retried create cannot fail); different options
+        raise AlreadyExists, unless `exist_ok`, which takes an existing collection as it is, whatever its options.
+        """
+        deadline = self._deadline(timeout)
+        request = calls.create_request(name, index)
+        try:
+            reply = self._call("CreateCollection", lambda s, t: s.CreateCollection(request, timeout=t), deadline)
+        except AlreadyExists:
+            if not exist_ok:
+                raise
+            return self._get_collection(name, deadline)
+        return wire.collection(reply)
+
+    def get_collection(self, name: str, *, timeout: float | None = None) -> Collection:
+        """`name` with its exact count and storage sizes (NotFound when there is none)."""
+        return self._get_collection(name, self._deadline(timeout))
+
+    def _get_collection(self, name: str, deadline: Deadline) -> Collection:
+        request = pb.GetCollectionRequest(name=name)
+        return wire.collection(self._call("GetCollection", lambda s, t: s.GetCollection(request, timeout=t), deadline))
+
+    def list_collections(self, *, timeout: float | None = None) -> list[Collection]:
+        request = pb.ListCollectionsRequest()
+        reply = self._call(
+            "ListCollections", lambda s, t: s.ListCollections(request, timeout=t), self._deadline(timeout)
+        )
+        return [wire.collection(c) for c in reply.collections]
+
+    def drop_collection(self, name: str, *, timeout: float | None = None) -> None:
+        """Drops `name` and its documents. A drop retried after its first answer was lost raises NotFound."""
+        request = pb.DropCollectionRequest(name=name)
+        self._call("DropCollection", lambda s, t: s.DropCollection(request, timeout=t), self._deadline(timeout))
+
+    def delete(
+        self,
+        collection: str,
+        ids: Sequence[str] | None = None,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Deletes the documents with these ids, or those whose metadata contains `filter`; how many."""
+        deadline = self._deadline(timeout)
+        requests = calls.delete_requests(collection, ids, filter, self._limits(deadline))
+        replies = self._map(
+            "DeleteDocuments", lambda s, t, r: s.DeleteDocuments(r, timeout=t), requests, [0] * len(requests), deadline
+        )
+        return sum(r.deleted for r in replies)
+
+    def ingest(
+        self,
+        collection: str,
+        documents: Iterable[Document | str] | Source,
+        *,
+        batch_size: int = 256,
+        window: int = 4,
+        truncate: bool = True,
+        bulk: bool = True,
+        checkpoint: str | Path | None = None,
+        resume: bool = True,
+        progress: Callable[[IngestProgress], None] | None = None,
+        timeout: float | None = None,
+    ) -> IngestSummary:
+        """Streams `documents` into `collection` (which must exist) over one Ingest stream, in batches of at most
+        `batch_size` (fewer when the server's limits say so), `window` of them in flight; see
+        embedpool.client.ingest.
+
+        `checkpoint`: a file recording how far the server has acknowledged; with `resume`, a run continues after
+        what the file's run had acknowledged (`documents` must give the same documents again; a
+        `sources.FileSource` seeks to the place). The file is removed once everything is acknowledged.
+        `bulk`: an empty collection is loaded without its HNSW index, built when the stream ends.
+        `progress` is called at the start and after each acknowledgement; what it raises ends the ingest.
+        `timeout`: for the whole ingest; None (not the client's timeout) for no limit.
+        """
+        deadline = Deadline(timeout)
+        ledger = IngestLedger(
+            as_source(documents),
+            collection=collection,
+            target=self._checkpoint_target(),
+            limits=self._limits(deadline),
+            batch_size=batch_size,
+            window=window,
+            truncate=truncate,
+            checkpoint_file=checkpoint_file(checkpoint),
+            resume=resume,
+            progress=progress,
+        )
+        ingest_sync.run_ingest(ledger, self._stubs, self._targets, self._retry, deadline, bulk=bulk)
+        return ledger.finish()

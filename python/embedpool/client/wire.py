@@ -1,0 +1,121 @@
+"""Conversions between the client's types and the protobuf messages of embedpool.v1."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format, struct_pb2
+from numpy.typing import ArrayLike, NDArray
+
+from embedpool.client.types import Collection, Document, Hit, IndexOptions, Limits, ModelInfo
+from embedpool.errors import InvalidArgument
+from embedpool.v1 import embedpool_pb2 as pb
+
+__all__ = [
+    "as_document",
+    "collection",
+    "document_message",
+    "hit",
+    "index_message",
+    "limits",
+    "model_info",
+    "struct",
+    "vector_bytes",
+    "vectors_into",
+]
+
+
+def as_document(item: Document | str) -> Document:
+    return Document(item) if isinstance(item, str) else item
+
+
+def document_message(item: Document | str) -> pb.Document:
+    doc = as_document(item)
+    message = pb.Document(id=doc.id, text=doc.text)
+    if doc.metadata is not None:
+        message.metadata.CopyFrom(struct(doc.metadata, "metadata"))
+    return message
+
+
+def struct(value: Mapping[str, Any], field: str) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    try:
+        message.update(value)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise InvalidArgument(f"{field}: not a JSON object ({e})") from None
+    return message
+
+
+def vector_bytes(vector: ArrayLike) -> bytes:
+    """A query vector as packed little-endian float32."""
+    array = np.asarray(vector, dtype="<f4")
+    if array.ndim != 1 or array.size == 0:
+        raise InvalidArgument(f"query: a vector must be one non-empty row, got shape {array.shape}")
+    return array.tobytes()
+
+
+def vectors_into(out: NDArray[np.float32], start: int, packed: Sequence[bytes]) -> None:
+    """Copies the packed vectors of one reply into rows start.. of `out` (one copy: no list of arrays)."""
+    if packed:
+        out[start : start + len(packed)] = np.frombuffer(b"".join(packed), dtype="<f4").reshape(len(packed), -1)
+
+
+def _vector(packed: bytes) -> NDArray[np.float32] | None:
+    return np.frombuffer(packed, dtype="<f4").astype(np.float32) if packed else None
+
+
+def hit(message: pb.SearchHit) -> Hit:
+    return Hit(
+        id=message.id,
+        score=message.score,
+        text=message.text,
+        metadata=json_format.MessageToDict(message.metadata),
+        vector=_vector(message.vector),
+    )
+
+
+def index_message(options: IndexOptions) -> pb.IndexOptions:
+    return pb.IndexOptions(m=options.m, ef_construction=options.ef_construction, halfvec=options.halfvec)
+
+
+def collection(message: pb.Collection) -> Collection:
+    index = message.index
+    return Collection(
+        name=message.name,
+        model=message.model,
+        dim=message.dim,
+        metric=message.metric,
+        count=message.count,
+        index=IndexOptions(m=index.m, ef_construction=index.ef_construction, halfvec=index.halfvec),
+        count_estimated=message.count_estimated,
+        indexed=message.indexed,
+        index_bytes=message.index_bytes,
+        table_bytes=message.table_bytes,
+    )
+
+
+def limits(message: pb.ServerLimits) -> Limits:
+    """The announced limits; an unset one (0: a server from before ServerLimits) keeps the default."""
+    default = Limits()
+    return Limits(
+        max_request_documents=message.max_request_documents or default.max_request_documents,
+        max_request_bytes=message.max_request_bytes or default.max_request_bytes,
+        max_search_k=message.max_search_k or default.max_search_k,
+        max_delete_ids=message.max_delete_ids or default.max_delete_ids,
+    )
+
+
+def model_info(message: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        name=message.name,
+        dim=message.dim,
+        max_tokens=message.max_tokens,
+        variant=message.variant,
+        device=message.device,
+        pooling=message.pooling,
+        normalized=message.normalized,
+        dimensions=list(message.dimensions),
+        limits=limits(message.limits),
+    )
