@@ -59,6 +59,12 @@ proto: install ## regenerate python/embedpool/v1 from proto/ (committed; tests f
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=python --grpc_python_out=python \
 		--mypy_out=python --mypy_grpc_out=python proto/embedpool/v1/*.proto
 
+.PHONY: readme
+readme: install ## rewrite README's settings table from embedpool.config (a test checks they match)
+	$(PY) -c 'import pathlib, re; from embedpool.config import settings_table; p = pathlib.Path("README.md"); \
+		p.write_text(re.sub(r"(?s)(<!-- settings-table -->\n).*?(\n<!-- /settings-table -->)", \
+		lambda m: m[1] + settings_table() + m[2], p.read_text()))'
+
 .PHONY: lint
 lint: install ## ruff, mypy (+ stubtest), rustfmt, clippy
 	$(VENV)/bin/ruff check python tests bench

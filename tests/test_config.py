@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -57,4 +58,6 @@ def test_device_defaults_are_filled() -> None:
 
 
 def test_readme_lists_every_setting() -> None:
-    assert config.settings_table() in README.read_text(), "README settings table is stale: regenerate it"
+    between = re.search(r"<!-- settings-table -->\n(.*?)\n<!-- /settings-table -->", README.read_text(), re.S)
+    assert between is not None, "README lost its <!-- settings-table --> ... <!-- /settings-table --> markers"
+    assert between.group(1) == config.settings_table(), "README settings table is stale: `make readme`"
