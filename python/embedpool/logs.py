@@ -22,7 +22,7 @@ class JsonFormatter(logging.Formatter):
         rid = request_id.get()
         if rid:
             entry["request_id"] = rid
-        for key in ("method", "code", "duration_ms", "documents", "port", "metrics_port", "audit"):
+        for key in ("method", "code", "duration_ms", "documents", "port", "metrics_port", "http_port", "audit"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
         if record.exc_info:
