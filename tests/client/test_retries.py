@@ -6,20 +6,15 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Iterator
-from typing import Any
 
-import anyio
 import pytest
 from prometheus_client import REGISTRY
 
 from embedpool.client import Client, Limits, RetryPolicy
 from embedpool.errors import Overloaded, Unavailable
-from embedpool.security import keyring
 from embedpool.server.app import Running
-from embedpool.store import Store
 
-from ..conftest import SettingsFactory, serving
+from .conftest import KeyFactory
 
 SLACK_S = 0.5
 
@@ -60,27 +55,9 @@ def test_a_call_timeout_replaces_the_clients(caplog: pytest.LogCaptureFixture) -
         assert time.monotonic() - started < 0.5 + SLACK_S
 
 
-@pytest.fixture(scope="module")
-def keyed(tmp_path_factory: pytest.TempPathFactory, make_settings: SettingsFactory) -> Iterator[Running]:
-    with serving(make_settings(tmp_path_factory.mktemp("keyed"), auth="keys")) as running:
-        yield running
-
-
-def _key(running: Running, **rates: Any) -> str:
-    async def create() -> str:
-        store = await Store.open(running.database_url, max_size=1)
-        try:
-            key, _ = await keyring.create_key(store, tenant="acme", role="reader", **rates)
-            return key
-        finally:
-            await store.close()
-
-    return anyio.run(create)
-
-
-def test_a_rate_limited_call_waits_as_the_server_says_then_succeeds(keyed: Running) -> None:
+def test_a_rate_limited_call_waits_as_the_server_says_then_succeeds(keyed: Running, make_key: KeyFactory) -> None:
     # A bucket of 4 documents refilled at 4 a second: the second call of 4 must wait a second.
-    with Client(f"127.0.0.1:{keyed.port}", api_key=_key(keyed, docs_per_s=4), timeout=10) as client:
+    with Client(f"127.0.0.1:{keyed.port}", api_key=make_key(docs_per_s=4), timeout=10) as client:
         client.model_info()
         client.embed([f"first {i}" for i in range(4)])
         before, started = _refusals(), time.monotonic()
@@ -92,9 +69,9 @@ def test_a_rate_limited_call_waits_as_the_server_says_then_succeeds(keyed: Runni
     assert 0.8 < elapsed < 3.0
 
 
-def test_a_retry_delay_past_the_deadline_is_not_slept(keyed: Running) -> None:
+def test_a_retry_delay_past_the_deadline_is_not_slept(keyed: Running, make_key: KeyFactory) -> None:
     # Half a document a second: after one document the next waits 2 s, more than the 1.5 s the call has.
-    with Client(f"127.0.0.1:{keyed.port}", api_key=_key(keyed, docs_per_s=0.5), timeout=1.5) as client:
+    with Client(f"127.0.0.1:{keyed.port}", api_key=make_key(docs_per_s=0.5), timeout=1.5) as client:
         client.model_info()
         client.embed(["spends the bucket"])
         before, started = _refusals(), time.monotonic()
