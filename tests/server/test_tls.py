@@ -219,6 +219,15 @@ def test_metrics_serve_https_only(tls_server: TlsServer) -> None:
         _scrape(f"https://127.0.0.1:{port}/metrics", _trusting(trustme.CA()))
 
 
+def test_http_serves_https_only(tls_server: TlsServer) -> None:
+    port = tls_server.running.http_port
+    assert b'"ok"' in _scrape(f"https://127.0.0.1:{port}/health", _trusting(tls_server.ca))
+    with pytest.raises((OSError, http.client.HTTPException)):
+        _scrape(f"http://127.0.0.1:{port}/health")
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        _scrape(f"https://127.0.0.1:{port}/health", _trusting(trustme.CA()))
+
+
 def test_cli_connects_with_tls_ca(tls_server: TlsServer) -> None:
     embed = [sys.executable, "-m", "embedpool.cli", "embed", "hello world", "--target", tls_server.target]
     done = subprocess.run([*embed, "--tls-ca", tls_server.ca_file], capture_output=True, text=True, timeout=120)
@@ -236,10 +245,13 @@ def test_replaced_files_serve_new_connections_and_open_ones_stay(tls_server: Tls
         _refused(tls_server.target, tls_ca=tls_server.certs.ca_file(old))
         # Had the connection been dropped, a new one would be refused (its client trusts the old CA only).
         stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
-    url = f"https://127.0.0.1:{tls_server.running.metrics_port}/metrics"
-    _eventually(lambda: _scrape(url, _trusting(tls_server.ca)))
-    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
-        _scrape(url, _trusting(old))
+    for url in (
+        f"https://127.0.0.1:{tls_server.running.metrics_port}/metrics",
+        f"https://127.0.0.1:{tls_server.running.http_port}/health",
+    ):
+        _eventually(lambda: _scrape(url, _trusting(tls_server.ca)))  # noqa: B023 - called before the loop moves on
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            _scrape(url, _trusting(old))
 
 
 def test_a_half_written_key_keeps_the_certificate_until_a_valid_one_comes(
@@ -295,10 +307,15 @@ def test_mtls_serves_a_certificate_of_the_client_ca(mtls_server: MtlsServer) -> 
     assert _model_info(mtls_server.target, tls_ca=mtls_server.certs.ca_file(mtls_server.ca), **client).dim == 384
 
 
-def test_mtls_metrics_need_a_client_certificate(mtls_server: MtlsServer) -> None:
-    url = f"https://127.0.0.1:{mtls_server.running.metrics_port}/metrics"
+@pytest.mark.parametrize("listener", ["metrics", "http"])
+def test_mtls_metrics_and_http_need_a_client_certificate(mtls_server: MtlsServer, listener: str) -> None:
+    running = mtls_server.running
+    url, expected = {
+        "metrics": (f"https://127.0.0.1:{running.metrics_port}/metrics", b"embedpool_"),
+        "http": (f"https://127.0.0.1:{running.http_port}/v1/models", b"all-MiniLM-L6-v2"),
+    }[listener]
     client = mtls_server.client_ca.issue_cert("client.example")
-    assert b"embedpool_" in _scrape(url, _trusting(mtls_server.ca, client))
+    assert expected in _scrape(url, _trusting(mtls_server.ca, client))
     with pytest.raises((OSError, http.client.HTTPException)):
         _scrape(url, _trusting(mtls_server.ca))
     with pytest.raises((OSError, http.client.HTTPException)):
