@@ -83,28 +83,34 @@ def test_backoff_is_capped_exponential_with_full_jitter() -> None:
 
 def test_attempts_fail_over_at_once_and_back_off_otherwise() -> None:
     clock = Clock()
-    attempts = Attempts(RetryPolicy(initial_backoff=0.1), Deadline(10.0, clock), "Embed")
-    assert attempts.failed(UNAVAILABLE, "a", failover=True) == 0.0
-    assert 0.0 <= attempts.failed(UNAVAILABLE, "b", failover=False) <= 0.1
+    targets = Targets(["a", "b"], cooldown=2.0, clock=clock)
+    attempts = Attempts(RetryPolicy(initial_backoff=0.1), Deadline(10.0, clock), "Embed", targets)
+    assert attempts.target() == 0
+    assert attempts.failed(UNAVAILABLE) == 0.0  # b is ready
+    assert attempts.target() == 1
+    assert 0.0 <= attempts.failed(UNAVAILABLE) <= 0.1  # both cool down: back off
     overloaded = Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", retry_after=3.0)
-    assert attempts.failed(overloaded, "a", failover=False) == 3.0  # the server's delay is the floor
+    assert attempts.target() == 0
+    assert attempts.failed(overloaded) == 3.0  # the server's delay is the floor
 
 
 def test_attempts_never_wait_past_the_deadline() -> None:
     clock = Clock()
-    attempts = Attempts(RetryPolicy(), Deadline(1.5, clock), "Embed")
+    attempts = Attempts(RetryPolicy(), Deadline(1.5, clock), "Embed", Targets(["a"], 2.0, clock))
+    attempts.target()
     clock.now += 1.0
     with pytest.raises(Overloaded, match="past the deadline") as raised:
-        attempts.failed(Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", retry_after=0.6), "a", failover=False)
+        attempts.failed(Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", retry_after=0.6))
     assert raised.value.retry_after == 0.6
 
 
 def test_attempts_end_at_their_limit_and_at_a_status_not_retried() -> None:
-    attempts = Attempts(RetryPolicy(max_attempts=2), Deadline(None), "Embed")
-    attempts.failed(UNAVAILABLE, "a", failover=True)
+    targets = Targets(["a", "b"], cooldown=0.0)
+    attempts = Attempts(RetryPolicy(max_attempts=2), Deadline(None), "Embed", targets)
+    attempts.failed(UNAVAILABLE)
     with pytest.raises(Unavailable, match="after 2 attempts"):
-        attempts.failed(UNAVAILABLE, "a", failover=True)
+        attempts.failed(UNAVAILABLE)
+    attempts.progressed()  # a stream that had batches acknowledged starts again
+    attempts.failed(UNAVAILABLE)
     with pytest.raises(InvalidArgument, match="bad"):
-        Attempts(RetryPolicy(), Deadline(None), "Embed").failed(
-            Failure(grpc.StatusCode.INVALID_ARGUMENT, "bad"), "a", failover=False
-        )
+        attempts.failed(Failure(grpc.StatusCode.INVALID_ARGUMENT, "bad"))

@@ -16,7 +16,7 @@ from numpy.typing import ArrayLike, NDArray
 from embedpool.client import calls, ingest_aio, wire
 from embedpool.client.base import ClientBase, as_source, checkpoint_file
 from embedpool.client.ingest import IngestLedger, IngestProgress, IngestSummary, Source
-from embedpool.client.retry import Attempts, Deadline, Failure, RetryPolicy
+from embedpool.client.retry import Attempts, Deadline, Failure
 from embedpool.client.types import Collection, Document, Hit, IndexOptions, Limits, ModelInfo, UpsertResult
 from embedpool.errors import AlreadyExists, InvalidArgument
 from embedpool.v1 import embedpool_pb2 as pb
@@ -35,35 +35,11 @@ class AsyncClient(ClientBase):
     """As `embedpool.client.Client`, with coroutine methods. Channels open on first use, in the running event
     loop, and belong to it: use one AsyncClient within one loop, and `await close()` (or `async with`)."""
 
-    def __init__(
-        self,
-        targets: str | Sequence[str],
-        *,
-        api_key: str = "",
-        tls_ca: str = "",
-        tls_cert: str = "",
-        tls_key: str = "",
-        timeout: float | None = 120.0,
-        retry: RetryPolicy | None = None,
-        concurrency: int = 4,
-        limits: Limits | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        super().__init__(
-            targets,
-            api_key=api_key,
-            tls_ca=tls_ca,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            timeout=timeout,
-            retry=retry,
-            concurrency=concurrency,
-            limits=limits,
-            options=options,
-        )
+    def _connect(self) -> None:
+        """Nothing opens yet: grpc.aio channels belong to the loop running when they open."""
         self._channels: list[grpc.aio.Channel] = []
         self._stub_list: list[Stub] = []
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = asyncio.Semaphore(self._concurrency)
 
     @property
     def _stubs(self) -> list[Stub]:
@@ -88,19 +64,18 @@ class AsyncClient(ClientBase):
     # Calls: every RPC goes through _call, which retries it and moves it between targets.
 
     async def _call(self, method: str, invoke: Callable[[Stub, float | None], Awaitable[R]], deadline: Deadline) -> R:
-        attempts = Attempts(self._retry, deadline, method)
+        attempts = Attempts(self._retry, deadline, method, self._targets)
         while True:
-            index = self._targets.pick()
+            stub = self._stubs[attempts.target()]
             try:
-                reply = await invoke(self._stubs[index], deadline.remaining())
+                reply = await invoke(stub, deadline.remaining())
             except grpc.aio.AioRpcError as e:
                 failure = Failure.of(e.code(), e.details(), e.trailing_metadata())
             else:
-                self._targets.answered(index)
+                attempts.answered()
                 return reply
             # Decided outside the except block: the domain error raised carries no grpc.RpcError context.
-            failover = failure.code == grpc.StatusCode.UNAVAILABLE and self._targets.unavailable(index)
-            await asyncio.sleep(attempts.failed(failure, self._targets.addresses[index], failover=failover))
+            await asyncio.sleep(attempts.failed(failure))
 
     async def _map(
         self,
@@ -277,5 +252,7 @@ class AsyncClient(ClientBase):
             resume=resume,
             progress=progress,
         )
-        await ingest_aio.run_ingest(ledger, self._stubs, self._targets, self._retry, deadline, bulk=bulk)
+        await ingest_aio.run_ingest(
+            ledger, self._stubs, Attempts(self._retry, deadline, "Ingest", self._targets), bulk=bulk
+        )
         return ledger.finish()

@@ -24,19 +24,29 @@ _MAX_REPLY_BYTES: Final = 256 * 1024 * 1024
 
 
 class ClientBase:
+    """A client of one embedpool server, or of several replicas taken in turn (`targets`: "host:port", a list,
+    or a comma-separated string).
+
+    `timeout`: seconds each method may take in all (its split calls, retries and waits), None for no limit; a
+    method's own `timeout` replaces it. `retry`: how RESOURCE_EXHAUSTED and UNAVAILABLE are retried.
+    `concurrency`: split calls in flight at once. `limits`: split inputs by these instead of the limits the
+    server announces. `api_key`, `tls_*`: as `embedpool.channel.open_channel`; `options`: grpc channel options.
+    Errors are embedpool.errors' domain errors, never grpc.RpcError.
+    """
+
     def __init__(
         self,
         targets: str | Sequence[str],
         *,
-        api_key: str,
-        tls_ca: str,
-        tls_cert: str,
-        tls_key: str,
-        timeout: float | None,
-        retry: RetryPolicy | None,
-        concurrency: int,
-        limits: Limits | None,
-        options: Sequence[tuple[str, Any]],
+        api_key: str = "",
+        tls_ca: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
+        timeout: float | None = 120.0,
+        retry: RetryPolicy | None = None,
+        concurrency: int = 4,
+        limits: Limits | None = None,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         if concurrency < 1:
             raise InvalidArgument(f"concurrency: must be positive, got {concurrency}")
@@ -50,6 +60,11 @@ class ClientBase:
         self._info: ModelInfo | None = None
         self._credentials = (api_key, tls_ca, tls_cert, tls_key)
         self._options = [("grpc.max_receive_message_length", _MAX_REPLY_BYTES), *options]
+        self._connect()
+
+    def _connect(self) -> None:
+        """Sets up the transport (the end of __init__)."""
+        raise NotImplementedError
 
     @overload
     def _open(self, target: str, *, aio: Literal[False]) -> grpc.Channel: ...

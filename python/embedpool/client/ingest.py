@@ -22,6 +22,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 from embedpool.client import checkpoint as checkpoints
 from embedpool.client import wire
 from embedpool.client.checkpoint import Checkpoint
+from embedpool.client.retry import Attempts, Failure
 from embedpool.client.split import field_size, runs
 from embedpool.client.types import Document, Limits, Rejected
 from embedpool.errors import InferenceFailed, InvalidArgument
@@ -35,6 +36,7 @@ __all__ = [
     "IterableSource",
     "Positioned",
     "Read",
+    "Reopening",
     "Source",
 ]
 
@@ -172,7 +174,7 @@ class IngestLedger:
         self._file = checkpoint_file
         self._progress = progress
         self._total = source.remaining(self.checkpoint.position) if progress is not None else None
-        self._batches = self._read(source, collection, limits, min(batch_size, limits.max_request_documents), truncate)
+        self._batches = self._read(source, limits, min(batch_size, limits.max_request_documents))
         self._next_id = self.checkpoint.batch_id
         self._in_flight: dict[int, _Batch] = {}  # insertion order is batch order
         self._acknowledged: dict[int, _Batch] = {}  # ahead of a gap in the acknowledged prefix
@@ -180,11 +182,10 @@ class IngestLedger:
         self._started = time.perf_counter()
         self._report(None)
 
-    def _read(
-        self, source: Source, collection: str, limits: Limits, size: int, truncate: bool
-    ) -> Iterator[SourceBatch]:
-        template = pb.IngestRequest(collection=collection, batch_id=(1 << 64) - 1, bulk=True)
-        if not truncate:
+    def _read(self, source: Source, limits: Limits, size: int) -> Iterator[SourceBatch]:
+        """Batches that fit the limits, whatever their batch id and flags."""
+        template = pb.IngestRequest(collection=self.checkpoint.collection, batch_id=(1 << 64) - 1, bulk=True)
+        if not self._truncate:
             template.truncate = False
         messages = ((wire.document_message(p.document), p.end) for p in source.read(self.checkpoint.position))
         budget = limits.max_request_bytes - template.ByteSize()
@@ -260,6 +261,34 @@ class IngestLedger:
             with contextlib.suppress(FileNotFoundError):
                 self._file.unlink()
         return self.summary
+
+
+class Reopening:
+    """When an ingest's stream is opened again after it failed: as any call's attempts, except that a stream
+    that had batches acknowledged before it failed starts the retry budget again (a long ingest may outlive
+    several replica restarts)."""
+
+    def __init__(self, ledger: IngestLedger, attempts: Attempts) -> None:
+        self.ledger = ledger
+        self.attempts = attempts
+        self._acknowledged = 0
+
+    def target(self) -> int:
+        """The target of the next stream."""
+        self._acknowledged = self.ledger.summary.batches
+        return self.attempts.target()
+
+    def ended(self, failure: Failure | None) -> float:
+        """Seconds to wait before the next stream, after one that ended with `failure` (None: it completed).
+        Raises the failure's domain error when it is not retried."""
+        if failure is None:
+            self.attempts.answered()
+            return 0.0
+        if self.ledger.summary.batches > self._acknowledged:
+            self.attempts.progressed()
+        delay = self.attempts.failed(failure)
+        self.ledger.summary.retries += 1
+        return delay
 
 
 def _batch_ack(ack: pb.IngestAck, documents: int) -> BatchAck:

@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING
 import grpc
 import grpc.aio
 
-from embedpool.client.ingest import IngestLedger
-from embedpool.client.retry import Attempts, Deadline, Failure, RetryPolicy
-from embedpool.client.targets import Targets
+from embedpool.client.ingest import IngestLedger, Reopening
+from embedpool.client.retry import Attempts, Deadline, Failure
 from embedpool.v1 import embedpool_pb2 as pb
 
 if TYPE_CHECKING:
@@ -26,29 +25,13 @@ Call = grpc.aio.StreamStreamCall[pb.IngestRequest, pb.IngestAck]
 
 
 async def run_ingest(
-    ledger: IngestLedger,
-    stubs: Sequence[EmbedderAsyncStub],
-    targets: Targets,
-    policy: RetryPolicy,
-    deadline: Deadline,
-    *,
-    bulk: bool,
+    ledger: IngestLedger, stubs: Sequence[EmbedderAsyncStub], attempts: Attempts, *, bulk: bool
 ) -> None:
     """As embedpool.client.ingest_sync.run_ingest, on asyncio."""
-    attempts = Attempts(policy, deadline, "Ingest")
+    reopening = Reopening(ledger, attempts)
     while not ledger.done():
-        index = targets.pick()
-        acknowledged = ledger.summary.batches
-        failure = await _Stream(ledger, bulk).run(stubs[index], deadline)
-        if failure is None:
-            targets.answered(index)
-            continue
-        if ledger.summary.batches > acknowledged:
-            attempts = Attempts(policy, deadline, "Ingest")
-        failover = failure.code == grpc.StatusCode.UNAVAILABLE and targets.unavailable(index)
-        delay = attempts.failed(failure, targets.addresses[index], failover=failover)
-        ledger.summary.retries += 1
-        await asyncio.sleep(delay)
+        failure = await _Stream(ledger, bulk).run(stubs[reopening.target()], attempts.deadline)
+        await asyncio.sleep(reopening.ended(failure))
 
 
 class _Stream:

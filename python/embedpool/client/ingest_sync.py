@@ -10,41 +10,21 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 
-from embedpool.client.ingest import IngestLedger
-from embedpool.client.retry import Attempts, Deadline, Failure, RetryPolicy
-from embedpool.client.targets import Targets
+from embedpool.client.ingest import IngestLedger, Reopening
+from embedpool.client.retry import Attempts, Deadline, Failure
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
 __all__ = ["run_ingest"]
 
 
-def run_ingest(
-    ledger: IngestLedger,
-    stubs: Sequence[pb_grpc.EmbedderStub],
-    targets: Targets,
-    policy: RetryPolicy,
-    deadline: Deadline,
-    *,
-    bulk: bool,
-) -> None:
+def run_ingest(ledger: IngestLedger, stubs: Sequence[pb_grpc.EmbedderStub], attempts: Attempts, *, bulk: bool) -> None:
     """Streams every batch of `ledger` until each is acknowledged, opening a new stream (on the next target)
-    after a retryable failure; the retry budget starts again after a stream that made progress."""
-    flow = _Flow(ledger, bulk)
-    attempts = Attempts(policy, deadline, "Ingest")
+    after a retryable failure."""
+    flow, reopening = _Flow(ledger, bulk), Reopening(ledger, attempts)
     while not ledger.done():
-        index = targets.pick()
-        acknowledged = ledger.summary.batches
-        failure = flow.stream(stubs[index], deadline)
-        if failure is None:
-            targets.answered(index)
-            continue
-        if ledger.summary.batches > acknowledged:
-            attempts = Attempts(policy, deadline, "Ingest")
-        failover = failure.code == grpc.StatusCode.UNAVAILABLE and targets.unavailable(index)
-        delay = attempts.failed(failure, targets.addresses[index], failover=failover)
-        ledger.summary.retries += 1
-        time.sleep(delay)
+        failure = flow.stream(stubs[reopening.target()], attempts.deadline)
+        time.sleep(reopening.ended(failure))
 
 
 class _Flow:

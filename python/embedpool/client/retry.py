@@ -21,6 +21,7 @@ from typing import Any, Final
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from embedpool.client.targets import Targets
 from embedpool.errors import EmbedpoolError, Overloaded
 from embedpool.status import error_for_grpc
 
@@ -96,27 +97,41 @@ class Deadline:
 
 
 class Attempts:
-    """The retry decisions of one call (one RPC, or one Ingest stream until it makes progress)."""
+    """The attempts of one call over the targets: which target each goes to, which failures are tried again,
+    after how long, and when to give up."""
 
-    def __init__(self, policy: RetryPolicy, deadline: Deadline, method: str) -> None:
+    def __init__(self, policy: RetryPolicy, deadline: Deadline, method: str, targets: Targets) -> None:
         self.policy = policy
         self.deadline = deadline
         self.method = method
+        self.targets = targets
         self.count = 0
         self._retries = 0
+        self._index = 0
 
-    def failed(self, failure: Failure, target: str, *, failover: bool) -> float:
-        """Seconds to wait before the next attempt, 0 to go at once to another target (`failover`: the failure
-        was UNAVAILABLE and another target is ready). Raises the failure's domain error instead when it is not
-        retried: its status is not retryable, the attempts are used up, or the next one would start past the
-        deadline."""
+    def target(self) -> int:
+        """The target of the next attempt."""
+        self._index = self.targets.pick()
+        return self._index
+
+    def answered(self) -> None:
+        self.targets.answered(self._index)
+
+    def progressed(self) -> None:
+        """The call got somewhere before it failed (a stream had batches acknowledged): a fresh budget."""
+        self.count = self._retries = 0
+
+    def failed(self, failure: Failure) -> float:
+        """Seconds to wait before the next attempt: 0 to go at once to another target when the failure was
+        UNAVAILABLE and another one is ready. Raises the failure's domain error instead when it is not retried:
+        its status is not retryable, the attempts are used up, or the next one would start past the deadline."""
         self.count += 1
         if failure.code not in RETRYABLE:
             raise failure.error()
         if self.count >= self.policy.max_attempts:
             raise failure.error(f"gave up after {self.count} attempts")
         delay = 0.0
-        if not failover:
+        if not (failure.code == grpc.StatusCode.UNAVAILABLE and self.targets.unavailable(self._index)):
             self._retries += 1
             delay = max(self.policy.backoff(self._retries), failure.retry_after or 0.0)
         remaining = self.deadline.remaining()
@@ -126,7 +141,7 @@ class Attempts:
             "%s: %s from %s, attempt %d; retrying in %.3f s",
             self.method,
             failure.code.name,
-            target,
+            self.targets.addresses[self._index],
             self.count,
             delay,
         )

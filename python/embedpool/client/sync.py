@@ -17,7 +17,7 @@ from numpy.typing import ArrayLike, NDArray
 from embedpool.client import calls, ingest_sync, wire
 from embedpool.client.base import ClientBase, as_source, checkpoint_file
 from embedpool.client.ingest import IngestLedger, IngestProgress, IngestSummary, Source
-from embedpool.client.retry import Attempts, Deadline, Failure, RetryPolicy
+from embedpool.client.retry import Attempts, Deadline, Failure
 from embedpool.client.types import Collection, Document, Hit, IndexOptions, Limits, ModelInfo, UpsertResult
 from embedpool.errors import AlreadyExists, InvalidArgument
 from embedpool.v1 import embedpool_pb2 as pb
@@ -31,41 +31,10 @@ Stub = pb_grpc.EmbedderStub
 
 
 class Client(ClientBase):
-    """A client of one embedpool server, or of several replicas taken in turn (`targets`: "host:port", a list,
-    or a comma-separated string). Thread-safe.
+    """The embedpool API over sync grpc channels; the options are ClientBase's. Thread-safe: the split calls of
+    a method run on a pool of `concurrency` threads."""
 
-    `timeout`: seconds each method may take in all (its split calls, retries and waits), None for no limit; a
-    method's own `timeout` replaces it. `concurrency`: split calls in flight at once. `limits`: split inputs by
-    these instead of the limits the server announces. Credentials as `embedpool.channel.open_channel`.
-    Errors are embedpool.errors' domain errors, never grpc.RpcError.
-    """
-
-    def __init__(
-        self,
-        targets: str | Sequence[str],
-        *,
-        api_key: str = "",
-        tls_ca: str = "",
-        tls_cert: str = "",
-        tls_key: str = "",
-        timeout: float | None = 120.0,
-        retry: RetryPolicy | None = None,
-        concurrency: int = 4,
-        limits: Limits | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        super().__init__(
-            targets,
-            api_key=api_key,
-            tls_ca=tls_ca,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            timeout=timeout,
-            retry=retry,
-            concurrency=concurrency,
-            limits=limits,
-            options=options,
-        )
+    def _connect(self) -> None:
         self._channels = [self._open(t, aio=False) for t in self.targets]
         self._stubs = [Stub(channel) for channel in self._channels]
         self._pool: ThreadPoolExecutor | None = None
@@ -89,20 +58,19 @@ class Client(ClientBase):
     # Calls: every RPC goes through _call, which retries it and moves it between targets.
 
     def _call(self, method: str, invoke: Callable[[Stub, float | None], R], deadline: Deadline) -> R:
-        attempts = Attempts(self._retry, deadline, method)
+        attempts = Attempts(self._retry, deadline, method, self._targets)
         while True:
-            index = self._targets.pick()
+            stub = self._stubs[attempts.target()]
             try:
-                reply = invoke(self._stubs[index], deadline.remaining())
+                reply = invoke(stub, deadline.remaining())
             except grpc.RpcError as e:
                 assert isinstance(e, grpc.Call)
                 failure = Failure.of(e.code(), e.details(), e.trailing_metadata())
             else:
-                self._targets.answered(index)
+                attempts.answered()
                 return reply
             # Decided outside the except block: the domain error raised carries no grpc.RpcError context.
-            failover = failure.code == grpc.StatusCode.UNAVAILABLE and self._targets.unavailable(index)
-            time.sleep(attempts.failed(failure, self._targets.addresses[index], failover=failover))
+            time.sleep(attempts.failed(failure))
 
     def _map(
         self,
@@ -306,5 +274,5 @@ class Client(ClientBase):
             resume=resume,
             progress=progress,
         )
-        ingest_sync.run_ingest(ledger, self._stubs, self._targets, self._retry, deadline, bulk=bulk)
+        ingest_sync.run_ingest(ledger, self._stubs, Attempts(self._retry, deadline, "Ingest", self._targets), bulk=bulk)
         return ledger.finish()
