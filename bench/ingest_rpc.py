@@ -124,7 +124,7 @@ def main() -> None:
         tmp_path = Path(tmp)
         stored = anyio.run(store_alone, pg.uri, n_docs, args.batch, backend="asyncio")
         args.server_arg = [*args.server_arg, "--database-url", pg.uri]
-        proc, port = start_server(args, bundle.root, tmp_path / "data")
+        proc, port = start_server(args, bundle.root, tmp_path / "data")[:2]  # (the HTTP port, where given, unused)
         try:
             target = f"127.0.0.1:{port}"
             sources = write_sources(texts, streams, tmp_path)
