@@ -23,6 +23,7 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 THREADS = 2
 
 Padded = tuple[NDArray[np.int64], NDArray[np.int64]]
+Sessions = Callable[[Variant], EmbeddingSession]
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def bundle(converted: Path) -> ModelBundle:
 
 
 @pytest.fixture(scope="session")
-def sessions(bundle: ModelBundle) -> Callable[[Variant], EmbeddingSession]:
+def sessions(bundle: ModelBundle) -> Sessions:
     cache: dict[Variant, EmbeddingSession] = {}
 
     def get(variant: Variant) -> EmbeddingSession:

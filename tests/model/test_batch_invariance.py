@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedpool.model import EmbeddingSession
 from embedpool.model.convert import ALL_VARIANTS, Variant
 
-from .conftest import Golden, Padded, pad_batch, row_cosines
+from .conftest import Golden, Padded, Sessions, pad_batch, row_cosines
 
-Sessions = Callable[[Variant], EmbeddingSession]
 MIN_COSINE = 0.99999
 MAX_TOKENS = 256
 CLS, SEP, FIRST_WORD, VOCAB = 101, 102, 1996, 30522

@@ -13,6 +13,7 @@ from numpy.typing import NDArray
 from embedpool.errors import InvalidArgument
 from embedpool.model import ModelBundle, fused_operator_statistics, load_config
 from embedpool.model.bert_graph import TOKEN_EMBEDDINGS, encoder_from_checkpoint
+from embedpool.model.convert import Variant
 
 from .conftest import TINY_CONFIG, TINY_HEADS, TINY_HIDDEN, TINY_VOCAB, pad_batch, tiny_weights, write_checkpoint
 
@@ -92,7 +93,7 @@ def test_tiny_checkpoint_fuses(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("variant", ["fp32_opt", "fp16", "int8"])
-def test_converted_variants_are_fused(bundle: ModelBundle, variant: str) -> None:
+def test_converted_variants_are_fused(bundle: ModelBundle, variant: Variant) -> None:
     # int8 replaces only the weight MatMuls: the fused fp32 ops stay.
-    stats = fused_operator_statistics(bundle.onnx[variant])  # type: ignore[index]
+    stats = fused_operator_statistics(bundle.onnx[variant])
     assert {k: stats[k] for k in EXPECTED_FUSION} == EXPECTED_FUSION

@@ -14,7 +14,7 @@ from embedpool.errors import InvalidArgument
 from embedpool.model import CONVERTER_VERSION, ModelBundle, convert_checkpoint, default_checkpoint, prepare_model
 from embedpool.model.convert import source_digest
 
-from .conftest import Golden, pad_batch, row_cosines
+from .conftest import Golden, Sessions, pad_batch, row_cosines
 
 CONFIG_FILES = ("tokenizer.json", "config.json", "1_Pooling/config.json", "sentence_bert_config.json")
 
@@ -54,7 +54,7 @@ def test_fp16_variant_is_half_precision_with_fp32_io(bundle: ModelBundle) -> Non
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
 
-def test_fp16_runs_on_cpu_when_supported(sessions, golden: Golden) -> None:  # type: ignore[no-untyped-def]
+def test_fp16_runs_on_cpu_when_supported(sessions: Sessions, golden: Golden) -> None:
     # fp16 targets the CUDA EP; this ORT build's CPU kernels happen to cover it, which lets CI check its numbers.
     ids, mask = pad_batch(golden.input_ids[:16])
     out = sessions("fp16").embed(ids, mask)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from numpy.typing import NDArray
 from onnx import TensorProto, helper
 
 from embedpool.errors import InvalidArgument, NotFound
@@ -29,7 +30,7 @@ def _optimum_like(root: Path, model: onnx.ModelProto) -> Path:
     return root
 
 
-def _golden_fp32(bundle: ModelBundle, golden: Golden) -> np.ndarray:  # type: ignore[type-arg]
+def _golden_fp32(bundle: ModelBundle, golden: Golden) -> NDArray[np.float64]:
     session = EmbeddingSession(bundle, "fp32", "cpu", intra_op_threads=THREADS)
     ids, mask = pad_batch(golden.input_ids[:24])
     return row_cosines(session.embed(ids, mask), golden.vectors[:24])
@@ -68,7 +69,7 @@ def test_optimum_layout_gets_pooling_appended(tmp_path: Path, golden: Golden) ->
     # optimum's BERT exports take token_type_ids too; the session must feed zeros for it.
     encoder.graph.input.append(helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["batch", "seq"]))
     root = _optimum_like(tmp_path / "optimum", encoder)
-    bundle = load_model_dir(root, tmp_path / "cache", variants=("fp32",))
+    bundle = load_model_dir(root, tmp_path / "cache", variants=["fp32"])
     assert bundle.root.parent == tmp_path / "cache" and bundle.config.name == "optimum"
     assert [o.name for o in onnx.load(str(bundle.onnx["fp32"])).graph.output] == ["sentence_embedding"]
     assert _golden_fp32(bundle, golden).min() >= 0.9999
@@ -79,7 +80,7 @@ def test_optimum_layout_with_pooled_output_taken_as_is(tmp_path: Path, bundle: M
     pooled.graph.output[0].name = "embeddings"  # as exported, under some other name
     pooled.graph.node[-1].output[0] = "embeddings"
     root = _optimum_like(tmp_path / "pooled", pooled)
-    loaded = load_model_dir(root, tmp_path / "cache", variants=("fp32",))
+    loaded = load_model_dir(root, tmp_path / "cache", variants=["fp32"])
     nodes = onnx.load(str(loaded.onnx["fp32"])).graph.node
     assert len(nodes) == len(pooled.graph.node) + 1  # only the renaming Identity
     assert _golden_fp32(loaded, golden).min() >= 0.9999

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -12,9 +10,8 @@ from embedpool.errors import InvalidArgument, NotFound, Unavailable
 from embedpool.model import EmbeddingSession, ModelBundle
 from embedpool.model.convert import Variant
 
-from .conftest import THREADS, Golden, pad_batch, row_cosines
+from .conftest import THREADS, Golden, Sessions, pad_batch, row_cosines
 
-Sessions = Callable[[Variant], EmbeddingSession]
 # fp32 graphs reproduce PyTorch to float rounding; int8 (per-token scales) has its worst golden text at 0.9950
 # whatever the batch (bench/quantize.py).
 MIN_COSINE: dict[Variant, float] = {"fp32": 0.9999, "fp32_opt": 0.9999, "int8": 0.995}
