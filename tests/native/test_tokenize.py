@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tokenizers
 from hypothesis import given
 from hypothesis import strategies as st
 from numpy.typing import NDArray
@@ -27,7 +28,7 @@ def short(tokenizer_path: Path) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def short_reference(tokenizer_path: Path):  # type: ignore[no-untyped-def]
+def short_reference(tokenizer_path: Path) -> tokenizers.Tokenizer:
     return reference(tokenizer_path, SHORT_MAX_LENGTH)
 
 
@@ -59,7 +60,7 @@ def test_properties(minilm: Tokenizer) -> None:
 
 
 @given(texts_strategy)
-def test_matches_tokenizers_binding(short: Tokenizer, short_reference, texts: list[str]) -> None:  # type: ignore[no-untyped-def]
+def test_matches_tokenizers_binding(short: Tokenizer, short_reference: tokenizers.Tokenizer, texts: list[str]) -> None:
     expected_rows = [e.ids for e in short_reference.encode_batch(texts)]
     expected_ids, expected_mask = numpy_padded(expected_rows, short.pad_id, 8)
     ids, mask, lengths = short.encode(texts)
@@ -115,7 +116,7 @@ def test_bad_inputs(short: Tokenizer, tokenizer_path: Path) -> None:
     with pytest.raises(NativeError, match="text 1"):
         short.encode(["ok", "\ud800"])
     with pytest.raises(TypeError):
-        short.encode("not a list")  # type: ignore[arg-type]
+        short.encode("not a list")
     with pytest.raises(TypeError):
         short.encode([1, 2])  # type: ignore[list-item]
     with pytest.raises(NativeError):

@@ -118,7 +118,7 @@ def test_bad_shapes_and_arguments() -> None:
     with pytest.raises(NativeError, match="float32"):
         topk_cosine(q.astype(np.float64), q, 1)
     with pytest.raises(NativeError):
-        topk_cosine(q, q.astype(np.float64), 1)
+        topk_cosine(q, q.astype(np.float64), 1)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
