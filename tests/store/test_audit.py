@@ -57,7 +57,7 @@ async def _as_superuser_bypassing_triggers(store: Store, statement: str) -> None
     """What an operator with superuser rights could do: switch the triggers off for a session and edit."""
     async with await AsyncConnection.connect(store.url, autocommit=True) as conn:
         await conn.execute("SET session_replication_role = replica")
-        await conn.execute(statement)  # type: ignore[arg-type]
+        await conn.execute(statement)
 
 
 async def test_concurrent_appends_form_one_gapless_chain(store: Store) -> None:
@@ -77,7 +77,7 @@ async def test_the_server_role_cannot_change_or_remove_rows(store: Store, statem
     await _append(store, 3)
     async with store.connection() as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            await conn.execute(statement)  # type: ignore[arg-type]
+            await conn.execute(statement)
     assert (await verify(store)).rows == 3
 
 

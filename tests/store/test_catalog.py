@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import anyio
 import pytest
 
@@ -13,10 +15,10 @@ from .conftest import unique_name
 pytestmark = pytest.mark.anyio
 
 
-async def _eventually(check: object, timeout: float = 2.0) -> None:
+async def _eventually(check: Callable[[], Awaitable[bool]], timeout: float = 2.0) -> None:
     """Poll an async predicate: a replica hears of a change within a notification's delivery."""
     with anyio.fail_after(timeout):
-        while not await check():  # type: ignore[operator]
+        while not await check():
             await anyio.sleep(0.02)
 
 

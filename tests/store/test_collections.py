@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import pytest
@@ -70,9 +71,9 @@ async def test_recreated_collection_starts_empty(store: Store) -> None:
     ],
 )
 async def test_create_rejects_bad_definitions(store: Store, name: str, kwargs: dict[str, object]) -> None:
-    args: dict[str, object] = {"model": "m", "dim": 8} | kwargs
+    args: dict[str, Any] = {"model": "m", "dim": 8} | kwargs
     with pytest.raises(InvalidArgument):
-        await store.create_collection(name, **args)  # type: ignore[arg-type]
+        await store.create_collection(name, **args)
 
 
 async def test_unknown_collection_is_not_found_everywhere(store: Store) -> None:

@@ -5,6 +5,7 @@ from pathlib import Path
 import anyio
 import pytest
 from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
 
 import embedpool
 from embedpool.store import EmbeddedPostgres
@@ -13,7 +14,7 @@ from embedpool.store.migrations import MIGRATIONS_DIR, applied_versions, discove
 pytestmark = pytest.mark.anyio
 
 
-async def _tables(conn: AsyncConnection[object]) -> set[str]:
+async def _tables(conn: AsyncConnection[TupleRow]) -> set[str]:
     cur = await conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
     return {row[0] for row in await cur.fetchall()}
 

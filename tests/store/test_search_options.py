@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from psycopg import AsyncConnection
@@ -48,7 +50,7 @@ async def test_defaults_and_idempotent_create(store: Store) -> None:
 @pytest.mark.parametrize(
     "kwargs", [{"m": 1}, {"m": 101}, {"m": True}, {"ef_construction": 2000}, {"m": 32, "ef_construction": 40}]
 )
-def test_bad_options_are_invalid(kwargs: dict[str, int]) -> None:
+def test_bad_options_are_invalid(kwargs: dict[str, Any]) -> None:
     with pytest.raises(InvalidArgument):
         HnswOptions(**kwargs)
 
