@@ -97,7 +97,7 @@ def test_each_write_admin_action_and_refusal_is_audited_once(
     assert "search" not in rows and "embed" not in rows  # reads are metered, not audited
     secrets = {k.split("_", 2)[2] for k in (admin, writer, reader)}
     assert not any(secret in str(rows) for secret in secrets)
-    logged = {r.audit["request_id"]: r.audit for r in caplog.records if hasattr(r, "audit")}  # type: ignore[attr-defined]
+    logged = {r.audit["request_id"]: r.audit for r in caplog.records if hasattr(r, "audit")}
     assert logged["ingest"]["documents"] == 8 and logged["ingest"]["tenant"] == "acme"
     assert logged["forged"]["status"] == "UNAUTHENTICATED"
     assert not any(secret in caplog.text for secret in secrets)

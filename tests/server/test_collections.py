@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import cast
 
 import grpc
 import numpy as np
@@ -81,7 +82,7 @@ def test_search_by_vector_and_filter(stub: pb_grpc.EmbedderStub, collection: str
     filtered = stub.Search(
         pb.SearchRequest(collection=collection, vector=query, k=12, filter=dict_to_struct({"even": False}))
     ).hits
-    assert filtered and all(dict(h.metadata)["n"] % 2 == 1 for h in filtered)
+    assert filtered and all(cast(float, dict(h.metadata)["n"]) % 2 == 1 for h in filtered)
     assert len(filtered) == 6
 
 

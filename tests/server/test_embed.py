@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import grpc
 import numpy as np
@@ -16,7 +17,7 @@ def _vectors(reply: pb.EmbedResponse) -> NDArray[np.float32]:
     return np.stack([np.frombuffer(v, dtype="<f4") for v in reply.vectors])
 
 
-def _embed(stub: pb_grpc.EmbedderStub, texts: list[str], **kwargs: object) -> pb.EmbedResponse:
+def _embed(stub: pb_grpc.EmbedderStub, texts: list[str], **kwargs: Any) -> pb.EmbedResponse:
     return stub.Embed(pb.EmbedRequest(documents=[pb.Document(text=t) for t in texts], **kwargs), timeout=60)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import pytest
 
@@ -40,7 +41,7 @@ def test_loopback_serves_as_before() -> None:
     [({"host": "0.0.0.0"}, "gRPC on 0.0.0.0"), ({"metrics_host": "0.0.0.0"}, "/metrics on 0.0.0.0")],
 )
 def test_an_exposed_listener_needs_insecure_and_is_warned_about(
-    changes: dict[str, str], named: str, caplog: pytest.LogCaptureFixture
+    changes: dict[str, Any], named: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with pytest.raises(StartupError, match=f"refusing to serve {named}"):
         check_exposure(dataclasses.replace(Settings(), **changes))

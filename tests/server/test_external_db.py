@@ -11,12 +11,12 @@ from embedpool.store.embedded import EmbeddedPostgres
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
-from ..conftest import serving
+from ..conftest import SettingsFactory, serving
 
 
-def test_database_url_points_at_another_postgres(tmp_path: Path, make_settings: object) -> None:
+def test_database_url_points_at_another_postgres(tmp_path: Path, make_settings: SettingsFactory) -> None:
     with EmbeddedPostgres(tmp_path / "external") as external:
-        settings = make_settings(tmp_path / "data", database_url=external.uri)  # type: ignore[operator]
+        settings = make_settings(tmp_path / "data", database_url=external.uri)
         with serving(settings) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = pb_grpc.EmbedderStub(channel)
             stub.CreateCollection(pb.CreateCollectionRequest(name="elsewhere"))

@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,14 +18,14 @@ from embedpool.engine import Engine, load_engine
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
-from ..conftest import ingest_batches, serving
+from ..conftest import SettingsFactory, ingest_batches, serving
 
 
 @pytest.fixture(scope="module")
 def faulty(
-    tmp_path_factory: pytest.TempPathFactory, make_settings: object, poisoned_session: Callable[..., Any]
+    tmp_path_factory: pytest.TempPathFactory, make_settings: SettingsFactory, poisoned_session: Callable[..., Any]
 ) -> Iterator[pb_grpc.EmbedderStub]:
-    settings = make_settings(  # type: ignore[operator]
+    settings = make_settings(
         tmp_path_factory.mktemp("faulty"),
         max_concurrent_inputs=32,
         max_request_documents=32,
@@ -160,7 +161,7 @@ class _Breakable:
 
 
 def test_health_is_not_serving_while_no_session_works(
-    tmp_path: Any, make_settings: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -176,7 +177,7 @@ def test_health_is_not_serving_while_no_session_works(
         stub, health = pb_grpc.EmbedderStub(channel), health_pb2_grpc.HealthStub(channel)
 
         def status() -> int:
-            return health.Check(health_pb2.HealthCheckRequest(service="")).status
+            return int(health.Check(health_pb2.HealthCheckRequest(service="")).status)
 
         session.broken = True
         codes = []

@@ -46,7 +46,8 @@ def test_resume_after_an_interrupted_stream(stub: pb_grpc.EmbedderStub, collecti
     for ack in call:
         last = ack.batch_id
         if last == 2:
-            call.cancel()  # the client "crashes" after three acknowledgements
+            # The client "crashes" after three acknowledgements.
+            call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves RpcContext.cancel untyped
             break
     acks = list(stub.Ingest(ingest_batches(collection, 8, 10, start=last + 1), timeout=120))
     assert [a.batch_id for a in acks] == list(range(last + 1, 8))
@@ -118,7 +119,7 @@ def test_bulk_stream_loads_without_the_index_and_builds_it_at_the_end(
     batches[0].bulk = True
     acks = stub.Ingest(iter(outbox.get, None), timeout=120)
     outbox.put(batches[0])
-    assert next(acks).batch_id == 0
+    assert next(acks).batch_id == 0  # type: ignore[call-overload]  # grpc-stubs lacks CallIterator.__next__
     assert not _indexed(server, collection)  # the empty collection's index was dropped for the load
     for batch in batches[1:]:
         outbox.put(batch)

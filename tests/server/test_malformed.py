@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import DecodeError, Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,8 +27,9 @@ def _parses(method_input: str, data: bytes) -> bool:
 
 
 @pytest.mark.parametrize("method", UNARY, ids=lambda m: m.name)
-def test_unparseable_unary_request_is_invalid_argument(channel: grpc.Channel, method: object) -> None:
-    call = channel.unary_unary(f"/{SERVICE.full_name}/{method.name}")  # type: ignore[attr-defined]
+def test_unparseable_unary_request_is_invalid_argument(channel: grpc.Channel, method: MethodDescriptor) -> None:
+    # grpc-stubs require the serializers; grpc defaults them to None, which sends these bytes as they are.
+    call = channel.unary_unary(f"/{SERVICE.full_name}/{method.name}")  # type: ignore[call-arg]
     with pytest.raises(grpc.RpcError) as err:
         call(TRUNCATED, timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -35,7 +37,8 @@ def test_unparseable_unary_request_is_invalid_argument(channel: grpc.Channel, me
 
 
 def test_unparseable_message_in_a_stream_ends_it_with_invalid_argument(channel: grpc.Channel) -> None:
-    call = channel.stream_stream(f"/{SERVICE.full_name}/Ingest")
+    # grpc-stubs require the serializers; grpc defaults them to None, which sends these bytes as they are.
+    call = channel.stream_stream(f"/{SERVICE.full_name}/Ingest")  # type: ignore[call-arg]
     with pytest.raises(grpc.RpcError) as err:
         list(call(iter([TRUNCATED]), timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -43,11 +46,14 @@ def test_unparseable_message_in_a_stream_ends_it_with_invalid_argument(channel: 
 
 @settings(max_examples=150)
 @given(method=st.sampled_from(UNARY), data=st.binary(max_size=64))
-def test_random_bytes_never_get_unknown_or_internal(channel: grpc.Channel, method: object, data: bytes) -> None:
-    call = channel.unary_unary(f"/{SERVICE.full_name}/{method.name}")  # type: ignore[attr-defined]
+def test_random_bytes_never_get_unknown_or_internal(
+    channel: grpc.Channel, method: MethodDescriptor, data: bytes
+) -> None:
+    # grpc-stubs require the serializers; grpc defaults them to None, which sends these bytes as they are.
+    call = channel.unary_unary(f"/{SERVICE.full_name}/{method.name}")  # type: ignore[call-arg]
     try:
         call(data, timeout=10)
     except grpc.RpcError as e:
         assert e.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), e.details()
-        if not _parses(method.input_type.name, data):  # type: ignore[attr-defined]
+        if not _parses(method.input_type.name, data):
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -159,7 +159,8 @@ def mtls_server(tmp_path_factory: pytest.TempPathFactory, make_settings: Setting
 
 
 def _model_info(target: str, **credentials: str) -> pb.ModelInfo:
-    with open_channel(target, options=_FRESH, **credentials) as channel:
+    # aio named: else the str-valued credentials could be meant for it, and no overload would match.
+    with open_channel(target, aio=False, options=_FRESH, **credentials) as channel:
         return pb_grpc.EmbedderStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
 
 
