@@ -10,6 +10,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -54,7 +55,7 @@ SettingsFactory = Callable[..., Settings]
 def make_settings(model_dir: Path) -> SettingsFactory:
     """Settings for a test server: free ports, the given data dir, fp32 so golden comparisons are exact."""
 
-    def make(tmp: Path, **overrides: object) -> Settings:
+    def make(tmp: Path, **overrides: Any) -> Settings:
         return dataclasses.replace(_base_settings(tmp, model_dir), **overrides)
 
     return make

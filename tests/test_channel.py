@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -22,10 +22,11 @@ from embedpool.errors import InvalidArgument
 _METHOD = "/test.Echo/Authorization"
 
 
-class _Echo(grpc.GenericRpcHandler):
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+class _Echo(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # generic in the stubs only
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[bytes, bytes] | None:
         def authorization(request: bytes, context: grpc.ServicerContext) -> bytes:
-            return dict(context.invocation_metadata()).get("authorization", "(none)").encode()
+            # A str: only the values of keys ending in -bin are bytes.
+            return cast(str, dict(context.invocation_metadata()).get("authorization", "(none)")).encode()
 
         return grpc.unary_unary_rpc_method_handler(authorization) if details.method == _METHOD else None
 
@@ -43,7 +44,7 @@ def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Echo]:
     ca.cert_pem.write_to_path(str(ca_file))
     leaf = ca.issue_cert("localhost", "127.0.0.1")
     pair = (leaf.private_key_pem.bytes(), b"".join(b.bytes() for b in leaf.cert_chain_pems))
-    server = grpc.server(ThreadPoolExecutor(max_workers=2), handlers=(_Echo(),))
+    server = grpc.server(ThreadPoolExecutor(max_workers=2), handlers=[_Echo()])
     plaintext = server.add_insecure_port("127.0.0.1:0")
     tls = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([pair]))
     server.start()
@@ -76,7 +77,8 @@ def test_an_aio_channel_sends_the_key_too(echo: Echo) -> None:
     async def call() -> bytes:
         async with open_channel(echo.tls, api_key="k3", tls_ca=echo.ca_file, aio=True) as channel:
             assert isinstance(channel, grpc.aio.Channel)
-            return bytes(await channel.unary_unary(_METHOD)(b"", timeout=10))
+            rpc = channel.unary_unary(_METHOD)  # type: ignore[call-arg]  # grpc-stubs: the serializers default to None
+            return bytes(await rpc(b"", timeout=10))
 
     assert asyncio.run(call()) == b"Bearer k3"
 
@@ -90,5 +92,6 @@ def test_an_aio_channel_sends_the_key_too(echo: Echo) -> None:
     ],
 )
 def test_flags_that_cannot_work_are_refused(tmp_path: Path, credentials: dict[str, str], message: str) -> None:
+    paths: dict[str, Any] = {k: str(tmp_path / v) for k, v in credentials.items()}
     with pytest.raises(InvalidArgument, match=message):
-        open_channel("127.0.0.1:1", **{k: str(tmp_path / v) for k, v in credentials.items()})
+        open_channel("127.0.0.1:1", **paths)

@@ -269,7 +269,7 @@ def test_sigterm_drains_and_a_second_one_cuts_the_drain_short(served: Served) ->
         stub = pb_grpc.EmbedderStub(channel)
         stub.CreateCollection(pb.CreateCollectionRequest(name="drain"))
         acks = stub.Ingest(batches())
-        assert next(acks).batch_id == 1
+        assert next(acks).batch_id == 1  # type: ignore[call-overload]  # grpc-stubs lacks CallIterator.__next__
 
         big = pb.EmbedRequest(documents=[pb.Document(text="drain me " * 50)] * 64)
 
@@ -286,7 +286,7 @@ def test_sigterm_drains_and_a_second_one_cuts_the_drain_short(served: Served) ->
         worker.join(60)
         served.wait_for_log('"draining')
         with pytest.raises(grpc.RpcError) as ended:
-            next(acks)
+            next(acks)  # type: ignore[call-overload]  # grpc-stubs lacks CallIterator.__next__
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "resend from the batch after the last acknowledged one" in (ended.value.details() or "")
         release.set()
