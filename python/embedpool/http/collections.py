@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from embedpool.http import encoding
-from embedpool.http.embeddings import ERRORS
+from embedpool.http.errors import CONFLICT, ERRORS
 from embedpool.http.guard import Gatekeeper
 from embedpool.http.schemas import (
     Collection,
@@ -50,7 +50,7 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
     def named(call: Call, action: Action, name: str) -> str:
         return gate.authorize(call, action, name, "name")
 
-    @api.post("", response_model=Collection, responses=ERRORS)
+    @api.post("", response_model=Collection, responses={**ERRORS, **CONFLICT})
     async def create_collection(body: CreateCollection, request: Request) -> Collection:
         """Creates a collection for the served model (idempotent for the same options; 409 for other ones)."""
         async with keeper.call(request, "CreateCollection") as call:
@@ -138,9 +138,9 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
             hits = await service.search(
                 stored,
                 text=body.query,
-                vector=np.asarray(body.vector, dtype=np.float32) if body.vector is not None else None,
+                vector=np.asarray(body.vector, dtype=np.float64) if body.vector is not None else None,
                 k=body.k,
-                candidates=body.candidates,
+                candidates=body.candidates or None,
                 filter=body.filter,
                 min_score=body.min_score,
                 include_vectors=body.include_vectors,

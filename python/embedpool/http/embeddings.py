@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from embedpool.errors import InvalidArgument, NotFound
 from embedpool.http import encoding
+from embedpool.http.errors import ERRORS
 from embedpool.http.guard import Gatekeeper
-from embedpool.http.schemas import EmbeddingsRequest, EmbeddingsResponse, ErrorResponse, ModelCard, ModelList
+from embedpool.http.schemas import EmbeddingsRequest, EmbeddingsResponse, ModelCard, ModelList
 from embedpool.security.principal import Action
 from embedpool.service import EmbeddingService
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": why}
-    for status, why in {
-        400: "invalid request",
-        401: "no valid API key",
-        403: "the key's role or collections do not allow it",
-        404: "unknown model or collection",
-        413: "over the server's request limits",
-        429: "over the key's rate or the server's capacity (see Retry-After)",
-        503: "unavailable: retry",
-    }.items()
-}
 
 _STARTED = int(time.time())
 

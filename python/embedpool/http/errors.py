@@ -17,11 +17,29 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from embedpool.errors import EmbedpoolError, Overloaded
+from embedpool.http.schemas import ErrorResponse
 from embedpool.logs import request_id
 from embedpool.security.tenancy import caller_view
 from embedpool.status import status_of
 
 log = logging.getLogger("embedpool.http")
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": why}
+    for status, why in {
+        400: "invalid request",
+        401: "no valid API key",
+        403: "the key's role or collections do not allow it",
+        404: "unknown model or collection",
+        413: "over the server's request limits",
+        429: "over the key's rate or the server's capacity (see Retry-After)",
+        503: "unavailable: retry",
+    }.items()
+}
+"""The error answers every /v1 route may give, for the OpenAPI document."""
+CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorResponse, "description": "the collection exists with other index options"}
+}
 
 _PARAM = re.compile(r"^([A-Za-z_][\w.\[\]]*)(?:\[\d+\])?(?:\.\w+)*:")
 _STATUS_TYPE = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error"}
@@ -73,12 +91,6 @@ def install(app: FastAPI) -> None:
         kind = _STATUS_TYPE.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
         return error_response(exc.status_code, str(exc.detail), kind, code=None, headers=exc.headers)
 
-    async def on_unexpected(request: Request, exc: Exception) -> Response:
-        log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
-        rid = request_id.get()
-        return error_response(500, f"internal error (request id {rid}): {type(exc).__name__}", "server_error")
-
     app.add_exception_handler(EmbedpoolError, on_domain)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(HTTPException, on_http)
-    app.add_exception_handler(Exception, on_unexpected)

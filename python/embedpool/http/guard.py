@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedpool.errors import EmbedpoolError, RequestTooLarge
-from embedpool.http.errors import domain_error
+from embedpool.http.errors import domain_error, error_response, log
 from embedpool.logs import request_id
 from embedpool.service.gate import Call, Gate
 from embedpool.status import grpc_status
@@ -53,8 +53,10 @@ class Gatekeeper:
 
 
 class RequestLimits:
-    """ASGI middleware: a request id for every request (the caller's `x-request-id`, else a new one), sent back
-    in the response; bodies over `max_bytes` refused with 413 before they are read whole."""
+    """ASGI middleware, outermost of ours: a request id for every request (the caller's `x-request-id`, else a new
+    one), sent back in the response; bodies over `max_bytes` refused with 413 before they are read whole; and
+    whatever escapes the routes' own handling answered as a 500 with the request id here, so the connection
+    stays usable (Starlette's last-resort handler closes it) and the id reaches the caller and the log."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self._app = app
@@ -66,34 +68,56 @@ class RequestLimits:
             return
         rid = _incoming_id(scope) or uuid.uuid4().hex
         token = request_id.set(rid)
-        scope.setdefault("state", {})["rid"] = rid
-        try:
-            await self._serve(scope, receive, send, rid)
-        finally:
-            request_id.reset(token)
+        started = False
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send, rid: str) -> None:
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), rid.encode())]
             await send(message)
 
+        try:
+            await self._serve(scope, receive, send_with_id)
+        except Exception as exc:
+            log.error("unexpected error in %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            if started:
+                raise  # the response is half sent: only dropping the connection tells the caller
+            reply = error_response(500, f"internal error (request id {rid})", "server_error")
+            await reply(scope, receive, send_with_id)
+        finally:
+            request_id.reset(token)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = _content_length(scope)
-        if declared is not None and declared > self._max:
-            await domain_error(_too_large(declared, self._max))(scope, receive, send_with_id)
+        if declared is not None:
+            if declared > self._max:
+                await domain_error(_too_large(declared, self._max))(scope, receive, send)
+                return
+            await self._app(scope, receive, send)  # the server reads no more than it declared
             return
-        received = 0
-
-        async def counted() -> Message:
-            nonlocal received
+        # No length (chunked): read it here, up to the limit, and hand the app the whole body.
+        body = bytearray()
+        more = True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self._max:
-                    raise _too_large(received, self._max)
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self._max:
+                await domain_error(_too_large(len(body), self._max))(scope, receive, send)
+                return
+        replayed = False
 
-        await self._app(scope, counted, send_with_id)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self._app(scope, replay, send)
 
 
 def _too_large(size: int, limit: int) -> RequestTooLarge:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,9 @@ class IngestBatch:
     truncate: bool = True
     tag: object = None
     """The door's own (e.g. the gRPC batch id), for its acknowledgement."""
+
+
+_TEXT_INDEX = re.compile(r"^text (\d+) (?:is )?")
 
 
 def _meter_write(outcome: WriteOutcome) -> None:
@@ -111,7 +115,11 @@ class EmbeddingService:
         """`field`: what the caller's door calls the texts, for error messages."""
         check.texts(texts, self._limits, field)
         size = self.dimensions(dimensions)
-        embedded = await self._pool.embed(texts, truncate=truncate, deadline=deadline)
+        try:
+            embedded = await self._pool.embed(texts, truncate=truncate, deadline=deadline)
+        except InvalidArgument as e:  # the tokenizer's, naming "text i": name it as the caller's door does
+            suffix = ".text" if field == "documents" else ""
+            raise InvalidArgument(_TEXT_INDEX.sub(lambda m: f"{field}[{m[1]}]{suffix}: ", str(e), count=1)) from None
         counts = embedded.token_counts.tolist()
         meter().tokens += sum(counts)
         vectors = embedded.vectors if size == self._model.dim else _normalized(embedded.vectors[:, :size])
@@ -218,7 +226,7 @@ class EmbeddingService:
         collection: str,
         *,
         text: str | None = None,
-        vector: NDArray[np.float32] | None = None,
+        vector: NDArray[np.floating[Any]] | None = None,
         k: int,
         candidates: int | None = None,
         filter: Mapping[str, Any] | None = None,
@@ -229,7 +237,7 @@ class EmbeddingService:
         if (text is None) == (vector is None):
             raise InvalidArgument("query: set either text or vector")
         check.collection_name(collection)
-        check.search(text=text, k=k, candidates=candidates, min_score=min_score, filter=filter, limits=self._limits)
+        check.search(query=text, k=k, candidates=candidates, min_score=min_score, filter=filter, limits=self._limits)
         info = await self._writable(collection)
         meter().searches += 1
         if text is not None:
@@ -251,15 +259,19 @@ class EmbeddingService:
         return hits
 
     @staticmethod
-    def _query_vector(vector: NDArray[np.float32], dim: int) -> NDArray[np.float32]:
+    def _query_vector(vector: NDArray[np.floating[Any]], dim: int) -> NDArray[np.float32]:
+        """Unit length, normalised in float64: a float32 norm overflows for components of 1.9e19 and vanishes
+        for tiny ones, though their direction is well defined."""
         if vector.shape != (dim,):
             raise InvalidArgument(f"vector: expected {dim} float32 values, got {vector.size}")
-        if not np.isfinite(vector).all():
+        values = vector.astype(np.float64)
+        if not np.isfinite(values).all():
             raise InvalidArgument("vector: contains NaN or infinity")
-        norm = float(np.linalg.norm(vector))
-        if norm == 0.0:
+        scale = float(np.abs(values).max())
+        if scale == 0.0:
             raise InvalidArgument("vector: must not be all zeros")
-        normalized: NDArray[np.float32] = (vector / norm).astype(np.float32, copy=False)
+        values /= scale  # then the norm cannot overflow
+        normalized: NDArray[np.float32] = (values / np.linalg.norm(values)).astype(np.float32)
         return normalized
 
     async def _writable(self, name: str) -> CollectionInfo:

@@ -78,16 +78,15 @@ class Gate:
     def authorize(self, call: Call, action: Action, collection: str = "", field: str = "collection") -> str:
         """Checks the role and collection grant; returns the collection moved into the caller's tenant namespace
         ("" for none). The caller's name may not contain "/", so it cannot reach another namespace."""
+        if collection:
+            limits.collection_name(collection, field, stored=False)  # before the audit row may record it
         call.collection = call.collection or collection
         try:
             authorize(call.principal, action, collection)
         except PermissionDenied:
             metrics.AUTH_FAILURES.labels("PERMISSION_DENIED").inc()
             raise
-        if not collection:
-            return ""
-        limits.collection_name(collection, field, stored=False)
-        return qualify(call.principal.tenant, collection)
+        return qualify(call.principal.tenant, collection) if collection else ""
 
     def admit(self, call: Call, documents: int) -> None:
         """The key's rate, for a call asking to embed `documents`: Overloaded with the delay when spent."""

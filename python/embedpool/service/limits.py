@@ -62,9 +62,25 @@ def texts(values: Sequence[str], limits: Limits, field: str = "documents") -> No
     name of a list of plain texts."""
     _count(len(values), limits, field)
     suffix = ".text" if field == "documents" else ""
-    for i, text in enumerate(values):
-        if not text.strip():
-            raise InvalidArgument(f"{field}[{i}]{suffix}: must not be empty or only whitespace")
+    for i, value in enumerate(values):
+        text(value, f"{field}[{i}]{suffix}")
+
+
+def text(value: str, field: str) -> None:
+    """A text to embed: not empty, and encodable (JSON can carry lone surrogates; UTF-8 cannot)."""
+    if not value.strip():
+        raise InvalidArgument(f"{field}: must not be empty or only whitespace")
+    utf8(value, field)
+
+
+def utf8(value: str, field: str) -> int:
+    """The UTF-8 size of `value`; InvalidArgument for a lone surrogate, which no UTF-8 text holds."""
+    if value.isascii():
+        return len(value)
+    try:
+        return len(value.encode())
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{field}: is not valid Unicode (a lone surrogate)") from None
 
 
 def documents(docs: Sequence[Document], limits: Limits, field: str = "documents") -> list[str]:
@@ -73,9 +89,8 @@ def documents(docs: Sequence[Document], limits: Limits, field: str = "documents"
     _count(len(docs), limits, field)
     canonical = []
     for i, doc in enumerate(docs):
-        if not doc.text.strip():
-            raise InvalidArgument(f"{field}[{i}].text: must not be empty or only whitespace")
-        if len(doc.id.encode()) > MAX_ID_BYTES:
+        text(doc.text, f"{field}[{i}].text")
+        if utf8(doc.id, f"{field}[{i}].id") > MAX_ID_BYTES:
             raise InvalidArgument(f"{field}[{i}].id: longer than {MAX_ID_BYTES} bytes")
         # Postgres text and jsonb cannot hold NUL characters: say so instead of failing in COPY.
         if "\x00" in doc.id:
@@ -83,7 +98,7 @@ def documents(docs: Sequence[Document], limits: Limits, field: str = "documents"
         if "\x00" in doc.text:
             raise InvalidArgument(f"{field}[{i}].text: contains a NUL character, which cannot be stored")
         encoded = _json(doc.metadata or {}, f"{field}[{i}].metadata")
-        if (size := len(encoded.encode())) > limits.max_metadata_bytes:
+        if (size := utf8(encoded, f"{field}[{i}].metadata")) > limits.max_metadata_bytes:
             raise InvalidArgument(f"{field}[{i}].metadata: {size} bytes, over the limit of {limits.max_metadata_bytes}")
         canonical.append(encoded)
     return canonical
@@ -91,24 +106,24 @@ def documents(docs: Sequence[Document], limits: Limits, field: str = "documents"
 
 def json_filter(value: Mapping[str, Any], limits: Limits, field: str = "filter") -> None:
     encoded = _json(value, field)
-    if (size := len(encoded.encode())) > limits.max_filter_bytes:
+    if (size := utf8(encoded, field)) > limits.max_filter_bytes:
         raise InvalidArgument(f"{field}: {size} bytes, over the limit of {limits.max_filter_bytes}")
 
 
 def search(
     *,
-    text: str | None,
+    query: str | None,
     k: int,
     candidates: int | None,
     min_score: float | None,
     filter: Mapping[str, Any] | None,
     limits: Limits,
 ) -> None:
-    if text is not None and not text.strip():
-        raise InvalidArgument("text: must not be empty or only whitespace")
+    if query is not None:
+        text(query, "text")
     if not 1 <= k <= limits.max_search_k:
         raise InvalidArgument(f"k: must be in 1..{limits.max_search_k}, got {k}")
-    if candidates is not None:
+    if candidates:  # 0 or None: the server's default
         if candidates > MAX_CANDIDATES:
             raise InvalidArgument(f"candidates: must be at most {MAX_CANDIDATES}, got {candidates}")
         if candidates < k:
@@ -125,7 +140,7 @@ def delete(ids: Sequence[str], filter: Mapping[str, Any] | None, limits: Limits)
     if len(ids) > limits.max_delete_ids:
         raise RequestTooLarge(f"ids: {len(ids)} ids, over the limit of {limits.max_delete_ids} per request")
     for i, doc_id in enumerate(ids):
-        if not doc_id or len(doc_id.encode()) > MAX_ID_BYTES or "\x00" in doc_id:
+        if not doc_id or utf8(doc_id, f"ids[{i}]") > MAX_ID_BYTES or "\x00" in doc_id:
             raise InvalidArgument(f"ids[{i}]: must be 1..{MAX_ID_BYTES} bytes without NUL characters")
     if filter:
         json_filter(filter, limits)
