@@ -11,7 +11,10 @@ the same run measures the baselines:
 - sentence-transformers, where it is importable (or from --baseline-site DIR, e.g. `pip install --target DIR
   sentence-transformers`, which keeps torch out of .venv);
 - authentication off vs on (`--auth keys`, every call with an API key): two servers side by side, driven in
-  alternating rounds, for Embed throughput and the per-call cost on a call without inference (GetModelInfo).
+  alternating rounds, for Embed throughput and the per-call cost on a call without inference (GetModelInfo);
+- the doors, on one server in alternating rounds at the best concurrency: gRPC Embed through the raw stub,
+  HTTP /v1/embeddings with `float` and with `base64` vectors (httpx, responses parsed as a caller would), and
+  gRPC through embedpool.client (its overhead over the raw stub).
 Prints a table, writes DIR/serve.json and DIR/serve.png (throughput and p99 vs concurrency).
 """
 
@@ -34,14 +37,18 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import numpy as np
+import orjson
 from corpus import passages
 
 from embedpool import _native
+from embedpool.client import AsyncClient
 from embedpool.config import Settings
 from embedpool.engine import pick_device, prepare, serving_variant
 from embedpool.model import ModelBundle
@@ -104,8 +111,10 @@ def sentence_transformers_baseline(texts: list[str], device: str) -> dict[str, A
 
 def start_server(
     args: argparse.Namespace, model_dir: Path, data_dir: Path, *extra: str
-) -> tuple[subprocess.Popen[str], int]:
-    cmd = [sys.executable, "-m", "embedpool.cli", "serve", "--port", "0", "--metrics-port", "-1", *extra]
+) -> tuple[subprocess.Popen[str], int, int]:
+    """The server process, its gRPC port and its HTTP port."""
+    cmd = [sys.executable, "-m", "embedpool.cli", "serve", "--port", "0", "--metrics-port", "-1", "--http-port", "0"]
+    cmd += extra
     cmd += ["--model", str(model_dir), "--data-dir", str(data_dir), "--device", args.device, "--variant", args.variant]
     cmd += ["--log-level", "info", "--max-concurrent-inputs", "65536"]
     env = {**os.environ, "EMBEDPOOL_LOG_FORMAT": "json", "EMBEDPOOL_LOG_LEVEL": "info"}
@@ -114,7 +123,8 @@ def start_server(
     for line in proc.stderr:
         if line.startswith("{") and '"port"' in line:
             threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the log pipe drained
-            return proc, int(json.loads(line)["port"])
+            ready = json.loads(line)
+            return proc, int(ready["port"]), int(ready["http_port"])
     raise RuntimeError(f"server exited with {proc.wait()}")
 
 
@@ -122,37 +132,35 @@ Metadata = tuple[tuple[str, str], ...]
 KEYS_CREATE = (sys.executable, "-m", "embedpool.cli", "keys", "create")
 
 
-async def drive(
-    port: int, texts: list[str], concurrency: int, per_request: int, seconds: float, metadata: Metadata = ()
+Call = Callable[[list[str]], Awaitable[tuple[int, int]]]
+"""One request of a batch of texts: (documents embedded, tokens)."""
+
+
+async def closed_loop(
+    call: Call, texts: list[str], concurrency: int, per_request: int, seconds: float
 ) -> dict[str, Any]:
-    """`concurrency` clients, each sending requests of `per_request` documents back to back."""
-    latencies: list[float] = []
-    docs = tokens = 0
+    """`concurrency` clients, each sending requests of `per_request` documents back to back for `seconds` (after
+    one warm-up request): docs/s, tokens/s and latency quantiles."""
     requests = [texts[i : i + per_request] for i in range(0, len(texts), per_request)]
-    async with grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 1 << 28)]
-    ) as ch:
-        stub = pb_grpc.EmbedderStub(ch)
-        await stub.Embed(pb.EmbedRequest(documents=[pb.Document(text=t) for t in requests[0]]), metadata=metadata)
-        deadline = time.perf_counter() + seconds
-        cursor = 0
+    latencies: list[float] = []
+    docs = tokens = cursor = 0
+    await call(requests[0])
+    deadline = time.perf_counter() + seconds
 
-        async def client() -> None:
-            nonlocal docs, tokens, cursor
-            while time.perf_counter() < deadline:
-                batch = requests[cursor % len(requests)]
-                cursor += 1
-                t0 = time.perf_counter()
-                reply = await stub.Embed(
-                    pb.EmbedRequest(documents=[pb.Document(text=t) for t in batch]), metadata=metadata
-                )
-                latencies.append(time.perf_counter() - t0)
-                docs += len(reply.vectors)
-                tokens += sum(reply.token_counts)
+    async def client() -> None:
+        nonlocal docs, tokens, cursor
+        while time.perf_counter() < deadline:
+            batch = requests[cursor % len(requests)]
+            cursor += 1
+            t0 = time.perf_counter()
+            embedded, counted = await call(batch)  # not `docs += (await ...)[0]`: docs would be read before it
+            latencies.append(time.perf_counter() - t0)
+            docs += embedded
+            tokens += counted
 
-        started = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
     q = np.quantile(latencies, [0.5, 0.95, 0.99]) * 1000
     return {
         "concurrency": concurrency,
@@ -163,6 +171,83 @@ async def drive(
         "p95_ms": float(q[1]),
         "p99_ms": float(q[2]),
         "requests": len(latencies),
+    }
+
+
+async def drive(
+    port: int, texts: list[str], concurrency: int, per_request: int, seconds: float, metadata: Metadata = ()
+) -> dict[str, Any]:
+    """gRPC Embed through the raw generated stub."""
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 1 << 28)]
+    ) as ch:
+        stub = pb_grpc.EmbedderStub(ch)
+
+        async def call(batch: list[str]) -> tuple[int, int]:
+            request = pb.EmbedRequest(documents=[pb.Document(text=t) for t in batch])
+            reply = await stub.Embed(request, metadata=metadata)
+            return len(reply.vectors), sum(reply.token_counts)
+
+        return await closed_loop(call, texts, concurrency, per_request, seconds)
+
+
+async def drive_http(
+    port: int, texts: list[str], concurrency: int, per_request: int, seconds: float, encoding: str, model: str
+) -> dict[str, Any]:
+    """HTTP /v1/embeddings through httpx, each response parsed (orjson) as a caller would."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=60) as http:
+
+        async def call(batch: list[str]) -> tuple[int, int]:
+            body = orjson.dumps({"input": batch, "model": model, "encoding_format": encoding})
+            reply = await http.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+            reply.raise_for_status()
+            parsed = orjson.loads(reply.content)
+            return len(parsed["data"]), int(parsed["usage"]["total_tokens"])
+
+        return await closed_loop(call, texts, concurrency, per_request, seconds)
+
+
+async def drive_client(
+    port: int, texts: list[str], concurrency: int, per_request: int, seconds: float
+) -> dict[str, Any]:
+    """gRPC Embed through embedpool.client (vectors come back as one numpy array per call)."""
+    async with AsyncClient(f"127.0.0.1:{port}") as client:
+
+        async def call(batch: list[str]) -> tuple[int, int]:
+            return len(await client.embed(batch)), 0  # the client returns vectors only
+
+        return await closed_loop(call, texts, concurrency, per_request, seconds)
+
+
+def doors(
+    args: argparse.Namespace, port: int, http_port: int, texts: list[str], concurrency: int, seconds: float
+) -> dict[str, Any]:
+    """gRPC (raw stub), HTTP float, HTTP base64 and embedpool.client on one server, in rounds that rotate which
+    arm goes first (the machine's noise drifts). Medians of the rounds, and their ratios to the raw stub."""
+    model = "all-MiniLM-L6-v2"
+    arms: dict[str, Any] = {
+        "grpc_stub": lambda: drive(port, texts, concurrency, args.per_request, seconds),
+        "http_float": lambda: drive_http(http_port, texts, concurrency, args.per_request, seconds, "float", model),
+        "http_base64": lambda: drive_http(http_port, texts, concurrency, args.per_request, seconds, "base64", model),
+        "grpc_client": lambda: drive_client(port, texts, concurrency, args.per_request, seconds),
+    }
+    rounds = 3 if args.quick else 5
+    runs: dict[str, list[float]] = {name: [] for name in arms}
+    names = list(arms)
+    for i in range(rounds):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            runs[name].append(asyncio.run(arms[name]())["docs_per_s"])
+    docs = {name: statistics.median(values) for name, values in runs.items()}
+    return {
+        "concurrency": concurrency,
+        "docs_per_request": args.per_request,
+        "rounds": rounds,
+        "docs_per_s_rounds": runs,
+        "docs_per_s": docs,
+        "http_float_vs_grpc": docs["http_float"] / docs["grpc_stub"],
+        "http_base64_vs_grpc": docs["http_base64"] / docs["grpc_stub"],
+        "client_vs_stub": docs["grpc_client"] / docs["grpc_stub"],
     }
 
 
@@ -253,8 +338,8 @@ def auth_overhead(
         )
         key = json.loads(created.stdout)["key"]
         metadata: Metadata = (("authorization", f"Bearer {key}"),)
-        off, off_port = start_server(args, model_dir, Path(off_dir))
-        on, on_port = start_server(args, model_dir, Path(on_dir), "--auth", "keys")
+        off, off_port, _ = start_server(args, model_dir, Path(off_dir))
+        on, on_port, _ = start_server(args, model_dir, Path(on_dir), "--auth", "keys")
         throughput: dict[str, list[float]] = {"off": [], "on": []}
         try:
             arms = [("off", off_port, ()), ("on", on_port, metadata)]
@@ -321,6 +406,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=None, help="duration of each level")
     parser.add_argument("--server-arg", action="append", default=[], help="extra `embedpool serve` argument")
     parser.add_argument("--no-auth", action="store_true", help="skip the authentication off/on comparison")
+    parser.add_argument("--no-doors", action="store_true", help="skip the gRPC vs HTTP vs client comparison")
     parser.add_argument(
         "--baseline-site",
         type=Path,
@@ -348,15 +434,16 @@ def main() -> None:
     st = sentence_transformers_baseline(texts, args.device)
 
     with tempfile.TemporaryDirectory() as data_dir:
-        proc, port = start_server(args, bundle.root, Path(data_dir))
+        proc, port, http_port = start_server(args, bundle.root, Path(data_dir))
         try:
             idle = asyncio.run(idle_latency(port, 100 if args.quick else 500))
             results = [asyncio.run(drive(port, texts, c, args.per_request, seconds)) for c in levels]
+            best = max(results, key=lambda r: r["docs_per_s"])
+            door = None if args.no_doors else doors(args, port, http_port, texts, best["concurrency"], seconds)
         finally:
             proc.terminate()
             proc.wait(60)
 
-    best = max(results, key=lambda r: r["docs_per_s"])
     auth = None
     if not args.no_auth:
         auth = auth_overhead(args, bundle.root, texts, best["concurrency"], seconds, 4 if args.quick else 6)
@@ -377,6 +464,7 @@ def main() -> None:
         "levels": results,
         "ratios": ratios,
         "auth": auth,
+        "doors": door,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve.json").write_text(json.dumps(report, indent=2))
@@ -406,6 +494,12 @@ def main() -> None:
             f" client sending the header {auth['client_header_us']:.1f} us, server {auth['server_auth_us']:.1f} us;"
             f" authenticate() itself {auth['authenticate_us']:.1f} us"
         )
+    if door is not None:
+        for name, value in door["docs_per_s"].items():
+            label = f"{name} c={door['concurrency']} x{door['docs_per_request']}"
+            print(f"{label:<34}{value:>10.1f}   {value / door['docs_per_s']['grpc_stub']:.2f}x the raw gRPC stub")
+        for key in ("http_float_vs_grpc", "http_base64_vs_grpc", "client_vs_stub"):
+            ratios[key] = door[key]
     print("ratios: " + ", ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
     print(f"wrote {args.out / 'serve.json'} and {args.out / 'serve.png'}")
 
