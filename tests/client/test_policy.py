@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import grpc
 import pytest
 from hypothesis import given
@@ -40,7 +42,7 @@ def test_runs_keep_order_and_limits(texts: list[str], max_count: int, max_bytes:
 
 
 def test_a_full_run_goes_before_the_next_item_is_read() -> None:
-    def items():  # type: ignore[no-untyped-def]
+    def items() -> Iterator[int]:
         yield from (1, 2)
         raise AssertionError("read too far")
 
