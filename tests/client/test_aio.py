@@ -26,8 +26,10 @@ from embedpool.server.app import Running
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def anyio_backend() -> str:
+    """One event loop for the module: grpc.aio's poller thread keeps posting a finished test's late channel
+    events to that test's loop, which fails the next test if each had its own (closed) loop."""
     return "asyncio"
 
 
