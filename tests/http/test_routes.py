@@ -494,3 +494,20 @@ def test_a_body_just_under_the_limit_is_read(keyed_http: httpx.Client, keys: dic
     body = f'{{"input": "a short text", "model": "{MODEL}"{filler}}}'.encode()
     headers = {**bearer(keys["reader"]), "content-type": "application/json"}
     assert keyed_http.post("/v1/embeddings", content=body, headers=headers).status_code == 200
+
+
+# --- deadlines ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header", ["x-request-timeout", "x-stainless-read-timeout"])
+def test_work_past_the_callers_budget_is_dropped_with_504(http: httpx.Client, header: str) -> None:
+    texts = [f"a text long enough to take a while to embed, number {i} " * 20 for i in range(16)]
+    body = {"input": texts, "model": MODEL}
+    error = assert_error(http.post("/v1/embeddings", json=body, headers={header: "0.001"}), 504)
+    assert error["type"] == "timeout_error"
+    assert http.post("/v1/embeddings", json=body, headers={header: "120"}).status_code == 200
+
+
+def test_an_unparsable_budget_is_ignored(http: httpx.Client) -> None:
+    reply = http.post("/v1/embeddings", json={"input": "hello", "model": MODEL}, headers={"x-request-timeout": "soon"})
+    assert reply.status_code == 200

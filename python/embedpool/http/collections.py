@@ -9,7 +9,7 @@ from starlette.responses import Response
 
 from embedpool.http import encoding
 from embedpool.http.errors import CONFLICT, ERRORS
-from embedpool.http.guard import Gatekeeper
+from embedpool.http.guard import Gatekeeper, deadline
 from embedpool.http.schemas import (
     Collection,
     CollectionList,
@@ -100,6 +100,7 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
                 [Document(d.text, d.id, d.metadata) for d in body.documents],
                 truncate=body.truncate,
                 want_vectors=body.return_vectors,
+                deadline=deadline(request),
             )
             tokens = sum(outcome.token_counts)
             content = encoding.dumps(
@@ -144,6 +145,7 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
                 filter=body.filter,
                 min_score=body.min_score,
                 include_vectors=body.include_vectors,
+                deadline=deadline(request),
             )
             vectors = (
                 encoding.vectors(np.stack([h.vector for h in hits if h.vector is not None]), body.encoding_format)

@@ -10,7 +10,7 @@ from starlette.responses import Response
 from embedpool.errors import InvalidArgument, NotFound
 from embedpool.http import encoding
 from embedpool.http.errors import ERRORS
-from embedpool.http.guard import Gatekeeper
+from embedpool.http.guard import Gatekeeper, deadline
 from embedpool.http.schemas import EmbeddingsRequest, EmbeddingsResponse, ModelCard, ModelList
 from embedpool.security.principal import Action
 from embedpool.service import EmbeddingService
@@ -40,7 +40,9 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
             texts = _texts(body.input)
             check_model(body.model)
             gate.admit(call, len(texts))
-            embedded = await service.embed(texts, truncate=body.truncate, dimensions=body.dimensions, field="input")
+            embedded = await service.embed(
+                texts, truncate=body.truncate, dimensions=body.dimensions, field="input", deadline=deadline(request)
+            )
             tokens = sum(embedded.token_counts)
             vectors = encoding.vectors(embedded.vectors, body.encoding_format)
             content = encoding.dumps(

@@ -4,10 +4,12 @@ passes first."""
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -18,6 +20,25 @@ from embedpool.service.gate import Call, Gate
 from embedpool.status import grpc_status
 
 REQUEST_ID_HEADER = "x-request-id"
+# A caller's time budget, in seconds: ours, and the one the OpenAI SDK sends (it stops reading after it, so
+# work past it is wasted). The earlier wins; work not done by then is dropped with a 504.
+TIMEOUT_HEADERS = ("x-request-timeout", "x-stainless-read-timeout")
+
+
+def deadline(request: Request) -> float:
+    """The request's deadline on anyio's clock (math.inf without a budget; an unparsable one is ignored)."""
+    budget = math.inf
+    for header in TIMEOUT_HEADERS:
+        value = request.headers.get(header)
+        if value is None:
+            continue
+        try:
+            seconds = float(value)
+        except ValueError:
+            continue
+        if 0 < seconds < budget:
+            budget = seconds
+    return anyio.current_time() + budget if budget < math.inf else math.inf
 
 
 class Gatekeeper:

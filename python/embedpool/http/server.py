@@ -1,6 +1,12 @@
 """Runs the HTTP door with uvicorn as a task in the server's own asyncio loop, beside grpc.aio: one process,
 one pool, one store. The socket is bound here (a port in use is a StartupError before anything loads, and
-port 0 reports the port it got); signals stay the CLI's (uvicorn's own handlers are not installed)."""
+port 0 reports the port it got); signals stay the CLI's (uvicorn's own handlers are not installed).
+
+Why this stack: FastAPI gives strict request schemas and the OpenAPI 3.1 document from the same code, uvicorn
+with httptools is the fastest well-kept ASGI server that runs inside an existing asyncio loop, and the routes
+write vectors with orjson straight from numpy, bypassing response models on the hot path. What it costs is
+measured, not assumed: bench/serve.py runs HTTP `float` and `base64` against gRPC Embed on one server in the
+same run (bench/results/http/serve.json)."""
 
 from __future__ import annotations
 
