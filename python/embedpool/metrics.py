@@ -12,6 +12,12 @@ RPC_LATENCY = Histogram(
     ["method", "code"],
     buckets=_LATENCY_BUCKETS,
 )
+HTTP_LATENCY = Histogram(
+    "embedpool_http_request_duration_seconds",
+    "HTTP request latency by route (its template, or 'unmatched') and status",
+    ["route", "status"],
+    buckets=_LATENCY_BUCKETS,
+)
 QUEUE_INPUTS = Gauge("embedpool_queue_inputs", "documents waiting for a batch")
 QUEUE_TOKENS = Gauge("embedpool_queue_tokens", "tokens waiting for a batch")
 PERMITS_IN_USE = Gauge("embedpool_permits_in_use", "documents admitted and not yet answered")

@@ -511,3 +511,14 @@ def test_work_past_the_callers_budget_is_dropped_with_504(http: httpx.Client, he
 def test_an_unparsable_budget_is_ignored(http: httpx.Client) -> None:
     reply = http.post("/v1/embeddings", json={"input": "hello", "model": MODEL}, headers={"x-request-timeout": "soon"})
     assert reply.status_code == 200
+
+
+def test_requests_are_timed_by_route_template_and_status(http: httpx.Client, open_server: Running) -> None:
+    http.post("/v1/embeddings", json={"input": "timed", "model": MODEL})
+    http.get("/v1/collections/not-there")
+    http.get("/no/such/route")
+    scraped = httpx.get(f"http://127.0.0.1:{open_server.metrics_port}/metrics", timeout=10).text
+    series = "embedpool_http_request_duration_seconds_count"
+    assert f'{series}{{route="/v1/embeddings",status="200"}}' in scraped
+    assert f'{series}{{route="/v1/collections/{{name}}",status="404"}}' in scraped  # the template, not the name
+    assert f'{series}{{route="unmatched",status="404"}}' in scraped

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,6 +14,7 @@ import anyio
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from embedpool import metrics
 from embedpool.errors import EmbedpoolError, RequestTooLarge
 from embedpool.http.errors import domain_error, error_response, log
 from embedpool.logs import request_id
@@ -90,11 +92,14 @@ class RequestLimits:
         rid = _incoming_id(scope) or uuid.uuid4().hex
         token = request_id.set(rid)
         started = False
+        status = 500
+        begun = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal started
+            nonlocal started, status
             if message["type"] == "http.response.start":
                 started = True
+                status = message["status"]
                 message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), rid.encode())]
             await send(message)
 
@@ -108,6 +113,8 @@ class RequestLimits:
             await reply(scope, receive, send_with_id)
         finally:
             request_id.reset(token)
+            route = getattr(scope.get("route"), "path", "unmatched")  # the template: bounded label values
+            metrics.HTTP_LATENCY.labels(route, str(status)).observe(time.perf_counter() - begun)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = _content_length(scope)
