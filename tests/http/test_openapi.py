@@ -3,6 +3,7 @@ statuses they answer with, and describes the bodies they really send; /docs serv
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -148,3 +149,13 @@ def test_docs_is_the_interactive_page(http: httpx.Client) -> None:
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
     assert "<html" in response.text.lower() and "/openapi.json" in response.text
+
+
+def test_docs_work_without_a_network(http: httpx.Client) -> None:
+    """Every script and stylesheet of /docs comes from this server: air-gapped machines reach no CDN."""
+    page = http.get("/docs").text
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page)
+    assert assets and all(a.startswith("/") for a in assets), assets
+    for asset in assets:
+        reply = http.get(asset)
+        assert reply.status_code == 200 and len(reply.content) > 1000, asset

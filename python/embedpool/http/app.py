@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from fastapi.openapi.utils import get_openapi
 from starlette.responses import Response
 
@@ -25,7 +26,9 @@ status a gRPC caller would get, as its HTTP equivalent."""
 
 def create_app(service: EmbeddingService, gate: Gate, ready: Callable[[], dict[str, bool]]) -> FastAPI:
     """`ready`: the readiness checks by name (model warm, database reachable), each True when passing."""
-    app = FastAPI(
+    # FastAPIOffline: FastAPI whose /docs page loads Swagger UI from files in the wheel, not from a CDN that an
+    # air-gapped machine cannot reach.
+    app = FastAPIOffline(
         title="embedpool",
         version=__version__,
         description=DESCRIPTION,
