@@ -27,6 +27,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "status": {"errors"},
     "channel": {"errors"},
     "client": BASE | {"status", "channel", "v1"},
+    # A client-side tool: servers only through the client and HTTP; the engine itself for engine-only runs.
+    "benchmark": BASE | {"client", "channel", "status", "v1", "model", "engine"},
     "http": BASE | {"service", "security", "store", "status", "engine"},
     "server": BASE | {"service", "security", "store", "status", "engine", "pool", "v1", "http"},
     "cli": {"*"},
@@ -53,6 +55,7 @@ MAY_USE: dict[str, set[str]] = {
     "status": {"grpc"},
     "channel": {"grpc"},
     "client": {"grpc", "grpc_status", "google"},
+    "benchmark": {"httpx"},
     "http": {"fastapi", "fastapi_offline", "starlette", "uvicorn", "pydantic"},
     "server": {"grpc", "grpc_health", "grpc_reflection", "grpc_status", "google"},
     "v1": {"grpc", "google"},

@@ -1,4 +1,5 @@
-"""Command line: `embedpool serve | model prepare | model convert | embed | ingest | search | keys | audit | usage`."""
+"""Command line: `embedpool serve | model prepare | model convert | embed | ingest | search | bench | keys | audit |
+usage`."""
 
 from __future__ import annotations
 
@@ -200,6 +201,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from embedpool.benchmark.command import run
+
+    return run(args)
+
+
 def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target", default="127.0.0.1:50051", help="host:port; replicas separated by commas are taken in turn"
@@ -271,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=5)
     _add_client_arguments(search)
     search.set_defaults(func=_cmd_search)
+
+    from embedpool.benchmark import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser(
+        "bench", help="throughput and latency of a server (gRPC or HTTP) or of the engine alone, with baselines"
+    )
+    _add_client_arguments(bench)
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench, target="")  # no --target: 127.0.0.1:50051, or engine-only with --model
 
     from embedpool import admin  # keys, audit, usage: on the database directly
 

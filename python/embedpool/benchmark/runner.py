@@ -1,0 +1,320 @@
+"""One run: the workloads against a server (warm-up, closed-loop steps, open-loop steps, then the baselines), or
+the engine alone; every result goes into the report as soon as it is measured."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.to_thread
+import httpx
+
+from embedpool.benchmark.credentials import is_loopback
+from embedpool.benchmark.engine_baseline import engine_sweep
+from embedpool.benchmark.grpc_target import GrpcTarget
+from embedpool.benchmark.http_target import HttpTarget
+from embedpool.benchmark.local_model import TokenCounter, checkpoint_path, find_model, try_counter
+from embedpool.benchmark.loops import closed_loop, open_loop
+from embedpool.benchmark.options import DEFAULT_DOCS, Options
+from embedpool.benchmark.progress import Progress
+from embedpool.benchmark.report import Report
+from embedpool.benchmark.scrape import Scraper, Snapshot, server_figures
+from embedpool.benchmark.st_baseline import st_sweep
+from embedpool.benchmark.stats import Sample, summarize
+from embedpool.benchmark.sweep import SweepPoint, default_batch_sizes, sweep_report
+from embedpool.benchmark.table import HEADER, baseline_row, step_row
+from embedpool.benchmark.target import ServerInfo, Target
+from embedpool.benchmark.workload import Request, Workload, corpus_workload, jsonl_workload, token_workloads
+from embedpool.engine import pick_device, serving_variant
+from embedpool.errors import EmbedpoolError
+from embedpool.model.session import Device, VariantChoice
+
+__all__ = ["Runner"]
+
+# A /metrics that does not answer within this long is dropped for the rest of the run.
+_SCRAPE_TIMEOUT_S = 5.0
+_DEFAULT_METRICS_PORT = 9464
+
+
+def _host(address: str) -> str:
+    """The host of "host:port", "[v6]:port" or a URL."""
+    if "://" in address:
+        return urlsplit(address).hostname or ""
+    return address.rsplit(":", 1)[0].strip("[]")
+
+
+class Runner:
+    def __init__(self, options: Options, report: Report, stop: threading.Event) -> None:
+        self.options = options
+        self.report = report
+        self.stop = stop
+        self.progress = Progress(enabled=options.progress)
+        self.scraper: Scraper | None = None
+
+    async def run(self) -> None:
+        self.progress.print(HEADER)
+        if self.options.mode == "engine":
+            await self._engine_only()
+        else:
+            await self._server()
+
+    # A server.
+
+    def _target(self) -> Target:
+        o = self.options
+        # Open loop sends whatever is due: room for many requests in flight, beyond the closed loop's callers.
+        in_flight = max([*o.concurrency, 256 if o.rates else 1])
+        if o.mode == "http":
+            return HttpTarget(o.target, o.credentials, in_flight=in_flight, timeout=o.timeout, encoding=o.http_encoding)
+        return GrpcTarget(o.target, o.credentials, in_flight=in_flight, timeout=o.timeout, retries=o.retries)
+
+    async def _server(self) -> None:
+        target = self._target()
+        try:
+            info = await target.info()
+            self.report.data["target"].update(addresses=target.addresses, server=info.as_dict())
+            docs = self.options.docs or DEFAULT_DOCS.get(info.device, DEFAULT_DOCS["cpu"])
+            self.report.data["settings"]["docs_per_step"] = docs
+            counter = self._server_counter(info)
+            self.scraper = await self._scraper(target.addresses)
+            workloads = self._workloads(docs, counter)
+            for workload in workloads:
+                self.report.add("workloads", workload.describe())
+                requests = workload.requests(self.options.per_request)
+                if self.options.warmup > 0:
+                    await self._step(
+                        target, workload, requests, "warmup", concurrency=max(self.options.concurrency or [4])
+                    )
+                for concurrency in self.options.concurrency:
+                    await self._step(target, workload, requests, "closed", concurrency=concurrency)
+                for rate in self.options.rates:
+                    await self._step(target, workload, requests, "open", rate=rate)
+            for workload in workloads:
+                await self._server_baselines(workload, info, counter, target.addresses)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await target.aclose()
+                if self.scraper is not None:
+                    await self.scraper.aclose()
+
+    def _server_counter(self, info: ServerInfo) -> TokenCounter | None:
+        counter, why = try_counter(self.options.model)
+        if counter is None:
+            self.report.note(f"token counts unknown: {why}")
+            return None
+        local = counter.bundle.config.name
+        if local != info.model:
+            if not self.options.model:
+                self.report.note(
+                    f"token counts unknown: the local model {local} is not the server's {info.model}"
+                    " (pass --model DIR of the server's model)"
+                )
+                return None
+            self.report.note(f"tokenizing with {local} (--model); the server serves {info.model}")
+        return counter
+
+    async def _scraper(self, addresses: list[str]) -> Scraper | None:
+        urls = self.options.metrics
+        if urls is None:  # derive: the default /metrics port of a single server
+            if len(addresses) != 1:
+                self.report.note("no server metrics: give --metrics URL,URL (one per replica)")
+                return None
+            scheme = "https" if self.options.credentials.tls_ca else "http"
+            host = _host(addresses[0])
+            urls = [f"{scheme}://{'[' + host + ']' if ':' in host else host}:{_DEFAULT_METRICS_PORT}/metrics"]
+        if not urls:
+            return None
+        scraper = Scraper(urls, self.options.credentials, timeout=_SCRAPE_TIMEOUT_S)
+        try:
+            await scraper.snapshot()
+        except (httpx.HTTPError, ValueError) as exc:
+            await scraper.aclose()
+            self.report.note(
+                f"no server metrics: {', '.join(urls)} did not answer ({type(exc).__name__}); pass --metrics URL"
+            )
+            return None
+        self.report.data["metrics_urls"] = urls
+        return scraper
+
+    async def _snapshot(self) -> Snapshot | None:
+        if self.scraper is None:
+            return None
+        with anyio.move_on_after(_SCRAPE_TIMEOUT_S, shield=True):
+            try:
+                return await self.scraper.snapshot()
+            except (httpx.HTTPError, ValueError) as exc:
+                self.report.note(f"a /metrics scrape failed ({type(exc).__name__}): that step has no server figures")
+        return None
+
+    async def _step(
+        self,
+        target: Target,
+        workload: Workload,
+        requests: list[Request],
+        mode: str,
+        *,
+        concurrency: int | None = None,
+        rate: float | None = None,
+    ) -> None:
+        o = self.options
+        samples: list[Sample] = []
+        step: dict[str, Any] = {
+            "workload": workload.name,
+            "mode": mode,
+            "target": target.kind,
+            "concurrency": concurrency,
+            "rate": rate,
+            "arrivals": o.arrivals if mode == "open" else None,
+            "docs_per_request": o.per_request,
+        }
+        label = f"{workload.name} {'rate ' + format(rate, 'g') if rate else mode + ' c=' + str(concurrency)}"
+        total = None if mode == "warmup" else len(requests) * o.per_request
+        with self.progress.bar(label, total, "doc") as bar:
+
+            def record(sample: Sample) -> None:
+                samples.append(sample)
+                bar.update(o.per_request)
+
+            before = await self._snapshot()
+            started = anyio.current_time()
+            limit = o.warmup if mode == "warmup" else o.duration
+            until = started + limit if limit else None
+            partial = True
+            try:
+                if mode == "open":
+                    assert rate is not None
+                    await open_loop(target, requests, rate, o.arrivals, record, until=until)
+                else:
+                    assert concurrency is not None
+                    await closed_loop(target, requests, concurrency, record, until=until, repeat=mode == "warmup")
+                partial = False
+            finally:
+                ended = anyio.current_time()
+                after = await self._snapshot()
+                step.update(summarize(samples, started, ended))
+                step["partial"] = partial
+                step["server"] = self._server_figures(before, after, ended - started, step["docs"])
+                self.report.add("warmup" if mode == "warmup" else "steps", step)
+                self.progress.print(step_row(step))
+
+    def _server_figures(
+        self, before: Snapshot | None, after: Snapshot | None, elapsed: float, docs: int
+    ) -> dict[str, Any] | None:
+        if before is None or after is None:
+            return None
+        figures = server_figures(before, after, elapsed)
+        if figures["documents"] < docs:  # fewer than we had embedded: not this server's counters
+            self.report.note("server metrics dropped: the /metrics given counted fewer documents than were embedded")
+            return None
+        return figures
+
+    async def _server_baselines(
+        self, workload: Workload, info: ServerInfo, counter: TokenCounter | None, addresses: list[str]
+    ) -> None:
+        wanted = self.options.baselines
+        if wanted is None or "engine" in wanted:
+            why = ""
+            if counter is None:
+                why = "no local copy of the server's model (pass --model DIR)"
+            elif wanted is None and not all(is_loopback(_host(a)) for a in addresses):
+                why = "the server is on another machine (--baseline engine runs it here anyway)"
+            if why:
+                self.report.baseline(workload.name, "engine", {"skipped": why})
+            else:
+                assert counter is not None
+                device: Device = "cuda" if info.device == "cuda" else "cpu"
+                variant = cast(VariantChoice, info.variant)  # the server's very graph
+                await self._engine_sweep(workload, counter, variant, device)
+        if wanted is None or "st" in wanted:
+            await self._st_sweep(workload, info.device)
+
+    # The engine alone.
+
+    async def _engine_only(self) -> None:
+        o = self.options
+        bundle = find_model(o.model)
+        counter = TokenCounter(bundle)
+        device = pick_device(o.device)
+        variant = serving_variant(o.variant, device, bundle)
+        docs = o.docs or DEFAULT_DOCS[device]
+        self.report.data["settings"]["docs_per_step"] = docs
+        self.report.data["target"]["server"] = {"model": bundle.config.name, "variant": variant, "device": device}
+        for workload in self._workloads(docs, counter):
+            self.report.add("workloads", workload.describe())
+            await self._engine_sweep(workload, counter, variant, device)
+            if o.baselines is None or "st" in o.baselines:
+                await self._st_sweep(workload, device)
+
+    # Shared.
+
+    def _workloads(self, docs: int, counter: TokenCounter | None) -> list[Workload]:
+        o = self.options
+        if o.tokens:
+            return token_workloads(o.tokens, docs, counter)
+        if o.jsonl is not None:
+            return [jsonl_workload(o.jsonl, docs, counter)]
+        return [corpus_workload(docs, counter)]
+
+    def _batch_sizes(self, device: str) -> list[int]:
+        return self.options.batch_sizes or list(default_batch_sizes(device))
+
+    async def _engine_sweep(
+        self, workload: Workload, counter: TokenCounter, variant: VariantChoice, device: Device
+    ) -> None:
+        sweep = functools.partial(
+            engine_sweep,
+            counter.bundle,
+            workload.texts,
+            self._batch_sizes(device),
+            variant=variant,
+            device=device,
+            threads=self.options.threads,
+            stop=self.stop,
+        )
+        await self._sweep(workload.name, "engine", sweep)
+
+    async def _st_sweep(self, workload: Workload, device: str) -> None:
+        sweep = functools.partial(
+            st_sweep,
+            checkpoint_path(self.options.model),
+            workload.texts,
+            self._batch_sizes(device),
+            device=device,
+            tokens=sum(workload.tokens or []),
+            site=self.options.baseline_site,
+            stop=self.stop,
+        )
+        await self._sweep(workload.name, "sentence_transformers", sweep)
+
+    async def _sweep(self, workload: str, name: str, sweep: Callable[..., dict[str, Any]]) -> None:
+        """Runs a baseline's sweep in a worker thread (`self.stop` ends it early), one row per batch size."""
+        short = "engine" if name == "engine" else "st"
+        points: list[SweepPoint] = []
+        result: dict[str, Any] | None = None
+        with self.progress.bar(f"{workload} {name}", None, "size") as bar:
+
+            def on_point(point: SweepPoint) -> None:
+                points.append(point)
+                bar.update()
+                self.progress.print(baseline_row(workload, short, point.as_dict(), best=False))
+
+            try:
+                result = await anyio.to_thread.run_sync(functools.partial(sweep, on_point=on_point))
+            except EmbedpoolError as exc:  # e.g. the local model lacks the server's variant
+                result = {"skipped": str(exc)}
+            finally:
+                if result is None:  # interrupted: keep the sizes measured
+                    result = sweep_report(points, interrupted=True)
+                self._baseline_done(workload, name, result)
+
+    def _baseline_done(self, workload: str, name: str, result: dict[str, Any]) -> None:
+        self.report.baseline(workload, name, result)
+        if "skipped" in result:
+            self.report.note(f"{name} baseline skipped: {result['skipped']}")
+        elif result["best"] is not None:
+            short = "engine" if name == "engine" else "st"
+            self.progress.print(baseline_row(workload, short, result["best"], best=True))
