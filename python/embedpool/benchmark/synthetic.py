@@ -17,26 +17,31 @@ __all__ = ["exact_length_texts"]
 # Fillers tried, in turn, to add the last few tokens when the next word would overshoot: each is one token in
 # common vocabularies (WordPiece and byte-level BPE alike).
 _FILLERS = (" a", " the", " and", " of")
+_DISTINCT = 1024
 
 
 def exact_length_texts(counter: TokenCounter, tokens: int, n: int) -> list[str]:
-    """`n` different texts of exactly `tokens` tokens each."""
+    """`n` texts of exactly `tokens` tokens each: up to `_DISTINCT` different ones (fewer for very short lengths),
+    repeated beyond that (a server embeds a repeated text again, so repeats cost what new texts do)."""
     if tokens > counter.max_tokens:
         raise InvalidArgument(f"--tokens {tokens}: above the model's limit of {counter.max_tokens} tokens")
     floor = int(counter.uncapped([""])[0])  # the special tokens alone
     if tokens <= floor:
         raise InvalidArgument(f"--tokens {tokens}: the model's special tokens alone take {floor}")
     words = " ".join(passages(n=1000)).split()
-    texts: list[str] = []
-    start = 0
-    while len(texts) < n:
-        text = _fit(counter, words, start % len(words), tokens)
-        if text is not None:
-            texts.append(text)
-        start += 7919  # a prime stride: each text starts somewhere else in the corpus
-        if start > 50 * len(words):
-            raise InvalidArgument(f"--tokens {tokens}: could not build texts of exactly that many tokens")
-    return texts
+    distinct: list[str] = []
+    seen: set[str] = set()
+    for attempt in range(3 * min(n, _DISTINCT) + 100):  # very short lengths have fewer different texts
+        if len(distinct) == min(n, _DISTINCT):
+            break
+        # A prime stride: each text starts somewhere else in the corpus.
+        text = _fit(counter, words, attempt * 7919 % len(words), tokens)
+        if text is not None and text not in seen:
+            seen.add(text)
+            distinct.append(text)
+    if not distinct:
+        raise InvalidArgument(f"--tokens {tokens}: could not build texts of exactly that many tokens")
+    return [distinct[i % len(distinct)] for i in range(n)]
 
 
 def _fit(counter: TokenCounter, words: list[str], start: int, tokens: int) -> str | None:

@@ -1,0 +1,51 @@
+"""One real server for the benchmark's tests (gRPC, HTTP and /metrics on free ports), and a way to run
+`embedpool bench` against it in this process and read back its JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from embedpool.cli import main
+from embedpool.server.app import Running
+
+from ..conftest import SettingsFactory, serving
+
+Bench = Callable[..., dict[str, Any]]
+
+
+@pytest.fixture(scope="package")
+def bench_server(tmp_path_factory: pytest.TempPathFactory, make_settings: SettingsFactory) -> Iterator[Running]:
+    with serving(make_settings(tmp_path_factory.mktemp("bench-server"))) as running:
+        yield running
+
+
+def grpc_target(running: Running) -> list[str]:
+    return ["--target", f"127.0.0.1:{running.port}", "--metrics", metrics_url(running)]
+
+
+def http_target(running: Running) -> list[str]:
+    return ["--http", f"http://127.0.0.1:{running.http_port}", "--metrics", metrics_url(running)]
+
+
+def metrics_url(running: Running) -> str:
+    return f"http://127.0.0.1:{running.metrics_port}/metrics"
+
+
+@pytest.fixture
+def bench(tmp_path: Path) -> Bench:
+    """`bench(*flags)`: runs `embedpool bench *flags --out DIR --no-progress` here, checks it exits 0, and returns
+    the JSON it wrote."""
+
+    def run(*flags: str) -> dict[str, Any]:
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        assert main(["bench", *flags, "--out", str(out), "--no-progress"]) == 0
+        data: dict[str, Any] = json.loads((out / "bench.json").read_text())
+        data["_out"] = str(out)
+        return data
+
+    return run
