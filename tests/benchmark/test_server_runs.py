@@ -174,3 +174,28 @@ def test_compare_prints_ratios_of_matching_steps(
         (row,) = [line for line in lines if f"c={step_a['concurrency']} x4" in line]
         assert f"{step_b['docs_per_s'] / step_a['docs_per_s']:.2f}x" in row
     assert not [line for line in lines if line.startswith("only in")]
+
+
+def test_replicas_are_taken_in_turn(bench: Bench, bench_server: Running) -> None:
+    # Two names of one server: the client's round robin over replicas, and no /metrics port to guess for them.
+    replicas = [f"127.0.0.1:{bench_server.port}", f"localhost:{bench_server.port}"]
+    data = bench(
+        "--target",
+        ",".join(replicas),
+        "--tokens",
+        "16",
+        "--docs",
+        "8",
+        "--per-request",
+        "2",
+        "--concurrency",
+        "2",
+        "--warmup",
+        "0",
+        "--baseline",
+        "none",
+    )
+    assert data["target"]["addresses"] == replicas
+    (step,) = data["steps"]
+    assert (step["requests"], step["docs"], step["errors"], step["server"]) == (4, 8, {}, None)
+    assert any("--metrics URL,URL" in note for note in data["notes"])
