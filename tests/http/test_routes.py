@@ -522,3 +522,52 @@ def test_requests_are_timed_by_route_template_and_status(http: httpx.Client, ope
     assert f'{series}{{route="/v1/embeddings",status="200"}}' in scraped
     assert f'{series}{{route="/v1/collections/{{name}}",status="404"}}' in scraped  # the template, not the name
     assert f'{series}{{route="unmatched",status="404"}}' in scraped
+
+
+def test_numbers_are_one_document_whichever_door_sent_them(
+    alpha: Api, keyed_stub: pb_grpc.EmbedderStub, keys: dict[str, str]
+) -> None:
+    """A Struct carries every number as a double; JSON writes 1 or 1.0. Whole numbers are stored as ints, so the
+    same document hashes alike through both doors and a resend through the other is not written again."""
+    name = fresh("numbers")
+    md = grpc_bearer(keys["admin"])
+    alpha.create(name)
+    metadata = {"page": 3, "score": 0.5, "nested": {"count": 2.0}, "list": [1, 2.5]}
+    keyed_stub.Embed(
+        pb.EmbedRequest(collection=name, documents=[pb.Document(id="n", text="numbers", metadata=_struct(metadata))]),
+        metadata=md,
+    )
+    resent = alpha.upsert(name, [{"id": "n", "text": "numbers", "metadata": metadata}])
+    assert (resent["updated"], resent["skipped_unchanged"]) == (0, 1)
+    hit = alpha.search(name, query="numbers", k=1)[0]
+    assert hit["metadata"] == {"page": 3, "score": 0.5, "nested": {"count": 2}, "list": [1, 2.5]}
+    assert isinstance(hit["metadata"]["page"], int)
+
+
+def test_metadata_nested_too_deep_is_refused_before_it_is_stored(alpha: Api, keyed_http: httpx.Client) -> None:
+    name = fresh("deep")
+    alpha.create(name)
+    deep: dict[str, Any] = {"leaf": 1}
+    for _ in range(40):
+        deep = {"x": deep}
+    error = assert_error(
+        keyed_http.post(
+            f"/v1/collections/{name}/documents",
+            json={"documents": [{"text": "deep", "metadata": deep}]},
+            headers=alpha.headers,
+        ),
+        400,
+    )
+    assert "nested deeper than 32 levels" in error["message"] and error["param"] == "documents[0].metadata"
+    shallow: dict[str, Any] = {"leaf": 1}
+    for _ in range(30):
+        shallow = {"x": shallow}
+    alpha.upsert(name, [{"id": "s", "text": "shallow enough", "metadata": shallow}])
+    assert alpha.search(name, query="shallow", k=1)[0]["metadata"] == shallow  # and it comes back out
+
+
+def test_the_key_is_checked_before_the_body(keyed_http: httpx.Client) -> None:
+    """As on gRPC: a caller without a valid key learns nothing of the request schema."""
+    for path in ("/v1/embeddings", "/v1/collections", "/v1/collections/any/search"):
+        assert_error(keyed_http.post(path, json={"not": "a valid body"}), 401)
+        assert_error(keyed_http.post(path, json={}, headers=bearer("ep_000000000000_" + "x" * 43)), 401)

@@ -81,7 +81,7 @@ async def test_stores_overlap_acks_keep_order_and_shared_ids_wait(store: tuple[S
     acked: list[int] = []
     running = [0, 0]  # now, most at once
 
-    async def embed(request: pb.IngestRequest) -> EmbeddedBatch:
+    async def embed(request: pb.IngestRequest, _: None) -> EmbeddedBatch:
         return batches[request.batch_id]
 
     async def slow_store(batch: EmbeddedBatch) -> WriteOutcome:
@@ -115,7 +115,7 @@ async def test_the_first_error_in_stream_order_ends_the_stream(store: tuple[Stor
     batches = [_batch(name, {"x": "x"}), _batch(name, {"y": "y"}), _batch(name, {"z": "z"})]
     acked: list[int] = []
 
-    async def embed(request: pb.IngestRequest) -> EmbeddedBatch:
+    async def embed(request: pb.IngestRequest, _: None) -> EmbeddedBatch:
         return batches[request.batch_id]
 
     async def failing_store(batch: EmbeddedBatch) -> WriteOutcome:
@@ -141,7 +141,7 @@ async def test_a_failed_acknowledgement_ends_the_stream_with_its_own_error() -> 
     """The client is gone (or the server stops): writing an ack fails while the reader still has batches. The
     stream ends with that error alone, not with the upstream stages' broken pipes (INTERNAL to the caller)."""
 
-    async def embed(request: pb.IngestRequest) -> EmbeddedBatch:
+    async def embed(request: pb.IngestRequest, _: None) -> EmbeddedBatch:
         return EmbeddedBatch("c", [], [], [], None, {}, truncate=True, deadline=math.inf)
 
     async def store(batch: EmbeddedBatch) -> WriteOutcome:
@@ -166,7 +166,7 @@ async def test_a_draining_server_finishes_what_it_read_and_stops_reading() -> No
             yield pb.IngestRequest(batch_id=b)
         await anyio.sleep_forever()  # the client keeps the stream open, as a long load does
 
-    async def embed(request: pb.IngestRequest) -> EmbeddedBatch:
+    async def embed(request: pb.IngestRequest, _: None) -> EmbeddedBatch:
         return EmbeddedBatch("c", [], [], [], None, {}, truncate=True, deadline=math.inf)
 
     async def store(batch: EmbeddedBatch) -> WriteOutcome:

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi_offline import FastAPIOffline
 from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 from starlette.responses import Response
 
 from embedpool import __version__
@@ -35,6 +35,7 @@ def create_app(service: EmbeddingService, gate: Gate, ready: Callable[[], dict[s
         openapi_url="/openapi.json",
         docs_url="/docs",
         redoc_url=None,
+        redirect_slashes=False,  # an API answers 404 in its own error shape, not an empty 307 to another path
     )
     errors.install(app)
     keeper = Gatekeeper(gate)

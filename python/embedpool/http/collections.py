@@ -51,117 +51,116 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
         return gate.authorize(call, action, name, "name")
 
     @api.post("", response_model=Collection, responses={**ERRORS, **CONFLICT})
-    async def create_collection(body: CreateCollection, request: Request) -> Collection:
+    async def create_collection(
+        body: CreateCollection, request: Request, call: Call = keeper.opens("CreateCollection")
+    ) -> Collection:
         """Creates a collection for the served model (idempotent for the same options; 409 for other ones)."""
-        async with keeper.call(request, "CreateCollection") as call:
-            call.audited = True
-            stored = named(call, Action.ADMIN, body.name)
-            options = HnswOptions()
-            if body.index is not None:
-                options = HnswOptions(
-                    m=body.index.m or options.m,
-                    ef_construction=body.index.ef_construction or options.ef_construction,
-                    halfvec=body.index.halfvec,
-                )
-            return _collection(body.name, await service.create_collection(stored, options))
+        call.audited = True
+        stored = named(call, Action.ADMIN, body.name)
+        options = HnswOptions()
+        if body.index is not None:
+            options = HnswOptions(
+                m=body.index.m or options.m,
+                ef_construction=body.index.ef_construction or options.ef_construction,
+                halfvec=body.index.halfvec,
+            )
+        return _collection(body.name, await service.create_collection(stored, options))
 
     @api.get("", response_model=CollectionList, responses=ERRORS)
-    async def list_collections(request: Request) -> CollectionList:
-        async with keeper.call(request, "ListCollections") as call:
-            gate.authorize(call, Action.READ)
-            infos = {info.name: info for info in await service.list_collections()}
-            return CollectionList(data=[_collection(name, infos[s]) for s, name in gate.visible(call, infos)])
+    async def list_collections(request: Request, call: Call = keeper.opens("ListCollections")) -> CollectionList:
+        gate.authorize(call, Action.READ)
+        infos = {info.name: info for info in await service.list_collections()}
+        return CollectionList(data=[_collection(name, infos[s]) for s, name in gate.visible(call, infos)])
 
     @api.get("/{name}", response_model=Collection, responses=ERRORS)
-    async def get_collection(name: str, request: Request) -> Collection:
+    async def get_collection(name: str, request: Request, call: Call = keeper.opens("GetCollection")) -> Collection:
         """A collection with its exact count and sizes."""
-        async with keeper.call(request, "GetCollection") as call:
-            info, stats = await service.get_collection(named(call, Action.READ, name))
-            return _collection(name, info, stats)
+        info, stats = await service.get_collection(named(call, Action.READ, name))
+        return _collection(name, info, stats)
 
     @api.delete("/{name}", response_model=Deleted, responses=ERRORS)
-    async def drop_collection(name: str, request: Request) -> Deleted:
+    async def drop_collection(name: str, request: Request, call: Call = keeper.opens("DropCollection")) -> Deleted:
         """Drops a collection and its documents."""
-        async with keeper.call(request, "DropCollection") as call:
-            call.audited = True
-            await service.drop_collection(named(call, Action.ADMIN, name))
-            return Deleted(name=name, deleted=True)
+        call.audited = True
+        await service.drop_collection(named(call, Action.ADMIN, name))
+        return Deleted(name=name, deleted=True)
 
     @api.post("/{name}/documents", response_model=UpsertResult, responses=ERRORS)
-    async def upsert_documents(name: str, body: UpsertDocuments, request: Request) -> Response:
+    async def upsert_documents(
+        name: str, body: UpsertDocuments, request: Request, call: Call = keeper.opens("Embed")
+    ) -> Response:
         """Embeds and upserts documents: idempotent (a resent unchanged document is neither embedded nor
         written again); per id the last version sent wins."""
-        async with keeper.call(request, "Embed") as call:
-            call.audited = True
-            stored = gate.authorize(call, Action.WRITE, name, "name")
-            gate.admit(call, len(body.documents))
-            outcome = await service.write(
-                stored,
-                [Document(d.text, d.id, d.metadata) for d in body.documents],
-                truncate=body.truncate,
-                want_vectors=body.return_vectors,
-                deadline=deadline(request),
-            )
-            tokens = sum(outcome.token_counts)
-            content = encoding.dumps(
-                {
-                    "object": "upsert",
-                    "ids": outcome.ids,
-                    "inserted": outcome.upsert.inserted,
-                    "updated": outcome.upsert.updated,
-                    "unchanged": outcome.upsert.unchanged,
-                    "skipped_unchanged": outcome.skipped_unchanged,
-                    "rejected": [{"index": r.index, "id": r.id, "reason": r.reason} for r in outcome.rejected],
-                    "vectors": encoding.vectors(outcome.vectors, body.encoding_format)
-                    if outcome.vectors is not None
-                    else None,
-                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-                }
-            )
-            call.usage.bytes_out += len(content)
+        call.audited = True
+        stored = gate.authorize(call, Action.WRITE, name, "name")
+        gate.admit(call, len(body.documents))
+        outcome = await service.write(
+            stored,
+            [Document(d.text, d.id, d.metadata) for d in body.documents],
+            truncate=body.truncate,
+            want_vectors=body.return_vectors,
+            deadline=deadline(request),
+        )
+        tokens = sum(outcome.token_counts)
+        content = encoding.dumps(
+            {
+                "object": "upsert",
+                "ids": outcome.ids,
+                "inserted": outcome.upsert.inserted,
+                "updated": outcome.upsert.updated,
+                "unchanged": outcome.upsert.unchanged,
+                "skipped_unchanged": outcome.skipped_unchanged,
+                "rejected": [{"index": r.index, "id": r.id, "reason": r.reason} for r in outcome.rejected],
+                "vectors": encoding.vectors(outcome.vectors, body.encoding_format)
+                if outcome.vectors is not None
+                else None,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+        call.usage.bytes_out += len(content)
         return Response(content, media_type="application/json")
 
     @api.post("/{name}/documents/delete", response_model=DeletedDocuments, responses=ERRORS)
-    async def delete_documents(name: str, body: DeleteDocuments, request: Request) -> DeletedDocuments:
+    async def delete_documents(
+        name: str, body: DeleteDocuments, request: Request, call: Call = keeper.opens("DeleteDocuments")
+    ) -> DeletedDocuments:
         """Deletes documents by id, or those whose metadata contains `filter` (exactly one of the two)."""
-        async with keeper.call(request, "DeleteDocuments") as call:
-            call.audited = True
-            stored = gate.authorize(call, Action.WRITE, name, "name")
-            deleted = await service.delete(stored, ids=body.ids or (), filter=body.filter)
-            return DeletedDocuments(deleted=deleted)
+        call.audited = True
+        stored = gate.authorize(call, Action.WRITE, name, "name")
+        deleted = await service.delete(stored, ids=body.ids or (), filter=body.filter)
+        return DeletedDocuments(deleted=deleted)
 
     @api.post("/{name}/search", response_model=SearchResult, responses=ERRORS)
-    async def search(name: str, body: SearchRequest, request: Request) -> Response:
+    async def search(name: str, body: SearchRequest, request: Request, call: Call = keeper.opens("Search")) -> Response:
         """Nearest documents by cosine similarity: HNSW candidates reranked exactly."""
-        async with keeper.call(request, "Search") as call:
-            stored = gate.authorize(call, Action.READ, name, "name")
-            gate.admit(call, int(body.query is not None))
-            hits = await service.search(
-                stored,
-                text=body.query,
-                vector=np.asarray(body.vector, dtype=np.float64) if body.vector is not None else None,
-                k=body.k,
-                candidates=body.candidates or None,
-                filter=body.filter,
-                min_score=body.min_score,
-                include_vectors=body.include_vectors,
-                deadline=deadline(request),
-            )
-            vectors = (
-                encoding.vectors(np.stack([h.vector for h in hits if h.vector is not None]), body.encoding_format)
-                if body.include_vectors and hits
-                else [None] * len(hits)
-            )
-            content = encoding.dumps(
-                {
-                    "object": "list",
-                    "data": [
-                        {"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata, "vector": v}
-                        for h, v in zip(hits, vectors, strict=True)
-                    ],
-                }
-            )
-            call.usage.bytes_out += len(content)
+        stored = gate.authorize(call, Action.READ, name, "name")
+        gate.admit(call, int(body.query is not None))
+        hits = await service.search(
+            stored,
+            text=body.query,
+            vector=np.asarray(body.vector, dtype=np.float64) if body.vector is not None else None,
+            k=body.k,
+            candidates=body.candidates or None,
+            filter=body.filter,
+            min_score=body.min_score,
+            include_vectors=body.include_vectors,
+            deadline=deadline(request),
+        )
+        vectors = (
+            encoding.vectors(np.stack([h.vector for h in hits if h.vector is not None]), body.encoding_format)
+            if body.include_vectors and hits
+            else [None] * len(hits)
+        )
+        content = encoding.dumps(
+            {
+                "object": "list",
+                "data": [
+                    {"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata, "vector": v}
+                    for h, v in zip(hits, vectors, strict=True)
+                ],
+            }
+        )
+        call.usage.bytes_out += len(content)
         return Response(content, media_type="application/json")
 
     return api

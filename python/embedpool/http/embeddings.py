@@ -14,6 +14,7 @@ from embedpool.http.guard import Gatekeeper, deadline
 from embedpool.http.schemas import EmbeddingsRequest, EmbeddingsResponse, ModelCard, ModelList
 from embedpool.security.principal import Action
 from embedpool.service import EmbeddingService
+from embedpool.service.gate import Call
 
 _STARTED = int(time.time())
 
@@ -33,27 +34,28 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
             raise ModelNotFound(f"model: {name[:100]!r} is not served here; this server serves {model.name!r}")
 
     @api.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=ERRORS)
-    async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Response:
+    async def create_embeddings(
+        body: EmbeddingsRequest, request: Request, call: Call = keeper.opens("Embed")
+    ) -> Response:
         """Embeds a text or a list of texts (OpenAI's embeddings API)."""
-        async with keeper.call(request, "Embed") as call:
-            gate.authorize(call, Action.EMBED)
-            texts = _texts(body.input)
-            check_model(body.model)
-            gate.admit(call, len(texts))
-            embedded = await service.embed(
-                texts, truncate=body.truncate, dimensions=body.dimensions, field="input", deadline=deadline(request)
-            )
-            tokens = sum(embedded.token_counts)
-            vectors = encoding.vectors(embedded.vectors, body.encoding_format)
-            content = encoding.dumps(
-                {
-                    "object": "list",
-                    "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
-                    "model": model.name,
-                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-                }
-            )
-            call.usage.bytes_out += len(content)
+        gate.authorize(call, Action.EMBED)
+        texts = _texts(body.input)
+        check_model(body.model)
+        gate.admit(call, len(texts))
+        embedded = await service.embed(
+            texts, truncate=body.truncate, dimensions=body.dimensions, field="input", deadline=deadline(request)
+        )
+        tokens = sum(embedded.token_counts)
+        vectors = encoding.vectors(embedded.vectors, body.encoding_format)
+        content = encoding.dumps(
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                "model": model.name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+        call.usage.bytes_out += len(content)
         return Response(content, media_type="application/json")
 
     def card() -> ModelCard:
@@ -69,17 +71,15 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
         )
 
     @api.get("/v1/models", response_model=ModelList, responses=ERRORS)
-    async def list_models(request: Request) -> ModelList:
-        async with keeper.call(request, "GetModelInfo") as call:
-            gate.authorize(call, Action.EMBED)
-            return ModelList(data=[card()])
+    async def list_models(request: Request, call: Call = keeper.opens("GetModelInfo")) -> ModelList:
+        gate.authorize(call, Action.EMBED)
+        return ModelList(data=[card()])
 
     @api.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERRORS)
-    async def get_model(model_id: str, request: Request) -> ModelCard:
-        async with keeper.call(request, "GetModelInfo") as call:
-            gate.authorize(call, Action.EMBED)
-            check_model(model_id)
-            return card()
+    async def get_model(model_id: str, request: Request, call: Call = keeper.opens("GetModelInfo")) -> ModelCard:
+        gate.authorize(call, Action.EMBED)
+        check_model(model_id)
+        return card()
 
     return api
 

@@ -9,8 +9,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
+from fastapi import Depends
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -53,9 +55,20 @@ class Gatekeeper:
     def gate(self) -> Gate:
         return self._gate
 
+    def opens(self, method: str) -> Any:
+        """A route's `call: Call = keeper.opens("Embed")` parameter: a dependency, so the key is checked before
+        the body is (a caller without a key learns nothing of the schema, as on gRPC), and the call is closed
+        (usage booked, audit written) once the route's function ends, before its response is sent.
+        `method`: the operation's gRPC name, so both doors audit and meter under the same names."""
+
+        async def opened(request: Request) -> AsyncIterator[Call]:
+            async with self.call(request, method) as call:
+                yield call
+
+        return Depends(opened, scope="function")
+
     @asynccontextmanager
     async def call(self, request: Request, method: str) -> AsyncIterator[Call]:
-        """`method`: the operation's gRPC name, so both doors audit and meter under the same names."""
         peer = _peer(request)
         call = await self._gate.open(method, request.headers.get("authorization"), peer, request_id.get())
         status = "UNKNOWN"

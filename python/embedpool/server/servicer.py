@@ -82,16 +82,12 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     ) -> None:
         """Embeds ahead, stores concurrently, acknowledges in order: see embedpool.service.ingest."""
         limits = self._limits
-        bulk = False
 
         async def batches() -> AsyncIterator[IngestBatch]:
-            nonlocal bulk
             async for request in request_iterator:
                 check.request_bytes(request.ByteSize(), limits)
-                bulk = bulk or request.bulk
-                yield IngestBatch(
-                    codec.documents(request.documents), request.collection, _truncate(request), request.batch_id
-                )
+                documents = codec.documents(request.documents)
+                yield IngestBatch(documents, request.collection, _truncate(request), request.bulk, request.batch_id)
 
         async def ack(batch: IngestBatch, outcome: WriteOutcome) -> None:
             message = pb.IngestAck(
@@ -104,17 +100,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             meter().bytes_out += message.ByteSize()
             await context.write(message)
 
-        stream = batches()
-        first = await anext(stream, None)
-        if first is None:
-            return
-
-        async def rest() -> AsyncIterator[IngestBatch]:
-            yield first
-            async for batch in stream:
-                yield batch
-
-        await self._service.ingest(rest(), ack, deadline=_deadline(context), bulk=bulk)
+        await self._service.ingest(batches(), ack, deadline=_deadline(context))
 
     @rpc
     async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:

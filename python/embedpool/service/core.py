@@ -1,13 +1,12 @@
 """The service core: every operation embedpool offers, with no transport types. Each door (gRPC in
 embedpool.server, HTTP in embedpool.http) parses its request into these calls and maps what they raise through
-embedpool.status; the security gate (security.gate) has authorized the call and qualified its collection name
+embedpool.status; the security gate (service.gate) has authorized the call and qualified its collection name
 before it gets here, and the caller's usage is metered here (security.usage.meter)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,11 +40,10 @@ class IngestBatch:
     collection: str = ""
     """"": the stream's collection (the first batch must name it)."""
     truncate: bool = True
+    bulk: bool = False
+    """On the first batch: an empty collection is loaded without its HNSW index, built when the stream ends."""
     tag: object = None
     """The door's own (e.g. the gRPC batch id), for its acknowledgement."""
-
-
-_TEXT_INDEX = re.compile(r"^text (\d+) (?:is )?")
 
 
 def _meter_write(outcome: WriteOutcome) -> None:
@@ -119,7 +117,7 @@ class EmbeddingService:
             embedded = await self._pool.embed(texts, truncate=truncate, deadline=deadline)
         except InvalidArgument as e:  # the tokenizer's, naming "text i": name it as the caller's door does
             suffix = ".text" if field == "documents" else ""
-            raise InvalidArgument(_TEXT_INDEX.sub(lambda m: f"{field}[{m[1]}]{suffix}: ", str(e), count=1)) from None
+            raise check.renamed_text_error(e, lambda i: f"{field}[{i}]{suffix}") from None
         counts = embedded.token_counts.tolist()
         meter().tokens += sum(counts)
         vectors = embedded.vectors if size == self._model.dim else _normalized(embedded.vectors[:, :size])
@@ -136,10 +134,10 @@ class EmbeddingService:
     ) -> WriteOutcome:
         """Embeds `documents` and upserts them into `collection` (idempotent: see service.writes)."""
         check.collection_name(collection)
-        canonical = check.documents(documents, self._limits)
+        checked = check.documents(documents, self._limits)
         await self._writable(collection)
         outcome = await self._writer.write(
-            collection, documents, canonical, truncate=truncate, deadline=deadline, want_vectors=want_vectors
+            collection, documents, checked, truncate=truncate, deadline=deadline, want_vectors=want_vectors
         )
         _meter_write(outcome)
         return outcome
@@ -150,15 +148,14 @@ class EmbeddingService:
         ack: Callable[[IngestBatch, WriteOutcome], Awaitable[None]],
         *,
         deadline: float = math.inf,
-        bulk: bool = False,
     ) -> None:
         """A stream of batches into one collection: embedded ahead, stored concurrently, `ack`ed in order (see
-        service.ingest). `bulk`: an empty collection is loaded without its HNSW index, built at the end."""
+        service.ingest)."""
         if self._ingest_streams >= self._limits.max_ingest_streams:
             raise Overloaded(f"{self._ingest_streams} Ingest streams are open, the limit; retry later")
         self._ingest_streams += 1
         try:
-            await self._ingest(batches, ack, deadline, bulk)
+            await self._ingest(batches, ack, deadline)
         finally:
             self._ingest_streams -= 1
 
@@ -167,7 +164,6 @@ class EmbeddingService:
         batches: AsyncIterator[IngestBatch],
         ack: Callable[[IngestBatch, WriteOutcome], Awaitable[None]],
         deadline: float,
-        bulk: bool,
     ) -> None:
         first = await anext(aiter(batches), None)
         if first is None:
@@ -175,25 +171,24 @@ class EmbeddingService:
         if not first.collection:
             raise InvalidArgument("collection: the first batch must name the collection")
         collection = check.collection_name(first.collection)
-        canonical: dict[int, list[str]] = {}  # by id(batch): checked once, used when embedding
 
         async def stream() -> AsyncIterator[IngestBatch]:
             yield first
             async for batch in batches:
                 yield batch
 
-        async def checked(batch: IngestBatch) -> None:
+        async def checked(batch: IngestBatch) -> list[check.Checked]:
             if batch.collection and batch.collection != collection:
                 raise InvalidArgument(f"collection: stream is for {collection!r}, batch names {batch.collection!r}")
-            canonical[id(batch)] = check.documents(batch.documents, self._limits)
+            documents = check.documents(batch.documents, self._limits)
             await self._writable(collection)
+            return documents
 
-        async def embed(batch: IngestBatch) -> EmbeddedBatch:
-            encoded = canonical.pop(id(batch))
+        async def embed(batch: IngestBatch, documents: list[check.Checked]) -> EmbeddedBatch:
             return await self._writer.embed(
                 collection,
                 batch.documents,
-                encoded,
+                documents,
                 truncate=batch.truncate,
                 deadline=deadline,
                 want_vectors=False,
@@ -204,7 +199,7 @@ class EmbeddingService:
             _meter_write(outcome)
             await ack(batch, outcome)
 
-        loading = self._store.bulk_load(collection) if bulk else contextlib.nullcontext()
+        loading = self._store.bulk_load(collection) if first.bulk else contextlib.nullcontext()
         async with loading:
             stopped = await run_ingest(
                 stream(),

@@ -31,6 +31,7 @@ __all__ = ["run_ingest"]
 
 T = TypeVar("T")
 R = TypeVar("R")  # a batch as the door received it: read, checked, embedded, acknowledged
+C = TypeVar("C")  # what checking a batch found, for embedding it
 
 
 class _Future(Generic[T]):
@@ -89,8 +90,8 @@ Store = Callable[[EmbeddedBatch], Awaitable[WriteOutcome]]
 
 async def run_ingest(
     requests: AsyncIterator[R],
-    check: Callable[[R], Awaitable[None]],
-    embed: Callable[[R], Awaitable[EmbeddedBatch]],
+    check: Callable[[R], Awaitable[C]],
+    embed: Callable[[R, C], Awaitable[EmbeddedBatch]],
     store: Store,
     ack: Callable[[R, WriteOutcome], Awaitable[None]],
     *,
@@ -98,7 +99,8 @@ async def run_ingest(
     stores: int,
     stop: anyio.Event | None = None,
 ) -> bool:
-    """Drive one Ingest stream: `check` validates each request as it is read (raising ends the stream),
+    """Drive one Ingest stream: `check` validates each request as it is read (raising ends the stream; what it
+    returns is passed on to `embed`),
     `embed` embeds one, `store` writes one embedded batch, `ack` sends one acknowledgement. The first error,
     in stream order, ends the stream (raised in an ExceptionGroup). Once `stop` is set (the server drains),
     no further request is read; the ones read are finished and acknowledged, and True is returned: the client
@@ -115,8 +117,8 @@ async def run_ingest(
 
 async def _read(
     requests: AsyncIterator[R],
-    check: Callable[[R], Awaitable[None]],
-    embed: Callable[[R], Awaitable[EmbeddedBatch]],
+    check: Callable[[R], Awaitable[C]],
+    embed: Callable[[R, C], Awaitable[EmbeddedBatch]],
     send: MemoryObjectSendStream[tuple[R, _Future[EmbeddedBatch]]],
     tg: TaskGroup,
     stop: anyio.Event,
@@ -129,9 +131,9 @@ async def _read(
 
         reading.start_soon(stop_reading)
         async for request in requests:
-            await check(request)
+            checked = await check(request)
             embedded = _Future[EmbeddedBatch]()
-            tg.start_soon(embedded.settle, functools.partial(embed, request))
+            tg.start_soon(embedded.settle, functools.partial(embed, request, checked))
             if not await _forward(send, (request, embedded)):
                 break
         reading.cancel_scope.cancel()

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -83,11 +84,15 @@ def utf8(value: str, field: str) -> int:
         raise InvalidArgument(f"{field}: is not valid Unicode (a lone surrogate)") from None
 
 
-def documents(docs: Sequence[Document], limits: Limits, field: str = "documents") -> list[str]:
-    """Documents to store. Returns each one's metadata as canonical JSON (sorted keys, no NaN), which is what
-    the size limit measures and what the content hash covers, so it is encoded once."""
+Checked = tuple[dict[str, Any], str]
+"""A document's metadata as it is stored, and as canonical JSON: what the content hash covers."""
+
+
+def documents(docs: Sequence[Document], limits: Limits, field: str = "documents") -> list[Checked]:
+    """Documents to store. Returns each one's metadata normalised (`json_object`) and as canonical JSON (sorted
+    keys), which is what the size limit measures and the content hash covers, so it is encoded once."""
     _count(len(docs), limits, field)
-    canonical = []
+    checked = []
     for i, doc in enumerate(docs):
         text(doc.text, f"{field}[{i}].text")
         if utf8(doc.id, f"{field}[{i}].id") > MAX_ID_BYTES:
@@ -97,17 +102,22 @@ def documents(docs: Sequence[Document], limits: Limits, field: str = "documents"
             raise InvalidArgument(f"{field}[{i}].id: contains a NUL character")
         if "\x00" in doc.text:
             raise InvalidArgument(f"{field}[{i}].text: contains a NUL character, which cannot be stored")
-        encoded = _json(doc.metadata or {}, f"{field}[{i}].metadata")
+        if not doc.metadata:
+            checked.append(_EMPTY)
+            continue
+        metadata, encoded = json_object(doc.metadata, f"{field}[{i}].metadata")
         if (size := utf8(encoded, f"{field}[{i}].metadata")) > limits.max_metadata_bytes:
             raise InvalidArgument(f"{field}[{i}].metadata: {size} bytes, over the limit of {limits.max_metadata_bytes}")
-        canonical.append(encoded)
-    return canonical
+        checked.append((metadata, encoded))
+    return checked
 
 
-def json_filter(value: Mapping[str, Any], limits: Limits, field: str = "filter") -> None:
-    encoded = _json(value, field)
+def json_filter(value: Mapping[str, Any], limits: Limits, field: str = "filter") -> dict[str, Any]:
+    """The filter, normalised as stored metadata is (`json_object`), so it matches what was stored."""
+    normalized, encoded = json_object(value, field)
     if (size := utf8(encoded, field)) > limits.max_filter_bytes:
         raise InvalidArgument(f"{field}: {size} bytes, over the limit of {limits.max_filter_bytes}")
+    return normalized
 
 
 def search(
@@ -153,28 +163,66 @@ def _count(n: int, limits: Limits, field: str) -> None:
         raise RequestTooLarge(f"{field}: {n} documents, over the limit of {limits.max_request_documents} per request")
 
 
+MAX_JSON_DEPTH: Final = 32
+"""Nesting of metadata and filters: below what every encoder on the way back out accepts (protobuf's Struct
+parser stops at 100 message levels, two per JSON level; orjson at 254), so a stored document can always be
+returned."""
+_EXACT_INT: Final = 2**53
+# One encoder for every call: json.dumps with options builds a new JSONEncoder each time.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_EMPTY: Final[Checked] = ({}, "{}")
+
+
+_TEXT_INDEX: Final = re.compile(r"^text (\d+) (?:is )?")
+
+
+def renamed_text_error(error: InvalidArgument, name: Callable[[int], str]) -> InvalidArgument:
+    """The tokenizer's error about "text j" (of the texts it was given), naming that text as the caller does."""
+    message = _TEXT_INDEX.sub(lambda m: f"{name(int(m[1]))}: ", str(error), count=1)
+    return InvalidArgument(message)
+
+
 def canonical_json(value: Mapping[str, Any]) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _CANONICAL.encode(value)
 
 
-def _json(value: Mapping[str, Any], field: str) -> str:
+def json_object(value: Mapping[str, Any], field: str) -> Checked:
+    """`value` normalised, and as canonical JSON. Normalised: a whole number is an int however it came (a
+    protobuf Struct carries every number as a double, JSON over HTTP as written), so a document sent through
+    either door has one content hash and one stored form. InvalidArgument for NaN or infinity, NUL characters
+    (jsonb cannot hold them), nesting deeper than MAX_JSON_DEPTH, or anything that is not JSON."""
+    normalized = _normalized(value, field, 1)
     try:
-        encoded = canonical_json(value)
-    except ValueError:
-        raise InvalidArgument(f"{field}: NaN and infinity are not JSON numbers") from None
-    except TypeError as e:
-        raise InvalidArgument(f"{field}: not a JSON object ({e})") from None
-    # NUL is escaped as \u0000; the walk tells it from a literal backslash-u0000 in a string.
-    if "\\u0000" in encoded and _has_nul(value):
-        raise InvalidArgument(f"{field}: contains a NUL character, which cannot be stored")
-    return encoded
+        encoded = _CANONICAL.encode(normalized)
+    except (ValueError, TypeError) as e:  # e.g. an integer of more digits than Python will print
+        raise InvalidArgument(f"{field}: not storable as JSON ({e})") from None
+    return normalized, encoded
 
 
-def _has_nul(value: object) -> bool:
+def _normalized(value: Any, field: str, depth: int) -> Any:
     if isinstance(value, str):
-        return "\x00" in value
+        if "\x00" in value:
+            raise InvalidArgument(f"{field}: contains a NUL character, which cannot be stored")
+        return value
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidArgument(f"{field}: NaN and infinity are not JSON numbers")
+        return int(value) if value.is_integer() and abs(value) < _EXACT_INT else value
+    if isinstance(value, int):
+        return value
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidArgument(f"{field}: nested deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(value, Mapping):
-        return any("\x00" in str(k) or _has_nul(v) for k, v in value.items())
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidArgument(f"{field}: keys must be strings")
+            if "\x00" in key:
+                raise InvalidArgument(f"{field}: contains a NUL character, which cannot be stored")
+            out[key] = _normalized(item, field, depth + 1)
+        return out
     if isinstance(value, list | tuple):
-        return any(map(_has_nul, value))
-    return False
+        return [_normalized(item, field, depth + 1) for item in value]
+    raise InvalidArgument(f"{field}: {type(value).__name__} is not a JSON value")

@@ -18,8 +18,10 @@ from numpy.typing import NDArray
 
 from embedpool import metrics
 from embedpool.engine import ServingModel
+from embedpool.errors import InvalidArgument
 from embedpool.pool import EmbeddingPool
 from embedpool.service.documents import Document, Rejected, WriteOutcome
+from embedpool.service.limits import Checked, renamed_text_error
 from embedpool.store import DocumentRow, StaleAssumption, Store, UpsertResult
 
 
@@ -30,7 +32,7 @@ def derived_id(text: str) -> str:
 
 def content_hash(model: str, text: str, canonical_metadata: str) -> bytes:
     """Everything a stored row depends on. Same hash => the stored row is already right: skip embedding and writing.
-    `canonical_metadata`: service.limits.canonical_json of the metadata (as service.limits.documents returns it)."""
+    `canonical_metadata`: the metadata's canonical JSON (as service.limits.documents returns it)."""
     return hashlib.sha256(f"{model}\x00{text}\x00{canonical_metadata}".encode()).digest()
 
 
@@ -84,14 +86,14 @@ class DocumentWriter:
         self,
         collection: str,
         documents: Sequence[Document],
-        canonical: Sequence[str],
+        checked: Sequence[Checked],
         *,
         truncate: bool,
         deadline: float,
         want_vectors: bool,
     ) -> WriteOutcome:
         batch = await self.embed(
-            collection, documents, canonical, truncate=truncate, deadline=deadline, want_vectors=want_vectors
+            collection, documents, checked, truncate=truncate, deadline=deadline, want_vectors=want_vectors
         )
         return await self.store(batch)
 
@@ -99,20 +101,20 @@ class DocumentWriter:
         self,
         collection: str,
         documents: Sequence[Document],
-        canonical: Sequence[str],
+        checked: Sequence[Checked],
         *,
         truncate: bool,
         deadline: float,
         want_vectors: bool,
         wait: bool = False,
     ) -> EmbeddedBatch:
-        """`canonical`: each document's metadata as service.limits.documents encoded it when checking it."""
+        """`checked`: each document's metadata as service.limits.documents normalised and encoded it."""
         ids = [doc.id or derived_id(doc.text) for doc in documents]
         # An id's earlier documents in the request are overwritten by its last: they need no row (nor, unless
         # vectors are asked for, an embedding).
         latest = sorted({doc_id: i for i, doc_id in enumerate(ids)}.values())
-        metadata = {i: dict(documents[i].metadata or {}) for i in latest}
-        hashes = {i: content_hash(self._model.name, documents[i].text, canonical[i]) for i in latest}
+        metadata = {i: checked[i][0] for i in latest}
+        hashes = {i: content_hash(self._model.name, documents[i].text, checked[i][1]) for i in latest}
         assumed: dict[str, Unembedded] = {}
         if not want_vectors:
             stored = await self._store.existing_hashes(collection, [ids[i] for i in latest])
@@ -125,7 +127,10 @@ class DocumentWriter:
         rows: list[DocumentRow] = []
         if todo:
             texts = [documents[i].text for i in todo]
-            embedded = await self._pool.embed(texts, truncate=truncate, deadline=deadline, wait=wait)
+            try:
+                embedded = await self._pool.embed(texts, truncate=truncate, deadline=deadline, wait=wait)
+            except InvalidArgument as e:  # the tokenizer's "text j" is todo[j] of the request
+                raise renamed_text_error(e, lambda j: f"documents[{todo[j]}].text") from None
             for j, i in enumerate(todo):
                 token_counts[i] = int(embedded.token_counts[j])
             rows = [
