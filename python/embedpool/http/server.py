@@ -87,12 +87,26 @@ class HttpServer:
         finally:
             self._sock.close()
 
-    async def stop(self) -> None:
-        """Stops accepting, lets requests in flight finish (up to the grace period)."""
+    async def stop(self, grace: float, abort: anyio.Event | None = None) -> None:
+        """Stops accepting and lets requests in flight finish, for up to `grace` seconds or until `abort` is
+        set; then cancels what still runs."""
         self._server.should_exit = True
-        with anyio.move_on_after(60):
-            while self._server.started and not self._done():
-                await anyio.sleep(0.05)
+        with anyio.move_on_after(grace):
+            async with anyio.create_task_group() as tg:
+                if abort is not None:
+
+                    async def on_abort() -> None:
+                        await abort.wait()
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(on_abort)
+                while self._server.started and not self._done():
+                    await anyio.sleep(0.05)
+                tg.cancel_scope.cancel()
+        if not self._done():
+            self._server.force_exit = True
+            for task in list(self._server.server_state.tasks):
+                task.cancel()
 
     def _done(self) -> bool:
         return not self._server.server_state.connections and not self._server.server_state.tasks

@@ -403,7 +403,7 @@ async def serve(
                     service.drain()
                     async with anyio.create_task_group() as draining:
                         if http is not None:
-                            draining.start_soon(http.stop)
+                            draining.start_soon(http.stop, settings.grace_seconds, abort)
                         await _drain(server, settings.grace_seconds, abort)
                 tg.cancel_scope.cancel()  # the supervisor, before the stack stops the store and Postgres
 
