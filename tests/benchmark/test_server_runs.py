@@ -77,7 +77,7 @@ def test_closed_loop_over_grpc(grpc_run: dict[str, Any]) -> None:
         assert step["mode"] == "closed" and step["workload"] == "tokens=16"
         assert (step["requests"], step["docs"], step["tokens"], step["errors"]) == (6, 24, 24 * 16, {})
     (warmup,) = grpc_run["warmup"]
-    assert warmup["mode"] == "warmup" and warmup["concurrency"] == 3 and warmup["requests"] >= 1
+    assert warmup["mode"] == "warmup" and warmup["concurrency"] == 1 and warmup["requests"] >= 1
     (workload,) = grpc_run["workloads"]
     assert workload["docs"] == 24 and workload["tokens_mean"] == 16
     assert sum(s["docs"] for s in grpc_run["steps"]) == 48

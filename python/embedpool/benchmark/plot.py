@@ -77,7 +77,7 @@ def plot(data: dict[str, Any], path: Path) -> str:
     )
     per = "batch" if kind == "engine" else "request"
     right.set(yscale="log", xlabel="documents/s", ylabel=f"latency per {per}, ms", title="latency vs throughput")
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter
 
     xs = sorted({s["concurrency"] for s in data["steps"] if s["mode"] == "closed"})
     if kind == "engine":
@@ -87,7 +87,9 @@ def plot(data: dict[str, Any], path: Path) -> str:
     if xs:
         left.set_xticks(xs, [str(x) for x in xs])
     left.set_ylim(bottom=0)
-    right.yaxis.set_major_formatter(ScalarFormatter())
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 2000, not 2x10^3
+    right.yaxis.set_major_formatter(plain)
+    right.yaxis.set_minor_formatter(plain)
     for ax in (left, right):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)

@@ -25,7 +25,7 @@ from embedpool.benchmark.report import Report
 from embedpool.benchmark.scrape import Scraper, Snapshot, server_figures
 from embedpool.benchmark.st_baseline import st_sweep
 from embedpool.benchmark.stats import Sample, summarize
-from embedpool.benchmark.sweep import SweepPoint, default_batch_sizes, sweep_report
+from embedpool.benchmark.sweep import SweepPoint, default_batch_sizes, sweep_report, useful_batch_sizes
 from embedpool.benchmark.table import HEADER, baseline_row, step_row
 from embedpool.benchmark.target import ServerInfo, Target
 from embedpool.benchmark.workload import Request, Workload, corpus_workload, jsonl_workload, token_workloads
@@ -86,9 +86,9 @@ class Runner:
                 self.report.add("workloads", workload.describe())
                 requests = workload.requests(self.options.per_request)
                 if self.options.warmup > 0:
-                    await self._step(
-                        target, workload, requests, "warmup", concurrency=max(self.options.concurrency or [4])
-                    )
+                    # The sweep's first level: more callers would leave requests in flight long after the warm-up.
+                    first = min(self.options.concurrency or [1])
+                    await self._step(target, workload, requests, "warmup", concurrency=first)
                 for concurrency in self.options.concurrency:
                     await self._step(target, workload, requests, "closed", concurrency=concurrency)
                 for rate in self.options.rates:
@@ -265,37 +265,41 @@ class Runner:
     async def _engine_sweep(
         self, workload: Workload, counter: TokenCounter, variant: VariantChoice, device: Device
     ) -> None:
+        sizes = self._batch_sizes(device)
         sweep = functools.partial(
             engine_sweep,
             counter.bundle,
             workload.texts,
-            self._batch_sizes(device),
+            sizes,
             variant=variant,
             device=device,
             threads=self.options.threads,
             stop=self.stop,
         )
-        await self._sweep(workload.name, "engine", sweep)
+        await self._sweep(workload.name, "engine", sweep, len(useful_batch_sizes(sizes, len(workload.texts))))
 
     async def _st_sweep(self, workload: Workload, device: str) -> None:
+        sizes = self._batch_sizes(device)
         sweep = functools.partial(
             st_sweep,
             checkpoint_path(self.options.model),
             workload.texts,
-            self._batch_sizes(device),
+            sizes,
             device=device,
             tokens=sum(workload.tokens or []),
             site=self.options.baseline_site,
             stop=self.stop,
         )
-        await self._sweep(workload.name, "sentence_transformers", sweep)
+        await self._sweep(
+            workload.name, "sentence_transformers", sweep, len(useful_batch_sizes(sizes, len(workload.texts)))
+        )
 
-    async def _sweep(self, workload: str, name: str, sweep: Callable[..., dict[str, Any]]) -> None:
+    async def _sweep(self, workload: str, name: str, sweep: Callable[..., dict[str, Any]], sizes: int) -> None:
         """Runs a baseline's sweep in a worker thread (`self.stop` ends it early), one row per batch size."""
         short = "engine" if name == "engine" else "st"
         points: list[SweepPoint] = []
         result: dict[str, Any] | None = None
-        with self.progress.bar(f"{workload} {name}", None, "size") as bar:
+        with self.progress.bar(f"{workload} {name}", sizes, "batch size") as bar:
 
             def on_point(point: SweepPoint) -> None:
                 points.append(point)
