@@ -12,6 +12,7 @@ import orjson
 
 from embedpool.benchmark.credentials import Credentials
 from embedpool.benchmark.target import ServerInfo
+from embedpool.errors import PermissionDenied, Unauthenticated, Unavailable
 
 __all__ = ["HttpTarget"]
 
@@ -30,8 +31,14 @@ class HttpTarget:
         self._model = ""
 
     async def info(self) -> ServerInfo:
-        reply = await self._http.get("/v1/models")
-        reply.raise_for_status()
+        url = f"{self.addresses[0]}/v1/models"
+        try:
+            reply = await self._http.get("/v1/models")
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"{url}: {type(exc).__name__}: {exc}") from None
+        if reply.status_code != 200:
+            refused = {401: Unauthenticated, 403: PermissionDenied}.get(reply.status_code, Unavailable)
+            raise refused(f"{url} answered {reply.status_code}: {reply.text[:200]}")
         card: dict[str, Any] = reply.json()["data"][0]
         self._model = str(card["id"])
         return ServerInfo(

@@ -56,7 +56,6 @@ class Runner:
         self.scraper: Scraper | None = None
 
     async def run(self) -> None:
-        self.progress.print(HEADER)
         if self.options.mode == "engine":
             await self._engine_only()
         else:
@@ -82,6 +81,7 @@ class Runner:
             counter = self._server_counter(info)
             self.scraper = await self._scraper(target.addresses)
             workloads = self._workloads(docs, counter)
+            self.progress.print(HEADER)
             for workload in workloads:
                 self.report.add("workloads", workload.describe())
                 requests = workload.requests(self.options.per_request)
@@ -243,7 +243,9 @@ class Runner:
         docs = o.docs or DEFAULT_DOCS[device]
         self.report.data["settings"]["docs_per_step"] = docs
         self.report.data["target"]["server"] = {"model": bundle.config.name, "variant": variant, "device": device}
-        for workload in self._workloads(docs, counter):
+        workloads = self._workloads(docs, counter)
+        self.progress.print(HEADER)
+        for workload in workloads:
             self.report.add("workloads", workload.describe())
             await self._engine_sweep(workload, counter, variant, device)
             if o.baselines is None or "st" in o.baselines:
