@@ -54,6 +54,15 @@ def plot(data: dict[str, Any], path: Path) -> str:
         for group, marker, mode in ((closed, "o", "closed"), (opened, "s", "open")):
             if group:
                 xs = [s["docs_per_s"] for s in group]
+                for s in group:  # which step each point is
+                    name = f"c={s['concurrency']}" if mode == "closed" else f"{s['rate']:g}/s"
+                    right.annotate(
+                        name,
+                        (s["docs_per_s"], s["latency_ms"]["p50"]),
+                        fontsize=7,
+                        xytext=(4, -10),
+                        textcoords="offset points",
+                    )
                 right.plot(
                     xs,
                     [s["latency_ms"]["p50"] for s in group],
@@ -77,7 +86,7 @@ def plot(data: dict[str, Any], path: Path) -> str:
     )
     per = "batch" if kind == "engine" else "request"
     right.set(yscale="log", xlabel="documents/s", ylabel=f"latency per {per}, ms", title="latency vs throughput")
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     xs = sorted({s["concurrency"] for s in data["steps"] if s["mode"] == "closed"})
     if kind == "engine":
@@ -87,9 +96,9 @@ def plot(data: dict[str, Any], path: Path) -> str:
     if xs:
         left.set_xticks(xs, [str(x) for x in xs])
     left.set_ylim(bottom=0)
-    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 2000, not 2x10^3
-    right.yaxis.set_major_formatter(plain)
-    right.yaxis.set_minor_formatter(plain)
+    right.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    right.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 2000, not 2x10^3
+    right.yaxis.set_minor_formatter(NullFormatter())
     for ax in (left, right):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)

@@ -90,6 +90,11 @@ class Runner:
                     first = min(self.options.concurrency or [1])
                     await self._step(target, workload, requests, "warmup", concurrency=first)
                 for concurrency in self.options.concurrency:
+                    if concurrency > len(requests):
+                        self.report.note(
+                            f"{workload.name} c={concurrency}: a step has only {len(requests)} requests, so fewer are"
+                            " in flight at once; raise --docs"
+                        )
                     await self._step(target, workload, requests, "closed", concurrency=concurrency)
                 for rate in self.options.rates:
                     await self._step(target, workload, requests, "open", rate=rate)
