@@ -17,6 +17,7 @@ from embedpool.server.app import Running
 from .conftest import Bench, grpc_target, http_target
 
 SHORT = ["--tokens", "16", "--docs", "24", "--per-request", "4", "--concurrency", "1,3", "--warmup", "0.2"]
+SMALL = ["--docs", "8", "--per-request", "2", "--concurrency", "2", "--warmup", "0", "--baseline", "none"]
 LATENCY = {"p50", "p95", "p99", "max", "mean"}
 SERVER = {
     "documents",
@@ -99,21 +100,7 @@ def test_refused_requests_are_counted_by_status(
     source = tmp_path / "texts.jsonl"
     source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     target = grpc_target(bench_server) if transport == "grpc" else http_target(bench_server)
-    data = bench(
-        *target,
-        "--jsonl",
-        str(source),
-        "--docs",
-        "8",
-        "--per-request",
-        "2",
-        "--concurrency",
-        "2",
-        "--warmup",
-        "0",
-        "--baseline",
-        "none",
-    )
+    data = bench(*target, "--jsonl", str(source), *SMALL)
     (step,) = data["steps"]
     assert data["workloads"][0]["name"] == "jsonl:texts.jsonl"
     assert (step["requests"], step["ok_requests"], step["errors"], step["docs"]) == (4, 3, {status: 1}, 6)
@@ -179,22 +166,7 @@ def test_compare_prints_ratios_of_matching_steps(
 def test_replicas_are_taken_in_turn(bench: Bench, bench_server: Running) -> None:
     # Two names of one server: the client's round robin over replicas, and no /metrics port to guess for them.
     replicas = [f"127.0.0.1:{bench_server.port}", f"localhost:{bench_server.port}"]
-    data = bench(
-        "--target",
-        ",".join(replicas),
-        "--tokens",
-        "16",
-        "--docs",
-        "8",
-        "--per-request",
-        "2",
-        "--concurrency",
-        "2",
-        "--warmup",
-        "0",
-        "--baseline",
-        "none",
-    )
+    data = bench("--target", ",".join(replicas), "--tokens", "16", *SMALL)
     assert data["target"]["addresses"] == replicas
     (step,) = data["steps"]
     assert (step["requests"], step["docs"], step["errors"], step["server"]) == (4, 8, {}, None)

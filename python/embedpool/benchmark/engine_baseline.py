@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from embedpool import _native
-from embedpool.benchmark.sweep import SweepPoint, batch_latency_ms, sweep_report, useful_batch_sizes
+from embedpool.benchmark.sweep import SweepPoint, batch_latency_ms, run_sweep, sweep_report
 from embedpool.model import EmbeddingSession, ModelBundle
 from embedpool.model.session import Device, VariantChoice
 
@@ -90,14 +90,12 @@ def engine_sweep(
     tokenizer = _native.Tokenizer(str(bundle.tokenizer_path), max_length=bundle.config.max_tokens)
     rows = _sorted_rows(tokenizer, texts)
     multiple = 8 if device == "cuda" else 1  # tensor cores like multiples of 8; a CPU gains nothing from padding
-    points: list[SweepPoint] = []
-    for size in useful_batch_sizes(batch_sizes, len(rows)):
-        if stop.is_set():
-            break
-        point = _run(session, _batches(rows, size, tokenizer.pad_id, multiple), size, stop, warm_all=device == "cuda")
-        points.append(point)
-        if on_point is not None:
-            on_point(point)
+
+    def measure(size: int) -> SweepPoint:
+        batches = _batches(rows, size, tokenizer.pad_id, multiple)
+        return _run(session, batches, size, stop, warm_all=device == "cuda")
+
+    points = run_sweep(batch_sizes, len(rows), measure, stop, on_point)
     return sweep_report(
         points,
         engine="onnxruntime",

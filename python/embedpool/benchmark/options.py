@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Literal, TypeVar, cast
 
 from embedpool.errors import InvalidArgument
 
@@ -18,6 +18,8 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_CONCURRENCY = "1,4,16,64"
 # Documents per step when --docs is not given: a step lasts seconds, not milliseconds, on either device.
 DEFAULT_DOCS = {"cpu": 1024, "cuda": 32768}
+
+N = TypeVar("N", int, float)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,23 +105,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _ints(flag: str, raw: str) -> list[int]:
+def _numbers(flag: str, raw: str, kind: type[N]) -> list[N]:
+    """Comma-separated positive numbers; "none" or nothing for none."""
     if raw.strip().lower() in ("", "none"):
         return []
     try:
-        values = [int(x) for x in raw.split(",") if x.strip()]
+        values = [kind(x) for x in raw.split(",") if x.strip()]
     except ValueError:
-        raise InvalidArgument(f"{flag}: expected comma-separated integers, got {raw!r}") from None
-    if any(v <= 0 for v in values):
-        raise InvalidArgument(f"{flag}: every value must be positive, got {raw!r}")
-    return values
-
-
-def _floats(flag: str, raw: str) -> list[float]:
-    try:
-        values = [float(x) for x in raw.split(",") if x.strip()]
-    except ValueError:
-        raise InvalidArgument(f"{flag}: expected comma-separated numbers, got {raw!r}") from None
+        raise InvalidArgument(f"{flag}: expected comma-separated {kind.__name__}s, got {raw!r}") from None
     if any(v <= 0 for v in values):
         raise InvalidArgument(f"{flag}: every value must be positive, got {raw!r}")
     return values
@@ -177,8 +170,8 @@ class Options:
                 raise InvalidArgument(f"{flag}: must not be negative, got {seconds}")
         if args.timeout <= 0:
             raise InvalidArgument(f"--timeout: must be positive, got {args.timeout}")
-        concurrency = _ints("--concurrency", args.concurrency)
-        rates = _floats("--rate", args.rate)
+        concurrency = _numbers("--concurrency", args.concurrency, int)
+        rates = _numbers("--rate", args.rate, float)
         if mode != "engine" and not concurrency and not rates:
             raise InvalidArgument("--concurrency none and no --rate: nothing to measure")
         return cls(
@@ -191,7 +184,7 @@ class Options:
             variant=args.variant,
             threads=args.threads,
             jsonl=args.jsonl,
-            tokens=_ints("--tokens", args.tokens),
+            tokens=_numbers("--tokens", args.tokens, int),
             docs=args.docs,
             per_request=args.per_request,
             concurrency=concurrency,
@@ -203,7 +196,7 @@ class Options:
             retries=args.retries,
             metrics=_metrics(args.metrics),
             baselines=_baselines(args.baseline),
-            batch_sizes=_ints("--batch-sizes", args.batch_sizes),
+            batch_sizes=_numbers("--batch-sizes", args.batch_sizes, int),
             baseline_site=args.baseline_site,
             out=args.out,
             progress=not args.no_progress,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from embedpool.benchmark.sweep import SweepPoint, sweep_report, useful_batch_sizes
+from embedpool.benchmark.sweep import SweepPoint, run_sweep, sweep_report
 
 __all__ = ["st_sweep"]
 
@@ -45,19 +45,15 @@ def st_sweep(
         return {"skipped": f"sentence-transformers cannot load {checkpoint}: {type(exc).__name__}: {exc}"}
     if device == "cuda":
         model = model.half()
-    stop = stop or threading.Event()
-    points: list[SweepPoint] = []
-    for size in useful_batch_sizes(batch_sizes, len(texts)):
-        if stop.is_set():
-            break
+
+    def measure(size: int) -> SweepPoint:
         model.encode(texts[:size], batch_size=size)  # warm-up
         started = time.perf_counter()
         model.encode(texts, batch_size=size)
         seconds = time.perf_counter() - started
-        point = SweepPoint(size, len(texts), tokens, seconds, None, {})  # encode() times no batch by itself
-        points.append(point)
-        if on_point is not None:
-            on_point(point)
+        return SweepPoint(size, len(texts), tokens, seconds, None, {})  # encode() times no batch by itself
+
+    points = run_sweep(batch_sizes, len(texts), measure, stop, on_point)
     return sweep_report(
         points,
         engine="sentence-transformers",

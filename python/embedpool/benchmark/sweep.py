@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["SweepPoint", "sweep_report"]
+__all__ = ["SweepPoint", "run_sweep", "sweep_report"]
 
 CPU_BATCH_SIZES = (8, 16, 32, 64, 128, 256)
 GPU_BATCH_SIZES = (8, 16, 32, 64, 128, 256, 512, 1024)
@@ -53,6 +55,25 @@ def batch_latency_ms(seconds: list[float]) -> dict[str, float]:
     values = np.asarray(seconds or [0.0]) * 1000
     p50, p99 = np.quantile(values, [0.5, 0.99])
     return {"p50": float(p50), "p99": float(p99), "max": float(values.max())}
+
+
+def run_sweep(
+    batch_sizes: list[int],
+    docs: int,
+    measure: Callable[[int], SweepPoint],
+    stop: threading.Event | None,
+    on_point: Callable[[SweepPoint], None] | None,
+) -> list[SweepPoint]:
+    """`measure(size)` for each useful batch size, until `stop` is set; each point passed to `on_point` as it
+    comes (so an interrupted sweep keeps the sizes it measured)."""
+    points: list[SweepPoint] = []
+    for size in useful_batch_sizes(batch_sizes, docs):
+        if stop is not None and stop.is_set():
+            break
+        points.append(measure(size))
+        if on_point is not None:
+            on_point(points[-1])
+    return points
 
 
 def sweep_report(points: list[SweepPoint], **about: Any) -> dict[str, Any]:
