@@ -8,10 +8,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from embedpool.cli import main
+from embedpool.security import keyring
 from embedpool.server.app import Running
+from embedpool.store import Store
 
 from ..conftest import SettingsFactory, serving
 
@@ -49,3 +52,24 @@ def bench(tmp_path: Path) -> Bench:
         return data
 
     return run
+
+
+@pytest.fixture(scope="package")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory, make_settings: SettingsFactory) -> Iterator[Running]:
+    with serving(make_settings(tmp_path_factory.mktemp("bench-keyed"), auth="keys")) as running:
+        yield running
+
+
+@pytest.fixture(scope="package")
+def api_key(keyed_server: Running) -> str:
+    """A writer key on the keyed server, written straight into its key table (as `embedpool keys create` does)."""
+
+    async def create() -> str:
+        store = await Store.open(keyed_server.database_url, max_size=1)
+        try:
+            key, _ = await keyring.create_key(store, tenant="bench", role="writer")
+            return key
+        finally:
+            await store.close()
+
+    return anyio.run(create)

@@ -171,3 +171,25 @@ def test_replicas_are_taken_in_turn(bench: Bench, bench_server: Running) -> None
     (step,) = data["steps"]
     assert (step["requests"], step["docs"], step["errors"], step["server"]) == (4, 8, {}, None)
     assert any("--metrics URL,URL" in note for note in data["notes"])
+
+
+@pytest.mark.parametrize(("transport", "refusal"), [("grpc", ": the API key is malformed"), ("http", " answered 401")])
+def test_api_key(
+    bench: Bench,
+    keyed_server: Running,
+    api_key: str,
+    transport: str,
+    refusal: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from embedpool.cli import main
+
+    target = grpc_target(keyed_server) if transport == "grpc" else http_target(keyed_server)
+    # A key the server refuses ends the run at its first call, with one line.
+    assert main(["bench", *target, *SMALL, "--api-key", "ep_not-a-key", "--no-progress"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("embedpool: ") and refusal in line
+    data = bench(*target, "--tokens", "16", *SMALL, "--api-key", api_key)
+    (step,) = data["steps"]
+    assert (step["requests"], step["docs"], step["errors"]) == (4, 8, {})
+    check_step(step, per_request=2)
