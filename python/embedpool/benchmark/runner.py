@@ -3,48 +3,33 @@ the engine alone; every result goes into the report as soon as it is measured.""
 
 from __future__ import annotations
 
-import functools
 import threading
-from collections.abc import Callable
-from typing import Any, cast
-from urllib.parse import urlsplit
+from typing import Any
 
 import anyio
 import anyio.to_thread
 import httpx
 
-from embedpool.benchmark.credentials import is_loopback
-from embedpool.benchmark.engine_baseline import engine_sweep
+from embedpool.benchmark.baselines import Baselines
 from embedpool.benchmark.grpc_target import GrpcTarget
 from embedpool.benchmark.http_target import HttpTarget
-from embedpool.benchmark.local_model import TokenCounter, checkpoint_path, find_model, try_counter
+from embedpool.benchmark.local_model import TokenCounter, find_model, try_counter
 from embedpool.benchmark.loops import closed_loop, open_loop
 from embedpool.benchmark.options import DEFAULT_DOCS, Options
 from embedpool.benchmark.progress import Progress
 from embedpool.benchmark.report import Report
 from embedpool.benchmark.scrape import Scraper, Snapshot, server_figures
-from embedpool.benchmark.st_baseline import st_sweep
 from embedpool.benchmark.stats import Sample, summarize
-from embedpool.benchmark.sweep import SweepPoint, default_batch_sizes, sweep_report, useful_batch_sizes
-from embedpool.benchmark.table import HEADER, baseline_row, step_row
-from embedpool.benchmark.target import ServerInfo, Target
+from embedpool.benchmark.table import HEADER, step_row
+from embedpool.benchmark.target import ServerInfo, Target, host_of
 from embedpool.benchmark.workload import Request, Workload, corpus_workload, jsonl_workload, token_workloads
 from embedpool.engine import pick_device, serving_variant
-from embedpool.errors import EmbedpoolError
-from embedpool.model.session import Device, VariantChoice
 
 __all__ = ["Runner"]
 
 # A /metrics that does not answer within this long is dropped for the rest of the run.
 _SCRAPE_TIMEOUT_S = 5.0
 _DEFAULT_METRICS_PORT = 9464
-
-
-def _host(address: str) -> str:
-    """The host of "host:port", "[v6]:port" or a URL."""
-    if "://" in address:
-        return urlsplit(address).hostname or ""
-    return address.rsplit(":", 1)[0].strip("[]")
 
 
 class Runner:
@@ -54,6 +39,7 @@ class Runner:
         self.stop = stop
         self.progress = Progress(enabled=options.progress)
         self.scraper: Scraper | None = None
+        self.baselines = Baselines(options, report, self.progress, stop)
 
     async def run(self) -> None:
         if self.options.mode == "engine":
@@ -99,7 +85,7 @@ class Runner:
                 for rate in self.options.rates:
                     await self._step(target, workload, requests, "open", rate=rate)
             for workload in workloads:
-                await self._server_baselines(workload, info, counter, target.addresses)
+                await self.baselines.against_server(workload, info, counter, target.addresses)
         finally:
             with anyio.CancelScope(shield=True):
                 await target.aclose()
@@ -129,7 +115,7 @@ class Runner:
                 self.report.note("no server metrics: give --metrics URL,URL (one per replica)")
                 return None
             scheme = "https" if self.options.credentials.tls_ca else "http"
-            host = _host(addresses[0])
+            host = host_of(addresses[0])
             urls = [f"{scheme}://{'[' + host + ']' if ':' in host else host}:{_DEFAULT_METRICS_PORT}/metrics"]
         if not urls:
             return None
@@ -217,26 +203,6 @@ class Runner:
             return None
         return figures
 
-    async def _server_baselines(
-        self, workload: Workload, info: ServerInfo, counter: TokenCounter | None, addresses: list[str]
-    ) -> None:
-        wanted = self.options.baselines
-        if wanted is None or "engine" in wanted:
-            why = ""
-            if counter is None:
-                why = "no local copy of the server's model (pass --model DIR)"
-            elif wanted is None and not all(is_loopback(_host(a)) for a in addresses):
-                why = "the server is on another machine (--baseline engine runs it here anyway)"
-            if why:
-                self.report.baseline(workload.name, "engine", {"skipped": why})
-            else:
-                assert counter is not None
-                device: Device = "cuda" if info.device == "cuda" else "cpu"
-                variant = cast(VariantChoice, info.variant)  # the server's very graph
-                await self._engine_sweep(workload, counter, variant, device)
-        if wanted is None or "st" in wanted:
-            await self._st_sweep(workload, info.device)
-
     # The engine alone.
 
     async def _engine_only(self) -> None:
@@ -252,9 +218,9 @@ class Runner:
         self.progress.print(HEADER)
         for workload in workloads:
             self.report.add("workloads", workload.describe())
-            await self._engine_sweep(workload, counter, variant, device)
+            await self.baselines.engine(workload, counter, variant, device)
             if o.baselines is None or "st" in o.baselines:
-                await self._st_sweep(workload, device)
+                await self.baselines.sentence_transformers(workload, device)
 
     # Shared.
 
@@ -265,67 +231,3 @@ class Runner:
         if o.jsonl is not None:
             return [jsonl_workload(o.jsonl, docs, counter)]
         return [corpus_workload(docs, counter)]
-
-    def _batch_sizes(self, device: str) -> list[int]:
-        return self.options.batch_sizes or list(default_batch_sizes(device))
-
-    async def _engine_sweep(
-        self, workload: Workload, counter: TokenCounter, variant: VariantChoice, device: Device
-    ) -> None:
-        sizes = self._batch_sizes(device)
-        sweep = functools.partial(
-            engine_sweep,
-            counter.bundle,
-            workload.texts,
-            sizes,
-            variant=variant,
-            device=device,
-            threads=self.options.threads,
-            stop=self.stop,
-        )
-        await self._sweep(workload.name, "engine", sweep, len(useful_batch_sizes(sizes, len(workload.texts))))
-
-    async def _st_sweep(self, workload: Workload, device: str) -> None:
-        sizes = self._batch_sizes(device)
-        sweep = functools.partial(
-            st_sweep,
-            checkpoint_path(self.options.model),
-            workload.texts,
-            sizes,
-            device=device,
-            tokens=sum(workload.tokens or []),
-            site=self.options.baseline_site,
-            stop=self.stop,
-        )
-        await self._sweep(
-            workload.name, "sentence_transformers", sweep, len(useful_batch_sizes(sizes, len(workload.texts)))
-        )
-
-    async def _sweep(self, workload: str, name: str, sweep: Callable[..., dict[str, Any]], sizes: int) -> None:
-        """Runs a baseline's sweep in a worker thread (`self.stop` ends it early), one row per batch size."""
-        short = "engine" if name == "engine" else "st"
-        points: list[SweepPoint] = []
-        result: dict[str, Any] | None = None
-        with self.progress.bar(f"{workload} {name}", sizes, "batch size") as bar:
-
-            def on_point(point: SweepPoint) -> None:
-                points.append(point)
-                bar.update()
-                self.progress.print(baseline_row(workload, short, point.as_dict(), best=False))
-
-            try:
-                result = await anyio.to_thread.run_sync(functools.partial(sweep, on_point=on_point))
-            except EmbedpoolError as exc:  # e.g. the local model lacks the server's variant
-                result = {"skipped": str(exc)}
-            finally:
-                if result is None:  # interrupted: keep the sizes measured
-                    result = sweep_report(points, interrupted=True)
-                self._baseline_done(workload, name, result)
-
-    def _baseline_done(self, workload: str, name: str, result: dict[str, Any]) -> None:
-        self.report.baseline(workload, name, result)
-        if "skipped" in result:
-            self.report.note(f"{name} baseline skipped: {result['skipped']}")
-        elif result["best"] is not None:
-            short = "engine" if name == "engine" else "st"
-            self.progress.print(baseline_row(workload, short, result["best"], best=True))

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
-__all__ = ["ServerInfo", "Target"]
+__all__ = ["ServerInfo", "Target", "host_of"]
+
+
+def host_of(address: str) -> str:
+    """The host of "host:port", "[v6]:port" or a URL."""
+    if "://" in address:
+        return urlsplit(address).hostname or ""
+    return address.rsplit(":", 1)[0].strip("[]")
 
 
 @dataclass(frozen=True, slots=True)
