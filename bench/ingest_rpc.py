@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--streams", type=int, default=None, help="concurrent Ingest streams (cpu 1, cuda 2)")
     parser.add_argument("--batch", type=int, default=256, help="documents per Ingest batch")
+    parser.add_argument("--docs", type=int, default=None, help="documents (overrides --quick's cpu 256, cuda 20k)")
+    parser.add_argument("--seconds", type=float, default=None, help="duration of the embed-alone run (quick 10)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     parser.add_argument("--server-arg", action="append", default=[], help="extra `embedpool serve` argument")
     args = parser.parse_args()
@@ -115,7 +117,8 @@ def main() -> None:
     args.variant = "auto"
     cuda = args.device == "cuda"
     streams = args.streams or (2 if cuda else 1)
-    n_docs = (20_000 if cuda else 256) if args.quick else (200_000 if cuda else 1024)
+    n_docs = args.docs or ((20_000 if cuda else 256) if args.quick else (200_000 if cuda else 1024))
+    seconds = args.seconds or (10.0 if args.quick else 30.0)
     corpus = passages(n=n_docs)  # as many passages as the installed docstrings give (a few thousand)
     texts = [corpus[i % len(corpus)] for i in range(n_docs)]  # repeated under new ids: embedded and stored again
     bundle = prepare(Settings())
@@ -130,7 +133,7 @@ def main() -> None:
             sources = write_sources(texts, streams, tmp_path)
             # Warm-up: the server warmed every padded length before reporting ready; this warms the client.
             asyncio.run(drive(port, texts[: args.batch], streams, args.batch, 1.0))
-            embedded = asyncio.run(drive(port, texts, streams, args.batch, 10.0 if args.quick else 30.0))
+            embedded = asyncio.run(drive(port, texts, streams, args.batch, seconds))
             end_to_end = e2e(target, sources, args.batch)
         finally:
             proc.terminate()

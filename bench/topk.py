@@ -127,9 +127,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="100k x 384 corpus instead of 1M x 384")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
+    parser.add_argument("--rows", type=int, default=None, help="corpus rows (overrides --quick's 100k)")
     args = parser.parse_args()
 
-    rows = 100_000 if args.quick else 1_000_000
+    rows = args.rows or (100_000 if args.quick else 1_000_000)
     repeats = 7 if args.quick else 5
     rng = np.random.default_rng(0)
     # Raw vectors with varied lengths, as a store holds them.
