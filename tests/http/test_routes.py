@@ -571,3 +571,20 @@ def test_the_key_is_checked_before_the_body(keyed_http: httpx.Client) -> None:
     for path in ("/v1/embeddings", "/v1/collections", "/v1/collections/any/search"):
         assert_error(keyed_http.post(path, json={"not": "a valid body"}), 401)
         assert_error(keyed_http.post(path, json={}, headers=bearer("ep_000000000000_" + "x" * 43)), 401)
+
+
+def test_every_response_is_booked_to_the_callers_tenant(
+    alpha: Api, shelf: str, keyed_http: httpx.Client, keyed_server: Running
+) -> None:
+    """As gRPC books every reply's size: the bytes of each HTTP response, whatever the route."""
+
+    def booked() -> float:
+        scraped = httpx.get(f"http://127.0.0.1:{keyed_server.metrics_port}/metrics", timeout=10).text
+        match = re.search(r'^embedpool_tenant_bytes_out_total\{tenant="alpha"\} (\S+)$', scraped, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    for method, path in (("GET", "/v1/collections"), ("GET", f"/v1/collections/{shelf}"), ("GET", "/v1/models")):
+        before = booked()
+        reply = alpha.request(method, path)
+        assert reply.status_code == 200
+        assert booked() - before == len(reply.content), path

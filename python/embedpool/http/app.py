@@ -55,7 +55,7 @@ def create_app(service: EmbeddingService, gate: Gate, ready: Callable[[], dict[s
         body = Health(status="ok" if ok else "unavailable", checks=checks)
         return Response(body.model_dump_json(), status_code=200 if ok else 503, media_type="application/json")
 
-    app.add_middleware(RequestLimits, max_bytes=service.limits.max_request_bytes)
+    app.add_middleware(RequestLimits, max_bytes=service.limits.max_request_bytes, gate=gate)
     app.openapi = _openapi(app)  # type: ignore[method-assign]  # FastAPI's documented way to amend it
     return app
 

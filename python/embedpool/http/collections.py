@@ -117,7 +117,6 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )
-        call.usage.bytes_out += len(content)
         return Response(content, media_type="application/json")
 
     @api.post("/{name}/documents/delete", response_model=DeletedDocuments, responses=ERRORS)
@@ -160,7 +159,6 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
                 ],
             }
         )
-        call.usage.bytes_out += len(content)
         return Response(content, media_type="application/json")
 
     return api

@@ -55,7 +55,6 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )
-        call.usage.bytes_out += len(content)
         return Response(content, media_type="application/json")
 
     def card() -> ModelCard:

@@ -71,6 +71,7 @@ class Gatekeeper:
     async def call(self, request: Request, method: str) -> AsyncIterator[Call]:
         peer = _peer(request)
         call = await self._gate.open(method, request.headers.get("authorization"), peer, request_id.get())
+        request.state.embedpool_call = call  # RequestLimits books the response's bytes to it
         status = "UNKNOWN"
         try:
             yield call
@@ -90,13 +91,15 @@ class Gatekeeper:
 
 class RequestLimits:
     """ASGI middleware, outermost of ours: a request id for every request (the caller's `x-request-id`, else a new
-    one), sent back in the response; bodies over `max_bytes` refused with 413 before they are read whole; and
+    one), sent back in the response; bodies over `max_bytes` refused with 413 before they are read whole;
     whatever escapes the routes' own handling answered as a 500 with the request id here, so the connection
-    stays usable (Starlette's last-resort handler closes it) and the id reaches the caller and the log."""
+    stays usable (Starlette's last-resort handler closes it) and the id reaches the caller and the log; and the
+    response's bytes booked to the caller's tenant, as gRPC books every reply."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, gate: Gate) -> None:
         self._app = app
         self._max = max_bytes
+        self._gate = gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,14 +109,17 @@ class RequestLimits:
         token = request_id.set(rid)
         started = False
         status = 500
+        sent = 0
         begun = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal started, status
+            nonlocal started, status, sent
             if message["type"] == "http.response.start":
                 started = True
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), rid.encode())]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
             await send(message)
 
         try:
@@ -126,6 +132,9 @@ class RequestLimits:
             await reply(scope, receive, send_with_id)
         finally:
             request_id.reset(token)
+            call = scope.get("state", {}).get("embedpool_call")
+            if isinstance(call, Call):
+                self._gate.book_bytes(call, sent)
             route = getattr(scope.get("route"), "path", "unmatched")  # the template: bounded label values
             metrics.HTTP_LATENCY.labels(route, str(status)).observe(time.perf_counter() - begun)
 

@@ -111,6 +111,10 @@ class Gate:
                 shown.append((stored, name))
         return shown
 
+    def book_bytes(self, call: Call, size: int) -> None:
+        """Response bytes a door counted after the call closed (HTTP writes its response after the route ends)."""
+        self._book.add(call.principal.tenant, Usage(bytes_out=size))
+
     async def close(self, call: Call, status: str) -> None:
         """Books the call's usage and charges its tokens; appends its audit event when it wrote, administered or
         was refused. `status`: the gRPC status name of its outcome. The audit of a call that succeeded must
