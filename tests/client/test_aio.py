@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,9 +30,15 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture(scope="module")
 def anyio_backend() -> str:
-    """One event loop for the module: grpc.aio's poller thread keeps posting a finished test's late channel
-    events to that test's loop, which fails the next test if each had its own (closed) loop."""
     return "asyncio"
+
+
+@pytest.fixture(scope="module", autouse=True)
+async def one_event_loop() -> AsyncIterator[None]:
+    """Holds anyio's test runner, and so one event loop, for the whole module: grpc.aio's poller thread may still
+    post a finished test's late channel events to that test's loop, which fails the next test if each test had
+    its own, closed, loop."""
+    yield
 
 
 @pytest.fixture
@@ -123,3 +131,24 @@ async def test_a_failing_source_ends_the_ingest_after_what_it_gave(target: str) 
         with pytest.raises(_Crash):
             await client.ingest("aio-failing", documents(), batch_size=3)
         assert (await client.get_collection("aio-failing")).count == 6
+
+
+async def test_callers_sharing_a_client_are_not_queued_behind_its_split_slots(target: str) -> None:
+    """`concurrency` bounds the split calls of one method call; unsplit calls of many callers go out at once."""
+    async with AsyncClient(target, concurrency=1) as client:
+        await client.model_info()
+        in_flight = peak = 0
+        call = client._call
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                return await call(*args, **kwargs)
+            finally:
+                in_flight -= 1
+
+        client._call = counted  # type: ignore[method-assign]  # counts the RPCs in flight, then makes them
+        await asyncio.gather(*(client.embed([f"caller {i} asks for one vector"]) for i in range(6)))
+        assert peak > 1

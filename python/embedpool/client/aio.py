@@ -85,18 +85,23 @@ class AsyncClient(ClientBase):
         offsets: Sequence[int],
         deadline: Deadline,
     ) -> list[R]:
-        """One call per request, up to `concurrency` at once; the replies in request order."""
+        """One call per request, up to `concurrency` of the split ones at once; the replies in request order. An
+        unsplit call takes no slot, as in the sync client: callers sharing one client are not queued behind
+        `concurrency` in-flight calls of others."""
 
         async def one(i: int) -> R:
+            try:
+                return await self._call(method, lambda stub, timeout: invoke(stub, timeout, requests[i]), deadline)
+            except InvalidArgument as e:
+                raise calls.shifted(e, offsets[i]) from None
+
+        async def slotted(i: int) -> R:
             async with self._slots:
-                try:
-                    return await self._call(method, lambda stub, timeout: invoke(stub, timeout, requests[i]), deadline)
-                except InvalidArgument as e:
-                    raise calls.shifted(e, offsets[i]) from None
+                return await one(i)
 
         if len(requests) <= 1:
             return [await one(i) for i in range(len(requests))]
-        tasks = [asyncio.create_task(one(i)) for i in range(len(requests))]
+        tasks = [asyncio.create_task(slotted(i)) for i in range(len(requests))]
         try:
             return await asyncio.gather(*tasks)
         finally:
