@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import grpc
 import numpy as np
 import pytest
@@ -22,7 +23,9 @@ from numpy.typing import NDArray
 from embedpool.config import Settings
 from embedpool.engine import Engine
 from embedpool.pool import InferenceSession
+from embedpool.security import keyring
 from embedpool.server.app import Running, serve
+from embedpool.store import Store
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
@@ -84,6 +87,21 @@ def serving(settings: Settings, engine: Engine | None = None) -> Iterator[Runnin
             yield running
         finally:
             future.cancel()
+
+
+def create_key(database_url: str, tenant: str, role: str, **options: Any) -> str:
+    """A new API key, written straight into the key table at `database_url`, as `embedpool keys create` does
+    (tests import this from conftest)."""
+
+    async def create() -> str:
+        store = await Store.open(database_url, max_size=1)
+        try:
+            key, _ = await keyring.create_key(store, tenant=tenant, role=role, **options)
+            return key
+        finally:
+            await store.close()
+
+    return anyio.run(create)
 
 
 def ingest_batches(

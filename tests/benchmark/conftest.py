@@ -8,15 +8,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 from embedpool.cli import main
-from embedpool.security import keyring
 from embedpool.server.app import Running
-from embedpool.store import Store
 
-from ..conftest import SettingsFactory, serving
+from ..conftest import SettingsFactory, create_key, serving
 
 Bench = Callable[..., dict[str, Any]]
 
@@ -63,13 +60,4 @@ def keyed_server(tmp_path_factory: pytest.TempPathFactory, make_settings: Settin
 @pytest.fixture(scope="package")
 def api_key(keyed_server: Running) -> str:
     """A writer key on the keyed server, written straight into its key table (as `embedpool keys create` does)."""
-
-    async def create() -> str:
-        store = await Store.open(keyed_server.database_url, max_size=1)
-        try:
-            key, _ = await keyring.create_key(store, tenant="bench", role="writer")
-            return key
-        finally:
-            await store.close()
-
-    return anyio.run(create)
+    return create_key(keyed_server.database_url, "bench", "writer")

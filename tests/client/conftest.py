@@ -5,14 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import anyio
 import pytest
 
-from embedpool.security import keyring
 from embedpool.server.app import Running
-from embedpool.store import Store
 
-from ..conftest import SettingsFactory, serving
+from ..conftest import SettingsFactory, create_key, serving
 
 KeyFactory = Callable[..., str]
 
@@ -28,14 +25,6 @@ def make_key(keyed: Running) -> KeyFactory:
     """`make_key(role="reader", **rates)`: a new key of tenant acme on the keyed server."""
 
     def make(role: str = "reader", **options: Any) -> str:
-        async def create() -> str:
-            store = await Store.open(keyed.database_url, max_size=1)
-            try:
-                key, _ = await keyring.create_key(store, tenant="acme", role=role, **options)
-                return key
-            finally:
-                await store.close()
-
-        return anyio.run(create)
+        return create_key(keyed.database_url, "acme", role, **options)
 
     return make

@@ -8,17 +8,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import anyio
 import grpc
 import httpx
 import pytest
 
-from embedpool.security import keyring
 from embedpool.server.app import Running
-from embedpool.store import Store
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
-from ..conftest import SettingsFactory, serving
+from ..conftest import SettingsFactory, create_key, serving
 
 MODEL = "all-MiniLM-L6-v2"
 MAX_DOCUMENTS = 16
@@ -78,16 +75,7 @@ def base_url(running: Running) -> str:
 
 def make_key(running: Running, tenant: str, role: str, **options: Any) -> str:
     """A new key, written straight into the server's key table (as `embedpool keys create` does)."""
-
-    async def create() -> str:
-        store = await Store.open(running.database_url, max_size=1)
-        try:
-            key, _ = await keyring.create_key(store, tenant=tenant, role=role, **options)
-            return key
-        finally:
-            await store.close()
-
-    return anyio.run(create)
+    return create_key(running.database_url, tenant, role, **options)
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -21,7 +21,8 @@ from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
 from ..conftest import SettingsFactory, ingest_batches, serving
-from .test_auth import bearer, make_key
+from ..conftest import create_key as make_key
+from .test_auth import bearer
 
 
 @pytest.fixture(scope="module")

@@ -29,20 +29,9 @@ from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
 from ..conftest import SettingsFactory, serving
+from ..conftest import create_key as make_key
 
 _names = itertools.count()
-
-
-def make_key(url: str, tenant: str, role: str, **options: Any) -> str:
-    async def create() -> str:
-        store = await Store.open(url, max_size=1)
-        try:
-            key, _ = await keyring.create_key(store, tenant=tenant, role=role, **options)
-            return key
-        finally:
-            await store.close()
-
-    return anyio.run(create)
 
 
 def revoke(url: str, key: str) -> None:
