@@ -112,12 +112,12 @@ def documents(docs: Sequence[Document], limits: Limits, field: str = "documents"
     return checked
 
 
-def json_filter(value: Mapping[str, Any], limits: Limits, field: str = "filter") -> dict[str, Any]:
-    """The filter, normalised as stored metadata is (`json_object`), so it matches what was stored."""
-    normalized, encoded = json_object(value, field)
+def json_filter(value: Mapping[str, Any], limits: Limits, field: str = "filter") -> None:
+    """A metadata filter: storable JSON (`json_object`) within max_filter_bytes. It is used as sent: jsonb
+    containment compares numbers by value, so 1 and 1.0 match alike."""
+    _, encoded = json_object(value, field)
     if (size := utf8(encoded, field)) > limits.max_filter_bytes:
         raise InvalidArgument(f"{field}: {size} bytes, over the limit of {limits.max_filter_bytes}")
-    return normalized
 
 
 def search(
@@ -180,10 +180,6 @@ def renamed_text_error(error: InvalidArgument, name: Callable[[int], str]) -> In
     """The tokenizer's error about "text j" (of the texts it was given), naming that text as the caller does."""
     message = _TEXT_INDEX.sub(lambda m: f"{name(int(m[1]))}: ", str(error), count=1)
     return InvalidArgument(message)
-
-
-def canonical_json(value: Mapping[str, Any]) -> str:
-    return _CANONICAL.encode(value)
 
 
 def json_object(value: Mapping[str, Any], field: str) -> Checked:
