@@ -74,8 +74,23 @@ lint: install ## ruff, mypy (+ stubtest), rustfmt, clippy
 	cargo fmt --check
 	cargo clippy --all-targets -q -- -D warnings
 
+# Real infrastructure the deployment tests drive (issue 13): nginx and HAProxy as gRPC load balancers in front of
+# replicas, Prometheus scraping them, promtool checking the rules. Debian's packages, installed when missing and
+# when we may (CI runs as root). The tests start and stop their own instances on loopback; a test whose program is
+# still missing fails and names it.
+SYSTEM_PROGRAMS := /usr/sbin/nginx /usr/sbin/haproxy /usr/bin/prometheus /usr/bin/promtool
+.PHONY: system-deps
+system-deps: ## install nginx, HAProxy and Prometheus from Debian's packages if missing (needs root)
+	@missing=$$(for p in $(SYSTEM_PROGRAMS); do [ -x $$p ] || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "WARNING: missing $$missing; install nginx haproxy prometheus (the tests that drive them will fail)"; exit 0; fi; \
+	echo "installing nginx haproxy prometheus (for $$missing)"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends \
+		-o Dpkg::Options::=--force-confold nginx haproxy prometheus >/dev/null
+
 .PHONY: test
-test: lint model ## lint, cargo test, then pytest against a real server, Postgres and model
+test: lint model system-deps ## lint, cargo test, then pytest against a real server, Postgres and model
 	cargo test -q
 	$(VENV)/bin/pytest -q
 

@@ -21,6 +21,10 @@ HTTP_LATENCY = Histogram(
 QUEUE_INPUTS = Gauge("embedpool_queue_inputs", "documents waiting for a batch")
 QUEUE_TOKENS = Gauge("embedpool_queue_tokens", "tokens waiting for a batch")
 PERMITS_IN_USE = Gauge("embedpool_permits_in_use", "documents admitted and not yet answered")
+# The budget permits_in_use counts against: their ratio is the saturation the autoscaler and alerts read.
+PERMITS_CAPACITY = Gauge("embedpool_permits_capacity", "documents that may be admitted at once")
+# 1 while the replica takes traffic (model warm, database reachable, not draining): what a balancer's check sees.
+READY = Gauge("embedpool_ready", "1 while this replica is ready for traffic")
 REJECTIONS = Counter("embedpool_rejections_total", "requests refused for lack of capacity")
 BATCH_INPUTS = Histogram(
     "embedpool_batch_inputs", "documents per batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)

@@ -19,6 +19,7 @@ class Permits:
     def __init__(self, documents: int, chars: int) -> None:
         self.total = documents
         self.total_chars = chars
+        metrics.PERMITS_CAPACITY.set(documents)
         self.in_use = 0
         self.chars_in_use = 0
         self._freed = anyio.Event()

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from embedpool import metrics
 from embedpool.config import Settings
 from embedpool.engine import Engine, load_engine
 from embedpool.errors import StartupError, Unavailable, one_line
@@ -72,6 +73,10 @@ class _Readiness:
 
     def checks(self) -> dict[str, bool]:
         return {"model": self.inference, "database": self.database, "accepting": not self.draining}
+
+    def publish(self) -> None:
+        """Sets the `embedpool_ready` gauge from the checks (call after changing them)."""
+        metrics.READY.set(1 if all(self.checks().values()) else 0)
 
 
 # The database probe behind gRPC health: one kept-open connection, one round trip a second.
@@ -195,6 +200,7 @@ async def _supervise(
             if (embedded is None or embedded.running) and await probe.ok():
                 delay = _RESTART_DELAY_S
                 ready.database, ready.inference = True, pool.sessions_in_rotation > 0
+                ready.publish()
                 if pool.sessions_in_rotation > 0:
                     await set_serving(True, "database and inference work")
                 else:
@@ -203,6 +209,7 @@ async def _supervise(
                 await anyio.sleep(_PROBE_INTERVAL_S)
                 continue
             ready.database = False
+            ready.publish()
             await set_serving(False, "database does not answer")
             if embedded is None or embedded.running:
                 await anyio.sleep(_PROBE_INTERVAL_S)  # an external one, or ours still starting or recovering
@@ -370,6 +377,7 @@ async def serve(
             )
         await server.start()
         await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+        ready.publish()
         http_port = http.port if http is not None else -1
         if http is not None:
             log.info("HTTP on %s:%d: %s", settings.host, http_port, tls.mode if tls else "plain HTTP")
@@ -400,6 +408,7 @@ async def serve(
                     log.info("draining: %d documents in flight", pool.permits_in_use)
                     await health.enter_graceful_shutdown()
                     ready.draining = True
+                    ready.publish()
                     service.drain()
                     async with anyio.create_task_group() as draining:
                         if http is not None:
