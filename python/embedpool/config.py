@@ -86,7 +86,9 @@ class Settings:
     ingest_stores: int = _setting(2, "batches of one Ingest stream stored at once (a database connection each)")
     grace_seconds: float = _setting(10.0, "drain time for in-flight requests on shutdown")
     log_level: str = _setting("info", "log level", choices=("debug", "info", "warning", "error"))
-    log_format: str = _setting("json", "log format", choices=("json", "text"))
+    log_format: str = _setting(
+        "auto", "log format (auto: text on a terminal, else JSON)", choices=("auto", "json", "text")
+    )
 
     def resolved(self, *, cuda: bool, cores: int | None = None) -> Settings:
         """Fills the 0/auto defaults from the device the server actually got."""

