@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from embedpool.client.retry import Attempts, Deadline, Failure, RetryPolicy
 from embedpool.client.split import field_size, runs
 from embedpool.client.targets import Targets, parse_targets
-from embedpool.errors import InvalidArgument, Overloaded, Unavailable
+from embedpool.errors import InferenceFailed, InvalidArgument, Overloaded, Unavailable
 from embedpool.v1 import embedpool_pb2 as pb
 
 
@@ -116,3 +116,27 @@ def test_attempts_end_at_their_limit_and_at_a_status_not_retried() -> None:
     attempts.failed(UNAVAILABLE)
     with pytest.raises(InvalidArgument, match="bad"):
         attempts.failed(Failure(grpc.StatusCode.INVALID_ARGUMENT, "bad"))
+
+
+@pytest.mark.parametrize(
+    "details",
+    [
+        "Stream removed (RST_STREAM (Received RST_STREAM with error code 2))",  # nginx lost its replica
+        "Stream removed (Data frame with END_STREAM flag received)",  # HAProxy lost its replica
+        "Received RST_STREAM with error code 2",
+    ],
+)
+def test_a_stream_cut_on_the_way_is_the_replica_unavailable_and_retried(details: str) -> None:
+    """grpc-core's words for a stream a load balancer cut mid-call, as grpc 1.85 reported them in
+    tests/deploy/test_replicas.py: no server said INTERNAL, and the call may be repeated."""
+    failure = Failure.of(grpc.StatusCode.INTERNAL, details, ())
+    assert failure.code == grpc.StatusCode.UNAVAILABLE
+    assert failure.message == details
+
+
+def test_an_internal_error_the_server_sent_is_not_retried() -> None:
+    failure = Failure.of(grpc.StatusCode.INTERNAL, "inference failed (request id 0f3a)", ())
+    assert failure.code == grpc.StatusCode.INTERNAL
+    attempts = Attempts(RetryPolicy(), Deadline(10.0), "Embed", Targets(["a:1"], cooldown=2.0))
+    with pytest.raises(InferenceFailed):
+        attempts.failed(failure)
