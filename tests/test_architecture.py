@@ -11,13 +11,14 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "python" / "embedpool"
 
-BASE = {"errors", "config", "logs", "metrics", "_native"}
+BASE = {"errors", "config", "logs", "metrics", "tracing", "_native"}
 # What each part may import from embedpool (besides itself). Keep in step with ARCHITECTURE.md.
 MAY_IMPORT: dict[str, set[str]] = {
     "errors": set(),
     "config": {"errors"},
     "logs": set(),
     "metrics": set(),
+    "tracing": set(),
     "model": BASE,
     "pool": BASE,
     "store": BASE,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-from embedpool import config
+from embedpool import config, tracing
 from embedpool.errors import EmbedpoolError, one_line
 from embedpool.logs import configure
 
@@ -61,6 +61,7 @@ async def _on_signals(
 def _cmd_serve(args: argparse.Namespace) -> int:
     settings = config.load(args)
     configure(settings.log_level, settings.log_format)
+    tracing.configure()  # from the standard OTEL_* environment; off without it
     try:
         anyio.run(_serve, settings, backend="asyncio")
     except BaseExceptionGroup as group:  # what serve raised, wrapped by the task group
@@ -69,6 +70,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise
         print(f"embedpool: {one_line(error)}", file=sys.stderr)
         return 2
+    finally:
+        tracing.shutdown()  # the last calls' spans are exported before the process ends
     return 0
 
 

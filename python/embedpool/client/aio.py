@@ -16,6 +16,7 @@ from numpy.typing import ArrayLike, NDArray
 from embedpool.client import calls, ingest_aio, wire
 from embedpool.client.base import ClientBase, as_source, checkpoint_file
 from embedpool.client.ingest import IngestLedger, IngestProgress, IngestSummary, Source
+from embedpool.client.propagation import with_trace_context
 from embedpool.client.retry import Attempts, Deadline, Failure
 from embedpool.client.types import Collection, Document, Hit, IndexOptions, Limits, ModelInfo, UpsertResult
 from embedpool.errors import AlreadyExists, InvalidArgument
@@ -66,7 +67,7 @@ class AsyncClient(ClientBase):
     async def _call(self, method: str, invoke: Callable[[Stub, float | None], Awaitable[R]], deadline: Deadline) -> R:
         attempts = Attempts(self._retry, deadline, method, self._targets)
         while True:
-            stub = self._stubs[attempts.target()]
+            stub = with_trace_context(self._stubs[attempts.target()])
             try:
                 reply = await invoke(stub, deadline.remaining())
             except grpc.aio.AioRpcError as e:

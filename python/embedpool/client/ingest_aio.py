@@ -13,6 +13,7 @@ import grpc
 import grpc.aio
 
 from embedpool.client.ingest import IngestLedger, Reopening
+from embedpool.client.propagation import with_trace_context
 from embedpool.client.retry import Attempts, Deadline, Failure
 from embedpool.v1 import embedpool_pb2 as pb
 
@@ -30,7 +31,7 @@ async def run_ingest(
     """As embedpool.client.ingest_sync.run_ingest, on asyncio."""
     reopening = Reopening(ledger, attempts)
     while not ledger.done():
-        failure = await _Stream(ledger, bulk).run(stubs[reopening.target()], attempts.deadline)
+        failure = await _Stream(ledger, bulk).run(with_trace_context(stubs[reopening.target()]), attempts.deadline)
         await asyncio.sleep(reopening.ended(failure))
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 import grpc
 
 from embedpool.client.ingest import IngestLedger, Reopening
+from embedpool.client.propagation import with_trace_context
 from embedpool.client.retry import Attempts, Deadline, Failure
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
@@ -23,7 +24,7 @@ def run_ingest(ledger: IngestLedger, stubs: Sequence[pb_grpc.EmbedderStub], atte
     after a retryable failure."""
     flow, reopening = _Flow(ledger, bulk), Reopening(ledger, attempts)
     while not ledger.done():
-        failure = flow.stream(stubs[reopening.target()], attempts.deadline)
+        failure = flow.stream(with_trace_context(stubs[reopening.target()]), attempts.deadline)
         time.sleep(reopening.ended(failure))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -17,6 +18,7 @@ from numpy.typing import ArrayLike, NDArray
 from embedpool.client import calls, ingest_sync, wire
 from embedpool.client.base import ClientBase, as_source, checkpoint_file
 from embedpool.client.ingest import IngestLedger, IngestProgress, IngestSummary, Source
+from embedpool.client.propagation import with_trace_context
 from embedpool.client.retry import Attempts, Deadline, Failure
 from embedpool.client.types import Collection, Document, Hit, IndexOptions, Limits, ModelInfo, UpsertResult
 from embedpool.errors import AlreadyExists, InvalidArgument
@@ -60,7 +62,7 @@ class Client(ClientBase):
     def _call(self, method: str, invoke: Callable[[Stub, float | None], R], deadline: Deadline) -> R:
         attempts = Attempts(self._retry, deadline, method, self._targets)
         while True:
-            stub = self._stubs[attempts.target()]
+            stub = with_trace_context(self._stubs[attempts.target()])
             try:
                 reply = invoke(stub, deadline.remaining())
             except grpc.RpcError as e:
@@ -91,7 +93,8 @@ class Client(ClientBase):
         if len(requests) <= 1:
             return [one(i) for i in range(len(requests))]
         pool = self._executor()
-        futures: list[Future[R]] = [pool.submit(one, i) for i in range(len(requests))]
+        # Each in the caller's context, so that its current span (the trace the calls join) reaches the threads.
+        futures: list[Future[R]] = [pool.submit(contextvars.copy_context().run, one, i) for i in range(len(requests))]
         try:
             return [f.result() for f in futures]
         finally:

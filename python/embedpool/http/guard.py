@@ -13,10 +13,11 @@ from typing import Any
 
 import anyio
 from fastapi import Depends
+from opentelemetry import trace
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embedpool import metrics
+from embedpool import metrics, tracing
 from embedpool.errors import EmbedpoolError, RequestTooLarge
 from embedpool.http.errors import domain_error, error_response, log
 from embedpool.logs import request_id
@@ -107,6 +108,10 @@ class RequestLimits:
             return
         rid = _incoming_id(scope) or uuid.uuid4().hex
         token = request_id.set(rid)
+        if tracing.enabled:
+            # The request's span is FastAPI's own (its OpenTelemetry support is on once a tracer provider is set:
+            # the caller's trace context, route, status): it gets the request id, to find the call in the logs.
+            trace.get_current_span().set_attribute("embedpool.request_id", rid)
         started = False
         status = 500
         sent = 0

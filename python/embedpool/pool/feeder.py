@@ -26,7 +26,7 @@ from anyio.lowlevel import EventLoopToken
 from anyio.streams.memory import MemoryObjectReceiveStream
 from numpy.typing import NDArray
 
-from embedpool import metrics
+from embedpool import metrics, tracing
 from embedpool.pool.scheduler import Batch
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,9 @@ class Outcome:
     """True when no session was in rotation and the batch was not tried at all."""
     stopped: bool = False
     """True when the run was stopped because every caller of the batch had left (see Feeder.stop_if_unwanted)."""
+    started_ns: int = 0
+    ended_ns: int = 0
+    """When the engine ran the batch, on the clock spans are stamped with (0: it did not run)."""
 
 
 # Runs on the event loop.
@@ -188,10 +191,11 @@ class Feeder:
             return Outcome(vectors, set(), 0.0, stopped=True)
         if self._out:  # no session in rotation: answer now rather than let callers wait
             return Outcome(vectors, set(range(n)), 0.0, unavailable=True)
-        started = time.perf_counter()
+        started, started_ns = time.perf_counter(), tracing.wall_ns()
         failed: set[int] = set()
         self._infer(batch.ids, batch.mask, 0, n, vectors, failed)
         seconds = time.perf_counter() - started
+        ended_ns = started_ns + round(seconds * 1e9)
         if self._stop_requested:
             return Outcome(vectors, set(range(n)), seconds, stopped=True)
         if len(failed) < n or self._canary_works():
@@ -203,7 +207,7 @@ class Feeder:
                 self._probe_at = time.monotonic() + PROBE_INTERVAL_S
                 self._rotation.take_out(self._name)
                 log.error("%s: out of rotation after %d failed batches in a row", self._name, self._failed_in_a_row)
-        return Outcome(vectors, failed, seconds)
+        return Outcome(vectors, failed, seconds, started_ns=started_ns, ended_ns=ended_ns)
 
     def _infer(
         self,

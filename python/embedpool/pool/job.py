@@ -11,6 +11,35 @@ from numpy.typing import NDArray
 from embedpool.errors import EmbedpoolError
 
 
+@dataclass(slots=True)
+class Stages:
+    """When a traced job's documents went through the pool (wall clock, ns), for its spans after the fact: a
+    batch serves many jobs, on a feeder thread, so the spans are made in the caller's own context once it is done.
+    """
+
+    queued_ns: int
+    ran_ns: int = 0
+    """The first batch holding one of its documents started."""
+    done_ns: int = 0
+    """The last one ended."""
+    batches: int = 0
+    largest_batch: int = 0
+    padded_tokens: int = 0
+    """Of the batches its documents ran in (shared with other jobs)."""
+    _last_batch: object = None
+
+    def ran(self, batch: object, size: int, padded_tokens: int, started_ns: int, ended_ns: int) -> None:
+        """One of its documents ran in `batch` (told once per row: a batch counts once)."""
+        if batch is self._last_batch or not started_ns:
+            return
+        self._last_batch = batch
+        self.ran_ns = min(self.ran_ns, started_ns) if self.ran_ns else started_ns
+        self.done_ns = max(self.done_ns, ended_ns)
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, size)
+        self.padded_tokens += padded_tokens
+
+
 @dataclass(eq=False)
 class Job:
     """Created by the caller, filled in by feeders (on the event loop), awaited by the caller.
@@ -27,6 +56,7 @@ class Job:
     done: anyio.Event = field(default_factory=anyio.Event)
     error: EmbedpoolError | None = None
     abandoned: bool = False  # the caller gave up (cancelled or past deadline): skip its queued documents
+    stages: Stages | None = None  # only when the call is traced
 
     def __post_init__(self) -> None:
         self.remaining = len(self.offsets) - 1

@@ -15,11 +15,11 @@ from anyio.abc import TaskStatus
 from anyio.lowlevel import current_token
 from numpy.typing import NDArray
 
-from embedpool import metrics
+from embedpool import metrics, tracing
 from embedpool.errors import DeadlineExceeded, InferenceFailed, InvalidArgument, Unavailable
 from embedpool.pool.admission import Permits
 from embedpool.pool.feeder import Feeder, InferenceSession, Outcome, Rotation
-from embedpool.pool.job import Job
+from embedpool.pool.job import Job, Stages
 from embedpool.pool.scheduler import Batch, BatchLimits, Scheduler
 
 
@@ -94,6 +94,8 @@ class EmbeddingPool:
         chars = sum(map(len, texts))
         job: Job | None = None
         admitted = False
+        traced = tracing.enabled
+        tokenizing_ns = 0
         try:
             with anyio.fail_after(max(0.0, deadline - anyio.current_time()) if deadline < math.inf else None):
                 if wait:
@@ -101,8 +103,12 @@ class EmbeddingPool:
                 else:
                     self._permits.acquire(n, chars)
                 admitted = True
+                if traced:
+                    tokenizing_ns = tracing.wall_ns()
                 ids, offsets = await self._tokenize(texts, chars, truncate)
                 job = Job(ids=ids, offsets=offsets, dim=self._config.dim, deadline=deadline)
+                if traced:
+                    job.stages = Stages(queued_ns=tracing.wall_ns())
                 await self._ingress_send.send(job)
                 await job.done.wait()
         except TimeoutError as exc:
@@ -120,6 +126,8 @@ class EmbeddingPool:
                     feeder.stop_if_unwanted()
             if admitted:
                 self._permits.release(n, chars)
+            if job is not None and job.stages is not None:
+                _record_stages(job, job.stages, tokenizing_ns, chars)
         if job.error is not None:
             raise job.error
         return Embeddings(vectors=job.vectors, token_counts=np.diff(offsets))
@@ -202,6 +210,8 @@ class EmbeddingPool:
                 )
             else:
                 job.deliver(i, outcome.vectors[row])
+            if job.stages is not None:
+                job.stages.ran(batch, len(batch.entries), batch.padded_tokens, outcome.started_ns, outcome.ended_ns)
         if outcome.unavailable:
             return
         embedded = len(batch.entries) - len(failed)
@@ -210,6 +220,24 @@ class EmbeddingPool:
         metrics.PADDING_EFFICIENCY.observe(batch.real_tokens / max(1, batch.padded_tokens))
         metrics.TOKENS.inc(batch.real_tokens)
         metrics.DOCUMENTS.inc(embedded)
+
+
+def _record_stages(job: Job, stages: Stages, tokenizing_ns: int, chars: int) -> None:
+    """The call's tokenize, queue wait and inference spans, from the times its job collected on the way."""
+    tracing.record(
+        "tokenize", tokenizing_ns, stages.queued_ns, documents=len(job), characters=chars, tokens=int(job.offsets[-1])
+    )
+    ran_ns = stages.ran_ns or tracing.wall_ns()  # never ran: it waited until it was answered or given up
+    tracing.record("queue wait", stages.queued_ns, ran_ns)
+    if stages.batches:
+        tracing.record(
+            "inference",
+            ran_ns,
+            stages.done_ns,
+            batches=stages.batches,
+            batch_size=stages.largest_batch,
+            padded_tokens=stages.padded_tokens,
+        )
 
 
 @asynccontextmanager

@@ -13,7 +13,9 @@ import anyio
 import grpc
 import grpc.aio
 
+from embedpool import tracing
 from embedpool.errors import EmbedpoolError, PermissionDenied
+from embedpool.logs import request_id
 from embedpool.security.principal import Action
 from embedpool.server.decoding import Malformed
 from embedpool.server.rpc import abort, incoming_request_id
@@ -23,7 +25,8 @@ from embedpool.v1 import embedpool_pb2 as pb
 
 __all__ = ["RULES", "Guard"]
 
-SERVICE_PREFIX: Final = "/embedpool.v1.Embedder/"
+SERVICE: Final = "embedpool.v1.Embedder"
+SERVICE_PREFIX: Final = f"/{SERVICE}/"
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -100,14 +103,14 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic in
         inner: Any = handler.stream_stream if handler.request_streaming else handler.unary_unary
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
-                self._streaming(name, rule, authorization, inner),
+                _traced(name, self._streaming(name, rule, authorization, inner)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.request_streaming or handler.response_streaming:
             raise AssertionError(f"{method}: only unary and bidirectional methods are guarded")
         return grpc.unary_unary_rpc_method_handler(
-            self._unary(name, rule, authorization, inner),
+            _traced(name, self._unary(name, rule, authorization, inner)),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -193,6 +196,36 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic in
         except EmbedpoolError as e:  # the audit of a call that succeeded could not be written
             with anyio.CancelScope(shield=True):
                 await abort(context, e, call.rid)
+
+
+Behavior = Callable[[Any, Context], Awaitable[Any]]
+
+
+def _traced(name: str, behavior: Behavior) -> Behavior:
+    """`behavior` inside the call's server span (W3C trace context from its metadata), when tracing is on; else
+    `behavior` itself. Outermost, so that the gate's own work and the access log line are inside it."""
+    if not tracing.enabled:
+        return behavior
+
+    async def traced(request: Any, context: Context) -> Any:
+        attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": name}
+        with tracing.server_span(f"{SERVICE}/{name}", context.invocation_metadata() or (), attributes) as span:
+            status = "OK"
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                status = _code(context)
+                raise
+            except BaseException:
+                status = "CANCELLED"
+                raise
+            finally:
+                span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[status].value[0])
+                span.set_attribute("embedpool.request_id", request_id.get())
+                if status != "OK":
+                    tracing.failed(span, status)
+
+    return traced
 
 
 def _code(context: Context) -> str:

@@ -15,6 +15,7 @@ import anyio
 import numpy as np
 from numpy.typing import NDArray
 
+from embedpool import tracing
 from embedpool.engine import ServingModel
 from embedpool.errors import InvalidArgument, Overloaded, Unavailable
 from embedpool.pool import EmbeddingPool
@@ -242,9 +243,10 @@ class EmbeddingService:
         else:
             assert vector is not None
             query = self._query_vector(vector, info.dim)
-        found = await self._store.search(
-            collection, query, k=k, candidates=candidates or None, filter=dict(filter) if filter else None
-        )
+        with tracing.span("search", collection=collection, k=k, candidates=candidates or 0):
+            found = await self._store.search(
+                collection, query, k=k, candidates=candidates or None, filter=dict(filter) if filter else None
+            )
         hits = []
         for hit in found:
             score = 1.0 - hit.distance  # the collection's metric is cosine (`_writable`)

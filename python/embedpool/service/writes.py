@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from embedpool import metrics
+from embedpool import metrics, tracing
 from embedpool.engine import ServingModel
 from embedpool.errors import InvalidArgument
 from embedpool.pool import EmbeddingPool
@@ -145,6 +145,10 @@ class DocumentWriter:
         return EmbeddedBatch(collection, ids, rows, token_counts, vectors, assumed, truncate, deadline, wait)
 
     async def store(self, batch: EmbeddedBatch) -> WriteOutcome:
+        with tracing.span("store write", collection=batch.collection, documents=len(batch.rows)):
+            return await self._upsert(batch)
+
+    async def _upsert(self, batch: EmbeddedBatch) -> WriteOutcome:
         while True:
             started = time.perf_counter()
             try:
