@@ -64,6 +64,9 @@ class Settings:
         "sizes the model was trained to be truncated to (Matryoshka); EmbedRequest.dimensions / the HTTP"
         " `dimensions` accept only these",
     )
+    cuda_device: int = _setting(
+        0, "GPU ordinal this server runs on with --device cuda (pins a replica to one GPU of several)"
+    )
     sessions_per_device: int = _setting(1, "ONNX Runtime sessions (one feeder thread each)")
     intra_op_threads: int = _setting(0, "ONNX Runtime threads per session (0: derived from cores)")
     tokenizer_threads: int = _setting(0, "threads tokenizing concurrently (0: derived from cores)")
@@ -128,6 +131,7 @@ class Settings:
             "max_batch_size",
             "intra_op_threads",
             "tokenizer_threads",
+            "cuda_device",
             "port",
             "db_statement_timeout",
             "db_lock_timeout",

@@ -88,7 +88,13 @@ def load_engine(settings: Settings) -> Engine:
     dimensions = matryoshka_dims(settings, bundle.config.dim)
     variant = serving_variant(settings.variant, device, bundle)
     sessions = [
-        EmbeddingSession(bundle, variant=variant, device=device, intra_op_threads=settings.intra_op_threads)
+        EmbeddingSession(
+            bundle,
+            variant=variant,
+            device=device,
+            intra_op_threads=settings.intra_op_threads,
+            cuda_device=settings.cuda_device,
+        )
         for _ in range(settings.sessions_per_device)
     ]
     for session in sessions:

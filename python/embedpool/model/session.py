@@ -65,6 +65,7 @@ class EmbeddingSession:
         variant: VariantChoice = "auto",
         device: Device = "cpu",
         intra_op_threads: int = 1,
+        cuda_device: int = 0,
     ) -> None:
         if device not in _PROVIDERS:
             raise InvalidArgument(f"device must be one of {sorted(_PROVIDERS)}, got {device!r}")
@@ -74,7 +75,9 @@ class EmbeddingSession:
         self._variant = _resolve_variant(bundle, variant, device)
         self._device: Device = device
         self._running: ort.RunOptions | None = None
-        providers = [_PROVIDERS[device], "CPUExecutionProvider"] if device == "cuda" else [_PROVIDERS[device]]
+        providers: list[str | tuple[str, dict[str, str]]] = [_PROVIDERS[device]]
+        if device == "cuda":
+            providers = [(_PROVIDERS[device], {"device_id": str(cuda_device)}), "CPUExecutionProvider"]
         if device == "cuda":
             load_cuda_libraries()
         try:
