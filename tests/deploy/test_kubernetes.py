@@ -2,27 +2,41 @@
 validated strictly against Kubernetes 1.31's schemas, the KEDA and Prometheus-operator objects checked for what
 they point at, and the pieces cross-checked: ports, probes, the drain within the grace period, the image's user,
 the Secrets the pods read, the server's own settings checks, and the autoscaler's query against the metrics the
-server exports (and against promtool's PromQL parser)."""
+server exports (and against promtool's PromQL parser). Then a real server configured as the base pod is (TLS
+files where the Secret is mounted, keys required; loopback, free ports and an embedded Postgres instead) answers
+what the kubelet's probes, Prometheus and a client of the Service ask without a key."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import re
 import shutil
+import socket
+import ssl
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import kubernetes_validate  # type: ignore[import-untyped]
 import prometheus_client
 import pytest
+import trustme
 import yaml  # type: ignore[import-untyped]
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import embedpool.metrics  # noqa: F401 - registers the server's metrics with prometheus_client
 from embedpool import config
+from embedpool.server.app import Running
 from embedpool.server.exposure import check_exposure
+from embedpool.v1 import embedpool_pb2 as pb
+from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
+from ..conftest import serving
 from .test_container import exposed_ports, user_id
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -262,3 +276,89 @@ def test_the_service_monitor_scrapes_each_pod_once_over_https(overlay: tuple[str
     assert port["targetPort"] == "metrics"
     assert endpoint["scheme"] == ("https" if settings_of(objects).tls_cert else "http")
     assert endpoint.get("path", "/metrics") == "/metrics"
+
+
+@dataclasses.dataclass
+class PodServer:
+    running: Running
+    ca: trustme.CA
+    service_name: str  # the name the ServiceMonitor and in-cluster clients verify the certificate against
+
+
+@pytest.fixture(scope="module")
+def pod_server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[PodServer]:
+    objects = render("base")
+    c = container(objects)
+    settings = settings_of(objects)
+    service_name = one(objects, "ServiceMonitor")["spec"]["endpoints"][0]["tlsConfig"]["serverName"]
+    # The TLS Secret's files, where its volume is mounted (moved under a temporary folder).
+    (mount,) = [m["mountPath"] for m in c["volumeMounts"] if m["name"] == "tls"]
+    tmp = tmp_path_factory.mktemp("pod")
+    ca = trustme.CA()
+    leaf = ca.issue_cert(service_name, f"embedpool-replicas.{namespace()}.svc")
+    files = {}
+    for path, blob in (
+        (settings.tls_cert, b"".join(p.bytes() for p in leaf.cert_chain_pems)),
+        (settings.tls_key, leaf.private_key_pem.bytes()),
+    ):
+        assert path.startswith(mount + "/")
+        files[path] = tmp / "tls" / path[len(mount) + 1 :]
+        files[path].parent.mkdir(exist_ok=True)
+        files[path].write_bytes(blob)
+    settings = dataclasses.replace(
+        settings,
+        tls_cert=str(files[settings.tls_cert]),
+        tls_key=str(files[settings.tls_key]),
+        # What a test may not do as the pod does: bind every interface, fixed ports, an external database, and
+        # all the threads of a 4-core request on a shared 2-core machine.
+        host="127.0.0.1",
+        metrics_host="127.0.0.1",
+        port=0,
+        http_port=0,
+        metrics_port=0,
+        database_url="",
+        data_dir=tmp / "data",
+        model=str(model_dir),
+        intra_op_threads=1,
+        tokenizer_threads=1,
+    )
+    with serving(settings) as running:
+        yield PodServer(running, ca, service_name)
+
+
+def test_the_kubelets_https_probes_pass_without_a_key(pod_server: PodServer) -> None:
+    kubelet = ssl.create_default_context()
+    kubelet.check_hostname, kubelet.verify_mode = False, ssl.CERT_NONE  # HTTPS probes do not verify
+    port = pod_server.running.http_port
+    for path in ("/health", "/ready"):
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}{path}", context=kubelet, timeout=10) as reply:
+            assert reply.status == 200 and json.load(reply)["status"] == "ok", path
+
+
+def test_grpc_health_says_serving_and_an_rpc_needs_a_key(pod_server: PodServer) -> None:
+    credentials = grpc.ssl_channel_credentials(pod_server.ca.cert_pem.bytes())
+    options = [("grpc.ssl_target_name_override", pod_server.service_name)]
+    with grpc.secure_channel(f"127.0.0.1:{pod_server.running.port}", credentials, options) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "embedpool.v1.Embedder"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.EmbedderStub(channel).Embed(pb.EmbedRequest(documents=[pb.Document(text="x")]), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_prometheus_scrapes_the_saturation_series_verifying_the_certificate(pod_server: PodServer) -> None:
+    prometheus = ssl.create_default_context()
+    pod_server.ca.configure_trust(prometheus)  # the Secret's ca.crt
+    address = ("127.0.0.1", pod_server.running.metrics_port)
+    with (
+        socket.create_connection(address, timeout=10) as raw,
+        prometheus.wrap_socket(raw, server_hostname=pod_server.service_name) as tls,
+    ):
+        tls.sendall(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
+        reply = b"".join(iter(lambda: tls.recv(65536), b"")).decode()
+    assert reply.startswith("HTTP/1.0 200")
+    series = {line.split(" ")[0]: line.split(" ")[1] for line in reply.splitlines() if line.startswith("embedpool_")}
+    assert float(series["embedpool_permits_capacity"]) > 0 and float(series["embedpool_ready"]) == 1
+    assert "embedpool_permits_in_use" in series
