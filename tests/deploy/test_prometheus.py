@@ -5,6 +5,7 @@ report it, readiness follows the database, and a killed replica shows as down.""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -32,6 +33,9 @@ from _fleet import Fleet, free_port, program  # type: ignore[import-not-found,un
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 RULES = DEPLOY / "rules.yml"
+DASHBOARD = DEPLOY.parent / "grafana" / "embedpool.json"
+# What Grafana substitutes before a query reaches Prometheus, to run the dashboard's queries without it.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$job": ".*", "$instance": ".*", "$tenant": ".*"}
 JOB = "embedpool"  # rules.yml's up{} alerts want "embedpool" in the job's name
 SATURATION = "embedpool:saturation:ratio"
 
@@ -64,7 +68,7 @@ def test_example_config_passes_promtool_check() -> None:
 
 
 def test_unit_tests_cover_every_alert_firing_and_silent() -> None:
-    alerts = {rule["alert"] for group in _rule_groups() for rule in group["rules"] if "alert" in rule}
+    alerts = {rule["alert"] for group in rule_groups() for rule in group["rules"] if "alert" in rule}
     fired: set[str] = set()
     silent: set[str] = set()
     for case in yaml.safe_load((DEPLOY / "rules_test.yml").read_text())["tests"]:
@@ -74,15 +78,32 @@ def test_unit_tests_cover_every_alert_firing_and_silent() -> None:
     assert alerts - silent == set(), "alerts never shown silent"
 
 
-def _rule_groups() -> list[dict[str, Any]]:
+def rule_groups() -> list[dict[str, Any]]:
     groups: list[dict[str, Any]] = yaml.safe_load(RULES.read_text())["groups"]
     return groups
+
+
+def dashboard_queries() -> list[str]:
+    """Every query of every panel of the dashboard (rows' collapsed panels included), as Grafana has them."""
+    queries = []
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        for inner in [panel, *panel.get("panels", [])]:
+            queries += [target["expr"] for target in inner.get("targets", [])]
+    return queries
+
+
+def filled(query: str) -> str:
+    """`query` with Grafana's variables filled in (all jobs, replicas and tenants)."""
+    for variable, value in GRAFANA_VARIABLES.items():
+        query = query.replace(variable, value)
+    assert "$" not in query, f"a Grafana variable GRAFANA_VARIABLES lacks: {query}"
+    return query
 
 
 def referenced_names(expr: str) -> set[str]:
     """Metric and recording-rule names in a PromQL expression (label values and strings left out)."""
     expr = re.sub(r'"[^"]*"', '""', expr)
-    return set(re.findall(r"\b(embedpool_[a-z0-9_]+|[a-z_]+:[a-z0-9_]+:[a-z0-9_]+)\b", expr))
+    return set(re.findall(r"(?<![\w:])([a-z_]+:[a-z0-9_]+:[a-z0-9_]+|embedpool_[a-z0-9_]+)\b", expr))
 
 
 def exposed_names(exposition: str) -> set[str]:
@@ -234,7 +255,7 @@ class Load:
     `stop()`, which cancels the calls still running (the server releases their documents at once)."""
 
     def __init__(self, targets: list[str]) -> None:
-        words = " ".join(f"word{i}" for i in range(200))
+        words = " ".join(f"word{i}" for i in range(60))
         self.request = pb.EmbedRequest(
             documents=[pb.Document(id=str(i), text=f"{i} {words}") for i in range(DOCUMENTS)], skip_vectors=True
         )
@@ -298,8 +319,8 @@ def prometheus(replicas: Replicas, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def test_rules_name_only_metrics_a_real_server_exposes(replicas: Replicas) -> None:
     exposed = exposed_names(replicas.metrics(0))
-    recorded = {rule["record"] for group in _rule_groups() for rule in group["rules"] if "record" in rule}
-    referenced = set().union(*(referenced_names(rule["expr"]) for g in _rule_groups() for rule in g["rules"]))
+    recorded = {rule["record"] for group in rule_groups() for rule in group["rules"] if "record" in rule}
+    referenced = set().union(*(referenced_names(rule["expr"]) for g in rule_groups() for rule in g["rules"]))
     assert {"embedpool_permits_in_use", "embedpool_rpc_duration_seconds_bucket"} <= referenced  # the parse works
     assert referenced - exposed - recorded == set(), "names neither on /metrics nor recorded by a rule"
 
@@ -315,9 +336,9 @@ def test_prometheus_scrapes_two_replicas_and_the_autoscaling_query_follows_their
 
     # Every group of rules.yml is loaded, and every rule evaluates without error.
     loaded = prometheus.api("rules")["groups"]
-    assert {g["name"] for g in loaded} == {g["name"] for g in _rule_groups()}
+    assert {g["name"] for g in loaded} == {g["name"] for g in rule_groups()}
     rules = [rule for group in loaded for rule in group["rules"]]
-    assert len(rules) == sum(len(g["rules"]) for g in _rule_groups())
+    assert len(rules) == sum(len(g["rules"]) for g in rule_groups())
     assert [r["name"] for r in rules if r["health"] == "err"] == []
 
     load = Load(replicas.fleet.targets)
@@ -332,6 +353,19 @@ def test_prometheus_scrapes_two_replicas_and_the_autoscaling_query_follows_their
 
         what = "Prometheus' saturation under load to equal the replicas' own: (direct, rule, direct)"
         assert eventually(agreed, 30, what, seen) <= 1.0
+
+        # Every dashboard query runs; those on what the load drives (throughput, latency, batching, queue) get data
+        # once calls were answered and scraped.
+        driven = {"embedpool_tokens_total", "embedpool_rpc_duration_seconds_bucket", "embedpool_batch_inputs_sum"}
+        driven |= {"embedpool_batch_padding_efficiency_sum", "embedpool_queue_inputs", SATURATION}
+        gaps: list[list[str]] = []
+
+        def dashboard_has_data() -> bool:
+            results = {query: prometheus.api("query", query=filled(query))["result"] for query in dashboard_queries()}
+            gaps.append([query for query, found in results.items() if not found and referenced_names(query) & driven])
+            return not gaps[-1]
+
+        eventually(dashboard_has_data, 30, "data for the dashboard's queries on what the load drives", gaps)
         assert load.failures == [], load.failures[:5]
     finally:
         load.stop()
