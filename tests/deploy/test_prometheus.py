@@ -1,7 +1,8 @@
 """deploy/prometheus against the real things: promtool checks the rules, runs their unit tests and checks the example
 config; the rules name only metrics a real server exposes; and a real Prometheus loaded with the rules scrapes two
 `embedpool serve` replicas on one Postgres: the autoscaling query follows their load as the replicas themselves
-report it, readiness follows the database, and a killed replica shows as down."""
+report it, every dashboard query runs on it, readiness follows the database, and a killed replica shows as down.
+The helpers for rule and dashboard queries are shared with test_dashboard."""
 
 from __future__ import annotations
 
