@@ -26,6 +26,7 @@ __all__ = [
     "export_requested",
     "failed",
     "record",
+    "recording",
     "server_span",
     "shutdown",
     "span",
@@ -135,9 +136,15 @@ def _span(name: str, attributes: Mapping[str, AttributeValue]) -> Iterator[None]
         yield
 
 
+def recording() -> bool:
+    """Whether the current call is traced: tracing is on and the sampler kept the call's span (a call sampled out
+    gets no child spans either, so a low sampling ratio costs next to nothing)."""
+    return enabled and trace.get_current_span().is_recording()
+
+
 def span(name: str, **attributes: AttributeValue) -> contextlib.AbstractContextManager[None]:
-    """A child span of the current one around a block; nothing at all when tracing is off."""
-    if not enabled:
+    """A child span of the current one around a block; nothing at all when the call is not traced."""
+    if not recording():
         return contextlib.nullcontext()
     return _span(name, attributes)
 

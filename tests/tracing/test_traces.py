@@ -28,6 +28,8 @@ from opentelemetry.trace import Span, Tracer, format_span_id, format_trace_id
 
 from embedpool.client import Client
 from embedpool.errors import NotFound
+from embedpool.v1 import embedpool_pb2 as pb
+from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
 # Appended, not prepended: bench/tokenize.py must not shadow the standard library's tokenize.
 sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
@@ -116,9 +118,11 @@ def servers(
     made: dict[str, ServerProcess] = {}
     failures: list[BaseException] = []
 
+    dirs = {name: tmp_path_factory.mktemp(name) / "data" for name in ("on", "off")}  # mktemp is not thread-safe
+
     def start(name: str, env: dict[str, str], level: str) -> None:
         try:
-            made[name] = ServerProcess(tmp_path_factory.mktemp(name) / "data", model_dir, env=env, log_level=level)
+            made[name] = ServerProcess(dirs[name], model_dir, env=env, log_level=level)
         except BaseException as e:  # re-raised on the test's thread
             failures.append(e)
 
@@ -318,3 +322,19 @@ def test_with_the_sdk_disabled_nothing_is_exported_and_no_trace_id_is_logged(
     assert not [line for line in off.log if '"logger": "embedded_postgres"' in line]
     assert off.terminate() == 0  # a server that traced would flush its spans here, on its way out
     assert not [s for s in received.spans if s.service == "untraced"]
+
+
+def test_a_call_its_caller_sampled_out_exports_no_spans(
+    servers: tuple[ServerProcess, ServerProcess], collector: tuple[Collector, int]
+) -> None:
+    on, _ = servers
+    received, _ = collector
+    request = pb.EmbedRequest(documents=[pb.Document(text="sampled or not")])
+    dropped, kept, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331b7ad6b7169203331", "00f067aa0ba902b7"
+    with grpc.insecure_channel(on.target) as channel:
+        stub = pb_grpc.EmbedderStub(channel)
+        stub.Embed(request, metadata=(("traceparent", f"00-{dropped}-{parent}-00"),), timeout=60)
+        stub.Embed(request, metadata=(("traceparent", f"00-{kept}-{parent}-01"),), timeout=60)
+    # Spans are exported in the order they end: once the second call's arrived, the first call's would have.
+    spans = received.wait_for(lambda spans: _server_span(spans, "Embed", kept) is not None)
+    assert not [s.name for s in spans if s.span.trace_id.hex() == dropped]

@@ -94,7 +94,7 @@ class EmbeddingPool:
         chars = sum(map(len, texts))
         job: Job | None = None
         admitted = False
-        traced = tracing.enabled
+        traced = tracing.recording()
         tokenizing_ns = 0
         try:
             with anyio.fail_after(max(0.0, deadline - anyio.current_time()) if deadline < math.inf else None):
