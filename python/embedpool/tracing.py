@@ -66,7 +66,8 @@ def configure(env: Mapping[str, str] | None = None) -> bool:
     """Turns tracing on for this process when the environment asks for export; whether it did. Once per process:
     OpenTelemetry's global tracer provider can be set only once."""
     global enabled, _tracer, _shutdown
-    exporters = export_requested(os.environ if env is None else env)
+    source = os.environ if env is None else env
+    exporters = export_requested(source)
     if not exporters or enabled:
         return enabled
     # The SDK and exporter are imported here: a process without tracing does not load them.
@@ -80,6 +81,9 @@ def configure(env: Mapping[str, str] | None = None) -> bool:
     if str(resource.attributes.get(SERVICE_NAME_KEY, "")).startswith("unknown_service"):
         resource = Resource.create({SERVICE_NAME_KEY: SERVICE_NAME})
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+    protocol = source.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or source.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+    if "otlp" in exporters and protocol != "grpc":
+        _log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=%s: only grpc is supported; exporting over gRPC", protocol)
     for name in exporters:
         exporter: SpanExporter
         if name == "otlp":

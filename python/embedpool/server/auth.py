@@ -5,7 +5,8 @@ reflection pass untouched.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -152,7 +153,6 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic in
         async def behavior(requests: AsyncIterator[Any], context: Context) -> None:
             call = await self._open(name, authorization, context)
             call.audited = rule.audited(None)
-            status = "UNKNOWN"
 
             async def admitted() -> AsyncIterator[Any]:
                 async for request in requests:
@@ -161,17 +161,12 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic in
                         await self._gate.pace(call, rule.documents(request))
                     yield request
 
+            ended = Ended()
             try:
-                await inner(admitted(), context)
-                status = "OK"
-            except grpc.aio.AbortError:
-                status = _code(context)
-                raise
-            except BaseException:
-                status = "CANCELLED"
-                raise
+                with ended.by(context):
+                    await inner(admitted(), context)
             finally:
-                await self._close(call, status, context)
+                await self._close(call, ended.status, context)
 
         return behavior
 
@@ -198,6 +193,26 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic in
                 await abort(context, e, call.rid)
 
 
+@dataclass(slots=True)
+class Ended:
+    status: str = "UNKNOWN"
+    """The status name the call ended with."""
+
+    @contextlib.contextmanager
+    def by(self, context: Context) -> Iterator[None]:
+        """Around a handler: OK when it returns, the code it aborted with, else CANCELLED (nothing else reaches
+        here: the handler's wrapper, server.rpc, turns every other error into an abort)."""
+        try:
+            yield
+            self.status = "OK"
+        except grpc.aio.AbortError:
+            self.status = _code(context)
+            raise
+        except BaseException:
+            self.status = "CANCELLED"
+            raise
+
+
 Behavior = Callable[[Any, Context], Awaitable[Any]]
 
 
@@ -210,20 +225,15 @@ def _traced(name: str, behavior: Behavior) -> Behavior:
     async def traced(request: Any, context: Context) -> Any:
         attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": name}
         with tracing.server_span(f"{SERVICE}/{name}", context.invocation_metadata() or (), attributes) as span:
-            status = "OK"
+            ended = Ended()
             try:
-                return await behavior(request, context)
-            except grpc.aio.AbortError:
-                status = _code(context)
-                raise
-            except BaseException:
-                status = "CANCELLED"
-                raise
+                with ended.by(context):
+                    return await behavior(request, context)
             finally:
-                span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[status].value[0])
+                span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[ended.status].value[0])
                 span.set_attribute("embedpool.request_id", request_id.get())
-                if status != "OK":
-                    tracing.failed(span, status)
+                if ended.status != "OK":
+                    tracing.failed(span, ended.status)
 
     return traced
 
