@@ -31,6 +31,14 @@ class Settings:
         8080, "HTTP port: OpenAI-compatible /v1/embeddings, collections, /docs (0 picks a free one, -1 disables)"
     )
     metrics_port: int = _setting(9464, "Prometheus /metrics port (0 picks a free one, -1 disables)")
+    workers: int = _setting(
+        1,
+        "serving processes on the same ports (SO_REUSEPORT), each with its own pool and sessions; this process"
+        " owns the embedded Postgres and serves their merged /metrics",
+    )
+    reuse_port: bool = _setting(
+        False, "share the gRPC and HTTP ports with other processes (SO_REUSEPORT); --workers sets it"
+    )
     metrics_host: str = _setting("127.0.0.1", "address /metrics binds (its own, so exposing gRPC does not expose it)")
     insecure: bool = _setting(
         False, "allow non-loopback listeners with neither TLS nor API keys (warned at every start)"
@@ -53,7 +61,12 @@ class Settings:
     db_statement_timeout: float = _setting(30.0, "seconds a database statement may run (0: no limit)")
     db_lock_timeout: float = _setting(10.0, "seconds a statement may wait for a lock (0: no limit)")
     model: str = _setting("", "model dir (ONNX or safetensors checkpoint); empty = bundled all-MiniLM-L6-v2")
-    device: str = _setting("auto", "inference device", choices=("auto", "cpu", "cuda"))
+    device: str = _setting(
+        "auto",
+        "inference device (null: no inference, every vector the same unit vector, to measure the front end;"
+        " benchmarks only)",
+        choices=("auto", "cpu", "cuda", "null"),
+    )
     variant: str = _setting(
         "auto",
         "model variant (auto: fused fp16 on cuda; on cpu int8 with VNNI, else fused fp32)",
@@ -105,11 +118,15 @@ class Settings:
             # On CPU, inference and tokenization share the cores; leave none idle but do not oversubscribe.
             updates["intra_op_threads"] = 1 if cuda else max(1, cores // max(1, self.sessions_per_device))
         if self.tokenizer_threads == 0:
-            updates["tokenizer_threads"] = max(1, min(4, cores))
+            # Each call's texts are split over rayon's pool, but a call of a few documents cannot be split much:
+            # on a GPU host only calls tokenized at once fill the cores, so admit one per core. On CPU, inference
+            # needs the cores more.
+            updates["tokenizer_threads"] = max(1, cores if cuda else min(4, cores))
         return dataclasses.replace(self, **updates)
 
     def validate(self) -> Settings:
         positive = (
+            "workers",
             "sessions_per_device",
             "max_concurrent_inputs",
             "max_concurrent_chars",

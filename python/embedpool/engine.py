@@ -6,6 +6,7 @@ serves in `model.variant_policy`, device-derived defaults in `Settings.resolved`
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from embedpool.config import Settings
 from embedpool.errors import StartupError
 from embedpool.model import EmbeddingSession, ModelBundle, default_checkpoint, load_model_dir
 from embedpool.model.device import cpu_has_vnni, pick_device
+from embedpool.model.null import NullSession
 from embedpool.model.variant_policy import serving_variant
 from embedpool.model.warmup import warm_up
 from embedpool.pool import InferenceSession
@@ -32,6 +34,8 @@ __all__ = [
     "prepare",
     "serving_variant",
 ]
+
+log = logging.getLogger(__name__)
 
 # Padding lengths to a multiple of 16 bounds the number of distinct shapes the engine sees (and warms).
 PAD_MULTIPLE = 16
@@ -81,6 +85,8 @@ def matryoshka_dims(settings: Settings, dim: int) -> tuple[int, ...]:
 
 
 def load_engine(settings: Settings) -> Engine:
+    if settings.device == "null":
+        return _null_engine(settings)
     device = pick_device(settings.device)
     cuda = device == "cuda"
     settings = settings.resolved(cuda=cuda, cores=os.cpu_count())
@@ -106,6 +112,31 @@ def load_engine(settings: Settings) -> Engine:
             max_batch_tokens=settings.max_batch_tokens,
             cuda=cuda,
         )
+    return _assemble(settings, bundle, sessions, sessions[0].variant, device, dimensions)
+
+
+def _null_engine(settings: Settings) -> Engine:
+    """The real tokenizer and model metadata over sessions that do no inference (`--device null`): the whole
+    serving path with the engine's time taken out. It stands in for a GPU, so the defaults are a GPU's."""
+    settings = settings.resolved(cuda=True, cores=os.cpu_count())
+    bundle = prepare(settings)
+    dimensions = matryoshka_dims(settings, bundle.config.dim)
+    sessions = [NullSession(bundle.config.dim, settings.max_batch_size) for _ in range(settings.sessions_per_device)]
+    log.warning(
+        "--device null: NO INFERENCE. Every vector this server returns is the same meaningless unit vector;"
+        " it exists to measure the front end (benchmarks only), never to serve or store embeddings"
+    )
+    return _assemble(settings, bundle, sessions, NullSession.variant, "null", dimensions)
+
+
+def _assemble(
+    settings: Settings,
+    bundle: ModelBundle,
+    sessions: Sequence[InferenceSession],
+    variant: str,
+    device: str,
+    dimensions: tuple[int, ...],
+) -> Engine:
     tokenizer = _native.Tokenizer(
         str(bundle.tokenizer_path), max_length=bundle.config.max_tokens, pad_to_multiple_of=PAD_MULTIPLE
     )
@@ -113,7 +144,7 @@ def load_engine(settings: Settings) -> Engine:
         name=bundle.config.name,
         dim=bundle.config.dim,
         max_tokens=bundle.config.max_tokens,
-        variant=sessions[0].variant,
+        variant=variant,
         device=device,
         pooling=bundle.config.pooling,
         dimensions=dimensions,

@@ -16,8 +16,13 @@ __all__ = ["DEFAULT_TARGET", "Options", "add_arguments"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_CONCURRENCY = "1,4,16,64"
+DEFAULT_PER_REQUEST = "32"
+# --front-end: a server started with `--device null` (no inference) at the call sizes callers send, from single
+# queries to bulk, under enough callers to keep a GPU host's front end busy: the most the front end can feed.
+FRONT_END_CONCURRENCY = "16"
+FRONT_END_PER_REQUEST = "1,8,32,128"
 # Documents per step when --docs is not given: a step lasts seconds, not milliseconds, on either device.
-DEFAULT_DOCS = {"cpu": 1024, "cuda": 32768}
+DEFAULT_DOCS = {"cpu": 1024, "cuda": 32768, "null": 16384}
 
 N = TypeVar("N", int, float)
 
@@ -60,12 +65,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokens", default="", metavar="N,N", help="synthetic texts of exactly these token counts, e.g. 16,128,256"
     )
     load.add_argument("--docs", type=int, default=0, help="documents per step (0: 1024 on CPU, 32768 on GPU)")
-    load.add_argument("--per-request", type=int, default=32, help="documents per request")
+    load.add_argument(
+        "--per-request",
+        default=None,
+        metavar="N,N",
+        help=f"documents per request, one sweep per value (default {DEFAULT_PER_REQUEST})",
+    )
 
     modes = parser.add_argument_group("modes")
     modes.add_argument(
+        "--front-end",
+        action="store_true",
+        help=f"the front-end ceiling of a server started with --device null: --per-request {FRONT_END_PER_REQUEST}"
+        f" at --concurrency {FRONT_END_CONCURRENCY}, no baselines (each unless given)",
+    )
+    modes.add_argument(
         "--concurrency",
-        default=DEFAULT_CONCURRENCY,
+        default=None,
         metavar="N,N",
         help=f"closed loop: concurrent callers per step (default {DEFAULT_CONCURRENCY}; 'none' for no closed loop)",
     )
@@ -133,7 +149,8 @@ class Options:
     jsonl: Path | None
     tokens: list[int]
     docs: int
-    per_request: int
+    per_request: list[int]
+    """One sweep of the concurrency levels (and rates) per value."""
     concurrency: list[int]
     rates: list[float]
     arrivals: Literal["poisson", "uniform"]
@@ -163,13 +180,19 @@ class Options:
         for flag, value in (("--docs", args.docs), ("--threads", args.threads), ("--retries", args.retries)):
             if value < 0:
                 raise InvalidArgument(f"{flag}: must not be negative, got {value}")
-        if args.per_request <= 0:
-            raise InvalidArgument(f"--per-request: must be positive, got {args.per_request}")
         for flag, seconds in (("--duration", args.duration), ("--warmup", args.warmup)):
             if seconds < 0:
                 raise InvalidArgument(f"{flag}: must not be negative, got {seconds}")
         if args.timeout <= 0:
             raise InvalidArgument(f"--timeout: must be positive, got {args.timeout}")
+        front_end = args.front_end
+        per_request = _numbers(
+            "--per-request", args.per_request or (FRONT_END_PER_REQUEST if front_end else DEFAULT_PER_REQUEST), int
+        )
+        if not per_request:
+            raise InvalidArgument("--per-request: give at least one size")
+        if args.concurrency is None:
+            args.concurrency = FRONT_END_CONCURRENCY if front_end else DEFAULT_CONCURRENCY
         concurrency = _numbers("--concurrency", args.concurrency, int)
         rates = _numbers("--rate", args.rate, float)
         if mode != "engine" and not concurrency and not rates:
@@ -186,7 +209,7 @@ class Options:
             jsonl=args.jsonl,
             tokens=_numbers("--tokens", args.tokens, int),
             docs=args.docs,
-            per_request=args.per_request,
+            per_request=per_request,
             concurrency=concurrency,
             rates=rates,
             arrivals=cast(Literal["poisson", "uniform"], args.arrivals),
@@ -195,7 +218,7 @@ class Options:
             timeout=args.timeout,
             retries=args.retries,
             metrics=_metrics(args.metrics),
-            baselines=_baselines(args.baseline),
+            baselines=set() if front_end and args.baseline == "auto" else _baselines(args.baseline),
             batch_sizes=_numbers("--batch-sizes", args.batch_sizes, int),
             baseline_site=args.baseline_site,
             out=args.out,
@@ -206,7 +229,7 @@ class Options:
         """What the JSON records of how the run was set up."""
         return {
             "docs_per_step": self.docs,
-            "docs_per_request": self.per_request,
+            "docs_per_request": self.per_request[0] if len(self.per_request) == 1 else self.per_request,
             "concurrency": self.concurrency,
             "rates": self.rates,
             "arrivals": self.arrivals,

@@ -70,20 +70,8 @@ class Runner:
             self.progress.print(HEADER)
             for workload in workloads:
                 self.report.add("workloads", workload.describe())
-                requests = workload.requests(self.options.per_request)
-                if self.options.warmup > 0:
-                    # The sweep's first level: more callers would leave requests in flight long after the warm-up.
-                    first = min(self.options.concurrency or [1])
-                    await self._step(target, workload, requests, "warmup", concurrency=first)
-                for concurrency in self.options.concurrency:
-                    if concurrency > len(requests):
-                        self.report.note(
-                            f"{workload.name} c={concurrency}: a step has only {len(requests)} requests, so fewer are"
-                            " in flight at once; raise --docs"
-                        )
-                    await self._step(target, workload, requests, "closed", concurrency=concurrency)
-                for rate in self.options.rates:
-                    await self._step(target, workload, requests, "open", rate=rate)
+                for k, per_request in enumerate(self.options.per_request):
+                    await self._sweep(target, workload, per_request, warm=k == 0)
             for workload in workloads:
                 await self.baselines.against_server(workload, info, counter, target.addresses)
         finally:
@@ -91,6 +79,23 @@ class Runner:
                 await target.aclose()
                 if self.scraper is not None:
                     await self.scraper.aclose()
+
+    async def _sweep(self, target: Target, workload: Workload, per_request: int, *, warm: bool) -> None:
+        """The concurrency levels and rates at one request size."""
+        requests = workload.requests(per_request)
+        if warm and self.options.warmup > 0:
+            # The sweep's first level: more callers would leave requests in flight long after the warm-up.
+            first = min(self.options.concurrency or [1])
+            await self._step(target, workload, requests, per_request, "warmup", concurrency=first)
+        for concurrency in self.options.concurrency:
+            if concurrency > len(requests):
+                self.report.note(
+                    f"{workload.name} c={concurrency} x{per_request}: a step has only {len(requests)} requests, so"
+                    " fewer are in flight at once; raise --docs"
+                )
+            await self._step(target, workload, requests, per_request, "closed", concurrency=concurrency)
+        for rate in self.options.rates:
+            await self._step(target, workload, requests, per_request, "open", rate=rate)
 
     def _server_counter(self, info: ServerInfo) -> TokenCounter | None:
         counter, why = try_counter(self.options.model)
@@ -146,6 +151,7 @@ class Runner:
         target: Target,
         workload: Workload,
         requests: list[Request],
+        per_request: int,
         mode: str,
         *,
         concurrency: int | None = None,
@@ -160,15 +166,15 @@ class Runner:
             "concurrency": concurrency,
             "rate": rate,
             "arrivals": o.arrivals if mode == "open" else None,
-            "docs_per_request": o.per_request,
+            "docs_per_request": per_request,
         }
         label = f"{workload.name} {'rate ' + format(rate, 'g') if rate else mode + ' c=' + str(concurrency)}"
-        total = None if mode == "warmup" else len(requests) * o.per_request
+        total = None if mode == "warmup" else len(requests) * per_request
         with self.progress.bar(label, total, "doc") as bar:
 
             def record(sample: Sample) -> None:
                 samples.append(sample)
-                bar.update(o.per_request)
+                bar.update(per_request)
 
             before = await self._snapshot()
             started = anyio.current_time()
