@@ -4,20 +4,15 @@ usage`."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import anyio
-from anyio.streams.memory import MemoryObjectSendStream
-
 from embedpool import config, tracing
-from embedpool.errors import EmbedpoolError, one_line
+from embedpool.errors import EmbedpoolError
 from embedpool.logs import configure
 
 if TYPE_CHECKING:
@@ -26,60 +21,20 @@ if TYPE_CHECKING:
     from embedpool.client import Client, IndexOptions, IngestProgress
 
 
-async def _serve(settings: config.Settings) -> None:
-    from embedpool.server.app import serve
-
-    stop, abort = anyio.Event(), anyio.Event()
-    request_reload, reloads = anyio.create_memory_object_stream[None](1)
-    # SIGHUP is taken over only to reload TLS files; without TLS it keeps ending the process with its terminal.
-    hangup = (signal.SIGHUP,) if settings.tls_cert else ()
-    # Open for the whole run: once a handler is gone, a second Ctrl-C kills the process and leaves Postgres up.
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, *hangup) as signals, reloads:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_on_signals, signals, stop, abort, request_reload)
-            await serve(settings, stop, abort=abort, reload_tls=reloads)
-            tg.cancel_scope.cancel()
-
-
-async def _on_signals(
-    signals: AsyncIterator[signal.Signals],
-    stop: anyio.Event,
-    abort: anyio.Event,
-    request_reload: MemoryObjectSendStream[None],
-) -> None:
-    """SIGHUP reloads the TLS files. The first other signal drains in-flight requests, then stops the pool and
-    Postgres; a later one cuts the drain short, and Postgres is still stopped cleanly."""
-    with request_reload:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                with contextlib.suppress(anyio.WouldBlock):  # one already pending reads the files as they are then
-                    request_reload.send_nowait(None)
-            else:
-                (abort if stop.is_set() else stop).set()
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
     settings = config.load(args)
     configure(settings.log_level, settings.log_format)
+    if settings.workers > 1:
+        from embedpool.server.workers import supervise
+
+        return supervise(settings)  # each worker configures its own tracing
+    from embedpool.server.process import run
+
     tracing.configure()  # from the standard OTEL_* environment; off without it
     try:
-        anyio.run(_serve, settings, backend="asyncio")
-    except BaseExceptionGroup as group:  # what serve raised, wrapped by the task group
-        error = _sole_error(group)
-        if error is None:
-            raise
-        print(f"embedpool: {one_line(error)}", file=sys.stderr)
-        return 2
+        return run(settings)
     finally:
         tracing.shutdown()  # the last calls' spans are exported before the process ends
-    return 0
-
-
-def _sole_error(group: BaseExceptionGroup[BaseException]) -> EmbedpoolError | None:
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-        error = error.exceptions[0]
-    return error if isinstance(error, EmbedpoolError) else None
 
 
 def _cmd_model_prepare(args: argparse.Namespace) -> int:

@@ -18,13 +18,19 @@ HTTP_LATENCY = Histogram(
     ["route", "status"],
     buckets=_LATENCY_BUCKETS,
 )
-QUEUE_INPUTS = Gauge("embedpool_queue_inputs", "documents waiting for a batch")
-QUEUE_TOKENS = Gauge("embedpool_queue_tokens", "tokens waiting for a batch")
-PERMITS_IN_USE = Gauge("embedpool_permits_in_use", "documents admitted and not yet answered")
+# multiprocess_mode: how `serve --workers N` merges a gauge over its live workers (ignored in one process).
+QUEUE_INPUTS = Gauge("embedpool_queue_inputs", "documents waiting for a batch", multiprocess_mode="livesum")
+QUEUE_TOKENS = Gauge("embedpool_queue_tokens", "tokens waiting for a batch", multiprocess_mode="livesum")
+PERMITS_IN_USE = Gauge(
+    "embedpool_permits_in_use", "documents admitted and not yet answered", multiprocess_mode="livesum"
+)
 # The budget permits_in_use counts against: their ratio is the saturation the autoscaler and alerts read.
-PERMITS_CAPACITY = Gauge("embedpool_permits_capacity", "documents that may be admitted at once")
+PERMITS_CAPACITY = Gauge(
+    "embedpool_permits_capacity", "documents that may be admitted at once", multiprocess_mode="livesum"
+)
 # 1 while the replica takes traffic (model warm, database reachable, not draining): what a balancer's check sees.
-READY = Gauge("embedpool_ready", "1 while this replica is ready for traffic")
+# With workers: 1 while any of them is (the port is served).
+READY = Gauge("embedpool_ready", "1 while this replica is ready for traffic", multiprocess_mode="livemax")
 REJECTIONS = Counter("embedpool_rejections_total", "requests refused for lack of capacity")
 BATCH_INPUTS = Histogram(
     "embedpool_batch_inputs", "documents per batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -51,7 +57,9 @@ INFERENCE_SPLITS = Counter(
     "embedpool_inference_splits_total", "failed engine calls retried as two halves (a poison document, out of memory)"
 )
 SESSIONS_IN_ROTATION = Gauge(
-    "embedpool_sessions_in_rotation", "inference sessions serving batches (one that keeps failing is taken out)"
+    "embedpool_sessions_in_rotation",
+    "inference sessions serving batches (one that keeps failing is taken out)",
+    multiprocess_mode="livesum",
 )
 STORE_SECONDS = Histogram(
     "embedpool_store_write_duration_seconds", "time to store one batch (one transaction)", buckets=_LATENCY_BUCKETS

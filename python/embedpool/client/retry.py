@@ -33,9 +33,9 @@ log = logging.getLogger("embedpool.client")
 RETRYABLE: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 _DETAILS_KEY: Final = "grpc-status-details-bin"
 # How grpc-core words a stream cut on the way: a load balancer whose replica died mid-call resets the stream
-# (nginx: RST_STREAM INTERNAL_ERROR) or ends it without trailers (HAProxy). grpc reports INTERNAL, but no server
-# said so (an embedpool INTERNAL names its request id instead), and any embedpool RPC may be repeated: so it is
-# the replica being unavailable, and retried as UNAVAILABLE.
+# (nginx: RST_STREAM INTERNAL_ERROR) or ends it without trailers (HAProxy). grpc reports INTERNAL or UNKNOWN, but
+# no server said so (an embedpool INTERNAL names its request id instead), and any embedpool RPC may be repeated:
+# so it is the replica being unavailable, and retried as UNAVAILABLE.
 _STREAM_CUT: Final = re.compile(r"^Stream removed|RST_STREAM|END_STREAM flag received")
 
 
@@ -68,7 +68,7 @@ class Failure:
     def of(cls, code: grpc.StatusCode | None, details: str | None, trailing: Iterable[Any] | None) -> Failure:
         """From a call's status; `trailing`: its trailing metadata, (key, value) pairs."""
         code, details = code or grpc.StatusCode.UNKNOWN, details or ""
-        if code == grpc.StatusCode.INTERNAL and _STREAM_CUT.search(details):
+        if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and _STREAM_CUT.search(details):
             code = grpc.StatusCode.UNAVAILABLE
         return cls(code, details, _retry_after(trailing or ()))
 

@@ -32,12 +32,15 @@ class _Server(uvicorn.Server):
         yield  # the CLI owns SIGINT/SIGTERM (and SIGHUP for TLS): a stop reaches us through `stop`
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """The HTTP listener; `reuse_port`: shared with other processes on the same port (SO_REUSEPORT)."""
     sock: socket.socket | None = None
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except OSError as e:
         if sock is not None:

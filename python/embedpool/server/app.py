@@ -244,7 +244,7 @@ async def _shielded_close(embedded: EmbeddedPostgres) -> None:
         await anyio.to_thread.run_sync(embedded.close)
 
 
-def _ensure_free(host: str, port: int, what: str) -> None:
+def _ensure_free(host: str, port: int, what: str, reuse_port: bool = False) -> None:
     """Binds and lets go of the port, to fail with a clear message before grpc prints its own C++ log line.
     Only a port in use or not ours to take counts: grpc itself copes with, say, a host without IPv6."""
     if port <= 0:
@@ -256,6 +256,8 @@ def _ensure_free(host: str, port: int, what: str) -> None:
     for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc and http.server do
+            if reuse_port:  # the port's other processes (serve --workers) hold it with SO_REUSEPORT too
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             try:
                 probe.bind(address)
             except OSError as e:
@@ -280,7 +282,7 @@ def _metrics_server(settings: Settings, stack: AsyncExitStack, tls: ServerTls | 
 def _http_socket(settings: Settings, stack: AsyncExitStack) -> socket.socket | None:
     if settings.http_port < 0:
         return None
-    sock = bind_http(settings.host, settings.http_port)
+    sock = bind_http(settings.host, settings.http_port, settings.reuse_port)
     stack.callback(sock.close)
     return sock
 
@@ -334,7 +336,7 @@ async def serve(
                 # INVALID_ARGUMENT from validation instead of the transport's RESOURCE_EXHAUSTED.
                 ("grpc.max_receive_message_length", 2 * settings.max_request_bytes + (1 << 20)),
                 ("grpc.max_send_message_length", 256 * 1024 * 1024),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
             ],
         )
         stack.push_async_callback(server.stop, None)  # a no-op after the drain; releases the port before it
@@ -418,7 +420,7 @@ async def serve(
 
 
 def _bind(server: grpc.aio.Server, settings: Settings, tls: ServerTls | None) -> int:
-    _ensure_free(settings.host, settings.port, "gRPC")
+    _ensure_free(settings.host, settings.port, "gRPC", settings.reuse_port)
     address = f"{settings.host}:{settings.port}"
     try:
         port = (

@@ -18,7 +18,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import make_wsgi_app
+from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 
 __all__ = ["MetricsServer"]
 
@@ -30,12 +30,19 @@ _IDLE_TIMEOUT_S = 10.0
 
 class MetricsServer:
     """Serves /metrics on `host:port` from a daemon thread until `close()`; `tls` gives the context for each new
-    connection (None: plain HTTP). OSError when the address cannot be bound."""
+    connection (None: plain HTTP); `registry`: what it serves (this process's metrics by default). OSError when
+    the address cannot be bound."""
 
-    def __init__(self, host: str, port: int, tls: Callable[[], ssl.SSLContext] | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tls: Callable[[], ssl.SSLContext] | None = None,
+        registry: CollectorRegistry = REGISTRY,
+    ) -> None:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         self._http = _Server((host, port), family, tls)
-        self._http.set_app(make_wsgi_app())
+        self._http.set_app(make_wsgi_app(registry))
         self._thread = threading.Thread(target=self._http.serve_forever, name="metrics", daemon=True)
         self._thread.start()
 
