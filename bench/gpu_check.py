@@ -18,6 +18,9 @@ failed). DIR/gpu_check.json is rewritten after every stage, so a run cut short k
   from each request's due time).
 - sentence_transformers: fp16 on the same GPU, batch size swept (skipped with a note where it is not importable).
 - ingest, tokenize, topk: bench/ingest_rpc.py, bench/tokenize.py, bench/topk.py, run with their own flags.
+- frontend: the front end's ceiling, `bench/serve.py --engine null` (a `--device null` server, 16 callers at 1, 8,
+  32 and 128 documents per call, beside the bare tokenizer on every core).
+- tokenize_scaling: bench/frontend.py, tokenization tokens/s with k threads (bare and through the pool) vs k x one.
 Writes DIR/gpu_check.json and DIR/gpu_check.png, and prints a table.
 """
 
@@ -98,6 +101,8 @@ STAGES = (
     "ingest",
     "tokenize",
     "topk",
+    "frontend",
+    "tokenize_scaling",
 )
 
 
@@ -126,6 +131,8 @@ class Plan:
     tokenize_args: tuple[str, ...]
     topk_args: tuple[str, ...]
     ingest_args: tuple[str, ...]
+    frontend_args: tuple[str, ...]
+    scaling_args: tuple[str, ...]
     budgets: dict[str, float]
 
 
@@ -146,7 +153,9 @@ def make_plan(device: str, quick: bool) -> Plan:
                 tokenize_args=("--quick",),
                 topk_args=("--quick",),
                 ingest_args=("--quick", "--seconds", "3"),
-                budgets=budgets(5, 20, 10, 20, 50, 30, 50, 15, 15),
+                frontend_args=("--quick", "--seconds", "3"),
+                scaling_args=("--threads", "1,4,16", "--seconds", "0.5"),
+                budgets=budgets(5, 20, 10, 20, 50, 30, 50, 15, 15, 45, 45),
             )
         return Plan(
             **common,
@@ -161,7 +170,9 @@ def make_plan(device: str, quick: bool) -> Plan:
             tokenize_args=(),
             topk_args=("--rows", "500000"),
             ingest_args=("--quick", "--seconds", "5"),
-            budgets=budgets(10, 20, 15, 30, 80, 40, 60, 25, 30),
+            frontend_args=("--seconds", "6"),
+            scaling_args=("--threads", "1,2,4,8,16", "--seconds", "1"),
+            budgets=budgets(10, 20, 15, 30, 80, 40, 60, 25, 30, 75, 90),
         )
     common = {"variant": "fp32_opt", "min_golden_cos": 0.9999, "min_batch_cos": 0.99999, "client_processes": 2}
     if quick:
@@ -178,7 +189,9 @@ def make_plan(device: str, quick: bool) -> Plan:
             tokenize_args=("--texts", "300"),
             topk_args=("--rows", "20000"),
             ingest_args=("--docs", "32", "--seconds", "1", "--batch", "16"),
-            budgets=budgets(5, 15, 15, 20, 40, 10, 45, 15, 15),
+            frontend_args=("--quick", "--seconds", "0.3"),
+            scaling_args=("--threads", "1", "--seconds", "0.2", "--texts", "512"),
+            budgets=budgets(5, 15, 15, 20, 40, 10, 45, 15, 15, 20, 15),
         )
     return Plan(
         **common,
@@ -193,7 +206,9 @@ def make_plan(device: str, quick: bool) -> Plan:
         tokenize_args=("--quick",),
         topk_args=("--quick",),
         ingest_args=("--quick",),
-        budgets=budgets(5, 15, 20, 60, 120, 60, 90, 20, 30),
+        frontend_args=("--quick",),
+        scaling_args=("--quick",),
+        budgets=budgets(5, 15, 20, 60, 120, 60, 90, 20, 30, 60, 60),
     )
 
 
@@ -654,6 +669,36 @@ def stage_ingest(ctx: Context) -> dict[str, Any]:
     return result
 
 
+def stage_frontend(ctx: Context) -> dict[str, Any]:
+    args = ("--engine", "null", *ctx.plan.frontend_args)
+    result = run_bench_script(ctx, "frontend", "serve.py", args, "frontend_serve.json")
+    rows = {r["docs_per_request"]: r for r in result["rows"]}
+    result["checks"] = {"every call size served": all(r["requests"] > 0 for r in rows.values())}
+    result["headline"] = (
+        ", ".join(
+            f"x{size} {r['docs_per_s']:,.0f} docs/s {r['tokens_per_s'] / 1e6:.2f} M tok/s"
+            f" ({r['vs_bare_tokenizer']:.2f}x bare)"
+            for size, r in rows.items()
+        )
+        + f" on {result['machine']['cpus']} cpus"
+    )
+    return result
+
+
+def stage_tokenize_scaling(ctx: Context) -> dict[str, Any]:
+    result = run_bench_script(ctx, "tokenize_scaling", "frontend.py", ctx.plan.scaling_args, "frontend.json")
+    top = result["results"][-1]
+    result["checks"] = {
+        "token counts through the pool match": all(
+            f["token_counts_match"] for r in result["results"] for f in r["pool"].values()
+        )
+    }
+    result["headline"] = f"k={top['threads']} vs k x one: " + ", ".join(
+        f"{path} x{size} {top[path][size]['vs_k_x_one']:.2f}" for path in ("bare", "pool") for size in ("1", "128")
+    )
+    return result
+
+
 # The run.
 
 
@@ -690,6 +735,8 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         "ingest_e2e_docs_per_s": get("ingest", "docs_per_s", "e2e"),
         "tokenize_native_tokens_per_s": get("tokenize", "tokens_per_s", "native"),
         "topk_native_vs_numpy": get("topk", "ratios", "native_vs_numpy"),
+        "front_end_docs_per_s": {r["docs_per_request"]: r["docs_per_s"] for r in get("frontend", "rows") or []},
+        "front_end_tokens_per_s": {r["docs_per_request"]: r["tokens_per_s"] for r in get("frontend", "rows") or []},
     }
     return out
 
@@ -852,6 +899,8 @@ RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "ingest": stage_ingest,
     "tokenize": stage_tokenize,
     "topk": stage_topk,
+    "frontend": stage_frontend,
+    "tokenize_scaling": stage_tokenize_scaling,
 }
 
 

@@ -44,6 +44,7 @@ MAX_CARRY = 8  # paths one command may carry
 CHECK_FILES = (
     "bench/gpu_check.py",
     "bench/serve.py",
+    "bench/frontend.py",
     "bench/corpus.py",
     "bench/tokenize.py",
     "bench/topk.py",

@@ -17,6 +17,14 @@ the same run measures the baselines:
   HTTP /v1/embeddings with `float` and with `base64` vectors (httpx, responses parsed as a caller would), and
   gRPC through embedpool.client (its overhead over the raw stub).
 Prints a table, writes DIR/serve.json and DIR/serve.png (throughput and p99 vs concurrency).
+
+    python bench/serve.py --engine null [--quick] [--out DIR]
+
+The front end's ceiling instead: the server started with `--device null` (the whole serving path, inference
+taken out) and a GPU's batching (65,536 tokens, 256 documents), 16 concurrent callers at 1, 8, 32 and 128
+documents per Embed call: docs/s, tokens/s, latency, and the server's CPU (cores busy and CPU ms per call); beside
+each, the bare tokenizer on the same texts and cores in the same run (bench/frontend.py's `bare_tokenizer`, one
+thread per core). Writes DIR/frontend_serve.json.
 """
 
 from __future__ import annotations
@@ -355,6 +363,100 @@ def auth_overhead(
     }
 
 
+FRONT_END_CALL_SIZES = (1, 8, 32, 128)
+FRONT_END_CALLERS = 16
+
+
+def front_end(args: argparse.Namespace) -> None:
+    """The ceiling table of a `--device null` server (see the module docstring)."""
+    import psutil
+    from frontend import bare_tokenizer, load_tokenizer
+
+    cores = os.cpu_count() or 1
+    seconds = args.seconds or (4 if args.quick else 15)
+    texts = passages(n=4096)
+    tokenizer, _, _ = load_tokenizer()
+    args.device, args.variant = "null", "auto"
+    rows = []
+    with tempfile.TemporaryDirectory() as data_dir:
+        gpu_batching = ("--max-batch-tokens", "65536", "--max-batch-size", "256")
+        proc, port, _ = start_server(args, prepare(Settings()).root, Path(data_dir), *gpu_batching)
+        try:
+            server = psutil.Process(proc.pid)
+            asyncio.run(drive(port, texts, FRONT_END_CALLERS, 8, min(1.0, seconds)))  # warm: connections, first calls
+            per_call = asyncio.run(server_cpu_per_call(port, server, 200 if args.quick else 3000))
+            for size in FRONT_END_CALL_SIZES:
+                cpu_before, wall_before = sum(server.cpu_times()[:2]), time.perf_counter()
+                load = asyncio.run(drive(port, texts, FRONT_END_CALLERS, size, seconds))
+                cpu = sum(server.cpu_times()[:2]) - cpu_before
+                wall = time.perf_counter() - wall_before
+                bare = bare_tokenizer(tokenizer, texts, size, cores, min(seconds, 5.0))
+                rows.append(
+                    {
+                        **load,
+                        "server_cores_busy": cpu / wall,
+                        "server_cpu_ms_per_call": cpu / max(1, load["requests"]) * 1000,
+                        "bare_tokenizer": bare,
+                        "vs_bare_tokenizer": load["tokens_per_s"] / bare["tokens_per_s"],
+                    }
+                )
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    report = {
+        "question": "the front end's ceiling: the whole server path with no inference, beside the bare tokenizer",
+        "machine": {"cpus": cores, "platform": platform.platform(), "python": platform.python_version()},
+        "server": {"device": "null", "max_batch_tokens": 65536, "max_batch_size": 256, "extra": args.server_arg},
+        "callers": FRONT_END_CALLERS,
+        "seconds_per_size": seconds,
+        "corpus": {"docs": len(texts), "mean_chars": float(np.mean([len(t) for t in texts]))},
+        "rows": rows,
+        "server_cpu_us_per_call": per_call,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "frontend_serve.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"front-end ceiling: --device null, {FRONT_END_CALLERS} callers, {cores} cpus, {seconds:g} s per size")
+    print(
+        f"{'docs/call':>9}{'docs/s':>10}{'tokens/s':>12}{'p50 ms':>8}{'p99 ms':>8}{'srv cores':>10}{'ms cpu/call':>12}"
+        f"{'bare tok/s':>12}{'vs bare':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['docs_per_request']:>9}{r['docs_per_s']:>10.0f}{r['tokens_per_s']:>12,.0f}{r['p50_ms']:>8.1f}"
+            f"{r['p99_ms']:>8.1f}{r['server_cores_busy']:>10.2f}{r['server_cpu_ms_per_call']:>12.3f}"
+            f"{r['bare_tokenizer']['tokens_per_s']:>12,.0f}{r['vs_bare_tokenizer']:>8.2f}"
+        )
+    print(
+        f"server CPU per sequential call: Embed of one short text {per_call['embed_one']:.0f} us, GetModelInfo"
+        f" {per_call['model_info']:.0f} us; the embed path beyond the transport {per_call['embed_path']:.0f} us"
+    )
+    print(f"wrote {args.out / 'frontend_serve.json'}")
+
+
+async def server_cpu_per_call(port: int, server: Any, calls: int) -> dict[str, float]:
+    """The server's CPU microseconds per call, one caller at a time: Embed of one short text and GetModelInfo (the
+    transport, interceptors and a handler without work), in alternating blocks; their difference is what the embed
+    path itself costs (parse, validate, admit, tokenize, schedule, fan back, pack)."""
+    request = pb.EmbedRequest(documents=[pb.Document(text="a short query about python generators")])
+    spent = {"embed_one": 0.0, "model_info": 0.0}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = pb_grpc.EmbedderStub(ch)
+        arms: dict[str, Callable[[], Awaitable[Any]]] = {
+            "embed_one": lambda: stub.Embed(request),
+            "model_info": lambda: stub.GetModelInfo(pb.GetModelInfoRequest()),
+        }
+        block = 100
+        for _ in range(max(1, calls // block)):
+            for name, call in arms.items():
+                before = sum(server.cpu_times()[:2])
+                for _ in range(block):
+                    await call()
+                spent[name] += sum(server.cpu_times()[:2]) - before
+    per = {name: seconds / (max(1, calls // block) * block) * 1e6 for name, seconds in spent.items()}
+    per["embed_path"] = per["embed_one"] - per["model_info"]
+    return per
+
+
 def plot(levels: list[dict[str, Any]], raw: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -380,6 +482,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small corpus and short runs (< 3 min on 2 cores)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    parser.add_argument(
+        "--engine",
+        choices=("onnx", "null"),
+        default="onnx",
+        help="null: the front end's ceiling, a `--device null` server beside the bare tokenizer (nothing else)",
+    )
     parser.add_argument("--variant", default="auto")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     parser.add_argument("--levels", default=None, help="comma-separated concurrency levels")
@@ -395,6 +503,9 @@ def main() -> None:
         " process's sys.path for the baseline only: the project's own packages still win, and .venv stays torch-free",
     )
     args = parser.parse_args()
+    if args.engine == "null":
+        front_end(args)
+        return
     if args.baseline_site:
         sys.path.append(str(args.baseline_site.resolve()))
     args.device = args.device or pick_device("auto")

@@ -25,6 +25,8 @@ STAGES = [
     "ingest",
     "tokenize",
     "topk",
+    "frontend",
+    "tokenize_scaling",
 ]
 CPU = "CPUExecutionProvider"
 MIB = 1 << 20
