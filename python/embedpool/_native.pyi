@@ -1,4 +1,5 @@
-"""Rust hot paths of embedpool: tokenizing, batch padding and planning, exact top-k cosine search.
+"""Rust hot paths of embedpool: tokenizing, batch padding and planning, exact top-k cosine search, the
+store's binary COPY stream.
 
 Every array is C-contiguous and owned by numpy. Functions release the GIL while they compute.
 """
@@ -15,8 +16,12 @@ __all__ = [
     "InternalError",
     "NativeError",
     "Tokenizer",
+    "copy_binary",
+    "json_array_items",
     "pad_batch",
     "plan_batches",
+    "stack_vectors",
+    "text_faults",
     "topk_cosine",
 ]
 
@@ -78,3 +83,28 @@ def topk_cosine(
     queries: NDArray[np.float32], corpus: NDArray[np.float32] | NDArray[np.float16], k: int
 ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
     """Exact cosine top-k: (indices [q, min(k, n)], scores [q, min(k, n)]), best first, ties by lower index."""
+
+def copy_binary(
+    first: int | NDArray[np.int64],
+    vectors: NDArray[np.float32],
+    ids: Sequence[str],
+    texts: Sequence[str],
+    metadata: Sequence[str],
+    hashes: Sequence[bytes],
+    *,
+    chunk_rows: int = 128,
+) -> list[bytes]:
+    """Postgres binary COPY data for the columns (collection_id int8, embedding vector, id text, text text,
+    metadata jsonb, content_hash bytea), in chunks of ``chunk_rows`` whole rows; ``first`` is the int8 of
+    every row or of each, ``vectors`` is C-contiguous [rows, dim], ``metadata`` JSON texts. Values are
+    written as given: check them first (``text_faults``)."""
+
+def stack_vectors(values: Sequence[object], dim: int) -> NDArray[np.float32] | None:
+    """``values`` as one [len, dim] matrix when each is a C-contiguous 1-D float32 array of ``dim`` values;
+    None otherwise (convert them some other way)."""
+
+def text_faults(values: Sequence[object], *, min_bytes: int = 0, max_bytes: int | None = None) -> list[int]:
+    """Positions of ``values`` that are not a str of ``min_bytes..max_bytes`` bytes of UTF-8 without U+0000."""
+
+def json_array_items(text: str) -> list[str]:
+    """The element texts of a JSON array (its structure is read, not its elements' grammar)."""

@@ -7,19 +7,19 @@ index) and merged with `INSERT .. ON CONFLICT DO UPDATE .. WHERE content_hash IS
 settles a race with a concurrent writer. Nothing of a failed batch is visible: every step shares the
 transaction.
 
-The COPY stream is built here, in bulk, rather than row by row through psycopg's adapters: the vectors of
-the whole batch are converted to the wire format by one numpy cast, and each row adds only its four
-variable-length fields. At 384 dimensions that is several times faster than `Copy.write_row`.
+The COPY stream is built in bulk, not row by row through psycopg's adapters: rust/copy.rs writes the whole
+batch from the stacked vectors and the column lists. The checks before it are batch-wide too (one numpy
+stack, one json call for all the metadata, one native pass over the ids and texts); a batch with a fault
+is gone through again row by row only to say which rows and why. Interpreted work per row would otherwise
+be a large share of what Postgres spends storing the row (bench/writer.py measures both).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import re
-import struct
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 from psycopg import AsyncConnection, sql
 from psycopg.types.json import Jsonb
 
+from embedpool import _native
 from embedpool.errors import InvalidArgument
 from embedpool.store import collections
 from embedpool.store.records import CollectionInfo, DocumentRow, UpsertResult
@@ -68,10 +69,9 @@ class Batch:
     """Validated rows, column-wise, one row per id (the last of a repeated id), in id order."""
 
     ids: list[str]
-    id_bytes: list[bytes]
-    texts: list[bytes]
-    metadata: list[bytes]
-    """JSON text, UTF-8."""
+    texts: list[str]
+    metadata: list[str]
+    """JSON text."""
     hashes: list[bytes]
     embeddings: NDArray[np.float32]
     """[rows, dim]"""
@@ -122,49 +122,83 @@ def _embedding(value: object, dim: int) -> NDArray[Any]:
 class _Screened:
     """Rows that passed the checks the stored hashes are looked up with: id, hash and embedding."""
 
-    positions: dict[str, list[int]]
-    """Input positions of each id's screened rows, in input order."""
-    id_bytes: dict[int, bytes]
-    vectors: dict[int, int]
-    """Input position -> row of `matrix`."""
+    last: dict[str, int]
+    """Input position of each id's last screened row."""
+    ids: list[str]
+    digests: list[bytes]
+    """As given: only those at usable positions are checked."""
     matrix: NDArray[np.float32]
+    """One row per input position (rejected ones included: cheaper than picking the usable ones)."""
+    usable: NDArray[np.bool_]
     rejected: dict[int, tuple[str, str]]
 
 
 def _screen(rows: Sequence[DocumentRow], info: CollectionInfo) -> _Screened:
-    positions: dict[str, list[int]] = {}
-    id_bytes: dict[int, bytes] = {}
-    embeddings: list[NDArray[Any]] = []
-    ok: list[int] = []
+    ids = [row.id for row in rows]
+    digests = [row.content_hash for row in rows]
+    faults = set(_native.text_faults(ids, min_bytes=1, max_bytes=MAX_ID_BYTES))
+    faults.update(n for n, digest in enumerate(digests) if not isinstance(digest, bytes))
     rejected: dict[int, tuple[str, str]] = {}
-    for n, row in enumerate(rows):
-        try:
-            encoded = _utf8(row.id, "id")
-            if not 1 <= len(encoded) <= MAX_ID_BYTES:
-                raise InvalidArgument(f"id must be 1..{MAX_ID_BYTES} bytes of UTF-8")
-            if not isinstance(row.content_hash, bytes):
-                raise InvalidArgument("content_hash must be bytes")
-            embeddings.append(_embedding(row.embedding, info.dim))
-        except InvalidArgument as e:
-            rejected[n] = (row.id if isinstance(row.id, str) else repr(row.id), str(e))
-        else:
-            id_bytes[n] = encoded
-            ok.append(n)
+    for n in faults:
+        rejected[n] = (_shown(ids[n]), _id_or_hash_fault(ids[n], digests[n]))
+    matrix, unusable = _stacked([row.embedding for row in rows], info.dim)
+    rejected.update((n, (_shown(ids[n]), why)) for n, why in unusable.items() if n not in rejected)
     # Value checks on the stacked batch: per-row numpy calls would cost more than the COPY itself. Values
     # beyond float32 range become infinite in the cast and are refused with the NaNs.
-    with np.errstate(over="ignore", invalid="ignore"):
-        matrix = np.stack(embeddings).astype(np.float32) if ok else np.empty((0, info.dim), np.float32)
     finite = cast(NDArray[np.bool_], np.isfinite(matrix).all(axis=1))
-    nonzero = cast(NDArray[np.bool_], matrix.any(axis=1)) if info.metric == "cosine" else np.ones(len(ok), bool)
+    nonzero = cast(NDArray[np.bool_], matrix.any(axis=1)) if info.metric == "cosine" else np.ones(len(rows), bool)
     usable = finite & nonzero
-    for k, n in enumerate(ok):
-        if usable[k]:
-            positions.setdefault(rows[n].id, []).append(n)
-        elif finite[k]:
-            rejected[n] = (rows[n].id, "embedding is all zeros: it has no cosine direction")
-        else:
-            rejected[n] = (rows[n].id, "embedding has a NaN or infinite value (or one beyond float32 range)")
-    return _Screened(positions, id_bytes, {n: k for k, n in enumerate(ok)}, matrix, rejected)
+    usable[list(rejected)] = False
+    for n in np.flatnonzero(~(finite & nonzero)).tolist():
+        if n not in rejected:
+            why = "embedding is all zeros: it has no cosine direction" if finite[n] else _NON_FINITE
+            rejected[n] = (_shown(ids[n]), why)
+    last = {ids[n]: n for n in np.flatnonzero(usable).tolist()}
+    return _Screened(last, ids, digests, matrix, usable, rejected)
+
+
+_NON_FINITE: Final = "embedding has a NaN or infinite value (or one beyond float32 range)"
+
+
+def _shown(doc_id: object) -> str:
+    return doc_id if isinstance(doc_id, str) else repr(doc_id)
+
+
+def _id_or_hash_fault(doc_id: object, digest: object) -> str:
+    try:
+        if not 1 <= len(_utf8(doc_id, "id")) <= MAX_ID_BYTES:
+            raise InvalidArgument(f"id must be 1..{MAX_ID_BYTES} bytes of UTF-8")
+        if not isinstance(digest, bytes):
+            raise InvalidArgument("content_hash must be bytes")
+    except InvalidArgument as e:
+        return str(e)
+    raise AssertionError(f"id {doc_id!r} and its hash were flagged but pass")
+
+
+def _stacked(values: list[object], dim: int) -> tuple[NDArray[np.float32], dict[int, str]]:
+    """The embeddings as one float32 matrix, and why each position that is not an embedding is not (its matrix
+    row is zeros). One native or numpy call when every value is an array of numbers of the right shape."""
+    native = _native.stack_vectors(values, dim)
+    if native is not None:
+        return native, {}
+    with np.errstate(over="ignore", invalid="ignore"):
+        try:
+            stacked = np.stack(cast(list[NDArray[Any]], values)) if values else None
+        except (TypeError, ValueError):
+            stacked = None
+        if stacked is not None and stacked.dtype.kind in "fiu" and stacked.shape == (len(values), dim):
+            return stacked.astype(np.float32), {}
+        if not values:
+            return np.empty((0, dim), np.float32), {}
+        rows: list[NDArray[Any]] = []
+        faults: dict[int, str] = {}
+        for n, value in enumerate(values):
+            try:
+                rows.append(_embedding(value, dim))
+            except InvalidArgument as e:
+                faults[n] = str(e)
+                rows.append(np.zeros(dim, np.float32))
+        return np.stack(rows).astype(np.float32), faults
 
 
 def _select(
@@ -173,32 +207,90 @@ def _select(
     """The rows to write, the count of unchanged ids, and the rejected rows in input order.
 
     Per id, the last row that passes validation wins; a row whose hash is the stored one is unchanged, and
-    its text and metadata are not even encoded (the hash covers them, and they were valid when stored).
+    its text and metadata are not even checked (the hash covers them, and they were valid when stored).
     Ids come out in id order, so concurrent writers lock rows in the same order (no deadlock); UTF-8 byte
     order is code point order, the same for every writer."""
     rejected = dict(screened.rejected)
-    keep: list[tuple[int, bytes, bytes]] = []
-    unchanged = 0
-    for doc_id in sorted(screened.positions):
-        for n in reversed(screened.positions[doc_id]):
-            row = rows[n]
-            if stored.get(doc_id) == row.content_hash:
-                unchanged += 1
-                break
-            try:
-                keep.append((n, _utf8(row.text, "text"), json_object(row.metadata, "metadata").encode()))
-                break
-            except InvalidArgument as e:
-                rejected[n] = (doc_id, str(e))
+    digests = screened.digests
+    order = sorted(screened.last)
+    candidates = [screened.last[doc_id] for doc_id in order]
+    if stored:
+        candidates = [n for doc_id, n in zip(order, candidates, strict=True) if stored.get(doc_id) != digests[n]]
+    unchanged = len(order) - len(candidates)
+    texts = [rows[n].text for n in candidates]
+    metadata, faults = _metadata([rows[n].metadata for n in candidates])
+    for k in _native.text_faults(texts):
+        faults[k] = _text_fault(texts[k])
+    keep = list(zip(candidates, texts, metadata, strict=True))
+    if faults:  # fall back to the id's earlier rows, newest first
+        positions = _positions(screened)
+        for k in sorted(faults, reverse=True):
+            n = candidates[k]
+            doc_id = screened.ids[n]
+            rejected[n] = (doc_id, faults[k])
+            del keep[k]
+            for m in reversed(positions[doc_id][:-1]):
+                if stored.get(doc_id) == digests[m]:
+                    unchanged += 1
+                    break
+                try:
+                    keep.insert(k, (m, _checked_text(rows[m].text), json_object(rows[m].metadata, "metadata")))
+                    break
+                except InvalidArgument as e:
+                    rejected[m] = (doc_id, str(e))
     batch = Batch(
-        [rows[n].id for n, _, _ in keep],
-        [screened.id_bytes[n] for n, _, _ in keep],
+        [screened.ids[n] for n, _, _ in keep],
         [text for _, text, _ in keep],
-        [metadata for _, _, metadata in keep],
-        [rows[n].content_hash for n, _, _ in keep],
-        screened.matrix[np.asarray([screened.vectors[n] for n, _, _ in keep], dtype=np.intp)],
+        [meta for _, _, meta in keep],
+        [digests[n] for n, _, _ in keep],
+        screened.matrix[np.asarray([n for n, _, _ in keep], dtype=np.intp)],
     )
     return batch, unchanged, [rejected[n] for n in sorted(rejected)]
+
+
+def _positions(screened: _Screened) -> dict[str, list[int]]:
+    positions: dict[str, list[int]] = {}
+    for n in np.flatnonzero(screened.usable).tolist():
+        positions.setdefault(screened.ids[n], []).append(n)
+    return positions
+
+
+def _text_fault(value: object) -> str:
+    try:
+        _checked_text(value)
+    except InvalidArgument as e:
+        return str(e)
+    raise AssertionError("a text was flagged but passes")
+
+
+def _checked_text(value: object) -> str:
+    _utf8(value, "text")
+    return cast(str, value)
+
+
+def _metadata(values: list[object]) -> tuple[list[str], dict[int, str]]:
+    """Each value as JSON text for jsonb ("" where it cannot be), and why not by position. One json call
+    encodes the whole batch (a call per row costs more than the COPY); a batch with a fault is redone row by
+    row to say which."""
+    try:
+        array = _JSON.encode(values)
+        array.encode()
+        if "\\u0000" in array and _JSON_NUL.search(array):
+            raise ValueError("a NUL character")
+        items = _native.json_array_items(array)
+        if len(items) == len(values) and all(item[0] == "{" for item in items):
+            return items, {}
+    except (TypeError, ValueError):
+        pass
+    texts: list[str] = []
+    faults: dict[int, str] = {}
+    for k, value in enumerate(values):
+        try:
+            texts.append(json_object(value, "metadata"))
+        except InvalidArgument as e:
+            texts.append("")
+            faults[k] = str(e)
+    return texts, faults
 
 
 def validate(rows: Sequence[DocumentRow], info: CollectionInfo) -> tuple[Batch, list[tuple[str, str]]]:
@@ -207,64 +299,17 @@ def validate(rows: Sequence[DocumentRow], info: CollectionInfo) -> tuple[Batch, 
     return batch, rejected
 
 
-_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
-_TRAILER = struct.pack(">h", -1)
-_LENGTH = struct.Struct(">i").pack
-_JSONB_VERSION = b"\x01"
-# The column order of both COPY targets: the fixed-width head of each row comes out of one numpy array.
+# The column order of both COPY targets (rust/copy.rs writes the rows in it).
 _COLUMNS = ("collection_id", "embedding", "id", "text", "metadata", "content_hash")
 
 
-_CHUNK_ROWS: Final = 128  # ~200 kB at 384 dimensions: the socket buffer holds one while the next is encoded
+def copy_chunks(first: int | NDArray[np.int64], batch: Batch) -> list[bytes]:
+    """The binary COPY data of `batch` in chunks of whole rows, with `first` (one value, or one per row) as the
+    int8 first column. Postgres parses one chunk while the next is sent."""
+    return _native.copy_binary(first, batch.embeddings, batch.ids, batch.texts, batch.metadata, batch.hashes)
 
 
-def copy_chunks(first: int | NDArray[np.int64], batch: Batch) -> Iterator[bytearray]:
-    """The binary COPY data of `batch` in chunks, with `first` (one value, or one per row) as the int8 first
-    column. A generator, so that Postgres parses one chunk while the next is built."""
-    n, dim = batch.embeddings.shape
-    head = np.empty(n, dtype=_head_dtype(dim))
-    head["fields"], head["first_len"], head["first"] = len(_COLUMNS), 8, first
-    head["vector_len"], head["dim"], head["unused"] = 4 + 4 * dim, dim, 0
-    head["vector"] = batch.embeddings
-    heads, size = head.view(np.uint8).data, head.dtype.itemsize
-    columns = zip(batch.id_bytes, batch.texts, batch.metadata, batch.hashes, strict=True)
-    out = bytearray(_SIGNATURE)
-    for k, (id_bytes, text, metadata, digest) in enumerate(columns):
-        out += heads[k * size : (k + 1) * size]
-        out += _LENGTH(len(id_bytes))
-        out += id_bytes
-        out += _LENGTH(len(text))
-        out += text
-        out += _LENGTH(len(metadata) + 1)
-        out += _JSONB_VERSION
-        out += metadata
-        out += _LENGTH(len(digest))
-        out += digest
-        if k % _CHUNK_ROWS == _CHUNK_ROWS - 1:
-            yield out
-            out = bytearray()
-    out += _TRAILER
-    yield out
-
-
-@functools.cache
-def _head_dtype(dim: int) -> np.dtype[np.void]:
-    """The fixed-width start of a row: field count, the int8 first column, the vector (pgvector's binary
-    format: uint16 dim, uint16 unused, big-endian float32 values)."""
-    return np.dtype(
-        [
-            ("fields", ">i2"),
-            ("first_len", ">i4"),
-            ("first", ">i8"),
-            ("vector_len", ">i4"),
-            ("dim", ">u2"),
-            ("unused", ">u2"),
-            ("vector", ">f4", (dim,)),
-        ]
-    )
-
-
-async def _copy(conn: AsyncConnection[Any], table: sql.Composable, chunks: Iterator[bytearray]) -> None:
+async def _copy(conn: AsyncConnection[Any], table: sql.Composable, chunks: list[bytes]) -> None:
     query = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
         table, sql.SQL(", ").join(map(sql.Identifier, _COLUMNS))
     )
@@ -325,8 +370,8 @@ async def _upsert(
     async with conn.transaction():
         info = await collections.lookup(conn, collection, lock=True)
         screened = _screen(rows, info)
-        only_assumed = {i: h for i, h in assumed.items() if i not in screened.positions}
-        wanted = [*screened.positions, *only_assumed]
+        only_assumed = {i: h for i, h in assumed.items() if i not in screened.last}
+        wanted = [*screened.last, *only_assumed]
         # One read serves both: the hashes that make rows unchanged, and the confirmation of the assumed ones.
         # Read after earlier writes of the same ids committed (the caller orders them), so a stale assumption
         # is seen here rather than overwriting a newer row with the older one's "unchanged".

@@ -1,0 +1,193 @@
+"""How close does the store writer's fresh upsert come to the server's own binary COPY ceiling?
+
+One embedded Postgres; each arm is a child process that imports embedpool from its own tree (the current one,
+and with --before DIR another checkout with its own built `_native*.so`), so two versions of the writer run
+against the same server in one run, taking turns round by round. In every round a child measures, on the
+same 1,000-row batches of 384-d vectors:
+
+- copy_ceiling: the pre-built binary COPY stream of each batch into a logged table with a primary key; no
+  upsert semantics and no client work inside the timing (as in bench/ingest.py).
+- copy_partition: the same, into the partition of a second fresh collection (its primary key and metadata
+  GIN index, no HNSW index): what Postgres spends on the rows where the writer puts them.
+- writer_fresh: `Store.upsert` of the same rows into a fresh collection without its HNSW index (the id
+  lookup, validation, encoding and COPY straight into the partition, one transaction per batch).
+- writer_changed: the same ids again with new content (the staging table and merge).
+- client_ms: the client-side work alone per batch: `validate` + `copy_chunks`, no database.
+
+The figure that matters is writer_fresh / copy_ceiling of the same child: they take turns batch by batch.
+Stored counts and hashes are checked after every run.
+
+    .venv/bin/python -P bench/writer.py [--before DIR] [--rounds N] [--rows N] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DIM, BATCH = 384, 1000
+_HERE = Path(__file__).resolve().parent
+
+
+async def _child(uri: str, n_rows: int, label: str) -> dict[str, float]:
+    import numpy as np
+    from psycopg import AsyncConnection, sql
+
+    from embedpool.store import DocumentRow, Store
+    from embedpool.store.collections import index_name, partition_name
+    from embedpool.store.writer import copy_chunks, validate
+
+    v = np.random.default_rng(0).standard_normal((n_rows, DIM)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+
+    def make_rows(tag: str) -> list[DocumentRow]:
+        return [
+            DocumentRow(f"doc-{i}", f"passage {i} {tag}", {"n": i, "tag": tag}, f"{i}:{tag}".encode(), v[i])
+            for i in range(n_rows)
+        ]
+
+    fresh, changed = make_rows("v1"), make_rows("v2")
+    batches = [fresh[i : i + BATCH] for i in range(0, n_rows, BATCH)]
+    store = await Store.open(uri)
+    rates: dict[str, float] = {}
+    async with await AsyncConnection.connect(uri, autocommit=True) as plain:
+        info = await store.create_collection(f"{label}_{os.getpid()}_{time.monotonic_ns()}", model="b", dim=DIM)
+        await plain.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index_name(info))))
+
+        started = time.perf_counter()
+        for batch in batches:
+            list(copy_chunks(info.id, validate(batch, info)[0]))
+        rates["client_ms"] = (time.perf_counter() - started) * 1e3 / len(batches)
+
+        table = sql.Identifier(f"ceiling_{info.id}")
+        await plain.execute(
+            sql.SQL(
+                "CREATE TABLE {} (collection_id int8, embedding vector, id text, text text, metadata jsonb,"
+                " content_hash bytea, PRIMARY KEY (collection_id, id))"
+            ).format(table)
+        )
+        twin = await store.create_collection(f"twin_{info.name}", model="b", dim=DIM)
+        await plain.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index_name(twin))))
+        streams = [[bytes(c) for c in copy_chunks(info.id, validate(b, info)[0])] for b in batches]
+        twin_streams = [[bytes(c) for c in copy_chunks(twin.id, validate(b, twin)[0])] for b in batches]
+        copy = "COPY {} (collection_id, embedding, id, text, metadata, content_hash) FROM STDIN (FORMAT BINARY)"
+        query, twin_query = (sql.SQL(copy).format(target) for target in (table, sql.Identifier(partition_name(twin))))
+        # Batch by batch, the ceiling's COPY and then the writer's upsert of the same rows: the load on a shared
+        # machine drifts, and the two see the same moment of it.
+        seconds = dict.fromkeys(("copy_ceiling", "copy_partition", "writer_fresh"), 0.0)
+        for chunks, twin_chunks, batch in zip(streams, twin_streams, batches, strict=True):
+            for key, target, data in (("copy_ceiling", query, chunks), ("copy_partition", twin_query, twin_chunks)):
+                started = time.perf_counter()
+                async with plain.transaction(), plain.cursor() as cur, cur.copy(target) as stream:
+                    for chunk in data:
+                        await stream.write(chunk)
+                seconds[key] += time.perf_counter() - started
+            started = time.perf_counter()
+            await store.upsert(info.name, batch)
+            seconds["writer_fresh"] += time.perf_counter() - started
+        rates.update((key, n_rows / s) for key, s in seconds.items())
+        await plain.execute(sql.SQL("DROP TABLE {}").format(table))
+        for name in (info.name, twin.name):
+            assert (await store.stats(name)).count == n_rows
+        await store.drop_collection(twin.name)
+
+        started = time.perf_counter()
+        for i in range(0, n_rows, BATCH):
+            await store.upsert(info.name, changed[i : i + BATCH])
+        rates["writer_changed"] = n_rows / (time.perf_counter() - started)
+        assert (await store.stats(info.name)).count == n_rows
+        stored = await store.existing_hashes(info.name, ["doc-0", f"doc-{n_rows - 1}"])
+        assert stored == {"doc-0": b"0:v2", f"doc-{n_rows - 1}": f"{n_rows - 1}:v2".encode()}, stored
+        await store.drop_collection(info.name)
+    await store.close()
+    rates["fresh_vs_ceiling"] = rates["writer_fresh"] / rates["copy_ceiling"]
+    rates["fresh_vs_partition"] = rates["writer_fresh"] / rates["copy_partition"]
+    return rates
+
+
+def _run_child(tree: Path, uri: str, n_rows: int, label: str) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(tree / "python")}
+    out = subprocess.run(
+        [sys.executable, "-P", __file__, "--child", uri, "--rows", str(n_rows), "--label", label],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _table(result: dict[str, Any]) -> str:
+    arms = result["arms"]
+    keys = [
+        "copy_ceiling",
+        "copy_partition",
+        "writer_fresh",
+        "fresh_vs_ceiling",
+        "fresh_vs_partition",
+        "writer_changed",
+        "client_ms",
+    ]
+    lines = [f"{'median of rounds':<24}" + "".join(f"{arm:>12}" for arm in arms)]
+    for key in keys:
+        cells = []
+        for arm in arms:
+            value = arms[arm]["median"][key]
+            cells.append(f"{value:>12,.0f}" if key.startswith(("copy", "writer")) else f"{value:>12.2f}")
+        lines.append(f"{key:<24}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", type=Path, help="a checkout of the code to compare (with its _native built)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--out", type=Path, default=_HERE / "out")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--label", default="after", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        import anyio
+
+        print(json.dumps(anyio.run(_child, args.child, args.rows, args.label, backend="asyncio")))
+        return
+
+    from embedpool.store import EmbeddedPostgres
+
+    trees = {"after": _HERE.parent}
+    if args.before:
+        trees = {"before": args.before.resolve(), **trees}
+    runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in trees}
+    with tempfile.TemporaryDirectory(prefix="embedpool-bench-") as tmp, EmbeddedPostgres(Path(tmp) / "pg") as pg:
+        for r in range(args.rounds):
+            arms = list(trees) if r % 2 == 0 else list(reversed(trees))
+            for arm in arms:
+                runs[arm].append(_run_child(trees[arm], pg.uri, args.rows, arm))
+                print(f"round {r} {arm}: {json.dumps(runs[arm][-1])}", flush=True)
+    result: dict[str, Any] = {
+        "arms": {
+            arm: {"median": {k: statistics.median(run[k] for run in rs) for k in rs[0]}, "runs": rs}
+            for arm, rs in runs.items()
+        },
+        "params": {"dim": DIM, "batch": BATCH, "rows": args.rows, "rounds": args.rounds, "statistic": "median"},
+        "units": {"copy_*, writer_*": "rows/s", "client_ms": "ms per batch", "fresh_vs_*": "ratio"},
+    }
+    table = _table(result)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "writer.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "writer.txt").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

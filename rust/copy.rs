@@ -1,0 +1,490 @@
+//! The store writer's rows in Postgres's binary COPY format, and the cheap per-value checks
+//! that decide which rows may go into it.
+//!
+//! Each row has the columns `collection_id int8, embedding vector, id text, text text,
+//! metadata jsonb, content_hash bytea`, in that order (the writer's COPY names them so). The
+//! embedding is pgvector's binary `vector`: uint16 dim, uint16 unused, big-endian float32
+//! values, bit for bit (-0.0, denormals). jsonb's binary input is a version byte (1) and the
+//! JSON text. The stream is cut into chunks of whole rows so Postgres parses one while the
+//! client sends the next; the signature is at the start of the first, the trailer at the end of
+//! the last.
+
+use ndarray::Array2;
+use numpy::{
+    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    PyUntypedArrayMethods,
+};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyBytesMethods, PyString};
+
+use crate::errors::{self, Error, Result};
+
+const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+const TRAILER: &[u8] = &(-1i16).to_be_bytes();
+const FIELDS: i16 = 6;
+const JSONB_VERSION: u8 = 1;
+/// pgvector's limit for `vector`; the dimension is a uint16 on the wire.
+const MAX_DIM: usize = 16_000;
+
+/// The int8 first column: the collection's id for every row, or one value per row (the row's
+/// position, when the rows go to the staging table).
+#[derive(Clone, Copy, Debug)]
+pub enum First<'a> {
+    One(i64),
+    Each(&'a [i64]),
+}
+
+/// Column-wise rows, borrowed; `vectors` is row-major, `dim` values per row.
+#[derive(Clone, Copy, Debug)]
+pub struct Rows<'a> {
+    pub first: First<'a>,
+    pub vectors: &'a [f32],
+    pub dim: usize,
+    pub ids: &'a [&'a str],
+    pub texts: &'a [&'a str],
+    pub metadata: &'a [&'a str],
+    pub hashes: &'a [&'a [u8]],
+}
+
+impl Rows<'_> {
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    fn check(&self) -> Result<()> {
+        let n = self.len();
+        if self.dim == 0 || self.dim > MAX_DIM {
+            return Err(Error::argument("dim", "in 1..=16000", self.dim));
+        }
+        if self.vectors.len() != n * self.dim {
+            return Err(Error::array(
+                "vectors",
+                format!("{} values for {n} rows of {}", self.vectors.len(), self.dim),
+            ));
+        }
+        let lengths = [
+            ("texts", self.texts.len()),
+            ("metadata", self.metadata.len()),
+            ("hashes", self.hashes.len()),
+        ];
+        if let First::Each(values) = self.first {
+            if values.len() != n {
+                return Err(Error::array(
+                    "first",
+                    format!("{} values for {n} rows", values.len()),
+                ));
+            }
+        }
+        for (name, len) in lengths {
+            if len != n {
+                return Err(Error::array(name, format!("{len} values for {n} ids")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of row `k` on the wire.
+    fn row_size(&self, k: usize) -> usize {
+        2 + 4 * 6
+            + 8
+            + 4
+            + 4 * self.dim
+            + self.ids[k].len()
+            + self.texts[k].len()
+            + 1
+            + self.metadata[k].len()
+            + self.hashes[k].len()
+    }
+}
+
+/// A field's length prefix; Postgres refuses a field over 1 GB anyway, long before i32 ends.
+fn length(name: &'static str, len: usize) -> Result<[u8; 4]> {
+    i32::try_from(len)
+        .map(i32::to_be_bytes)
+        .map_err(|_| Error::array(name, format!("a value of {len} bytes is too long for COPY")))
+}
+
+fn put_row(out: &mut Vec<u8>, rows: &Rows<'_>, k: usize) -> Result<()> {
+    let first = match rows.first {
+        First::One(value) => value,
+        First::Each(values) => values[k],
+    };
+    out.extend_from_slice(&FIELDS.to_be_bytes());
+    out.extend_from_slice(&8i32.to_be_bytes());
+    out.extend_from_slice(&first.to_be_bytes());
+    let dim = rows.dim;
+    out.extend_from_slice(&length("vectors", 4 + 4 * dim)?);
+    out.extend_from_slice(&(dim as u16).to_be_bytes());
+    out.extend_from_slice(&0u16.to_be_bytes());
+    let at = out.len();
+    out.resize(at + 4 * dim, 0);
+    let values = &rows.vectors[k * dim..(k + 1) * dim];
+    for (wire, value) in out[at..].chunks_exact_mut(4).zip(values) {
+        wire.copy_from_slice(&value.to_be_bytes());
+    }
+    for (name, value) in [("ids", rows.ids[k]), ("texts", rows.texts[k])] {
+        out.extend_from_slice(&length(name, value.len())?);
+        out.extend_from_slice(value.as_bytes());
+    }
+    out.extend_from_slice(&length("metadata", rows.metadata[k].len() + 1)?);
+    out.push(JSONB_VERSION);
+    out.extend_from_slice(rows.metadata[k].as_bytes());
+    out.extend_from_slice(&length("hashes", rows.hashes[k].len())?);
+    out.extend_from_slice(rows.hashes[k]);
+    Ok(())
+}
+
+/// The binary COPY stream of `rows`, in chunks of `chunk_rows` rows (the last may be shorter; an
+/// empty batch is one chunk of signature and trailer).
+pub fn encode_copy(rows: &Rows<'_>, chunk_rows: usize) -> Result<Vec<Vec<u8>>> {
+    rows.check()?;
+    if chunk_rows == 0 {
+        return Err(Error::argument("chunk_rows", "at least 1", chunk_rows));
+    }
+    let n = rows.len();
+    let mut chunks = Vec::with_capacity(n.div_ceil(chunk_rows).max(1));
+    let mut start = 0;
+    loop {
+        let end = (start + chunk_rows).min(n);
+        let size: usize = (start..end).map(|k| rows.row_size(k)).sum();
+        let mut out = Vec::with_capacity(size + SIGNATURE.len() + TRAILER.len());
+        if start == 0 {
+            out.extend_from_slice(SIGNATURE);
+        }
+        for k in start..end {
+            put_row(&mut out, rows, k)?;
+        }
+        if end == n {
+            out.extend_from_slice(TRAILER);
+            chunks.push(out);
+            return Ok(chunks);
+        }
+        chunks.push(out);
+        start = end;
+    }
+}
+
+/// The element texts of a JSON array, as JSON writes it: the writer encodes a whole batch's
+/// metadata with one call and stores each row's element. Only the array's structure is read
+/// (strings and nesting), not the elements' grammar.
+pub fn split_json_array(text: &str) -> Result<Vec<&str>> {
+    let malformed = |why: &str| Error::array("text", format!("not a JSON array: {why}"));
+    let body = text.trim_matches(is_json_space);
+    let inner = body
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+        .ok_or_else(|| malformed("no enclosing brackets"))?;
+    let mut items = Vec::new();
+    if inner.trim_matches(is_json_space).is_empty() {
+        return Ok(items);
+    }
+    let (mut depth, mut in_string, mut escaped, mut start) = (0usize, false, false, 0usize);
+    for (at, byte) in inner.bytes().enumerate() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => depth += 1,
+            b']' | b'}' => {
+                depth = depth
+                    .checked_sub(1)
+                    .ok_or_else(|| malformed("unbalanced"))?;
+            }
+            b',' if depth == 0 => {
+                items.push(inner[start..at].trim_matches(is_json_space));
+                start = at + 1;
+            }
+            _ => {}
+        }
+    }
+    if in_string || depth != 0 {
+        return Err(malformed("unbalanced"));
+    }
+    items.push(inner[start..].trim_matches(is_json_space));
+    if items.iter().any(|item| item.is_empty()) {
+        return Err(malformed("an empty element"));
+    }
+    Ok(items)
+}
+
+fn is_json_space(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\r')
+}
+
+/// Whether `value` may be a `text` column value of `min_bytes..=max_bytes` bytes of UTF-8:
+/// Postgres's text cannot hold U+0000.
+pub fn text_fits(value: &str, min_bytes: usize, max_bytes: usize) -> bool {
+    (min_bytes..=max_bytes).contains(&value.len()) && !value.as_bytes().contains(&0)
+}
+
+fn collect<'py, T: pyo3::PyTypeCheck>(
+    name: &'static str,
+    what: &'static str,
+    values: &Bound<'py, PyAny>,
+) -> Result<Vec<Bound<'py, T>>> {
+    let wrong = || Error::array(name, format!("expected a sequence of {what}"));
+    if values.is_instance_of::<PyString>() || values.is_instance_of::<PyBytes>() {
+        return Err(wrong());
+    }
+    values
+        .try_iter()
+        .map_err(|_| wrong())?
+        .map(|item| {
+            item.ok()
+                .and_then(|item| item.cast_into::<T>().ok())
+                .ok_or_else(wrong)
+        })
+        .collect()
+}
+
+fn borrow_strs<'a>(name: &'static str, owners: &'a [Bound<'_, PyString>]) -> Result<Vec<&'a str>> {
+    owners
+        .iter()
+        .enumerate()
+        .map(|(k, s)| {
+            s.to_str()
+                .map_err(|_| Error::array(name, format!("item {k} is not valid Unicode")))
+        })
+        .collect()
+}
+
+#[derive(FromPyObject)]
+pub enum FirstArg<'py> {
+    One(i64),
+    Each(PyReadonlyArray1<'py, i64>),
+}
+
+#[pyfunction]
+#[pyo3(signature = (first, vectors, ids, texts, metadata, hashes, *, chunk_rows = 128))]
+#[allow(clippy::too_many_arguments)]
+pub fn copy_binary<'py>(
+    py: Python<'py>,
+    first: FirstArg<'py>,
+    vectors: PyReadonlyArray2<'py, f32>,
+    ids: &Bound<'py, PyAny>,
+    texts: &Bound<'py, PyAny>,
+    metadata: &Bound<'py, PyAny>,
+    hashes: &Bound<'py, PyAny>,
+    chunk_rows: usize,
+) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    let (ids, texts, metadata) = (
+        collect::<PyString>("ids", "str", ids)?,
+        collect::<PyString>("texts", "str", texts)?,
+        collect::<PyString>("metadata", "str", metadata)?,
+    );
+    let hashes = collect::<PyBytes>("hashes", "bytes", hashes)?;
+    let (ids, texts, metadata) = (
+        borrow_strs("ids", &ids)?,
+        borrow_strs("texts", &texts)?,
+        borrow_strs("metadata", &metadata)?,
+    );
+    let hashes: Vec<&[u8]> = hashes.iter().map(PyBytesMethods::as_bytes).collect();
+    let dim = vectors.shape()[1];
+    // `as_slice` takes a Fortran-ordered array too, whose slice is column by column.
+    let vectors = Some(&vectors)
+        .filter(|v| v.is_c_contiguous())
+        .and_then(|v| v.as_slice().ok())
+        .ok_or_else(|| Error::array("vectors", "expected a C-contiguous array"))?;
+    let first_values;
+    let first = match &first {
+        FirstArg::One(value) => First::One(*value),
+        FirstArg::Each(values) => {
+            first_values = values.as_array().to_vec();
+            First::Each(&first_values)
+        }
+    };
+    let rows = Rows {
+        first,
+        vectors,
+        dim,
+        ids: &ids,
+        texts: &texts,
+        metadata: &metadata,
+        hashes: &hashes,
+    };
+    let chunks = errors::detach(py, || encode_copy(&rows, chunk_rows))?;
+    Ok(chunks.iter().map(|c| PyBytes::new(py, c)).collect())
+}
+
+/// Positions of `values` that are not a `str` of `min_bytes..=max_bytes` bytes of UTF-8 without
+/// U+0000 (a lone surrogate has no UTF-8).
+#[pyfunction]
+#[pyo3(signature = (values, *, min_bytes = 0, max_bytes = None))]
+pub fn text_faults(
+    values: &Bound<'_, PyAny>,
+    min_bytes: usize,
+    max_bytes: Option<usize>,
+) -> PyResult<Vec<usize>> {
+    let max_bytes = max_bytes.unwrap_or(usize::MAX);
+    let mut faults = Vec::new();
+    for (k, value) in values.try_iter()?.enumerate() {
+        let value = value?;
+        let fits = value
+            .cast::<PyString>()
+            .ok()
+            .and_then(|s| s.to_str().ok().map(|s| text_fits(s, min_bytes, max_bytes)));
+        if fits != Some(true) {
+            faults.push(k);
+        }
+    }
+    Ok(faults)
+}
+
+/// `values` as one C-contiguous float32 matrix `[len, dim]` when every one is a 1-D float32 numpy
+/// array of `dim` values; otherwise None (the caller converts them its own way). The common case of
+/// the writer, without numpy's per-array work in `np.stack`.
+#[pyfunction]
+pub fn stack_vectors<'py>(
+    py: Python<'py>,
+    values: &Bound<'py, PyAny>,
+    dim: usize,
+) -> PyResult<Option<Bound<'py, PyArray2<f32>>>> {
+    let mut flat = Vec::new();
+    let mut rows = 0;
+    for value in values.try_iter()? {
+        let value = value?;
+        let Ok(array) = value.cast::<PyArray1<f32>>() else {
+            return Ok(None);
+        };
+        let array = array.readonly();
+        match array.as_slice() {
+            Ok(slice) if slice.len() == dim => {
+                if rows == 0 {
+                    flat.reserve(dim * values.len().unwrap_or(1));
+                }
+                flat.extend_from_slice(slice);
+                rows += 1;
+            }
+            _ => return Ok(None),
+        }
+    }
+    let matrix = Array2::from_shape_vec((rows, dim), flat)
+        .map_err(|e| Error::array("values", e.to_string()))?;
+    Ok(Some(matrix.into_pyarray(py)))
+}
+
+/// The element texts of the JSON array `text` (see [`split_json_array`]).
+#[pyfunction]
+pub fn json_array_items<'py>(py: Python<'py>, text: &str) -> PyResult<Vec<Bound<'py, PyString>>> {
+    Ok(split_json_array(text)?
+        .into_iter()
+        .map(|item| PyString::new(py, item))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_row<'a>(vectors: &'a [f32], hashes: &'a [&'a [u8]]) -> Rows<'a> {
+        Rows {
+            first: First::One(7),
+            vectors,
+            dim: vectors.len(),
+            ids: &["é"],
+            texts: &[""],
+            metadata: &["{}"],
+            hashes,
+        }
+    }
+
+    #[test]
+    fn a_row_is_laid_out_as_postgres_reads_it() {
+        let vectors = [-0.0f32, f32::from_bits(1)];
+        let chunks = encode_copy(&one_row(&vectors, &[b"\x01\x02"]), 128).unwrap();
+        let mut expected = SIGNATURE.to_vec();
+        expected.extend_from_slice(&[0, 6, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 7]);
+        expected.extend_from_slice(&[0, 0, 0, 12, 0, 2, 0, 0, 0x80, 0, 0, 0, 0, 0, 0, 1]);
+        expected.extend_from_slice(&[0, 0, 0, 2, 0xc3, 0xa9, 0, 0, 0, 0]);
+        expected.extend_from_slice(&[0, 0, 0, 3, 1, b'{', b'}', 0, 0, 0, 2, 1, 2, 0xff, 0xff]);
+        assert_eq!(chunks, vec![expected]);
+    }
+
+    #[test]
+    fn chunks_hold_whole_rows_and_join_into_one_stream() {
+        let vectors = [1.0f32; 10];
+        let ids = ["a", "b", "c", "d", "e"];
+        let metadata = ["{}"; 5];
+        let hashes: [&[u8]; 5] = [b"h"; 5];
+        let positions = [0i64, 1, 2, 3, 4];
+        let rows = Rows {
+            first: First::Each(&positions),
+            vectors: &vectors,
+            dim: 2,
+            ids: &ids,
+            texts: &ids,
+            metadata: &metadata,
+            hashes: &hashes,
+        };
+        let whole = encode_copy(&rows, 128).unwrap();
+        let cut = encode_copy(&rows, 2).unwrap();
+        assert_eq!(cut.len(), 3);
+        assert_eq!(whole.len(), 1);
+        assert_eq!(cut.concat(), whole[0]);
+        let row = rows.row_size(0);
+        assert_eq!(cut[1].len(), 2 * row);
+    }
+
+    #[test]
+    fn an_empty_batch_is_signature_and_trailer() {
+        let rows = Rows {
+            first: First::One(1),
+            vectors: &[],
+            dim: 3,
+            ids: &[],
+            texts: &[],
+            metadata: &[],
+            hashes: &[],
+        };
+        assert_eq!(
+            encode_copy(&rows, 128).unwrap(),
+            vec![[SIGNATURE, TRAILER].concat()]
+        );
+    }
+
+    #[test]
+    fn mismatched_columns_are_refused() {
+        let vectors = [1.0f32; 3];
+        let mut rows = one_row(&vectors, &[b"h"]);
+        rows.dim = 2;
+        assert!(encode_copy(&rows, 128).is_err());
+        rows.dim = 3;
+        rows.texts = &[];
+        assert!(encode_copy(&rows, 128).is_err());
+        rows.texts = &[""];
+        rows.first = First::Each(&[]);
+        assert!(encode_copy(&rows, 128).is_err());
+    }
+
+    #[test]
+    fn json_arrays_split_at_top_level_commas_only() {
+        let text = r#"[{"a":[1,2],"b":"x,\"]}"},{},{"c":{"d":","}}]"#;
+        assert_eq!(
+            split_json_array(text).unwrap(),
+            [r#"{"a":[1,2],"b":"x,\"]}"}"#, "{}", r#"{"c":{"d":","}}"#]
+        );
+        assert_eq!(split_json_array(" [ ] ").unwrap(), Vec::<&str>::new());
+        assert_eq!(
+            split_json_array("[1, \"\\\\\"]").unwrap(),
+            ["1", "\"\\\\\""]
+        );
+        for bad in ["", "{}", "[1,]", "[,1]", "[{]", "[\"]", "[}{]"] {
+            assert!(split_json_array(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn texts_fit_by_length_and_without_nul() {
+        assert!(text_fits("ab", 1, 2));
+        assert!(!text_fits("", 1, 2));
+        assert!(!text_fits("é€", 1, 4));
+        assert!(!text_fits("a\0b", 0, 10));
+    }
+}
