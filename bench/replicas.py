@@ -1,11 +1,14 @@
 """Replicas: how N `embedpool serve` processes on one Postgres behave behind real gRPC load balancers.
 
-Two questions, one run:
+Three questions, one run:
   1. Throughput: 1 replica reached directly (the baseline) vs 3 replicas behind nginx, behind HAProxy, and
      reached by embedpool's client round-robin, each path measured alone, in alternating rounds.
   2. Failover: all three paths under load at once; one replica SIGKILLed, then another drained with SIGTERM.
      Failed calls (after the client's retries) per path, and seconds until each path's throughput is back to
      0.6x its rate before the fault.
+  3. Processes or sessions: 2 ONNX Runtime sessions in one process vs 2 processes of one session each (the
+     same inference threads; only the Python front end is doubled). Where the front end is the bottleneck (a
+     GPU), separate processes win; where inference is (these CPUs), they tie.
 
 On a 2-core machine the replicas share two cores, so (1) shows what a balancer costs, not scaling; on a machine
 with a core budget (or a GPU) per replica it shows the scaling. Writes JSON (+ PNG of the failover timeline).
@@ -146,9 +149,10 @@ def failover(
             "recovery_after_term_s": recovery_s(p, start, term_at, end, before),
             "ok_within_5s_of_kill": p.rate(start + kill_at, start + kill_at + 5.0) > 0,
             "ok_within_5s_of_term": p.rate(start + term_at, start + term_at + 5.0) > 0,
+            # A 2-s window every half second: at a few calls a second, shorter ones are mostly noise.
             "timeline": [
-                round(p.rate(start + b * BUCKET_S, start + (b + 1) * BUCKET_S), 2)
-                for b in range(int(seconds / BUCKET_S))
+                round(p.rate(max(start, start + b * BUCKET_S - 1.0), min(end, start + b * BUCKET_S + 1.0)), 2)
+                for b in range(int(seconds / BUCKET_S) + 1)
             ],
         }
     return figures
@@ -182,6 +186,36 @@ def throughput(
     }
 
 
+def processes_vs_sessions(
+    root: Path, model: Path, database_url: str, *, sessions: int, rounds: int, seconds: float, threads: int
+) -> dict[str, Any]:
+    """`sessions` ONNX Runtime sessions in one process (one front end: one event loop, one GIL) vs as many
+    processes with one session each, reached by the client's round-robin; one inference thread per session in
+    both, so only the front end differs."""
+    flags: dict[str, object] = {"http_port": -1, "intra_op_threads": 1}
+    docs = 16
+    with (
+        Fleet(1, root / "one", model, database_url, sessions_per_device=sessions, **flags) as one,
+        Fleet(sessions, root / "many", model, database_url, **flags) as many,
+    ):
+        ways = {f"1 process x {sessions} sessions": one.targets, f"{sessions} processes x 1 session": many.targets}
+        rates: dict[str, list[float]] = {name: [] for name in ways}
+        for _ in range(rounds):
+            for name, targets in ways.items():
+                path = PathLoad(name, targets)
+                start = run_load([path], seconds, threads=threads, docs=docs)
+                rates[name].append(path.rate(start + 1.0, start + seconds) * docs)
+    base = statistics.median(rates[f"1 process x {sessions} sessions"])
+    return {
+        name: {
+            "docs_per_s_median": round(statistics.median(r), 1),
+            "vs_1_process": round(statistics.median(r) / base, 2),
+            "rounds": [round(x, 1) for x in r],
+        }
+        for name, r in rates.items()
+    }
+
+
 def _table(result: dict[str, Any]) -> str:
     lines = ["throughput (closed loop, each path alone)", f"{'path':34} {'docs/s':>8} {'best':>8} {'vs 1':>6}"]
     for name, r in result["throughput"].items():
@@ -197,6 +231,10 @@ def _table(result: dict[str, Any]) -> str:
             f"{name:22} {p['calls_ok']:5d} {p['calls_failed']:6d} {p['rate_before']:14.1f} {p['rate_after_both']:6.1f}"
             f" {p['recovery_after_kill_s']!s:>9} {p['recovery_after_term_s']!s:>9}"
         )
+    if "processes_vs_sessions" in result:
+        lines += ["", "processes vs sessions (one inference thread each; client round-robin)"]
+        for name, r in result["processes_vs_sessions"].items():
+            lines.append(f"{name:34} {r['docs_per_s_median']:8.1f} docs/s {r['vs_1_process']:6.2f}x")
     return "\n".join(lines)
 
 
@@ -214,7 +252,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax.axvline(f["kill_at"], color="red", linestyle="--", label="SIGKILL replica 0")
     ax.axvline(f["term_at"], color="orange", linestyle="--", label="SIGTERM replica 1")
     ax.set_xlabel("seconds")
-    ax.set_ylabel("calls/s (16 documents each)")
+    ax.set_ylabel("calls/s, 2-s window (16 documents each)")
     ax.set_title("3 replicas under load: failover behind nginx, HAProxy and client round-robin")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -241,6 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["throughput"] = throughput(f, lb_targets, rounds=rounds, seconds=seconds, threads=args.threads)
         result["failover"] = failover(
             f, lb_targets, seconds=fail_s, kill_at=fail_s * 0.25, term_at=fail_s * 0.5, threads=2
+        )
+        f.close()
+        result["processes_vs_sessions"] = processes_vs_sessions(
+            Path(tmp), model, pg.uri, sessions=2, rounds=rounds, seconds=seconds, threads=args.threads
         )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "replicas.json").write_text(json.dumps(result, indent=2) + "\n")
