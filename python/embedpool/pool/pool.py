@@ -29,8 +29,10 @@ class Tokenizer(Protocol):
     ) -> tuple[NDArray[np.int64], NDArray[np.int64]]: ...
 
 
-# Inputs up to this many characters in all are tokenized on the event loop (~2 µs per 100 characters).
-INLINE_TOKENIZE_CHARS: Final = 2048
+# Inputs up to this many characters in all are tokenized on the event loop: a query, about what the hop to a worker
+# thread and back costs. Tokenizing takes ~20 µs per 100 characters, so a larger input inline would hold the one
+# event loop that every call shares, and small calls, which rayon cannot split much, would tokenize on one core.
+INLINE_TOKENIZE_CHARS: Final = 256
 
 
 @dataclass(frozen=True)
