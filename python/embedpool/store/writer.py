@@ -16,7 +16,9 @@ be a large share of what Postgres spends storing the row (bench/writer.py measur
 
 from __future__ import annotations
 
+import itertools
 import json
+import operator
 import re
 import weakref
 from collections.abc import Mapping, Sequence
@@ -137,7 +139,8 @@ def _screen(rows: Sequence[DocumentRow], info: CollectionInfo) -> _Screened:
     ids = [row.id for row in rows]
     digests = [row.content_hash for row in rows]
     faults = set(_native.text_faults(ids, min_bytes=1, max_bytes=MAX_ID_BYTES))
-    faults.update(n for n, digest in enumerate(digests) if not isinstance(digest, bytes))
+    if not all(map(isinstance, digests, itertools.repeat(bytes))):
+        faults.update(n for n, digest in enumerate(digests) if not isinstance(digest, bytes))
     rejected: dict[int, tuple[str, str]] = {}
     for n in faults:
         rejected[n] = (_shown(ids[n]), _id_or_hash_fault(ids[n], digests[n]))
@@ -157,6 +160,8 @@ def _screen(rows: Sequence[DocumentRow], info: CollectionInfo) -> _Screened:
     return _Screened(last, ids, digests, matrix, usable, rejected)
 
 
+_TEXT = operator.attrgetter("text")
+_METADATA = operator.attrgetter("metadata")
 _NON_FINITE: Final = "embedding has a NaN or infinite value (or one beyond float32 range)"
 
 
@@ -211,39 +216,44 @@ def _select(
     Ids come out in id order, so concurrent writers lock rows in the same order (no deadlock); UTF-8 byte
     order is code point order, the same for every writer."""
     rejected = dict(screened.rejected)
-    digests = screened.digests
+    ids, digests = screened.ids, screened.digests
     order = sorted(screened.last)
-    candidates = [screened.last[doc_id] for doc_id in order]
+    # map() over C-level getters: these run once per row, and an interpreted loop would cost more.
+    kept = list(map(screened.last.__getitem__, order))
     if stored:
-        candidates = [n for doc_id, n in zip(order, candidates, strict=True) if stored.get(doc_id) != digests[n]]
-    unchanged = len(order) - len(candidates)
-    texts = [rows[n].text for n in candidates]
-    metadata, faults = _metadata([rows[n].metadata for n in candidates])
+        kept = [n for doc_id, n in zip(order, kept, strict=True) if stored.get(doc_id) != digests[n]]
+    unchanged = len(order) - len(kept)
+    kept_rows = list(map(rows.__getitem__, kept))
+    texts: list[str] = list(map(_TEXT, kept_rows))
+    metadata, faults = _metadata(list(map(_METADATA, kept_rows)))
     for k in _native.text_faults(texts):
         faults[k] = _text_fault(texts[k])
-    keep = list(zip(candidates, texts, metadata, strict=True))
     if faults:  # fall back to the id's earlier rows, newest first
         positions = _positions(screened)
         for k in sorted(faults, reverse=True):
-            n = candidates[k]
-            doc_id = screened.ids[n]
+            n = kept[k]
+            doc_id = ids[n]
             rejected[n] = (doc_id, faults[k])
-            del keep[k]
+            del kept[k], texts[k], metadata[k]
             for m in reversed(positions[doc_id][:-1]):
                 if stored.get(doc_id) == digests[m]:
                     unchanged += 1
                     break
                 try:
-                    keep.insert(k, (m, _checked_text(rows[m].text), json_object(rows[m].metadata, "metadata")))
-                    break
+                    earlier = (_checked_text(rows[m].text), json_object(rows[m].metadata, "metadata"))
                 except InvalidArgument as e:
                     rejected[m] = (doc_id, str(e))
+                else:
+                    kept.insert(k, m)
+                    texts.insert(k, earlier[0])
+                    metadata.insert(k, earlier[1])
+                    break
     batch = Batch(
-        [screened.ids[n] for n, _, _ in keep],
-        [text for _, text, _ in keep],
-        [meta for _, _, meta in keep],
-        [digests[n] for n, _, _ in keep],
-        screened.matrix[np.asarray([n for n, _, _ in keep], dtype=np.intp)],
+        list(map(ids.__getitem__, kept)),
+        texts,
+        metadata,
+        list(map(digests.__getitem__, kept)),
+        screened.matrix[np.asarray(kept, dtype=np.intp)],
     )
     return batch, unchanged, [rejected[n] for n in sorted(rejected)]
 
@@ -278,7 +288,7 @@ def _metadata(values: list[object]) -> tuple[list[str], dict[int, str]]:
         if "\\u0000" in array and _JSON_NUL.search(array):
             raise ValueError("a NUL character")
         items = _native.json_array_items(array)
-        if len(items) == len(values) and all(item[0] == "{" for item in items):
+        if len(items) == len(values) and all(map(str.startswith, items, itertools.repeat("{"))):
             return items, {}
     except (TypeError, ValueError):
         pass
