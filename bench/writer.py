@@ -12,10 +12,11 @@ same 1,000-row batches of 384-d vectors:
 - writer_fresh: `Store.upsert` of the same rows into a fresh collection without its HNSW index (the id
   lookup, validation, encoding and COPY straight into the partition, one transaction per batch).
 - writer_changed: the same ids again with new content (the staging table and merge).
-- client_ms: the client-side work alone per batch: `validate` + `copy_chunks`, no database.
+- client: the client-side work alone: `validate` + `copy_chunks` of the batch, no database.
 
-The figure that matters is writer_fresh / copy_ceiling of the same child: they take turns batch by batch.
-Stored counts and hashes are checked after every run.
+Everything is timed per batch and summarised by medians over all batches of all rounds. The figure that
+matters is fresh_vs_ceiling: per batch, the ceiling COPY's time over the writer's for the same rows, measured
+one right after the other. Stored counts and hashes are checked after every run.
 
     .venv/bin/python -P bench/writer.py [--before DIR] [--rounds N] [--rows N] [--out DIR]
 """
@@ -37,7 +38,7 @@ DIM, BATCH = 384, 1000
 _HERE = Path(__file__).resolve().parent
 
 
-async def _child(uri: str, n_rows: int, label: str) -> dict[str, float]:
+async def _child(uri: str, n_rows: int, label: str) -> dict[str, list[float]]:
     import numpy as np
     from psycopg import AsyncConnection, sql
 
@@ -57,15 +58,16 @@ async def _child(uri: str, n_rows: int, label: str) -> dict[str, float]:
     fresh, changed = make_rows("v1"), make_rows("v2")
     batches = [fresh[i : i + BATCH] for i in range(0, n_rows, BATCH)]
     store = await Store.open(uri)
-    rates: dict[str, float] = {}
+    ms: dict[str, list[float]] = {key: [] for key in ("client", "copy_ceiling", "copy_partition", "writer_fresh")}
+    ms["writer_changed"] = []
     async with await AsyncConnection.connect(uri, autocommit=True) as plain:
         info = await store.create_collection(f"{label}_{os.getpid()}_{time.monotonic_ns()}", model="b", dim=DIM)
         await plain.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index_name(info))))
 
-        started = time.perf_counter()
         for batch in batches:
+            started = time.perf_counter()
             list(copy_chunks(info.id, validate(batch, info)[0]))
-        rates["client_ms"] = (time.perf_counter() - started) * 1e3 / len(batches)
+            ms["client"].append((time.perf_counter() - started) * 1e3)
 
         table = sql.Identifier(f"ceiling_{info.id}")
         await plain.execute(
@@ -82,38 +84,34 @@ async def _child(uri: str, n_rows: int, label: str) -> dict[str, float]:
         query, twin_query = (sql.SQL(copy).format(target) for target in (table, sql.Identifier(partition_name(twin))))
         # Batch by batch, the ceiling's COPY and then the writer's upsert of the same rows: the load on a shared
         # machine drifts, and the two see the same moment of it.
-        seconds = dict.fromkeys(("copy_ceiling", "copy_partition", "writer_fresh"), 0.0)
         for chunks, twin_chunks, batch in zip(streams, twin_streams, batches, strict=True):
             for key, target, data in (("copy_ceiling", query, chunks), ("copy_partition", twin_query, twin_chunks)):
                 started = time.perf_counter()
                 async with plain.transaction(), plain.cursor() as cur, cur.copy(target) as stream:
                     for chunk in data:
                         await stream.write(chunk)
-                seconds[key] += time.perf_counter() - started
+                ms[key].append((time.perf_counter() - started) * 1e3)
             started = time.perf_counter()
             await store.upsert(info.name, batch)
-            seconds["writer_fresh"] += time.perf_counter() - started
-        rates.update((key, n_rows / s) for key, s in seconds.items())
+            ms["writer_fresh"].append((time.perf_counter() - started) * 1e3)
         await plain.execute(sql.SQL("DROP TABLE {}").format(table))
         for name in (info.name, twin.name):
             assert (await store.stats(name)).count == n_rows
         await store.drop_collection(twin.name)
 
-        started = time.perf_counter()
         for i in range(0, n_rows, BATCH):
+            started = time.perf_counter()
             await store.upsert(info.name, changed[i : i + BATCH])
-        rates["writer_changed"] = n_rows / (time.perf_counter() - started)
+            ms["writer_changed"].append((time.perf_counter() - started) * 1e3)
         assert (await store.stats(info.name)).count == n_rows
         stored = await store.existing_hashes(info.name, ["doc-0", f"doc-{n_rows - 1}"])
         assert stored == {"doc-0": b"0:v2", f"doc-{n_rows - 1}": f"{n_rows - 1}:v2".encode()}, stored
         await store.drop_collection(info.name)
     await store.close()
-    rates["fresh_vs_ceiling"] = rates["writer_fresh"] / rates["copy_ceiling"]
-    rates["fresh_vs_partition"] = rates["writer_fresh"] / rates["copy_partition"]
-    return rates
+    return ms
 
 
-def _run_child(tree: Path, uri: str, n_rows: int, label: str) -> dict[str, float]:
+def _run_child(tree: Path, uri: str, n_rows: int, label: str) -> dict[str, list[float]]:
     env = {**os.environ, "PYTHONPATH": str(tree / "python")}
     out = subprocess.run(
         [sys.executable, "-P", __file__, "--child", uri, "--rows", str(n_rows), "--label", label],
@@ -122,28 +120,29 @@ def _run_child(tree: Path, uri: str, n_rows: int, label: str) -> dict[str, float
         capture_output=True,
         text=True,
     )
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    result: dict[str, list[float]] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
+
+
+def _summary(runs: list[dict[str, list[float]]]) -> dict[str, float]:
+    """Medians over every batch of every round: a stall (a checkpoint, a neighbour's burst) hits a batch or two,
+    and the ratios pair each writer batch with the COPYs of the same rows just before it."""
+    pooled = {key: [x for run in runs for x in run[key]] for key in runs[0]}
+    summary = {f"{key}_ms": statistics.median(values) for key, values in pooled.items()}
+    for base in ("copy_ceiling", "copy_partition"):
+        ratios = [c / w for run in runs for c, w in zip(run[base], run["writer_fresh"], strict=True)]
+        summary[f"fresh_vs_{base.removeprefix('copy_')}"] = statistics.median(ratios)
+    summary.update({key.replace("_ms", "_rows_per_s"): BATCH * 1e3 / summary[key] for key in list(summary)[1:5]})
+    return summary
 
 
 def _table(result: dict[str, Any]) -> str:
     arms = result["arms"]
-    keys = [
-        "copy_ceiling",
-        "copy_partition",
-        "writer_fresh",
-        "fresh_vs_ceiling",
-        "fresh_vs_partition",
-        "writer_changed",
-        "client_ms",
-    ]
-    lines = [f"{'median of rounds':<24}" + "".join(f"{arm:>12}" for arm in arms)]
+    keys = list(next(iter(arms.values()))["summary"])
+    lines = [f"{'median over batches':<28}" + "".join(f"{arm:>12}" for arm in arms)]
     for key in keys:
-        cells = []
-        for arm in arms:
-            value = arms[arm]["median"][key]
-            cells.append(f"{value:>12,.0f}" if key.startswith(("copy", "writer")) else f"{value:>12.2f}")
-        lines.append(f"{key:<24}" + "".join(cells))
+        cells = [arms[arm]["summary"][key] for arm in arms]
+        lines.append(f"{key:<28}" + "".join(f"{c:>12,.0f}" if key.endswith("per_s") else f"{c:>12.2f}" for c in cells))
     return "\n".join(lines)
 
 
@@ -167,20 +166,17 @@ def main() -> None:
     trees = {"after": _HERE.parent}
     if args.before:
         trees = {"before": args.before.resolve(), **trees}
-    runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in trees}
+    runs: dict[str, list[dict[str, list[float]]]] = {arm: [] for arm in trees}
     with tempfile.TemporaryDirectory(prefix="embedpool-bench-") as tmp, EmbeddedPostgres(Path(tmp) / "pg") as pg:
         for r in range(args.rounds):
             arms = list(trees) if r % 2 == 0 else list(reversed(trees))
             for arm in arms:
                 runs[arm].append(_run_child(trees[arm], pg.uri, args.rows, arm))
-                print(f"round {r} {arm}: {json.dumps(runs[arm][-1])}", flush=True)
+                print(f"round {r} {arm}: " + json.dumps({k: round(v, 2) for k, v in _summary(runs[arm][-1:]).items()}))
     result: dict[str, Any] = {
-        "arms": {
-            arm: {"median": {k: statistics.median(run[k] for run in rs) for k in rs[0]}, "runs": rs}
-            for arm, rs in runs.items()
-        },
+        "arms": {arm: {"summary": _summary(rs), "runs": rs} for arm, rs in runs.items()},
         "params": {"dim": DIM, "batch": BATCH, "rows": args.rows, "rounds": args.rounds, "statistic": "median"},
-        "units": {"copy_*, writer_*": "rows/s", "client_ms": "ms per batch", "fresh_vs_*": "ratio"},
+        "units": {"*_ms": "ms per batch", "*_rows_per_s": "rows/s", "fresh_vs_*": "writer rate / COPY rate"},
     }
     table = _table(result)
     print(table)

@@ -92,12 +92,14 @@ def copy_binary(
     metadata: Sequence[str],
     hashes: Sequence[bytes],
     *,
+    rows: NDArray[np.int64] | None = None,
     chunk_rows: int = 128,
 ) -> list[bytes]:
     """Postgres binary COPY data for the columns (collection_id int8, embedding vector, id text, text text,
     metadata jsonb, content_hash bytea), in chunks of ``chunk_rows`` whole rows; ``first`` is the int8 of
-    every row or of each, ``vectors`` is C-contiguous [rows, dim], ``metadata`` JSON texts. Values are
-    written as given: check them first (``text_faults``)."""
+    every row or of each, ``metadata`` JSON texts. ``vectors`` is C-contiguous [n, dim]: row k's vector is
+    ``vectors[rows[k]]``, or ``vectors[k]`` without ``rows``. Values are written as given: check them first
+    (``text_faults``)."""
 
 def stack_vectors(values: Sequence[object], dim: int) -> NDArray[np.float32] | None:
     """``values`` as one [len, dim] matrix when each is a C-contiguous 1-D float32 array of ``dim`` values;

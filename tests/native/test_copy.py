@@ -183,3 +183,13 @@ def test_stack_vectors_takes_only_contiguous_native_float32_rows() -> None:
         [matrix[:1]],  # 2-D
     ):
         assert stack_vectors(odd, 3) is None
+
+
+def test_rows_pick_the_vectors_without_a_copy_in_order() -> None:
+    vectors = np.random.default_rng(5).standard_normal((5, 3)).astype(np.float32)
+    picks = np.array([4, 0, 2], dtype=np.int64)
+    columns = (["a", "b", "c"], ["x", "y", "z"], ["{}"] * 3, [b"1", b"2", b"3"])
+    assert copy_binary(9, vectors, *columns, rows=picks) == copy_binary(9, vectors[picks], *columns)
+    for bad in ([5, 0, 2], [-1, 0, 2], [0, 1]):
+        with pytest.raises(NativeError, match="row"):
+            copy_binary(9, vectors, *columns, rows=np.array(bad, dtype=np.int64))

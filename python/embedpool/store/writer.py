@@ -75,11 +75,18 @@ class Batch:
     metadata: list[str]
     """JSON text."""
     hashes: list[bytes]
-    embeddings: NDArray[np.float32]
-    """[rows, dim]"""
+    vectors: NDArray[np.float32]
+    """The screened batch's matrix, [input rows, dim]: the encoder picks the rows, so no copy in id order."""
+    rows: NDArray[np.int64]
+    """The row of `vectors` of each id."""
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def embeddings(self) -> NDArray[np.float32]:
+        """[len, dim]: the ids' vectors, copied out in order."""
+        return self.vectors[self.rows]
 
 
 def json_object(value: object, what: str) -> str:
@@ -253,7 +260,8 @@ def _select(
         texts,
         metadata,
         list(map(digests.__getitem__, kept)),
-        screened.matrix[np.asarray(kept, dtype=np.intp)],
+        screened.matrix,
+        np.asarray(kept, dtype=np.int64),
     )
     return batch, unchanged, [rejected[n] for n in sorted(rejected)]
 
@@ -316,7 +324,9 @@ _COLUMNS = ("collection_id", "embedding", "id", "text", "metadata", "content_has
 def copy_chunks(first: int | NDArray[np.int64], batch: Batch) -> list[bytes]:
     """The binary COPY data of `batch` in chunks of whole rows, with `first` (one value, or one per row) as the
     int8 first column. Postgres parses one chunk while the next is sent."""
-    return _native.copy_binary(first, batch.embeddings, batch.ids, batch.texts, batch.metadata, batch.hashes)
+    return _native.copy_binary(
+        first, batch.vectors, batch.ids, batch.texts, batch.metadata, batch.hashes, rows=batch.rows
+    )
 
 
 async def _copy(conn: AsyncConnection[Any], table: sql.Composable, chunks: list[bytes]) -> None:
