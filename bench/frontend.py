@@ -8,8 +8,10 @@ real-text corpus, at 1, 8, 32 and 128 documents per call:
 - bare: the native tokenizer's `encode_ragged` alone, k caller threads each encoding whole calls (its GIL is
   released, so the threads run at once; a large call is also split over rayon);
 - pool: `EmbeddingPool.embed` with a session that does no inference (`--device null`'s), 64 concurrent callers:
-  admission, tokenizing (on the event loop below 2048 characters, else on a worker thread), scheduling, padding
-  and the fan back, i.e. what the pool adds to tokenizing.
+  admission, tokenizing (on the event loop up to 2048 characters, else on a worker thread), scheduling, padding
+  and the fan back, i.e. what the pool adds to tokenizing;
+- pool_offload: the same at 1 document per call with every call tokenized on a worker thread (none on the event
+  loop): whether offloading small calls pays on this many cores.
 Tokens/s and docs/s per k, and each k's tokens/s over k x one thread's (the goal: >= 0.8). Every call's token
 counts are checked against one reference encoding. Writes DIR/frontend.json.
 
@@ -43,6 +45,7 @@ from embedpool.config import Settings
 from embedpool.engine import PAD_MULTIPLE, prepare
 from embedpool.model.null import NullSession
 from embedpool.pool import BatchLimits, PoolConfig, running_pool
+from embedpool.pool.pool import INLINE_TOKENIZE_CHARS
 
 CALL_SIZES = (1, 8, 32, 128)
 POOL_CALLERS = 64
@@ -98,7 +101,13 @@ def bare_tokenizer(
 
 
 async def pool_path(
-    tokenizer: _native.Tokenizer, dim: int, texts: list[str], size: int, threads: int, seconds: float
+    tokenizer: _native.Tokenizer,
+    dim: int,
+    texts: list[str],
+    size: int,
+    threads: int,
+    seconds: float,
+    inline_chars: int = INLINE_TOKENIZE_CHARS,
 ) -> dict[str, Any]:
     """`POOL_CALLERS` callers of `EmbeddingPool.embed` (GPU batching, no inference) for `seconds`; every reply's
     token counts are compared with the reference encoding of its call."""
@@ -109,6 +118,7 @@ async def pool_path(
         limits=BatchLimits(max_tokens=65536, max_size=256, pad_multiple=PAD_MULTIPLE, pad_id=0),
         max_concurrent_inputs=65536,
         tokenizer_threads=threads,
+        inline_tokenize_chars=inline_chars,
     )
     docs = tokens = 0
     correct = True
@@ -139,10 +149,12 @@ def one_k(threads: int, n_texts: int, seconds: float) -> dict[str, Any]:
     tokenizer, dim, _ = load_tokenizer()
     texts = corpus_texts(n_texts)
     tokenizer.encode_ragged(texts[:256])  # starts rayon's pool
-    out: dict[str, Any] = {"threads": threads, "bare": {}, "pool": {}}
+    out: dict[str, Any] = {"threads": threads, "bare": {}, "pool": {}, "pool_offload": {}}
     for size in CALL_SIZES:
         out["bare"][str(size)] = bare_tokenizer(tokenizer, texts, size, threads, seconds)
         out["pool"][str(size)] = anyio.run(pool_path, tokenizer, dim, texts, size, threads, seconds, backend="asyncio")
+    out["pool_offload"]["1"] = anyio.run(pool_path, tokenizer, dim, texts, 1, threads, seconds, 0, backend="asyncio")
+    out["pool_offload"]["1"]["vs_pool"] = out["pool_offload"]["1"]["tokens_per_s"] / out["pool"]["1"]["tokens_per_s"]
     return out
 
 
@@ -157,7 +169,7 @@ def scaling(threads: list[int], n_texts: int, seconds: float) -> list[dict[str, 
     one = results[0]
     for r in results:
         k = r["threads"] / one["threads"]
-        for path in ("bare", "pool"):
+        for path in ("bare", "pool", "pool_offload"):
             for size, figures in r[path].items():
                 figures["vs_k_x_one"] = figures["tokens_per_s"] / (k * one[path][size]["tokens_per_s"])
     return results
@@ -165,16 +177,20 @@ def scaling(threads: list[int], n_texts: int, seconds: float) -> list[dict[str, 
 
 def print_table(results: list[dict[str, Any]]) -> None:
     print(
-        f"{'path':<6}{'docs/call':>10}"
+        f"{'path':<13}{'docs/call':>10}"
         + "".join(f"{'k=' + str(r['threads']) + ' tok/s':>16}{'/k·1':>7}" for r in results)
     )
-    for path in ("bare", "pool"):
-        for size in map(str, CALL_SIZES):
-            row = f"{path:<6}{size:>10}"
+    for path, sizes in (("bare", CALL_SIZES), ("pool", CALL_SIZES), ("pool_offload", (1,))):
+        for size in map(str, sizes):
+            row = f"{path:<13}{size:>10}"
             for r in results:
                 f = r[path][size]
                 row += f"{f['tokens_per_s']:>16,.0f}{f['vs_k_x_one']:>7.2f}"
             print(row)
+    print(
+        "pool_offload / pool at 1 document per call: "
+        + ", ".join(f"k={r['threads']} {r['pool_offload']['1']['vs_pool']:.2f}x" for r in results)
+    )
 
 
 def main() -> None:

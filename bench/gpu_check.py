@@ -693,8 +693,12 @@ def stage_tokenize_scaling(ctx: Context) -> dict[str, Any]:
             f["token_counts_match"] for r in result["results"] for f in r["pool"].values()
         )
     }
-    result["headline"] = f"k={top['threads']} vs k x one: " + ", ".join(
-        f"{path} x{size} {top[path][size]['vs_k_x_one']:.2f}" for path in ("bare", "pool") for size in ("1", "128")
+    result["headline"] = (
+        f"k={top['threads']} vs k x one: "
+        + ", ".join(
+            f"{path} x{size} {top[path][size]['vs_k_x_one']:.2f}" for path in ("bare", "pool") for size in ("1", "128")
+        )
+        + f"; x1 offloaded {top['pool_offload']['1']['vs_pool']:.2f}x inline"
     )
     return result
 

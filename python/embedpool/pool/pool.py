@@ -29,10 +29,11 @@ class Tokenizer(Protocol):
     ) -> tuple[NDArray[np.int64], NDArray[np.int64]]: ...
 
 
-# Inputs up to this many characters in all are tokenized on the event loop: a query, about what the hop to a worker
-# thread and back costs. Tokenizing takes ~20 µs per 100 characters, so a larger input inline would hold the one
-# event loop that every call shares, and small calls, which rayon cannot split much, would tokenize on one core.
-INLINE_TOKENIZE_CHARS: Final = 256
+# Inputs up to this many characters in all are tokenized on the event loop (~20 µs per 100 characters). That holds
+# the one loop every call shares, but on 2 cores the hop to a worker thread and back cost more: 1-document calls
+# went 0.74x as fast through the pool with only <= 256 characters inline. Whether many cores turn that around is
+# what bench/frontend.py's `pool_offload` figure measures (the GPU check runs it on 16 cores).
+INLINE_TOKENIZE_CHARS: Final = 2048
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class PoolConfig:
     tokenizer_threads: int
     max_concurrent_chars: int = 64 * 1024 * 1024
     pipeline_depth: int = 2  # batches cut ahead per session, so the next one is ready when the engine frees up
+    inline_tokenize_chars: int = INLINE_TOKENIZE_CHARS
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ class EmbeddingPool:
         self, texts: Sequence[str], chars: int, truncate: bool
     ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
         try:
-            if chars <= INLINE_TOKENIZE_CHARS:
+            if chars <= self._config.inline_tokenize_chars:
                 # A query-sized input tokenizes in tens of microseconds: less than the hop to a worker thread
                 # and back, which would be most of the pool's overhead on an idle server.
                 return self._tokenizer.encode_ragged(texts, truncate=truncate)
