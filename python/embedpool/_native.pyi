@@ -1,7 +1,9 @@
 """Rust hot paths of embedpool: tokenizing, batch padding and planning, exact top-k cosine search, the
 store's binary COPY stream.
 
-Every array is C-contiguous and owned by numpy. Functions release the GIL while they compute.
+Every array is C-contiguous and owned by numpy. Functions release the GIL while they compute, except the
+store's helpers (copy_binary, text_faults, json_array_items, stack_vectors): they walk Python objects or make
+them as they go, for less time than a GIL handoff can take.
 """
 
 import os
