@@ -7,7 +7,7 @@ temporary directory; vectors are made beforehand, so only storage is measured.
 - executemany: `cursor.executemany(INSERT .. ON CONFLICT ..)` as a user of psycopg + pgvector would write it:
   pgvector's own adapters (`register_vector_async`), Jsonb metadata, psycopg's automatic pipeline mode.
 - text_copy: text-format COPY into a temp table, then INSERT .. SELECT .. ON CONFLICT.
-- writer: `Store.upsert` (binary COPY stream built from numpy; see python/embedpool/store/writer.py), on a
+- writer: `Store.upsert` (binary COPY stream built by rust/copy.rs; see python/embedpool/store/writer.py), on a
   fresh load, an upsert where every row changed, and a re-ingest of unchanged rows.
 - writer_fresh_2_streams: two batches in flight at once, as the Ingest RPC runs them.
 - copy_ceiling: the server's own limit, for reference: a pre-built binary COPY stream into a logged table

@@ -18,7 +18,10 @@ Everything is timed per batch and summarised by medians over all batches of all 
 matters is fresh_vs_ceiling: per batch, the ceiling COPY's time over the writer's for the same rows, measured
 one right after the other. Stored counts and hashes are checked after every run.
 
-    .venv/bin/python -P bench/writer.py [--before DIR] [--rounds N] [--rows N] [--out DIR]
+    .venv/bin/python -P bench/writer.py [--quick] [--before DIR] [--rounds N] [--rows N] [--out DIR]
+
+DIR for --before: `git worktree add DIR <commit>`, then build its extension there or copy in a `_native*.so`
+whose Rust side matches it.
 """
 
 from __future__ import annotations
@@ -124,6 +127,14 @@ def _run_child(tree: Path, uri: str, n_rows: int, label: str) -> dict[str, list[
     return result
 
 
+def _commit(tree: Path) -> str:
+    """The tree's commit, marked dirty if what the bench runs (the store, the Rust side) has uncommitted changes."""
+    git = ["git", "-C", str(tree)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "python/embedpool/store", "rust"]).returncode != 0
+    return commit + (" (dirty)" if dirty else "")
+
+
 def _summary(runs: list[dict[str, list[float]]]) -> dict[str, float]:
     """Medians over every batch of every round: a stall (a checkpoint, a neighbour's burst) hits a batch or two,
     and the ratios pair each writer batch with the COPYs of the same rows just before it."""
@@ -149,7 +160,8 @@ def _table(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", type=Path, help="a checkout of the code to compare (with its _native built)")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="4 rounds of 5,000 rows (a minute or two on 2 cores)")
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--out", type=Path, default=_HERE / "out")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -163,10 +175,14 @@ def main() -> None:
 
     from embedpool.store import EmbeddedPostgres
 
+    if args.quick:
+        args.rounds, args.rows = 4, 5_000
+
     trees = {"after": _HERE.parent}
     if args.before:
         trees = {"before": args.before.resolve(), **trees}
     runs: dict[str, list[dict[str, list[float]]]] = {arm: [] for arm in trees}
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="embedpool-bench-") as tmp, EmbeddedPostgres(Path(tmp) / "pg") as pg:
         for r in range(args.rounds):
             arms = list(trees) if r % 2 == 0 else list(reversed(trees))
@@ -176,6 +192,8 @@ def main() -> None:
     result: dict[str, Any] = {
         "arms": {arm: {"summary": _summary(rs), "runs": rs} for arm, rs in runs.items()},
         "params": {"dim": DIM, "batch": BATCH, "rows": args.rows, "rounds": args.rounds, "statistic": "median"},
+        "trees": {arm: _commit(tree) for arm, tree in trees.items()},
+        "load_average": {"start": load_start, "end": os.getloadavg()},
         "units": {"*_ms": "ms per batch", "*_rows_per_s": "rows/s", "fresh_vs_*": "writer rate / COPY rate"},
     }
     table = _table(result)
