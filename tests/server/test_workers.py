@@ -37,7 +37,7 @@ class Supervised:
         cmd = [sys.executable, "-m", "embedpool.cli", "serve", "--workers", "2", "--data-dir", str(data_dir)]
         cmd += ["--model", str(model_dir), "--port", "0", "--http-port", "-1", "--metrics-port", "0"]
         cmd += ["--max-concurrent-inputs", str(CAPACITY), "--max-request-documents", "256"]
-        cmd += ["--log-format", "json", "--grace-seconds", "10"]
+        cmd += ["--log-format", "json", "--grace-seconds", "30"]  # drains on a loaded 2-core machine
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         self.log: collections.deque[str] = collections.deque(maxlen=500)
         assert self.proc.stderr is not None
@@ -160,7 +160,7 @@ def test_sigterm_drains_both_workers_then_stops_postgres(served: Supervised) -> 
             stub = pb_grpc.EmbedderStub(channel)
             stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)  # connected before the signal
             started.wait(30)
-            request = pb.EmbedRequest(documents=[pb.Document(text=f"draining {i} {j} " * 30) for j in range(64)])
+            request = pb.EmbedRequest(documents=[pb.Document(text=f"draining {i} {j} " * 10) for j in range(64)])
             try:
                 results.append(len(stub.Embed(request, timeout=60).vectors))
             except grpc.RpcError as e:
@@ -170,7 +170,12 @@ def test_sigterm_drains_both_workers_then_stops_postgres(served: Supervised) -> 
     for t in threads:
         t.start()
     started.wait(30)
-    time.sleep(0.5)  # the calls are in the workers' queues
+    # All eight admitted (the workers' permits, merged): a call that only arrives once draining has begun is
+    # rightly refused with UNAVAILABLE, for its client to send elsewhere.
+    deadline = time.monotonic() + 30
+    while served.metrics()["embedpool_permits_in_use"] < 8 * 64:
+        assert time.monotonic() < deadline, "the calls were not all admitted"
+        time.sleep(0.02)
     served.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(90)
