@@ -13,7 +13,9 @@ real-text corpus, at 1, 8, 32 and 128 documents per call:
 - pool_offload: the same at 1 document per call with every call tokenized on a worker thread (none on the event
   loop): whether offloading small calls pays on this many cores.
 Tokens/s and docs/s per k, and each k's tokens/s over k x one thread's (the goal: >= 0.8). Every call's token
-counts are checked against one reference encoding. Writes DIR/frontend.json.
+counts are checked against one reference encoding. Also the Python cost per document where tokenizing is next to
+nothing (calls of 128 one-word texts, one caller, this process's CPU time): through the pool, and the core's
+check of the texts. Writes DIR/frontend.json.
 
 bench/serve.py --engine null measures the whole server's front end beside the bare figure from here.
 """
@@ -46,6 +48,7 @@ from embedpool.engine import PAD_MULTIPLE, prepare
 from embedpool.model.null import NullSession
 from embedpool.pool import BatchLimits, PoolConfig, running_pool
 from embedpool.pool.pool import INLINE_TOKENIZE_CHARS
+from embedpool.service import limits as check
 
 CALL_SIZES = (1, 8, 32, 128)
 POOL_CALLERS = 64
@@ -158,6 +161,34 @@ def one_k(threads: int, n_texts: int, seconds: float) -> dict[str, Any]:
     return out
 
 
+def python_per_document(tokenizer: _native.Tokenizer, dim: int, calls: int) -> dict[str, float]:
+    """CPU microseconds per document of the pool's path and of `limits.texts`, on texts that tokenize in next to
+    no time, so what is left is mostly Python's per-document work."""
+    texts = [f"w{i}" for i in range(128)]
+    config = PoolConfig(
+        dim=dim,
+        limits=BatchLimits(max_tokens=65536, max_size=256, pad_multiple=PAD_MULTIPLE, pad_id=0),
+        max_concurrent_inputs=65536,
+        tokenizer_threads=1,
+    )
+
+    async def through_pool() -> float:
+        async with running_pool(tokenizer, [NullSession(dim, 256)], config) as pool:
+            for _ in range(min(50, calls)):
+                await pool.embed(texts)
+            started = time.process_time()
+            for _ in range(calls):
+                await pool.embed(texts)
+            return (time.process_time() - started) / (calls * len(texts)) * 1e6
+
+    limits = check.Limits.from_settings(Settings())
+    started = time.process_time()
+    for _ in range(calls * 10):
+        check.texts(texts, limits)
+    checking = (time.process_time() - started) / (calls * 10 * len(texts)) * 1e6
+    return {"pool_us": anyio.run(through_pool, backend="asyncio"), "check_texts_us": checking}
+
+
 def scaling(threads: list[int], n_texts: int, seconds: float) -> list[dict[str, Any]]:
     """One fresh process per thread count (rayon's pool is sized once per process)."""
     results = []
@@ -209,6 +240,8 @@ def main() -> None:
     cores = os.cpu_count() or 1
     threads = [int(x) for x in args.threads.split(",")] if args.threads else list(range(1, cores + 1))
     results = scaling(threads, args.texts, seconds)
+    tokenizer, dim, _ = load_tokenizer()
+    per_document = python_per_document(tokenizer, dim, 200 if args.quick else 1500)
     report = {
         "question": "tokenization tokens/s with k threads, bare and through the pool, vs k x one thread",
         "machine": {"cpus": cores, "platform": platform.platform()},
@@ -217,8 +250,13 @@ def main() -> None:
         "seconds_per_measurement": seconds,
         "texts": args.texts,
         "results": results,
+        "python_us_per_document": per_document,
     }
     print_table(results)
+    print(
+        f"Python per document (128 one-word texts a call): pool {per_document['pool_us']:.1f} us,"
+        f" limits.texts {per_document['check_texts_us']:.3f} us"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "frontend.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out / 'frontend.json'}")

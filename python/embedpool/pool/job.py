@@ -52,6 +52,8 @@ class Job:
     dim: int
     deadline: float  # anyio.current_time() clock; inf when the caller set none
     vectors: NDArray[np.float32] = field(init=False)
+    lengths: list[int] = field(init=False)
+    """Each document's token count, as Python ints: the scheduler reads them document by document."""
     remaining: int = field(init=False)
     done: anyio.Event = field(default_factory=anyio.Event)
     error: EmbedpoolError | None = None
@@ -59,7 +61,8 @@ class Job:
     stages: Stages | None = None  # only when the call is traced
 
     def __post_init__(self) -> None:
-        self.remaining = len(self.offsets) - 1
+        self.lengths = np.diff(self.offsets).tolist()
+        self.remaining = len(self.lengths)
         self.vectors = np.empty((self.remaining, self.dim), dtype=np.float32)
 
     def __len__(self) -> int:
@@ -69,7 +72,7 @@ class Job:
         return self.ids[self.offsets[i] : self.offsets[i + 1]]
 
     def token_count(self, i: int) -> int:
-        return int(self.offsets[i + 1] - self.offsets[i])
+        return self.lengths[i]
 
     def expired(self, now: float) -> bool:
         return self.abandoned or self.error is not None or now >= self.deadline

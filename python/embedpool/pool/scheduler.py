@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
@@ -84,9 +85,9 @@ class Scheduler:
                 await self._batches.send(batch)
 
     def _enqueue(self, job: Job) -> None:
-        for i in range(len(job)):
-            self._queue.append((job, i))
-            self._queued_tokens += job.token_count(i)
+        n = len(job)
+        self._queue.extend(zip(itertools.repeat(job, n), range(n), strict=True))
+        self._queued_tokens += sum(job.lengths)
         self._publish_depth()
 
     def _drain_ready(self) -> bool:
@@ -117,7 +118,7 @@ class Scheduler:
         if not window:
             self._publish_depth()
             return None
-        lengths = np.fromiter((job.token_count(i) for job, i in window), dtype=np.int64, count=len(window))
+        lengths = np.array([job.lengths[i] for job, i in window], dtype=np.int64)
         plan = _native.plan_batches(
             lengths,
             max_batch_tokens=self._limits.max_tokens,

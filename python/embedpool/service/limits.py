@@ -62,6 +62,8 @@ def texts(values: Sequence[str], limits: Limits, field: str = "documents") -> No
     """Texts to embed: 1..max_request_documents, none empty. `field`: "documents" (of Document messages) or the
     name of a list of plain texts."""
     _count(len(values), limits, field)
+    if all(map(str.strip, values)) and all(map(str.isascii, values)):
+        return  # the common case, checked without a Python step per text; otherwise find and name the culprit
     suffix = ".text" if field == "documents" else ""
     for i, value in enumerate(values):
         text(value, f"{field}[{i}]{suffix}")
