@@ -241,7 +241,7 @@ def main() -> None:
     threads = [int(x) for x in args.threads.split(",")] if args.threads else list(range(1, cores + 1))
     results = scaling(threads, args.texts, seconds)
     tokenizer, dim, _ = load_tokenizer()
-    per_document = python_per_document(tokenizer, dim, 200 if args.quick else 1500)
+    per_document = python_per_document(tokenizer, dim, 50 if args.quick else 1500)
     report = {
         "question": "tokenization tokens/s with k threads, bare and through the pool, vs k x one thread",
         "machine": {"cpus": cores, "platform": platform.platform()},

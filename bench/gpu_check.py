@@ -190,7 +190,7 @@ def make_plan(device: str, quick: bool) -> Plan:
             topk_args=("--rows", "20000"),
             ingest_args=("--docs", "32", "--seconds", "1", "--batch", "16"),
             frontend_args=("--quick", "--seconds", "0.3"),
-            scaling_args=("--threads", "1", "--seconds", "0.2", "--texts", "512"),
+            scaling_args=("--quick", "--threads", "1", "--seconds", "0.1", "--texts", "512"),
             budgets=budgets(5, 15, 15, 20, 40, 10, 45, 15, 15, 20, 15),
         )
     return Plan(
