@@ -251,6 +251,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
         ax.plot(xs, p["timeline"], label=name)
     ax.axvline(f["kill_at"], color="red", linestyle="--", label="SIGKILL replica 0")
     ax.axvline(f["term_at"], color="orange", linestyle="--", label="SIGTERM replica 1")
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("seconds")
     ax.set_ylabel("calls/s, 2-s window (16 documents each)")
     ax.set_title("3 replicas under load: failover behind nginx, HAProxy and client round-robin")
