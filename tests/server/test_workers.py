@@ -5,6 +5,7 @@ over both workers, a SIGKILLed worker leaves the other serving and is started ag
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import signal
 import subprocess
@@ -81,9 +82,15 @@ class Supervised:
         }
 
     def close(self) -> None:
+        workers = self.workers() if self.proc.poll() is None else []
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        for worker in workers:  # they follow the supervisor out (see the test below); stragglers are killed
+            with contextlib.suppress(psutil.Error):
+                worker.wait(30)
+            with contextlib.suppress(psutil.Error):
+                worker.kill()
         self._drainer.join(10)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
@@ -186,3 +193,27 @@ def test_sigterm_drains_both_workers_then_stops_postgres(served: Supervised) -> 
         p.pid for p in psutil.process_iter(["cmdline"]) if str(served.data_dir) in " ".join(p.info["cmdline"] or [])
     ]
     assert not leftovers, "Postgres (or a worker) outlived the supervisor"
+
+
+def test_workers_on_cpu_share_the_cores_instead_of_each_taking_all() -> None:
+    from embedpool.config import Settings
+    from embedpool.server.workers import _share_cores
+
+    shared = _share_cores(Settings(workers=2, device="cpu", sessions_per_device=1))
+    assert shared.intra_op_threads == max(1, (psutil.cpu_count() or 1) // 2)
+    assert _share_cores(Settings(workers=2, device="cpu", intra_op_threads=3)).intra_op_threads == 3  # as asked
+    assert _share_cores(Settings(workers=2, device="cuda")).intra_op_threads == 0  # the GPU default, resolved later
+
+
+def test_workers_follow_a_sigkilled_supervisor_out(tmp_path: Path, model_dir: Path) -> None:
+    """No worker serves on without its supervisor (its Postgres, /metrics, restarts gone): they drain and exit."""
+    server = Supervised(tmp_path / "data", model_dir)
+    try:
+        workers = server.workers()
+        assert len(workers) == 2
+        server.proc.kill()
+        server.proc.wait()
+        _, alive = psutil.wait_procs(workers, timeout=60)
+        assert not alive, f"workers outlived the supervisor: {[p.pid for p in alive]}"
+    finally:
+        server.close()

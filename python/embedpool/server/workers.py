@@ -14,6 +14,7 @@ the drains short. SIGHUP is passed on (TLS reload).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import multiprocessing
@@ -47,6 +48,7 @@ _RESTART_DELAY_S = 0.5
 _RESTART_DELAY_CAP_S = 30.0
 _YOUNG_S = 30.0  # a worker that dies sooner than this after starting doubles the next delay
 _POLL_S = 0.2
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def supervise(settings: Settings) -> int:
@@ -86,7 +88,7 @@ class _Supervisor:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir  # inherited: the workers write their files there
         self.metrics_port = self._metrics()
         self.worker_settings = dataclasses.replace(
-            settings,
+            _share_cores(settings),
             workers=1,
             reuse_port=True,
             port=self.ports[0],
@@ -150,7 +152,10 @@ class _Supervisor:
     def _spawn(self, index: int) -> _Worker:
         receive, send = self.context.Pipe(duplex=False)
         process = self.context.Process(
-            target=_worker_main, args=(self.worker_settings, send), name=f"embedpool-worker-{index}", daemon=False
+            target=_worker_main,
+            args=(self.worker_settings, send, os.getpid()),
+            name=f"embedpool-worker-{index}",
+            daemon=False,
         )
         process.start()
         send.close()  # the child's end: ours closes so that its exit reads as EOF
@@ -280,9 +285,30 @@ class _Supervisor:
                 w.process.join()
 
 
-def _worker_main(settings: Settings, ready: Connection) -> None:
+def _follow(supervisor: int) -> None:
+    """Linux: SIGTERM (drain, then exit) when the supervisor dies, even by SIGKILL, so that no worker serves on
+    without it (without its Postgres, its /metrics, anyone to restart it)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _share_cores(settings: Settings) -> Settings:
+    """On CPU, ONNX Runtime's default (intra_op_threads 0) gives each session every core: N workers would
+    oversubscribe them N times over, so they share them instead. A GPU's sessions need one thread anyway."""
+    from embedpool.engine import pick_device
+
+    if settings.intra_op_threads or settings.device == "null" or pick_device(settings.device) == "cuda":
+        return settings
+    sessions = settings.workers * settings.sessions_per_device
+    return dataclasses.replace(settings, intra_op_threads=max(1, (os.cpu_count() or 1) // sessions))
+
+
+def _worker_main(settings: Settings, ready: Connection, supervisor: int) -> None:
     """A worker: one ordinary server on the shared ports; tells the supervisor once it serves."""
     os.setpgrp()  # a Ctrl-C at the terminal reaches the supervisor alone, which passes one SIGTERM on
+    _follow(supervisor)
     from embedpool.server.process import run
 
     configure(settings.log_level, settings.log_format)
