@@ -101,6 +101,11 @@ class Settings:
     ingest_window: int = _setting(4, "batches of one Ingest stream read ahead and embedding")
     ingest_stores: int = _setting(2, "batches of one Ingest stream stored at once (a database connection each)")
     grace_seconds: float = _setting(10.0, "drain time for in-flight requests on shutdown")
+    drain_delay: float = _setting(
+        0.0,
+        "seconds a stopping server goes on serving while it reports not ready (gRPC health NOT_SERVING, /ready"
+        " 503), so that balancers' health checks take it out before its listeners close",
+    )
     log_level: str = _setting("info", "log level", choices=("debug", "info", "warning", "error"))
     log_format: str = _setting(
         "auto", "log format (auto: text on a terminal, else JSON)", choices=("auto", "json", "text")
@@ -152,6 +157,7 @@ class Settings:
             "port",
             "db_statement_timeout",
             "db_lock_timeout",
+            "drain_delay",
         ):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import grpc
 import httpx
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedpool.server.app import Running, serve
 
@@ -77,3 +79,26 @@ def test_a_second_signal_cuts_the_request_in_flight_short(served: Served) -> Non
     thread.join(120)
     assert time.monotonic() - cut < 10, "the abort waited for the grace period (60 s)"
     assert results and results[0] != 200, results
+
+
+def test_a_drain_delay_reports_not_ready_while_it_still_serves(tmp_path: Path, make_settings: SettingsFactory) -> None:
+    """For `drain_delay` after the stop, /ready and gRPC health say not ready (balancers take the replica out)
+    while new calls are still served; then the server drains and ends."""
+    settings = make_settings(tmp_path, drain_delay=4.0)
+    with start_blocking_portal(backend="asyncio") as portal:
+        stop = portal.call(anyio.Event)
+        future, running = portal.start_task(functools.partial(serve, stop=stop), settings)
+        base = f"http://127.0.0.1:{running.http_port}"
+        assert httpx.get(f"{base}/ready", timeout=10).status_code == 200
+        stopped_at = time.monotonic()
+        portal.call(stop.set)
+        time.sleep(0.3)
+        ready = httpx.get(f"{base}/ready", timeout=10)
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        reply = httpx.post(f"{base}/v1/embeddings", json={"input": ["still served"], "model": MODEL}, timeout=30)
+        assert time.monotonic() - stopped_at < settings.drain_delay, "the checks ran too late to mean anything"
+        future.result(timeout=60)
+    assert ready.status_code == 503 and ready.json()["checks"]["accepting"] is False
+    assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert reply.status_code == 200 and len(reply.json()["data"]) == 1

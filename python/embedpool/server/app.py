@@ -311,7 +311,8 @@ async def serve(
     reload_tls: ObjectReceiveStream[None] | None = None,
     task_status: TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serves until `stop` is set, then drains: health goes NOT_SERVING, in-flight RPCs get `grace_seconds`
+    """Serves until `stop` is set, then drains: health goes NOT_SERVING (and, for `drain_delay` seconds, new calls
+    are still served, while balancers notice), in-flight RPCs get `grace_seconds`
     (cut short when `abort` is set), and only then do the pool and the store shut down. Cancelling instead
     aborts without draining, because cancellation reaches the pool's tasks too. `engine` may be passed in
     already loaded (e.g. wrapped for fault injection); by default it is loaded from `settings`. With TLS, each
@@ -411,6 +412,10 @@ async def serve(
                     await health.enter_graceful_shutdown()
                     ready.draining = True
                     ready.publish()
+                    if settings.drain_delay > 0:  # still serving, reported not ready; a second signal ends it
+                        log.info("not ready; serving %.1f s more before draining", settings.drain_delay)
+                        with anyio.move_on_after(settings.drain_delay):
+                            await (abort.wait() if abort is not None else anyio.sleep_forever())
                     service.drain()
                     async with anyio.create_task_group() as draining:
                         if http is not None:

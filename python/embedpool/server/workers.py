@@ -277,7 +277,7 @@ class _Supervisor:
         if not alive:
             return
         self._signal_all(signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.grace_seconds + 10.0
+        deadline = time.monotonic() + self.settings.drain_delay + self.settings.grace_seconds + 10.0
         for w in alive:
             w.process.join(max(0.0, deadline - time.monotonic()))
             if force and w.process.is_alive():
