@@ -158,13 +158,9 @@ def failover(
     return figures
 
 
-def throughput(
-    fleet: Fleet, lb_targets: Mapping[str, str], *, rounds: int, seconds: float, threads: int
-) -> dict[str, Any]:
-    """Each path alone for `seconds`, paths alternating within each round; documents per second, best and median."""
-    ways = {"1 replica, direct": [fleet.targets[0]]}
-    ways.update({f"3 replicas, {name}": [t] for name, t in lb_targets.items()})
-    ways["3 replicas, client round-robin"] = fleet.targets
+def alternating(ways: Mapping[str, list[str]], *, rounds: int, seconds: float, threads: int) -> dict[str, Any]:
+    """Each way in alone for `seconds`, the ways taking turns within each round; documents per second by way:
+    the median (and its ratio to the first way's), the best, every round. A failed call voids the measurement."""
     docs = 16
     rates: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(rounds):
@@ -174,16 +170,26 @@ def throughput(
             rates[name].append(path.rate(start + 1.0, start + seconds) * docs)
             if path.failures:
                 raise RuntimeError(f"{name}: {len(path.failures)} calls failed: {path.failures[:2]}")
-    base = statistics.median(rates["1 replica, direct"])
+    base = statistics.median(next(iter(rates.values())))
     return {
         name: {
             "docs_per_s_median": round(statistics.median(r), 1),
             "docs_per_s_best": round(max(r), 1),
-            "vs_1_replica": round(statistics.median(r) / base, 2),
+            "vs_first": round(statistics.median(r) / base, 2),
             "rounds": [round(x, 1) for x in r],
         }
         for name, r in rates.items()
     }
+
+
+def throughput(
+    fleet: Fleet, lb_targets: Mapping[str, str], *, rounds: int, seconds: float, threads: int
+) -> dict[str, Any]:
+    """1 replica reached directly (the baseline, first) vs the 3 behind each balancer and the client's round-robin."""
+    ways = {"1 replica, direct": [fleet.targets[0]]}
+    ways.update({f"3 replicas, {name}": [t] for name, t in lb_targets.items()})
+    ways["3 replicas, client round-robin"] = fleet.targets
+    return alternating(ways, rounds=rounds, seconds=seconds, threads=threads)
 
 
 def processes_vs_sessions(
@@ -193,33 +199,18 @@ def processes_vs_sessions(
     processes with one session each, reached by the client's round-robin; one inference thread per session in
     both, so only the front end differs."""
     flags: dict[str, object] = {"http_port": -1, "intra_op_threads": 1}
-    docs = 16
     with (
         Fleet(1, root / "one", model, database_url, sessions_per_device=sessions, **flags) as one,
         Fleet(sessions, root / "many", model, database_url, **flags) as many,
     ):
         ways = {f"1 process x {sessions} sessions": one.targets, f"{sessions} processes x 1 session": many.targets}
-        rates: dict[str, list[float]] = {name: [] for name in ways}
-        for _ in range(rounds):
-            for name, targets in ways.items():
-                path = PathLoad(name, targets)
-                start = run_load([path], seconds, threads=threads, docs=docs)
-                rates[name].append(path.rate(start + 1.0, start + seconds) * docs)
-    base = statistics.median(rates[f"1 process x {sessions} sessions"])
-    return {
-        name: {
-            "docs_per_s_median": round(statistics.median(r), 1),
-            "vs_1_process": round(statistics.median(r) / base, 2),
-            "rounds": [round(x, 1) for x in r],
-        }
-        for name, r in rates.items()
-    }
+        return alternating(ways, rounds=rounds, seconds=seconds, threads=threads)
 
 
 def _table(result: dict[str, Any]) -> str:
     lines = ["throughput (closed loop, each path alone)", f"{'path':34} {'docs/s':>8} {'best':>8} {'vs 1':>6}"]
     for name, r in result["throughput"].items():
-        lines.append(f"{name:34} {r['docs_per_s_median']:8.1f} {r['docs_per_s_best']:8.1f} {r['vs_1_replica']:6.2f}")
+        lines.append(f"{name:34} {r['docs_per_s_median']:8.1f} {r['docs_per_s_best']:8.1f} {r['vs_first']:6.2f}")
     f = result["failover"]
     lines += [
         "",
@@ -234,7 +225,7 @@ def _table(result: dict[str, Any]) -> str:
     if "processes_vs_sessions" in result:
         lines += ["", "processes vs sessions (one inference thread each; client round-robin)"]
         for name, r in result["processes_vs_sessions"].items():
-            lines.append(f"{name:34} {r['docs_per_s_median']:8.1f} docs/s {r['vs_1_process']:6.2f}x")
+            lines.append(f"{name:34} {r['docs_per_s_median']:8.1f} docs/s {r['vs_first']:6.2f}x")
     return "\n".join(lines)
 
 
