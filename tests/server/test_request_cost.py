@@ -5,6 +5,11 @@ runs for Embed-into, the unchanged re-send, Search, an Ingest stream and ListCol
 collection and once against one 4x larger (both large enough that searches walk the HNSW index). A
 statement that reads every row (a count(*), even as an index-only scan; a sequential scan) costs ~4x as
 much on the larger one; primary-key lookups and the HNSW walk grow logarithmically.
+
+A statement's cost is its least over a few rounds: a backend's first run of a statement also loads the
+catalog entries it needs (a trigger function's plan, say), and which pooled connection, or a newly opened one,
+runs which statement is chance. That one-off cost is not the collection's; a cost that grows with the
+collection shows in every round.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 from ..conftest import SettingsFactory, ingest_batches, serving
 
 SMALL, LARGE = 6000, 24000
+ROUNDS = 3
 # A statement may cost this much more on the large collection (the HNSW walk and B-tree depth grow a little).
 GROWTH, SLACK_BLOCKS = 2.0, 20
 
@@ -123,6 +129,15 @@ def _measure(url: str, stub: pb_grpc.EmbedderStub, collection: str) -> dict[str,
     return _blocks_per_statement(url)
 
 
+def _least(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Each statement's least cost over the rounds it ran in."""
+    least: dict[str, float] = {}
+    for costs in rounds:
+        for query, blocks in costs.items():
+            least[query] = min(least.get(query, blocks), blocks)
+    return least
+
+
 @pytest.fixture(scope="module")
 def stub(cost_server: Running) -> Iterator[pb_grpc.EmbedderStub]:
     with grpc.insecure_channel(f"127.0.0.1:{cost_server.port}") as channel:
@@ -146,8 +161,9 @@ def test_no_data_rpc_statement_grows_with_the_collection(
     small, large = collections
     _data_rpcs(stub, small)  # warm: the cache, prepared statements, buffers
     _data_rpcs(stub, large)
-    on_small = _measure(url, stub, small)
-    on_large = _measure(url, stub, large)
+    by_round = [(_measure(url, stub, small), _measure(url, stub, large)) for _ in range(ROUNDS)]
+    on_small = _least([small_costs for small_costs, _ in by_round])
+    on_large = _least([large_costs for _, large_costs in by_round])
 
     assert on_large, "pg_stat_statements recorded nothing: the measurement did not run"
     grown = {
