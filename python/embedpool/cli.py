@@ -1,5 +1,5 @@
-"""Command line: `embedpool serve | model prepare | model convert | embed | ingest | search | bench | keys | audit |
-usage`."""
+"""Command line: `embedpool serve | model prepare | model convert | embed | ingest | search | sync | bench | keys |
+audit | usage`."""
 
 from __future__ import annotations
 
@@ -159,6 +159,69 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sync(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    with _client(args) as client:
+        match args.sync_command:
+            case "create":
+                columns = tuple(c.strip() for c in args.metadata_columns.split(",") if c.strip())
+                syncs = [
+                    client.create_sync(
+                        args.name,
+                        source=args.source,
+                        id_column=args.id_column,
+                        text=args.text,
+                        collection=args.collection,
+                        metadata_columns=columns,
+                        where=args.where,
+                        database=args.database,
+                    )
+                ]
+            case "list":
+                syncs = client.list_syncs()
+            case "status":
+                syncs = [client.get_sync(args.name)]
+            case "pause":
+                syncs = [client.pause_sync(args.name)]
+            case "resume":
+                syncs = [client.resume_sync(args.name)]
+            case "drop":
+                client.drop_sync(args.name)
+                syncs = []
+    for sync in syncs:
+        print(json.dumps(dataclasses.asdict(sync)))
+    return 0
+
+
+def _add_sync_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sync = sub.add_parser(
+        "sync", help="keep a collection equal to a table of your database (a running server does the work)"
+    ).add_subparsers(dest="sync_command", required=True)
+    create = sync.add_parser("create", help="install the table's trigger, queue its rows, and start syncing")
+    create.add_argument("name", help="the sync's name (a-z, then a-z 0-9 _)")
+    create.add_argument("--source", required=True, help="schema.table (or table, in schema public)")
+    create.add_argument("--id-column", required=True, help="the table's key; it becomes the document id")
+    create.add_argument("--text", required=True, help="SQL expression over the row, e.g. \"title || ' ' || body\"")
+    create.add_argument("--collection", required=True, help="created if it does not exist")
+    create.add_argument("--metadata-columns", default="", help="columns stored as metadata, separated by commas")
+    create.add_argument("--where", default="", help="SQL condition: rows not matching it stay out of the collection")
+    create.add_argument("--database", default="", help="a name from the server's --sync-databases (default: its own)")
+    _add_client_arguments(create)
+    for verb, what in (
+        ("list", "every sync with its backlog, lag, rows/s and dead letters"),
+        ("status", "one sync with its backlog, lag, rows/s, dead letters and last error"),
+        ("pause", "stop working a sync's queue (changes go on queueing)"),
+        ("resume", "work a paused sync's queue again"),
+        ("drop", "remove the trigger and the queue (the collection stays)"),
+    ):
+        command = sync.add_parser(verb, help=what)
+        if verb != "list":
+            command.add_argument("name")
+        _add_client_arguments(command)
+    sub.choices["sync"].set_defaults(func=_cmd_sync)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from embedpool.benchmark.command import run
 
@@ -236,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=5)
     _add_client_arguments(search)
     search.set_defaults(func=_cmd_search)
+
+    _add_sync_parsers(sub)
 
     from embedpool.benchmark import add_arguments as add_bench_arguments
 

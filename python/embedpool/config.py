@@ -100,6 +100,20 @@ class Settings:
     max_search_k: int = _setting(1000, "largest k a Search may ask for")
     ingest_window: int = _setting(4, "batches of one Ingest stream read ahead and embedding")
     ingest_stores: int = _setting(2, "batches of one Ingest stream stored at once (a database connection each)")
+    sync_workers: int = _setting(
+        2,
+        "sync batches this server works at once, each holding one source database connection while it embeds"
+        " (0: this server works no syncs; others sharing the database do)",
+    )
+    sync_batch_size: int = _setting(256, "queued rows a sync batch claims at once")
+    sync_max_attempts: int = _setting(5, "failed attempts after which a sync's row is dead-lettered")
+    sync_poll_seconds: float = _setting(
+        5.0, "a sync worker with nothing to do looks again after this long even without a notification"
+    )
+    sync_databases: str = _setting(
+        "",
+        "databases syncs may read, as NAME=URL pairs separated by spaces (embedpool's own is always 'default')",
+    )
     grace_seconds: float = _setting(10.0, "drain time for in-flight requests on shutdown")
     drain_delay: float = _setting(
         0.0,
@@ -144,6 +158,9 @@ class Settings:
             "db_pool_size",
             "ingest_window",
             "ingest_stores",
+            "sync_batch_size",
+            "sync_max_attempts",
+            "sync_poll_seconds",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -158,6 +175,7 @@ class Settings:
             "db_statement_timeout",
             "db_lock_timeout",
             "drain_delay",
+            "sync_workers",
         ):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)}")

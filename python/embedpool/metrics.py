@@ -79,3 +79,23 @@ TENANT_TOKENS = Counter("embedpool_tenant_tokens_total", "tokens embedded, by te
 TENANT_DOCUMENTS = Counter("embedpool_tenant_documents_total", "documents stored or deleted, by tenant", ["tenant"])
 TENANT_SEARCHES = Counter("embedpool_tenant_searches_total", "searches, by tenant", ["tenant"])
 TENANT_BYTES_OUT = Counter("embedpool_tenant_bytes_out_total", "response bytes sent, by tenant", ["tenant"])
+# Per sync (label: the sync's name; syncs are few and made by admins). The gauges read the shared queue, so every
+# replica reports the same value: merged with max.
+SYNC_BACKLOG = Gauge(
+    "embedpool_sync_backlog_rows", "rows with a pending change, by sync", ["sync"], multiprocess_mode="livemax"
+)
+SYNC_LAG = Gauge(
+    "embedpool_sync_lag_seconds",
+    "age of the oldest pending change, by sync (0: caught up)",
+    ["sync"],
+    multiprocess_mode="livemax",
+)
+SYNC_DEAD_ROWS = Gauge(
+    "embedpool_sync_dead_rows",
+    "rows dead-lettered after their last attempt, by sync",
+    ["sync"],
+    multiprocess_mode="livemax",
+)
+SYNC_ROWS = Counter("embedpool_sync_rows_total", "rows stored in or removed from their collection, by sync", ["sync"])
+SYNC_FAILURES = Counter("embedpool_sync_failures_total", "failed attempts at a row, by sync", ["sync"])
+SYNC_DEAD_LETTERED = Counter("embedpool_sync_dead_lettered_total", "rows dead-lettered, by sync", ["sync"])

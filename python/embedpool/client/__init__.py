@@ -24,6 +24,7 @@ from embedpool.client.types import (
     Limits,
     ModelInfo,
     Rejected,
+    Sync,
     UpsertResult,
 )
 
@@ -47,6 +48,7 @@ __all__ = [
     "RetryPolicy",
     "Source",
     "SourceError",
+    "Sync",
     "UpsertResult",
     "checkpoint_path",
 ]

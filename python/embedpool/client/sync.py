@@ -20,7 +20,7 @@ from embedpool.client.base import ClientBase, as_source, checkpoint_file
 from embedpool.client.ingest import IngestLedger, IngestProgress, IngestSummary, Source
 from embedpool.client.propagation import with_trace_context
 from embedpool.client.retry import Attempts, Deadline, Failure
-from embedpool.client.types import Collection, Document, Hit, IndexOptions, Limits, ModelInfo, UpsertResult
+from embedpool.client.types import Collection, Document, Hit, IndexOptions, Limits, ModelInfo, Sync, UpsertResult
 from embedpool.errors import AlreadyExists, InvalidArgument
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
@@ -222,6 +222,63 @@ class Client(ClientBase):
         """Drops `name` and its documents. A drop retried after its first answer was lost raises NotFound."""
         request = pb.DropCollectionRequest(name=name)
         self._call("DropCollection", lambda s, t: s.DropCollection(request, timeout=t), self._deadline(timeout))
+
+    # Syncs (admin key granted every collection)
+
+    def create_sync(
+        self,
+        name: str,
+        *,
+        source: str,
+        id_column: str,
+        text: str,
+        collection: str,
+        metadata_columns: Sequence[str] = (),
+        where: str = "",
+        database: str = "",
+        timeout: float | None = None,
+    ) -> Sync:
+        """Keeps `collection` equal to table `source` (schema.table) of `database` (empty: the server's own):
+        each row's `text` (a SQL expression over its columns) embedded under its `id_column`, with
+        `metadata_columns`, for the rows matching `where` (empty: all). Existing rows are queued at once."""
+        request = pb.CreateSyncRequest(
+            name=name,
+            source=source,
+            id_column=id_column,
+            text=text,
+            collection=collection,
+            metadata_columns=list(metadata_columns),
+            where=where,
+            database=database,
+        )
+        return wire.sync(
+            self._call("CreateSync", lambda s, t: s.CreateSync(request, timeout=t), self._deadline(timeout))
+        )
+
+    def list_syncs(self, *, timeout: float | None = None) -> list[Sync]:
+        request = pb.ListSyncsRequest()
+        reply = self._call("ListSyncs", lambda s, t: s.ListSyncs(request, timeout=t), self._deadline(timeout))
+        return [wire.sync(s) for s in reply.syncs]
+
+    def get_sync(self, name: str, *, timeout: float | None = None) -> Sync:
+        request = pb.GetSyncRequest(name=name)
+        return wire.sync(self._call("GetSync", lambda s, t: s.GetSync(request, timeout=t), self._deadline(timeout)))
+
+    def pause_sync(self, name: str, *, timeout: float | None = None) -> Sync:
+        request = pb.PauseSyncRequest(name=name)
+        return wire.sync(self._call("PauseSync", lambda s, t: s.PauseSync(request, timeout=t), self._deadline(timeout)))
+
+    def resume_sync(self, name: str, *, timeout: float | None = None) -> Sync:
+        request = pb.ResumeSyncRequest(name=name)
+        return wire.sync(
+            self._call("ResumeSync", lambda s, t: s.ResumeSync(request, timeout=t), self._deadline(timeout))
+        )
+
+    def drop_sync(self, name: str, *, timeout: float | None = None) -> None:
+        """Removes the sync's trigger and queue; the collection stays. A drop retried after its first answer
+        was lost raises NotFound."""
+        request = pb.DropSyncRequest(name=name)
+        self._call("DropSync", lambda s, t: s.DropSync(request, timeout=t), self._deadline(timeout))
 
     def delete(
         self,

@@ -9,7 +9,17 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["Collection", "Document", "Hit", "IndexOptions", "Limits", "ModelInfo", "Rejected", "UpsertResult"]
+__all__ = [
+    "Collection",
+    "Document",
+    "Hit",
+    "IndexOptions",
+    "Limits",
+    "ModelInfo",
+    "Rejected",
+    "Sync",
+    "UpsertResult",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,3 +114,30 @@ class ModelInfo:
     """Smaller sizes the model was trained to be truncated to (Matryoshka), for `embed(dimensions=)`."""
     limits: Limits
     """As announced by the server, each limit it leaves unset filled from Limits' defaults."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sync:
+    """A sync (a collection kept equal to a table of a database) and its queue, as the servers see it now."""
+
+    name: str
+    source: str
+    id_column: str
+    text: str
+    collection: str
+    metadata_columns: tuple[str, ...] = ()
+    where: str = ""
+    database: str = "default"
+    paused: bool = False
+    backlog_rows: int = 0
+    """Rows with a change not yet embedded (dead letters not counted)."""
+    pending_changes: int = 0
+    lag_seconds: float = 0.0
+    """Age of the oldest pending change; 0 when caught up."""
+    rows_per_second: float = 0.0
+    failures_last_minute: int = 0
+    dead_rows: int = 0
+    last_error: str = ""
+    last_error_row: str = ""
+    backfilled_rows: int = 0
+    """From create_sync only: the rows queued by the backfill."""

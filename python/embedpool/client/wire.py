@@ -9,7 +9,7 @@ import numpy as np
 from google.protobuf import json_format, struct_pb2
 from numpy.typing import ArrayLike, NDArray
 
-from embedpool.client.types import Collection, Document, Hit, IndexOptions, Limits, ModelInfo
+from embedpool.client.types import Collection, Document, Hit, IndexOptions, Limits, ModelInfo, Sync
 from embedpool.errors import InvalidArgument
 from embedpool.v1 import embedpool_pb2 as pb
 
@@ -118,4 +118,27 @@ def model_info(message: pb.ModelInfo) -> ModelInfo:
         normalized=message.normalized,
         dimensions=list(message.dimensions),
         limits=limits(message.limits),
+    )
+
+
+def sync(message: pb.Sync) -> Sync:
+    return Sync(
+        name=message.name,
+        source=message.source,
+        id_column=message.id_column,
+        text=message.text,
+        collection=message.collection,
+        metadata_columns=tuple(message.metadata_columns),
+        where=message.where,
+        database=message.database,
+        paused=message.paused,
+        backlog_rows=message.backlog_rows,
+        pending_changes=message.pending_changes,
+        lag_seconds=message.lag_seconds,
+        rows_per_second=message.rows_per_second,
+        failures_last_minute=message.failures_last_minute,
+        dead_rows=message.dead_rows,
+        last_error=message.last_error,
+        last_error_row=message.last_error_row,
+        backfilled_rows=message.backfilled_rows,
     )

@@ -46,6 +46,7 @@ class Action(enum.Enum):
     WRITE = "write"  # Embed into a collection, Ingest, DeleteDocuments
     ADMIN = "administer"  # CreateCollection, DropCollection
     MANAGE_KEYS = "manage keys"  # CreateKey, ListKeys, RevokeKey: only with a grant of every collection
+    MANAGE_SYNCS = "manage syncs"  # CreateSync ... DropSync: they read the database, so like keys
 
     @property
     def role(self) -> Role:
@@ -59,6 +60,7 @@ _LEAST_ROLE: dict[Action, Role] = {
     Action.WRITE: Role.WRITER,
     Action.ADMIN: Role.ADMIN,
     Action.MANAGE_KEYS: Role.ADMIN,
+    Action.MANAGE_SYNCS: Role.ADMIN,
 }
 
 
@@ -90,6 +92,9 @@ def authorize(principal: Principal, action: Action, collection: str = "") -> Non
     if action is Action.MANAGE_KEYS and principal.collections != "*":
         # A key limited to some collections could otherwise make itself a key for all of them.
         raise PermissionDenied("managing keys needs an admin key granted every collection (--collections '*')")
+    if action is Action.MANAGE_SYNCS and principal.collections != "*":
+        # A sync reads whatever the server's database role can read, whichever collection it fills.
+        raise PermissionDenied("managing syncs needs an admin key granted every collection (--collections '*')")
     if collection and not principal.may_see(collection):
         raise PermissionDenied(f"this key is not granted collection {collection!r}")
 

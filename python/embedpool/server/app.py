@@ -43,8 +43,11 @@ from embedpool.server.servicer import EmbedderServicer
 from embedpool.server.tls import ServerTls, server_tls
 from embedpool.service import EmbeddingService, Limits
 from embedpool.service.gate import Gate
+from embedpool.service.sync_worker import SyncWorkerConfig, SyncWorkers
+from embedpool.service.syncs import Syncs
 from embedpool.store import Store
 from embedpool.store.embedded import EmbeddedPostgres
+from embedpool.store.sources import SourceDatabases, parse_databases
 from embedpool.v1 import embedpool_pb2
 
 log = logging.getLogger("embedpool.server")
@@ -359,7 +362,25 @@ async def serve(
             running_pool(engine.tokenizer, engine.sessions, _pool_config(settings, engine))
         )
         service = EmbeddingService(pool, store, engine.model, Limits.from_settings(settings))
-        servicer = EmbedderServicer(service)
+        sources = SourceDatabases(
+            parse_databases(settings.sync_databases, url),
+            max_connections=settings.sync_workers,
+            timeout=settings.db_statement_timeout or 10.0,
+        )
+        stack.push_async_callback(sources.close)
+        syncs = Syncs(service, store, sources)
+        sync_workers = SyncWorkers(
+            service,
+            store,
+            sources,
+            SyncWorkerConfig(
+                workers=settings.sync_workers,
+                batch_size=settings.sync_batch_size,
+                max_attempts=settings.sync_max_attempts,
+                poll_seconds=settings.sync_poll_seconds,
+            ),
+        )
+        servicer = EmbedderServicer(service, syncs)
         ready = _Readiness()
         http = (
             HttpServer(
@@ -397,8 +418,15 @@ async def serve(
         task_status.started(
             Running(port=port, metrics_port=metrics_port, database_url=url, settings=settings, http_port=http_port)
         )
+        syncing = anyio.CancelScope()
+
+        async def work_syncs() -> None:
+            with syncing:  # a batch cut short rolls back: its rows are worked again, by this or another server
+                await sync_workers.run()
+
         async with anyio.create_task_group() as tg:
             tg.start_soon(_supervise, url, embedded, health, pool, ready)
+            tg.start_soon(work_syncs)
             if http is not None:
                 tg.start_soon(http.run)
             if tls is not None:
@@ -412,6 +440,7 @@ async def serve(
                     await health.enter_graceful_shutdown()
                     ready.draining = True
                     ready.publish()
+                    syncing.cancel()
                     if settings.drain_delay > 0:  # still serving, reported not ready; a second signal ends it
                         log.info("not ready; serving %.1f s more before draining", settings.drain_delay)
                         with anyio.move_on_after(settings.drain_delay):

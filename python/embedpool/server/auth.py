@@ -76,6 +76,12 @@ RULES: Final[dict[str, Rule]] = {
     "CreateKey": Rule(_fixed(Action.MANAGE_KEYS), "", _always, _none),
     "ListKeys": Rule(_fixed(Action.MANAGE_KEYS), "", _never, _none),
     "RevokeKey": Rule(_fixed(Action.MANAGE_KEYS), "", _always, _none),
+    "CreateSync": Rule(_fixed(Action.MANAGE_SYNCS), "collection", _always, _none),
+    "ListSyncs": Rule(_fixed(Action.MANAGE_SYNCS), "", _never, _none),
+    "GetSync": Rule(_fixed(Action.MANAGE_SYNCS), "", _never, _none),
+    "PauseSync": Rule(_fixed(Action.MANAGE_SYNCS), "", _always, _none),
+    "ResumeSync": Rule(_fixed(Action.MANAGE_SYNCS), "", _always, _none),
+    "DropSync": Rule(_fixed(Action.MANAGE_SYNCS), "", _always, _none),
 }
 """Every Embedder method, with what it does (a test checks that none is missing)."""
 

@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from embedpool.engine import ServingModel
 from embedpool.errors import InvalidArgument
 from embedpool.service import Document, Hit, Limits, Rejected
+from embedpool.service.syncs import SyncStatus
 from embedpool.store import CollectionInfo, CollectionStats, HnswOptions, UpsertResult
 from embedpool.store.keys import KeyRecord
 from embedpool.v1 import embedpool_pb2 as pb
@@ -166,3 +167,28 @@ def key_message(record: KeyRecord) -> pb.ApiKey:
     if record.docs_per_s is not None:
         message.docs_per_s = record.docs_per_s
     return message
+
+
+def sync_message(status: SyncStatus) -> pb.Sync:
+    record, source, queue = status.record, status.record.source, status.queue
+    return pb.Sync(
+        name=record.name,
+        source=f"{source.schema}.{source.table}",
+        id_column=source.id_column,
+        text=source.text_expr,
+        metadata_columns=source.metadata_columns,
+        where=source.where_expr,
+        collection=record.collection,
+        database=record.database,
+        paused=record.paused,
+        created_at_unix_ms=_unix_ms(record.created_at),
+        backlog_rows=queue.pending_rows,
+        pending_changes=queue.pending_changes,
+        lag_seconds=queue.oldest_pending_s,
+        rows_per_second=status.rows_per_s,
+        failures_last_minute=status.failures_last_minute,
+        dead_rows=queue.dead_rows,
+        last_error=queue.last_error,
+        last_error_row=queue.last_error_row,
+        backfilled_rows=status.backfilled,
+    )

@@ -16,6 +16,8 @@ from embedpool.server import codec
 from embedpool.server.rpc import rpc
 from embedpool.service import EmbeddingService, IngestBatch, WriteOutcome
 from embedpool.service import limits as check
+from embedpool.service.syncs import Syncs, SyncSpec
+from embedpool.store.sources import DEFAULT
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
@@ -32,8 +34,9 @@ def _truncate(request: pb.EmbedRequest | pb.IngestRequest) -> bool:
 
 
 class EmbedderServicer(pb_grpc.EmbedderServicer):
-    def __init__(self, service: EmbeddingService) -> None:
+    def __init__(self, service: EmbeddingService, syncs: Syncs) -> None:
         self._service = service
+        self._syncs = syncs
         self._limits = service.limits
 
     @rpc
@@ -170,3 +173,38 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     @rpc
     async def RevokeKey(self, request: pb.RevokeKeyRequest, context: Context) -> pb.ApiKey:
         return codec.key_message(await self._service.revoke_key(request.id))
+
+    @rpc
+    async def CreateSync(self, request: pb.CreateSyncRequest, context: Context) -> pb.Sync:
+        spec = SyncSpec(
+            name=request.name,
+            source=request.source,
+            id_column=request.id_column,
+            text=request.text,
+            collection=request.collection,
+            metadata_columns=tuple(request.metadata_columns),
+            where=request.where,
+            database=request.database or DEFAULT,
+        )
+        return codec.sync_message(await self._syncs.create(spec))
+
+    @rpc
+    async def ListSyncs(self, request: pb.ListSyncsRequest, context: Context) -> pb.ListSyncsResponse:
+        return pb.ListSyncsResponse(syncs=[codec.sync_message(s) for s in await self._syncs.list()])
+
+    @rpc
+    async def GetSync(self, request: pb.GetSyncRequest, context: Context) -> pb.Sync:
+        return codec.sync_message(await self._syncs.status(request.name))
+
+    @rpc
+    async def PauseSync(self, request: pb.PauseSyncRequest, context: Context) -> pb.Sync:
+        return codec.sync_message(await self._syncs.pause(request.name))
+
+    @rpc
+    async def ResumeSync(self, request: pb.ResumeSyncRequest, context: Context) -> pb.Sync:
+        return codec.sync_message(await self._syncs.pause(request.name, paused=False))
+
+    @rpc
+    async def DropSync(self, request: pb.DropSyncRequest, context: Context) -> pb.DropSyncResponse:
+        await self._syncs.drop(request.name)
+        return pb.DropSyncResponse()

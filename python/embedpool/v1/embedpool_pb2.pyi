@@ -969,3 +969,260 @@ class RevokeKeyRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeKeyRequest: _TypeAlias = RevokeKeyRequest  # noqa: Y015
+
+@_typing.final
+class CreateSyncRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    ID_COLUMN_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    METADATA_COLUMNS_FIELD_NUMBER: _builtins.int
+    WHERE_FIELD_NUMBER: _builtins.int
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    DATABASE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """a-z, then a-z 0-9 _ (at most 48)"""
+    source: _builtins.str
+    """schema.table, or table (schema public)"""
+    id_column: _builtins.str
+    """the table's key: becomes the document id"""
+    text: _builtins.str
+    """SQL expression over the row's columns, e.g. "title || ' ' || body" """
+    where: _builtins.str
+    """optional SQL condition: rows not matching it are kept out of the collection"""
+    collection: _builtins.str
+    """created if it does not exist"""
+    database: _builtins.str
+    """a source database the server was given (--sync-databases); empty: its own"""
+    @_builtins.property
+    def metadata_columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """stored as the document's metadata, by column name"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        source: _builtins.str = ...,
+        id_column: _builtins.str = ...,
+        text: _builtins.str = ...,
+        metadata_columns: _abc.Iterable[_builtins.str] | None = ...,
+        where: _builtins.str = ...,
+        collection: _builtins.str = ...,
+        database: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "database", b"database", "id_column", b"id_column", "metadata_columns", b"metadata_columns", "name", b"name", "source", b"source", "text", b"text", "where", b"where"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSyncRequest: _TypeAlias = CreateSyncRequest  # noqa: Y015
+
+@_typing.final
+class Sync(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    ID_COLUMN_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    METADATA_COLUMNS_FIELD_NUMBER: _builtins.int
+    WHERE_FIELD_NUMBER: _builtins.int
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    DATABASE_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    CREATED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    BACKLOG_ROWS_FIELD_NUMBER: _builtins.int
+    PENDING_CHANGES_FIELD_NUMBER: _builtins.int
+    LAG_SECONDS_FIELD_NUMBER: _builtins.int
+    ROWS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    FAILURES_LAST_MINUTE_FIELD_NUMBER: _builtins.int
+    DEAD_ROWS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_ROW_FIELD_NUMBER: _builtins.int
+    BACKFILLED_ROWS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    source: _builtins.str
+    """schema.table"""
+    id_column: _builtins.str
+    text: _builtins.str
+    where: _builtins.str
+    collection: _builtins.str
+    database: _builtins.str
+    paused: _builtins.bool
+    created_at_unix_ms: _builtins.int
+    backlog_rows: _builtins.int
+    """rows with a change not yet embedded (dead letters not counted)"""
+    pending_changes: _builtins.int
+    """queued changes (several changes of one row are embedded once)"""
+    lag_seconds: _builtins.float
+    """age of the oldest pending change; 0 when caught up"""
+    rows_per_second: _builtins.float
+    """rows stored or removed over the last minute, by every server"""
+    failures_last_minute: _builtins.int
+    dead_rows: _builtins.int
+    """rows that failed every attempt; a later change of the row retries it"""
+    last_error: _builtins.str
+    last_error_row: _builtins.str
+    backfilled_rows: _builtins.int
+    """CreateSync only: rows queued by the backfill"""
+    @_builtins.property
+    def metadata_columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        source: _builtins.str = ...,
+        id_column: _builtins.str = ...,
+        text: _builtins.str = ...,
+        metadata_columns: _abc.Iterable[_builtins.str] | None = ...,
+        where: _builtins.str = ...,
+        collection: _builtins.str = ...,
+        database: _builtins.str = ...,
+        paused: _builtins.bool = ...,
+        created_at_unix_ms: _builtins.int = ...,
+        backlog_rows: _builtins.int = ...,
+        pending_changes: _builtins.int = ...,
+        lag_seconds: _builtins.float = ...,
+        rows_per_second: _builtins.float = ...,
+        failures_last_minute: _builtins.int = ...,
+        dead_rows: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        last_error_row: _builtins.str = ...,
+        backfilled_rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfilled_rows", b"backfilled_rows", "backlog_rows", b"backlog_rows", "collection", b"collection", "created_at_unix_ms", b"created_at_unix_ms", "database", b"database", "dead_rows", b"dead_rows", "failures_last_minute", b"failures_last_minute", "id_column", b"id_column", "lag_seconds", b"lag_seconds", "last_error", b"last_error", "last_error_row", b"last_error_row", "metadata_columns", b"metadata_columns", "name", b"name", "paused", b"paused", "pending_changes", b"pending_changes", "rows_per_second", b"rows_per_second", "source", b"source", "text", b"text", "where", b"where"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Sync: _TypeAlias = Sync  # noqa: Y015
+
+@_typing.final
+class ListSyncsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSyncsRequest: _TypeAlias = ListSyncsRequest  # noqa: Y015
+
+@_typing.final
+class ListSyncsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SYNCS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def syncs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Sync]: ...
+    def __init__(
+        self,
+        *,
+        syncs: _abc.Iterable[Global___Sync] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["syncs", b"syncs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSyncsResponse: _TypeAlias = ListSyncsResponse  # noqa: Y015
+
+@_typing.final
+class GetSyncRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSyncRequest: _TypeAlias = GetSyncRequest  # noqa: Y015
+
+@_typing.final
+class PauseSyncRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseSyncRequest: _TypeAlias = PauseSyncRequest  # noqa: Y015
+
+@_typing.final
+class ResumeSyncRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeSyncRequest: _TypeAlias = ResumeSyncRequest  # noqa: Y015
+
+@_typing.final
+class DropSyncRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DropSyncRequest: _TypeAlias = DropSyncRequest  # noqa: Y015
+
+@_typing.final
+class DropSyncResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DropSyncResponse: _TypeAlias = DropSyncResponse  # noqa: Y015

@@ -94,6 +94,36 @@ class EmbedderStub:
                 request_serializer=embedpool_dot_v1_dot_embedpool__pb2.RevokeKeyRequest.SerializeToString,
                 response_deserializer=embedpool_dot_v1_dot_embedpool__pb2.ApiKey.FromString,
                 _registered_method=True)
+        self.CreateSync = channel.unary_unary(
+                '/embedpool.v1.Embedder/CreateSync',
+                request_serializer=embedpool_dot_v1_dot_embedpool__pb2.CreateSyncRequest.SerializeToString,
+                response_deserializer=embedpool_dot_v1_dot_embedpool__pb2.Sync.FromString,
+                _registered_method=True)
+        self.ListSyncs = channel.unary_unary(
+                '/embedpool.v1.Embedder/ListSyncs',
+                request_serializer=embedpool_dot_v1_dot_embedpool__pb2.ListSyncsRequest.SerializeToString,
+                response_deserializer=embedpool_dot_v1_dot_embedpool__pb2.ListSyncsResponse.FromString,
+                _registered_method=True)
+        self.GetSync = channel.unary_unary(
+                '/embedpool.v1.Embedder/GetSync',
+                request_serializer=embedpool_dot_v1_dot_embedpool__pb2.GetSyncRequest.SerializeToString,
+                response_deserializer=embedpool_dot_v1_dot_embedpool__pb2.Sync.FromString,
+                _registered_method=True)
+        self.PauseSync = channel.unary_unary(
+                '/embedpool.v1.Embedder/PauseSync',
+                request_serializer=embedpool_dot_v1_dot_embedpool__pb2.PauseSyncRequest.SerializeToString,
+                response_deserializer=embedpool_dot_v1_dot_embedpool__pb2.Sync.FromString,
+                _registered_method=True)
+        self.ResumeSync = channel.unary_unary(
+                '/embedpool.v1.Embedder/ResumeSync',
+                request_serializer=embedpool_dot_v1_dot_embedpool__pb2.ResumeSyncRequest.SerializeToString,
+                response_deserializer=embedpool_dot_v1_dot_embedpool__pb2.Sync.FromString,
+                _registered_method=True)
+        self.DropSync = channel.unary_unary(
+                '/embedpool.v1.Embedder/DropSync',
+                request_serializer=embedpool_dot_v1_dot_embedpool__pb2.DropSyncRequest.SerializeToString,
+                response_deserializer=embedpool_dot_v1_dot_embedpool__pb2.DropSyncResponse.FromString,
+                _registered_method=True)
 
 
 class EmbedderServicer:
@@ -186,6 +216,49 @@ class EmbedderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSync(self, request, context):
+        """Syncs keep a collection equal to a table of a database the server can reach (admin role, with a key granted
+        every collection). CreateSync installs a trigger on the table that queues changed row ids, queues every
+        existing row (the backfill) and creates the collection if needed; every server sharing embedpool's database
+        then embeds queued rows, exactly once in effect, newest text last.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSyncs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSync(self, request, context):
+        """One sync with its queue: backlog, lag, rows/s, dead letters and the last error (NOT_FOUND when none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseSync(self, request, context):
+        """Workers stop taking its batches; changes go on queueing. ResumeSync undoes it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSync(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropSync(self, request, context):
+        """Removes the trigger and the queue from the source database. The collection and its documents stay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbedderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -248,6 +321,36 @@ def add_EmbedderServicer_to_server(servicer, server):
                     servicer.RevokeKey,
                     request_deserializer=embedpool_dot_v1_dot_embedpool__pb2.RevokeKeyRequest.FromString,
                     response_serializer=embedpool_dot_v1_dot_embedpool__pb2.ApiKey.SerializeToString,
+            ),
+            'CreateSync': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSync,
+                    request_deserializer=embedpool_dot_v1_dot_embedpool__pb2.CreateSyncRequest.FromString,
+                    response_serializer=embedpool_dot_v1_dot_embedpool__pb2.Sync.SerializeToString,
+            ),
+            'ListSyncs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSyncs,
+                    request_deserializer=embedpool_dot_v1_dot_embedpool__pb2.ListSyncsRequest.FromString,
+                    response_serializer=embedpool_dot_v1_dot_embedpool__pb2.ListSyncsResponse.SerializeToString,
+            ),
+            'GetSync': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSync,
+                    request_deserializer=embedpool_dot_v1_dot_embedpool__pb2.GetSyncRequest.FromString,
+                    response_serializer=embedpool_dot_v1_dot_embedpool__pb2.Sync.SerializeToString,
+            ),
+            'PauseSync': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSync,
+                    request_deserializer=embedpool_dot_v1_dot_embedpool__pb2.PauseSyncRequest.FromString,
+                    response_serializer=embedpool_dot_v1_dot_embedpool__pb2.Sync.SerializeToString,
+            ),
+            'ResumeSync': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSync,
+                    request_deserializer=embedpool_dot_v1_dot_embedpool__pb2.ResumeSyncRequest.FromString,
+                    response_serializer=embedpool_dot_v1_dot_embedpool__pb2.Sync.SerializeToString,
+            ),
+            'DropSync': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropSync,
+                    request_deserializer=embedpool_dot_v1_dot_embedpool__pb2.DropSyncRequest.FromString,
+                    response_serializer=embedpool_dot_v1_dot_embedpool__pb2.DropSyncResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -574,6 +677,168 @@ class Embedder:
             '/embedpool.v1.Embedder/RevokeKey',
             embedpool_dot_v1_dot_embedpool__pb2.RevokeKeyRequest.SerializeToString,
             embedpool_dot_v1_dot_embedpool__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedpool.v1.Embedder/CreateSync',
+            embedpool_dot_v1_dot_embedpool__pb2.CreateSyncRequest.SerializeToString,
+            embedpool_dot_v1_dot_embedpool__pb2.Sync.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSyncs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedpool.v1.Embedder/ListSyncs',
+            embedpool_dot_v1_dot_embedpool__pb2.ListSyncsRequest.SerializeToString,
+            embedpool_dot_v1_dot_embedpool__pb2.ListSyncsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedpool.v1.Embedder/GetSync',
+            embedpool_dot_v1_dot_embedpool__pb2.GetSyncRequest.SerializeToString,
+            embedpool_dot_v1_dot_embedpool__pb2.Sync.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedpool.v1.Embedder/PauseSync',
+            embedpool_dot_v1_dot_embedpool__pb2.PauseSyncRequest.SerializeToString,
+            embedpool_dot_v1_dot_embedpool__pb2.Sync.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedpool.v1.Embedder/ResumeSync',
+            embedpool_dot_v1_dot_embedpool__pb2.ResumeSyncRequest.SerializeToString,
+            embedpool_dot_v1_dot_embedpool__pb2.Sync.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropSync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedpool.v1.Embedder/DropSync',
+            embedpool_dot_v1_dot_embedpool__pb2.DropSyncRequest.SerializeToString,
+            embedpool_dot_v1_dot_embedpool__pb2.DropSyncResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,6 +72,20 @@ class EmbedderStub:
     """
     ListKeys: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.ListKeysRequest, _embedpool_pb2.ListKeysResponse]
     RevokeKey: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.RevokeKeyRequest, _embedpool_pb2.ApiKey]
+    CreateSync: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.CreateSyncRequest, _embedpool_pb2.Sync]
+    """Syncs keep a collection equal to a table of a database the server can reach (admin role, with a key granted
+    every collection). CreateSync installs a trigger on the table that queues changed row ids, queues every
+    existing row (the backfill) and creates the collection if needed; every server sharing embedpool's database
+    then embeds queued rows, exactly once in effect, newest text last.
+    """
+    ListSyncs: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.ListSyncsRequest, _embedpool_pb2.ListSyncsResponse]
+    GetSync: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.GetSyncRequest, _embedpool_pb2.Sync]
+    """One sync with its queue: backlog, lag, rows/s, dead letters and the last error (NOT_FOUND when none)."""
+    PauseSync: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.PauseSyncRequest, _embedpool_pb2.Sync]
+    """Workers stop taking its batches; changes go on queueing. ResumeSync undoes it."""
+    ResumeSync: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.ResumeSyncRequest, _embedpool_pb2.Sync]
+    DropSync: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.DropSyncRequest, _embedpool_pb2.DropSyncResponse]
+    """Removes the trigger and the queue from the source database. The collection and its documents stay."""
 
 @_typing.type_check_only
 class EmbedderAsyncStub(EmbedderStub):
@@ -106,6 +120,20 @@ class EmbedderAsyncStub(EmbedderStub):
     """
     ListKeys: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.ListKeysRequest, _embedpool_pb2.ListKeysResponse]  # type: ignore[assignment]
     RevokeKey: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.RevokeKeyRequest, _embedpool_pb2.ApiKey]  # type: ignore[assignment]
+    CreateSync: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.CreateSyncRequest, _embedpool_pb2.Sync]  # type: ignore[assignment]
+    """Syncs keep a collection equal to a table of a database the server can reach (admin role, with a key granted
+    every collection). CreateSync installs a trigger on the table that queues changed row ids, queues every
+    existing row (the backfill) and creates the collection if needed; every server sharing embedpool's database
+    then embeds queued rows, exactly once in effect, newest text last.
+    """
+    ListSyncs: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.ListSyncsRequest, _embedpool_pb2.ListSyncsResponse]  # type: ignore[assignment]
+    GetSync: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.GetSyncRequest, _embedpool_pb2.Sync]  # type: ignore[assignment]
+    """One sync with its queue: backlog, lag, rows/s, dead letters and the last error (NOT_FOUND when none)."""
+    PauseSync: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.PauseSyncRequest, _embedpool_pb2.Sync]  # type: ignore[assignment]
+    """Workers stop taking its batches; changes go on queueing. ResumeSync undoes it."""
+    ResumeSync: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.ResumeSyncRequest, _embedpool_pb2.Sync]  # type: ignore[assignment]
+    DropSync: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.DropSyncRequest, _embedpool_pb2.DropSyncResponse]  # type: ignore[assignment]
+    """Removes the trigger and the queue from the source database. The collection and its documents stay."""
 
 class EmbedderServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -209,5 +237,55 @@ class EmbedderServicer(metaclass=_abc_1.ABCMeta):
         request: _embedpool_pb2.RevokeKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_embedpool_pb2.ApiKey, _abc.Awaitable[_embedpool_pb2.ApiKey]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateSync(
+        self,
+        request: _embedpool_pb2.CreateSyncRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedpool_pb2.Sync, _abc.Awaitable[_embedpool_pb2.Sync]]:
+        """Syncs keep a collection equal to a table of a database the server can reach (admin role, with a key granted
+        every collection). CreateSync installs a trigger on the table that queues changed row ids, queues every
+        existing row (the backfill) and creates the collection if needed; every server sharing embedpool's database
+        then embeds queued rows, exactly once in effect, newest text last.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSyncs(
+        self,
+        request: _embedpool_pb2.ListSyncsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedpool_pb2.ListSyncsResponse, _abc.Awaitable[_embedpool_pb2.ListSyncsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetSync(
+        self,
+        request: _embedpool_pb2.GetSyncRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedpool_pb2.Sync, _abc.Awaitable[_embedpool_pb2.Sync]]:
+        """One sync with its queue: backlog, lag, rows/s, dead letters and the last error (NOT_FOUND when none)."""
+
+    @_abc_1.abstractmethod
+    def PauseSync(
+        self,
+        request: _embedpool_pb2.PauseSyncRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedpool_pb2.Sync, _abc.Awaitable[_embedpool_pb2.Sync]]:
+        """Workers stop taking its batches; changes go on queueing. ResumeSync undoes it."""
+
+    @_abc_1.abstractmethod
+    def ResumeSync(
+        self,
+        request: _embedpool_pb2.ResumeSyncRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedpool_pb2.Sync, _abc.Awaitable[_embedpool_pb2.Sync]]: ...
+
+    @_abc_1.abstractmethod
+    def DropSync(
+        self,
+        request: _embedpool_pb2.DropSyncRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedpool_pb2.DropSyncResponse, _abc.Awaitable[_embedpool_pb2.DropSyncResponse]]:
+        """Removes the trigger and the queue from the source database. The collection and its documents stay."""
 
 def add_EmbedderServicer_to_server(servicer: EmbedderServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

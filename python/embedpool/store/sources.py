@@ -1,0 +1,78 @@
+"""The databases syncs read from: embedpool's own ('default') and those named by --sync-databases.
+
+Each gets a connection pool of its own, bounded by --sync-workers: a sync's batch holds a connection while it
+embeds, so sync work never takes more source connections than that (plus one LISTEN connection per database),
+and never takes the store's, which requests need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from embedpool.errors import InvalidArgument, NotFound
+from embedpool.store.dberrors import database_errors
+
+__all__ = ["DEFAULT", "SourceDatabases", "parse_databases"]
+
+DEFAULT: Final = "default"
+
+
+def parse_databases(raw: str, own_url: str) -> dict[str, str]:
+    """`NAME=URL` pairs separated by whitespace; 'default' is embedpool's own database unless given."""
+    urls = {DEFAULT: own_url}
+    for item in raw.split():
+        name, sep, url = item.partition("=")
+        if not sep or not name or not url:
+            raise InvalidArgument(f"sync_databases: {name or item[:20]!r} is not NAME=URL")
+        urls[name] = url
+    return urls
+
+
+class SourceDatabases:
+    def __init__(self, urls: dict[str, str], *, max_connections: int, timeout: float = 10.0) -> None:
+        self._urls = urls
+        self._max = max(1, max_connections)
+        self._timeout = timeout
+        self._pools: dict[str, AsyncConnectionPool[AsyncConnection[Any]]] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._urls)
+
+    def url(self, name: str) -> str:
+        """For the LISTEN connection, which is held outside the pool."""
+        try:
+            return self._urls[name]
+        except KeyError:
+            raise NotFound(f"database: no source database {name!r} is configured (--sync-databases)") from None
+
+    @contextlib.asynccontextmanager
+    async def connection(self, name: str) -> AsyncIterator[AsyncConnection[Any]]:
+        pool = self._pools.get(name)
+        if pool is None:
+            pool = AsyncConnectionPool(
+                self.url(name),
+                min_size=0,
+                max_size=self._max,
+                kwargs={"autocommit": True, "connect_timeout": max(1, round(self._timeout))},
+                check=AsyncConnectionPool.check_connection,
+                timeout=self._timeout,
+                reconnect_timeout=self._timeout,
+                open=False,
+                name=f"embedpool-sync-{name}",
+            )
+            self._pools[name] = pool
+            await pool.open(wait=False)
+        with database_errors():
+            async with pool.connection() as conn:
+                yield conn
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            await pool.close()
+        self._pools.clear()
