@@ -34,7 +34,10 @@ def test_bare_hf_config_defaults(tmp_path: Path) -> None:
     assert (cfg.name, cfg.max_tokens, cfg.pooling, cfg.normalize) == ("bare", 512, "mean", True)
 
 
-@pytest.mark.parametrize(("flag", "mode"), [("pooling_mode_cls_token", "cls"), ("pooling_mode_max_tokens", "max")])
+@pytest.mark.parametrize(
+    ("flag", "mode"),
+    [("pooling_mode_cls_token", "cls"), ("pooling_mode_max_tokens", "max"), ("pooling_mode_lasttoken", "lasttoken")],
+)
 def test_pooling_modes(tmp_path: Path, flag: str, mode: str) -> None:
     root = _config_only(tmp_path)
     (root / "1_Pooling").mkdir()

@@ -1,8 +1,10 @@
-"""Build a BERT encoder as an ONNX graph straight from safetensors weights (no PyTorch).
+"""Build a BERT-family encoder (BERT, RoBERTa, XLM-R, MPNet) as an ONNX graph straight from safetensors weights
+(no PyTorch).
 
 The node pattern copies what `torch.onnx.export` of a Hugging Face BertModel produces, because ONNX Runtime's
 transformer optimizer recognises exactly that pattern and fuses it into EmbedLayerNormalization, Attention,
-SkipLayerNormalization and BiasGelu; those fused kernels are what make the CUDA path fast.
+SkipLayerNormalization and BiasGelu; those fused kernels are what make the CUDA path fast. The other families
+differ only in their embeddings (positions) and, for MPNet, a relative position bias on the attention scores.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from safetensors import SafetensorError, safe_open
 
 from embedpool.errors import InvalidArgument
 from embedpool.model.checkpoint import ModelConfig
+from embedpool.model.families import Family, canonical_key, family_of
+from embedpool.model.relative_bias import NUM_BUCKETS, bucket_table
 
 OPSET = 17  # first opset with LayerNormalization, which the fusions anchor on
 INPUT_IDS = "input_ids"
@@ -34,18 +38,12 @@ _SUPPORTED_ACTIVATIONS = ("gelu",)
 Weights = dict[str, NDArray[np.float32]]
 
 
-def _canonical_key(key: str) -> str:
-    if key.startswith("bert."):
-        key = key[len("bert.") :]
-    return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-
-
-def load_weights(path: Path) -> Weights:
-    """Every float tensor of a BERT checkpoint, keyed without 'bert.' and with weight/bias LayerNorm names."""
+def load_weights(path: Path, family: Family) -> Weights:
+    """Every float tensor of a checkpoint, keyed as BertModel names them (see families.canonical_key)."""
     try:
         with safe_open(str(path), framework="np") as f:
             return {
-                _canonical_key(k): np.asarray(f.get_tensor(k), dtype=np.float32)
+                canonical_key(k, family): np.asarray(f.get_tensor(k), dtype=np.float32)
                 for k in f.keys()  # noqa: SIM118 -- safe_open is not a mapping
                 if not k.endswith("position_ids")
             }
@@ -95,12 +93,42 @@ class _GraphBuilder:
         return output
 
 
-def _check_supported(config: ModelConfig) -> None:
+def supported_family(config: ModelConfig) -> Family:
+    """The config's family, or InvalidArgument naming what this builder cannot reproduce."""
+    family = family_of(config.model_type)
     if config.hidden_act not in _SUPPORTED_ACTIVATIONS:
         raise InvalidArgument(f"hidden_act {config.hidden_act!r} is not supported (only {_SUPPORTED_ACTIVATIONS})")
+    if config.position_embedding_type != "absolute":
+        raise InvalidArgument(
+            f"unsupported position_embedding_type {config.position_embedding_type!r} (only 'absolute')"
+        )
+    return family
 
 
-def _embeddings(g: _GraphBuilder, config: ModelConfig) -> str:
+def _embeddings(g: _GraphBuilder, config: ModelConfig, family: Family) -> str:
+    if family.offset_positions:
+        return _offset_embeddings(g, config, family)
+    return _bert_embeddings(g, config)
+
+
+def _offset_embeddings(g: _GraphBuilder, config: ModelConfig, family: Family) -> str:
+    # RoBERTa's create_position_ids_from_input_ids, over the mask rather than pad ids: padding_idx + the running
+    # count of real tokens, padding_idx on padding. The same for any padding layout and whatever id pads.
+    table = g.tensor("embeddings.position_embeddings.weight")
+    if family.token_types:
+        table = table + g.tensor("embeddings.token_type_embeddings.weight")[0]
+    pos_table = g.const("embeddings.position_embeddings.weight+token_type_0", table.astype(np.float32))
+    counts = g.op("CumSum", [ATTENTION_MASK, g.const("const/one", np.array(1, dtype=np.int64))], "emb/token_counts")
+    real_counts = g.op("Mul", [counts, ATTENTION_MASK], "emb/real_counts")
+    padding_idx = g.const("const/padding_idx", np.array(config.pad_token_id, dtype=np.int64))
+    pos_ids = g.op("Add", [real_counts, padding_idx], "emb/position_ids")
+    words = g.op("Gather", [g.weight("embeddings.word_embeddings.weight"), INPUT_IDS], "emb/words")
+    positions = g.op("Gather", [pos_table, pos_ids], "emb/positions")
+    summed = g.op("Add", [words, positions], "emb/sum")
+    return _layer_norm(g, summed, "embeddings.LayerNorm", "emb/out", config)
+
+
+def _bert_embeddings(g: _GraphBuilder, config: ModelConfig) -> str:
     # token_type_ids are all zero for sentence embeddings: folding row 0 of the token-type table into the position
     # table gives the same sum without a third input, and leaves the word+position pattern the fusion expects.
     positions = (
@@ -137,6 +165,31 @@ def _additive_mask(g: _GraphBuilder) -> str:
     as_float = g.op("Cast", [unsq2], "mask/float", to=TensorProto.FLOAT)
     inverted = g.op("Sub", [g.f32("const/f_one", 1.0), as_float], "mask/inverted")
     return g.op("Mul", [inverted, g.f32("const/mask_filter", _MASK_FILTER)], "mask/additive")
+
+
+def _position_bias(g: _GraphBuilder, mask: str, config: ModelConfig) -> str:
+    """MPNet: mask + the bucketed relative position bias [batch, heads, seq, seq], once for every layer."""
+    table = g.tensor("encoder.relative_attention_bias.weight")
+    if table.ndim != 2 or table.shape[0] < NUM_BUCKETS or table.shape[1] != config.num_heads:
+        raise InvalidArgument(
+            f"encoder.relative_attention_bias.weight has shape {table.shape}, expected"
+            f" [>= {NUM_BUCKETS}, {config.num_heads}]"
+        )
+    shape = g.op("Shape", [INPUT_IDS], "bias/input_shape")
+    seq_len = g.op("Gather", [shape, g.const("const/one", np.array(1, dtype=np.int64))], "bias/seq_len")
+    zero, one = g.const("const/zero", np.array(0, dtype=np.int64)), "const/one"
+    steps = g.op("Range", [zero, seq_len, one], "bias/positions")
+    keys = g.op("Unsqueeze", [steps, g.i64("const/axes0", [0])], "bias/keys")
+    queries = g.op("Unsqueeze", [steps, g.i64("const/axes1", [1])], "bias/queries")
+    relative = g.op("Sub", [keys, queries], "bias/relative")
+    # bucket_table is indexed from the most negative distance the position table allows.
+    offset = g.const("const/relative_offset", np.array(config.max_positions - 1, dtype=np.int64))
+    index = g.op("Add", [relative, offset], "bias/bucket_index")
+    buckets = g.op("Gather", [g.const("bias/bucket_table", bucket_table(config.max_positions)), index], "bias/buckets")
+    per_pair = g.op("Gather", [g.weight("encoder.relative_attention_bias.weight"), buckets], "bias/values")
+    per_head = g.op("Transpose", [per_pair], "bias/per_head", perm=[2, 0, 1])
+    bias = g.op("Unsqueeze", [per_head, g.i64("const/axes0", [0])], "bias/bias")
+    return g.op("Add", [bias, mask], "bias/with_mask")
 
 
 def _heads(g: _GraphBuilder, x: str, out: str, perm: list[int], config: ModelConfig) -> str:
@@ -180,11 +233,13 @@ def _feed_forward(g: _GraphBuilder, x: str, layer: int, config: ModelConfig) -> 
 
 
 def build_encoder(weights: Weights, config: ModelConfig) -> onnx.ModelProto:
-    """BERT encoder: input_ids, attention_mask int64 [batch, seq] -> last_hidden_state float32 [batch, seq, hidden]."""
-    _check_supported(config)
+    """Encoder: input_ids, attention_mask int64 [batch, seq] -> last_hidden_state float32 [batch, seq, hidden]."""
+    family = supported_family(config)
     g = _GraphBuilder(weights)
-    x = _embeddings(g, config)
+    x = _embeddings(g, config, family)
     mask = _additive_mask(g)
+    if family.relative_bias:
+        mask = _position_bias(g, mask, config)
     for layer in range(config.num_layers):
         x = _feed_forward(g, _attention(g, x, mask, layer, config), layer, config)
     g.nodes[-1].output[0] = TOKEN_EMBEDDINGS  # the last LayerNorm's output is the graph output, no Identity
@@ -204,4 +259,4 @@ def build_encoder(weights: Weights, config: ModelConfig) -> onnx.ModelProto:
 
 
 def encoder_from_checkpoint(weights_path: Path, config: ModelConfig) -> onnx.ModelProto:
-    return build_encoder(load_weights(weights_path), config)
+    return build_encoder(load_weights(weights_path, supported_family(config)), config)

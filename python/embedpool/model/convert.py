@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,12 +25,14 @@ from embedpool.model.checkpoint import (
     MANIFEST_FILE,
     MODULES_FILE,
     POOLING_CONFIG_FILE,
+    PROMPTS_FILE,
     SBERT_CONFIG_FILE,
     TOKENIZER_FILE,
     ModelConfig,
     load_config,
     read_json,
 )
+from embedpool.model.families import FAMILIES
 from embedpool.model.int8 import quantize_per_token
 from embedpool.model.pooling import NODE_PREFIX, append_pooling
 
@@ -46,8 +49,9 @@ VARIANT_FILES: Mapping[Variant, str] = {
     "fp16": "model_fp16.onnx",  # fused, float16 weights, for the CUDA EP
     "int8": "model_int8.onnx",  # fused, MatMuls u8 x s8 with per-token activation scales, for the CPU EP
 }
-_COPIED_FILES = (TOKENIZER_FILE, CONFIG_FILE, POOLING_CONFIG_FILE, SBERT_CONFIG_FILE, MODULES_FILE)
+_COPIED_FILES = (TOKENIZER_FILE, CONFIG_FILE, POOLING_CONFIG_FILE, SBERT_CONFIG_FILE, MODULES_FILE, PROMPTS_FILE)
 _HASHED_FILES = (WEIGHTS_FILE, ONNX_FILE, *_COPIED_FILES)
+_log = logging.getLogger(__name__)
 
 
 class ConversionError(EmbedpoolError, RuntimeError):
@@ -132,6 +136,7 @@ def _write_int8(opt_path: Path, out: Path) -> None:
 def _write_manifest(out: Path, config: ModelConfig, src: Path, digest: str, variants: Collection[Variant]) -> None:
     manifest = {
         "name": config.name,
+        "architecture": config.model_type,
         "dim": config.dim,
         "max_tokens": config.max_tokens,
         "pooling": config.pooling,
@@ -163,6 +168,19 @@ def _convert_into(src: Path, out: Path, config: ModelConfig, digest: str, varian
     _write_manifest(out, config, src, digest, written)
 
 
+def _buildable(config: ModelConfig, variants: Collection[Variant]) -> Collection[Variant]:
+    """The requested variants this architecture allows: the fused ones need ORT's attention fusion, which does
+    not recognise MPNet's position-biased attention."""
+    family = FAMILIES.get(config.model_type)
+    if family is None or family.fuses or set(variants) == {"fp32"}:
+        return variants
+    _log.warning(
+        "%s (%s): ONNX Runtime cannot fuse its attention; converting fp32 only", config.name, config.model_type
+    )
+    only_fp32: tuple[Variant, ...] = ("fp32",)
+    return only_fp32
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     if out.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -181,6 +199,7 @@ def convert_checkpoint(
     if "fp32" not in variants or unknown:
         raise InvalidArgument(f"variants must include 'fp32' and only name {ALL_VARIANTS}, got {sorted(variants)}")
     config = load_config(src, name)
+    variants = _buildable(config, variants)
     digest = source_digest(src)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

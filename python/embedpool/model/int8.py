@@ -29,6 +29,20 @@ PREFIX = "int8/"
 # Exact GELU never goes below -0.16997 (at x = -0.75): shifted by this, its output is non-negative.
 GELU_FLOOR = 0.17
 _GELU_OPS = frozenset({"Gelu", "BiasGelu", "FastGelu"})
+# Reductions whose axes moved from an attribute to an input in opset 18 (ReduceSum moved in 13).
+_AXES_INPUT_SINCE_18 = frozenset(
+    {
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceMean",
+        "ReduceProd",
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceLogSum",
+        "ReduceLogSumExp",
+        "ReduceSumSquare",
+    }
+)
 
 # How a MatMul's input is mapped to uint8:
 #   "symmetric": scale = max|x| / 127 around a fixed zero point of 128 (inputs centred on zero);
@@ -154,4 +168,16 @@ def quantize_per_token(model: onnx.ModelProto, *, asymmetric: bool = False) -> o
     for opset in out.opset_import:
         if opset.domain in ("", "ai.onnx"):
             opset.version = max(opset.version, OPSET)
+    _axes_as_inputs(graph)
     return out
+
+
+def _axes_as_inputs(graph: onnx.GraphProto) -> None:
+    """Rewrite opset-17 reductions (max pooling's ReduceMax) for the opset 21 the graph now declares."""
+    for node in graph.node:
+        axes = next((a for a in node.attribute if a.name == "axes"), None)
+        if node.domain in ("", "ai.onnx") and node.op_type in _AXES_INPUT_SINCE_18 and axes is not None:
+            name = f"{PREFIX}{node.name or node.output[0]}/axes"
+            graph.initializer.append(numpy_helper.from_array(np.array(list(axes.ints), dtype=np.int64), name))
+            node.attribute.remove(axes)
+            node.input.append(name)

@@ -82,6 +82,9 @@ class _Nodes:
     def unsqueeze(self, x: str, axes: list[int], output: str) -> str:
         return self._axes_op("Unsqueeze", x, axes, output, since=13)
 
+    def squeeze(self, x: str, axes: list[int], output: str) -> str:
+        return self._axes_op("Squeeze", x, axes, output, since=13)
+
     def reduce(self, op_type: str, x: str, axes: list[int], output: str, keepdims: int) -> str:
         since = 13 if op_type == "ReduceSum" else 18
         return self._axes_op(op_type, x, axes, output, since=since, keepdims=keepdims)
@@ -91,6 +94,8 @@ def _pool(n: _Nodes, tokens: str, mask: str, pooling: Pooling, float_type: int) 
     scalar = helper.tensor_dtype_to_np_dtype(float_type)
     if pooling == "cls":
         return n.op("Gather", [tokens, n.const("cls_index", np.array(0, dtype=np.int64))], "cls", axis=1)
+    if pooling == "lasttoken":
+        return _last_token(n, tokens, mask)
     mask3 = n.unsqueeze(mask, [-1], "mask_3d")
     if pooling == "max":
         keep = n.op("Cast", [mask3], "mask_bool", to=TensorProto.BOOL)
@@ -102,6 +107,28 @@ def _pool(n: _Nodes, tokens: str, mask: str, pooling: Pooling, float_type: int) 
     counts = n.reduce("ReduceSum", weights, [1], "count", keepdims=0)
     counts = n.op("Max", [counts, n.const("count_eps", np.array(_COUNT_EPS, dtype=scalar))], "count_clamped")
     return n.op("Div", [summed, counts], "mean")
+
+
+def _last_token(n: _Nodes, tokens: str, mask: str) -> str:
+    """The last position the mask marks real, as sentence-transformers picks it (position 0 for an empty mask):
+    the ArgMax of (position + 1) * mask, so right and left padding both work."""
+
+    def i64(name: str, value: int | list[int]) -> str:
+        return n.const(name, np.array(value, dtype=np.int64))
+
+    one = i64("last_one", 1)
+    mask_shape = n.op("Shape", [mask], "last_mask_shape")
+    seq_end = n.op("Add", [n.op("Gather", [mask_shape, one], "last_seq_len"), one], "last_seq_end")
+    numbered = n.op("Mul", [mask, n.op("Range", [one, seq_end, one], "last_numbers")], "last_numbered")
+    # ArgMax over int32 (ORT's CPU kernel has no int64 one); its attributes read the same in every opset since 13.
+    as_int32 = n.op("Cast", [numbered], "last_numbered_i32", to=TensorProto.INT32)
+    index = n.unsqueeze(n.op("ArgMax", [as_int32], "last_index", axis=1, keepdims=1), [-1], "last_index_3d")
+    # GatherElements takes an index shaped like its output, [batch, 1, hidden].
+    batch = n.op("Gather", [mask_shape, i64("last_batch_axis", [0])], "last_batch")
+    hidden = n.op("Gather", [n.op("Shape", [tokens], "last_tokens_shape"), i64("last_hidden_axis", [2])], "last_hidden")
+    target = n.op("Concat", [batch, i64("last_one_1d", [1]), hidden], "last_target_shape", axis=0)
+    picked = n.op("GatherElements", [tokens, n.op("Expand", [index, target], "last_index_full")], "last_picked", axis=1)
+    return n.squeeze(picked, [1], "lasttoken")
 
 
 def _l2_normalize(n: _Nodes, x: str, float_type: int) -> str:

@@ -110,8 +110,8 @@ class EmbeddingSession:
         mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
         if ids.ndim != 2 or ids.shape != mask.shape or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise InvalidArgument(f"input_ids {ids.shape} and attention_mask {mask.shape} must be equal, non-empty 2-D")
-        if ids.shape[1] > self._config.max_position_embeddings:
-            raise InvalidArgument(f"sequence of {ids.shape[1]} tokens exceeds {self._config.max_position_embeddings}")
+        if ids.shape[1] > self._config.max_positions:
+            raise InvalidArgument(f"sequence of {ids.shape[1]} tokens exceeds {self._config.max_positions}")
         if self._variant in _NEEDS_RIGHT_PADDING and bool(np.any(mask[:, 1:] > mask[:, :-1])):
             raise InvalidArgument(f"variant {self._variant} needs right-padded batches (mask = ones then zeros)")
         feeds = {"input_ids": ids, "attention_mask": mask}
