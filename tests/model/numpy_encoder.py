@@ -54,7 +54,8 @@ def _embeddings(w: Mapping[str, F64], cfg: Mapping[str, Any], ids: NDArray[np.in
     if cfg["model_type"] == "bert":
         positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
     else:  # create_position_ids_from_input_ids, with the mask marking the real tokens
-        positions = np.cumsum(mask, axis=1) * mask + cfg["pad_token_id"]
+        padding_idx = 1 if cfg["model_type"] == "mpnet" else cfg["pad_token_id"]  # MPNetEmbeddings fixes it at 1
+        positions = np.cumsum(mask, axis=1) * mask + padding_idx
     x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][positions]
     if cfg["model_type"] != "mpnet":
         x = x + w["embeddings.token_type_embeddings.weight"][0]

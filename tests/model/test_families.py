@@ -195,6 +195,16 @@ def test_description_is_read_and_exposed(tmp_path: Path) -> None:
     assert described.max_positions == TINY_POSITIONS  # the table's two rows below the first token do not count
 
 
+def test_mpnet_padding_idx_is_one_whatever_the_config_says(tmp_path: Path) -> None:
+    weights, config = family_checkpoint("mpnet")
+    config = {**config, "pad_token_id": 0, "max_position_embeddings": TINY_POSITIONS + 2}
+    bundle = load_model_dir(write_family(tmp_path / "src", weights, config), tmp_path / "cache", variants=["fp32"])
+    assert (bundle.config.padding_idx, bundle.config.max_positions) == (1, TINY_POSITIONS)
+    ids, mask = BATCHES["left"]
+    expected = pool(encode(weights, config, ids, mask), mask, "mean", True)
+    np.testing.assert_allclose(_session(bundle, "fp32").embed(ids, mask), expected, atol=3e-5)
+
+
 def test_offset_positions_cover_the_whole_table(tmp_path: Path) -> None:
     weights, config = family_checkpoint("roberta")
     bundle = load_model_dir(write_family(tmp_path / "src", weights, config), tmp_path / "cache", variants=["fp32"])

@@ -120,7 +120,7 @@ def _offset_embeddings(g: _GraphBuilder, config: ModelConfig, family: Family) ->
     pos_table = g.const("embeddings.position_embeddings.weight+token_type_0", table.astype(np.float32))
     counts = g.op("CumSum", [ATTENTION_MASK, g.const("const/one", np.array(1, dtype=np.int64))], "emb/token_counts")
     real_counts = g.op("Mul", [counts, ATTENTION_MASK], "emb/real_counts")
-    padding_idx = g.const("const/padding_idx", np.array(config.pad_token_id, dtype=np.int64))
+    padding_idx = g.const("const/padding_idx", np.array(config.padding_idx, dtype=np.int64))
     pos_ids = g.op("Add", [real_counts, padding_idx], "emb/position_ids")
     words = g.op("Gather", [g.weight("embeddings.word_embeddings.weight"), INPUT_IDS], "emb/words")
     positions = g.op("Gather", [pos_table, pos_ids], "emb/positions")

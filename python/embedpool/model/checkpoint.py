@@ -75,6 +75,10 @@ class ModelConfig:
         return self.hidden // self.num_heads
 
     @property
+    def padding_idx(self) -> int:
+        return padding_idx(self.model_type, self.pad_token_id)
+
+    @property
     def position_offset(self) -> int:
         return position_offset(self.model_type, self.pad_token_id)
 
@@ -84,10 +88,15 @@ class ModelConfig:
         return self.max_position_embeddings - self.position_offset
 
 
+def padding_idx(model_type: str, pad_token_id: int) -> int:
+    family = FAMILIES.get(model_type)
+    return family.padding_idx if family is not None and family.padding_idx is not None else pad_token_id
+
+
 def position_offset(model_type: str, pad_token_id: int) -> int:
     """Rows of the position table below the first token's (RoBERTa-style models start at padding_idx + 1)."""
     family = FAMILIES.get(model_type)
-    return pad_token_id + 1 if family is not None and family.offset_positions else 0
+    return padding_idx(model_type, pad_token_id) + 1 if family is not None and family.offset_positions else 0
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -24,6 +24,8 @@ class Family:
     relative_bias: bool
     # Whether ONNX Runtime's transformer optimizer fuses its attention, which the fused variants need.
     fuses: bool
+    # MPNetEmbeddings fixes padding_idx at 1 whatever config.json's pad_token_id says; RoBERTa's reads it there.
+    padding_idx: int | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -32,7 +34,9 @@ FAMILIES: dict[str, Family] = {
         Family("bert", "bert.", offset_positions=False, token_types=True, relative_bias=False, fuses=True),
         Family("roberta", "roberta.", offset_positions=True, token_types=True, relative_bias=False, fuses=True),
         Family("xlm-roberta", "roberta.", offset_positions=True, token_types=True, relative_bias=False, fuses=True),
-        Family("mpnet", "mpnet.", offset_positions=True, token_types=False, relative_bias=True, fuses=False),
+        Family(
+            "mpnet", "mpnet.", offset_positions=True, token_types=False, relative_bias=True, fuses=False, padding_idx=1
+        ),
     )
 }
 
