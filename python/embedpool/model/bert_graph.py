@@ -36,12 +36,20 @@ _MASK_FILTER = -10000.0
 _SUPPORTED_ACTIVATIONS = ("gelu",)
 
 Weights = dict[str, NDArray[np.float32]]
+# protobuf serialises no message over 2 GiB, and converted models are single ONNX files (no external data).
+_MAX_WEIGHT_BYTES = 2**31 - 2**26
 
 
 def load_weights(path: Path, family: Family) -> Weights:
     """Every float tensor of a checkpoint, keyed as BertModel names them (see families.canonical_key)."""
     try:
         with safe_open(str(path), framework="np") as f:
+            size = sum(4 * math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+            if size > _MAX_WEIGHT_BYTES:
+                raise InvalidArgument(
+                    f"unsupported size: {path} holds {size / 2**30:.1f} GiB of float32 weights, more than one ONNX"
+                    " file can (models past 2 GiB need external data, which the converter does not write)"
+                )
             return {
                 canonical_key(k, family): np.asarray(f.get_tensor(k), dtype=np.float32)
                 for k in f.keys()  # noqa: SIM118 -- safe_open is not a mapping
