@@ -27,6 +27,8 @@ def test_default_checkpoint_config() -> None:
         True,
     )
     assert (cfg.num_layers, cfg.num_heads, cfg.hidden, cfg.head_dim, cfg.intermediate) == (6, 12, 384, 32, 1536)
+    assert (cfg.model_type, cfg.architectures, cfg.padding_idx, cfg.max_positions) == ("bert", ("BertModel",), 0, 512)
+    assert (dict(cfg.prompts), cfg.default_prompt_name, cfg.include_prompt) == ({}, None, True)
 
 
 def test_bare_hf_config_defaults(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Convert a model directory (a safetensors BERT checkpoint, or an optimum-style ONNX export) into an embedpool
+"""Convert a model directory (a safetensors BERT-family checkpoint, or an optimum-style ONNX export) into an embedpool
 model directory: pooled + normalised `model.onnx` and its fused/fp16/int8 variants, the tokenizer and config files,
 and an `embedpool.json` manifest. Writes go to a temporary sibling directory renamed into place, so a reader never
 sees half a conversion.
