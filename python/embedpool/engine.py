@@ -20,7 +20,8 @@ from embedpool.model.device import cpu_has_vnni, pick_device
 from embedpool.model.null import NullSession
 from embedpool.model.variant_policy import serving_variant
 from embedpool.model.warmup import warm_up
-from embedpool.pool import InferenceSession
+from embedpool.pool import InferenceSession, PoolConfig
+from embedpool.pool.scheduler import BatchLimits
 
 # The device and variant choices stay importable from here, where callers have always found them.
 __all__ = [
@@ -62,6 +63,22 @@ class Engine:
     sessions: Sequence[InferenceSession]
     model: ServingModel
     pad_multiple: int
+
+    def pool_config(self) -> PoolConfig:
+        """The pool this engine serves through: batch budget, admission budget, tokenizer threads."""
+        settings = self.settings
+        return PoolConfig(
+            dim=self.model.dim,
+            limits=BatchLimits(
+                max_tokens=settings.max_batch_tokens,
+                max_size=settings.max_batch_size,
+                pad_multiple=self.pad_multiple,
+                pad_id=self.tokenizer.pad_id,
+            ),
+            max_concurrent_inputs=settings.max_concurrent_inputs,
+            max_concurrent_chars=settings.max_concurrent_chars,
+            tokenizer_threads=settings.tokenizer_threads,
+        )
 
 
 def model_source(settings: Settings) -> Path:

@@ -28,8 +28,7 @@ from embedpool.errors import StartupError, Unavailable, one_line
 from embedpool.http.app import create_app
 from embedpool.http.server import HttpServer
 from embedpool.http.server import bind as bind_http
-from embedpool.pool import EmbeddingPool, PoolConfig, running_pool
-from embedpool.pool.scheduler import BatchLimits
+from embedpool.pool import EmbeddingPool, running_pool
 from embedpool.security.audit import Auditor
 from embedpool.security.authenticator import Authenticator
 from embedpool.security.quota import Quotas
@@ -290,21 +289,6 @@ def _http_socket(settings: Settings, stack: AsyncExitStack) -> socket.socket | N
     return sock
 
 
-def _pool_config(settings: Settings, engine: Engine) -> PoolConfig:
-    return PoolConfig(
-        dim=engine.model.dim,
-        limits=BatchLimits(
-            max_tokens=settings.max_batch_tokens,
-            max_size=settings.max_batch_size,
-            pad_multiple=engine.pad_multiple,
-            pad_id=engine.tokenizer.pad_id,
-        ),
-        max_concurrent_inputs=settings.max_concurrent_inputs,
-        max_concurrent_chars=settings.max_concurrent_chars,
-        tokenizer_threads=settings.tokenizer_threads,
-    )
-
-
 async def serve(
     settings: Settings,
     stop: anyio.Event | None = None,
@@ -358,9 +342,7 @@ async def serve(
         usage = UsageBook(store)
         gate = Gate(authenticator, Auditor(store), usage, Quotas())
         guard.arm(gate)
-        pool = await stack.enter_async_context(
-            running_pool(engine.tokenizer, engine.sessions, _pool_config(settings, engine))
-        )
+        pool = await stack.enter_async_context(running_pool(engine.tokenizer, engine.sessions, engine.pool_config()))
         service = EmbeddingService(pool, store, engine.model, Limits.from_settings(settings))
         sources = SourceDatabases(
             parse_databases(settings.sync_databases, url),
