@@ -28,6 +28,12 @@ ROUTES: set[tuple[str, str]] = {
     ("post", "/v1/collections/{name}/documents"),
     ("post", "/v1/collections/{name}/documents/delete"),
     ("post", "/v1/collections/{name}/search"),
+    ("post", "/v1/syncs"),  # the syncs' routes: tests/sync/test_sync.py
+    ("get", "/v1/syncs"),
+    ("get", "/v1/syncs/{name}"),
+    ("post", "/v1/syncs/{name}/pause"),
+    ("post", "/v1/syncs/{name}/resume"),
+    ("delete", "/v1/syncs/{name}"),
     ("get", "/health"),
     ("get", "/ready"),
 }
@@ -81,6 +87,7 @@ def test_every_v1_operation_documents_its_errors_in_openai_shape(spec: dict[str,
 def test_a_conflict_is_documented_where_the_server_answers_409(spec: dict[str, Any]) -> None:
     """Creating an existing collection with other index options is 409 (test_routes checks the server)."""
     assert "409" in spec["paths"]["/v1/collections"]["post"]["responses"]
+    assert "409" in spec["paths"]["/v1/syncs"]["post"]["responses"]
 
 
 def test_no_status_is_documented_that_the_server_never_sends(spec: dict[str, Any]) -> None:
@@ -97,6 +104,7 @@ def test_request_bodies_are_documented(spec: dict[str, Any]) -> None:
         ("post", "/v1/collections/{name}/documents"): "UpsertDocuments",
         ("post", "/v1/collections/{name}/documents/delete"): "DeleteDocuments",
         ("post", "/v1/collections/{name}/search"): "SearchRequest",
+        ("post", "/v1/syncs"): "CreateSync",
     }
     operations = _operations(spec)
     for route, schema in bodies.items():

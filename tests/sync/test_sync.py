@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 
@@ -207,3 +208,26 @@ def test_bad_requests_get_precise_errors(sync_server: Running, client: Client) -
         client.create_sync(name, **good)
     with pytest.raises(NotFound):
         client.pause_sync(_name())
+
+
+def test_the_http_door_manages_syncs(sync_server: Running) -> None:
+    url = sync_server.database_url
+    name = table = _name()
+    make_articles(url, table, 4)
+    body = {"name": name, "source": table, "id_column": "id", "text": "body", "collection": name}
+    with httpx.Client(base_url=f"http://127.0.0.1:{sync_server.http_port}/v1", timeout=30) as http:
+        created = http.post("/syncs", json=body)
+        assert created.status_code == 200 and created.json()["backfilled_rows"] == 4, created.text
+        assert http.post("/syncs", json=body).status_code == 409
+        wait_until(lambda: http.get(f"/syncs/{name}").json()["backlog_rows"] == 0, what="the backfill")
+        assert len(collection_rows(url, name)) == 4
+        assert http.post(f"/syncs/{name}/pause").json()["paused"] is True
+        assert http.post(f"/syncs/{name}/resume").json()["paused"] is False
+        assert name in [s["name"] for s in http.get("/syncs").json()["data"]]
+        assert http.delete(f"/syncs/{name}").json() == {"object": "sync.deleted", "name": name, "deleted": True}
+        missing = http.get(f"/syncs/{name}")
+        assert missing.status_code == 404 and "no sync" in missing.json()["error"]["message"]
+        bad = http.post("/syncs", json={**body, "name": _name(), "text": "nope()"})
+        assert bad.status_code == 400 and "nope" in bad.json()["error"]["message"]
+        unknown_field = http.post("/syncs", json={**body, "name": _name(), "extra": 1})
+        assert unknown_field.status_code == 400

@@ -12,11 +12,12 @@ from fastapi_offline import FastAPIOffline
 from starlette.responses import Response
 
 from embedpool import __version__
-from embedpool.http import collections, embeddings, errors
+from embedpool.http import collections, embeddings, errors, syncs
 from embedpool.http.guard import Gatekeeper, RequestLimits
 from embedpool.http.schemas import Health
 from embedpool.service import EmbeddingService
 from embedpool.service.gate import Gate
+from embedpool.service.syncs import Syncs
 
 DESCRIPTION = """Embeddings and vector search over pgvector. `POST /v1/embeddings` speaks OpenAI's embeddings API
 (the `openai` SDK and the frameworks built on it work with `base_url` set to this server's `/v1`). With
@@ -24,7 +25,9 @@ DESCRIPTION = """Embeddings and vector search over pgvector. `POST /v1/embedding
 status a gRPC caller would get, as its HTTP equivalent."""
 
 
-def create_app(service: EmbeddingService, gate: Gate, ready: Callable[[], dict[str, bool]]) -> FastAPI:
+def create_app(
+    service: EmbeddingService, gate: Gate, ready: Callable[[], dict[str, bool]], sync_manager: Syncs
+) -> FastAPI:
     """`ready`: the readiness checks by name (model warm, database reachable), each True when passing."""
     # FastAPIOffline: FastAPI whose /docs page loads Swagger UI from files in the wheel, not from a CDN that an
     # air-gapped machine cannot reach.
@@ -41,6 +44,7 @@ def create_app(service: EmbeddingService, gate: Gate, ready: Callable[[], dict[s
     keeper = Gatekeeper(gate)
     app.include_router(embeddings.router(service, keeper))
     app.include_router(collections.router(service, keeper))
+    app.include_router(syncs.router(sync_manager, keeper))
 
     @app.get("/health", response_model=Health, tags=["Operations"])
     async def health() -> Health:

@@ -191,3 +191,47 @@ class SearchResult(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, bool] = {}
+
+
+class CreateSync(_Strict):
+    name: str = Field(description="a-z, then a-z 0-9 _ (at most 48)")
+    source: str = Field(description="schema.table, or table (schema public)")
+    id_column: str = Field(description="the table's key: it becomes the document id")
+    text: str = Field(description="SQL expression over the row's columns, e.g. title || ' ' || body")
+    collection: str = Field(description="created if it does not exist")
+    metadata_columns: list[str] = Field(default_factory=list, description="columns stored as the metadata")
+    where: str = Field("", description="SQL condition: rows not matching it are kept out of the collection")
+    database: str = Field("", description="a source database the server was given (--sync-databases); empty: its own")
+
+
+class Sync(BaseModel):
+    object: Literal["sync"] = "sync"
+    name: str
+    source: str
+    id_column: str
+    text: str
+    collection: str
+    metadata_columns: list[str]
+    where: str
+    database: str
+    paused: bool
+    backlog_rows: int = Field(description="rows with a change not yet embedded (dead letters not counted)")
+    pending_changes: int
+    lag_seconds: float = Field(description="age of the oldest pending change; 0 when caught up")
+    rows_per_second: float = Field(description="rows stored or removed over the last minute, by every server")
+    failures_last_minute: int
+    dead_rows: int = Field(description="rows that failed every attempt; a later change of the row retries it")
+    last_error: str
+    last_error_row: str
+    backfilled_rows: int | None = Field(None, description="on create: rows queued by the backfill")
+
+
+class SyncDeleted(BaseModel):
+    object: Literal["sync.deleted"] = "sync.deleted"
+    name: str
+    deleted: bool
+
+
+class SyncList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Sync]

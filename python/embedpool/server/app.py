@@ -366,7 +366,7 @@ async def serve(
         ready = _Readiness()
         http = (
             HttpServer(
-                create_app(service, gate, ready.checks),
+                create_app(service, gate, ready.checks, syncs),
                 http_socket,
                 tls.ssl_context if tls else None,
                 settings.grace_seconds,
