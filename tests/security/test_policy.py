@@ -20,7 +20,7 @@ names = st.from_regex(COLLECTION_NAME, fullmatch=True)
 @pytest.mark.parametrize("role", list(Role))
 @pytest.mark.parametrize("action", list(Action))
 def test_a_role_may_do_what_its_rank_covers(role: Role, action: Action) -> None:
-    principal = Principal(tenant="t", role=role)
+    principal = Principal(tenant=DEFAULT_TENANT if action is Action.MANAGE_SYNCS else "t", role=role)
     allowed = {Role.READER: {Action.EMBED, Action.READ}, Role.WRITER: {Action.EMBED, Action.READ, Action.WRITE}}
     if action in allowed.get(role, set(Action)):
         authorize(principal, action, "c")
@@ -38,6 +38,18 @@ def test_a_collection_grant_is_a_glob() -> None:
     with pytest.raises(PermissionDenied, match="granted every collection"):  # or it could grant itself "*"
         authorize(principal, Action.MANAGE_KEYS)
     authorize(Principal(tenant="t", role=Role.ADMIN), Action.MANAGE_KEYS)
+
+
+def test_only_the_operators_admin_keys_manage_syncs() -> None:
+    """A sync reads what the server's database role can read: not a tenant's power, nor a partial grant's."""
+    authorize(Principal(tenant="default", role=Role.ADMIN), Action.MANAGE_SYNCS)
+    for principal in (
+        Principal(tenant="t", role=Role.ADMIN),
+        Principal(tenant="default", role=Role.ADMIN, collections="team-*"),
+        Principal(tenant="default", role=Role.WRITER),
+    ):
+        with pytest.raises(PermissionDenied):
+            authorize(principal, Action.MANAGE_SYNCS)
 
 
 @given(tenants, names)

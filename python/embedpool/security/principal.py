@@ -92,9 +92,12 @@ def authorize(principal: Principal, action: Action, collection: str = "") -> Non
     if action is Action.MANAGE_KEYS and principal.collections != "*":
         # A key limited to some collections could otherwise make itself a key for all of them.
         raise PermissionDenied("managing keys needs an admin key granted every collection (--collections '*')")
-    if action is Action.MANAGE_SYNCS and principal.collections != "*":
-        # A sync reads whatever the server's database role can read, whichever collection it fills.
-        raise PermissionDenied("managing syncs needs an admin key granted every collection (--collections '*')")
+    if action is Action.MANAGE_SYNCS and (principal.collections != "*" or principal.tenant != DEFAULT_TENANT):
+        # A sync reads whatever the server's database role can read, whichever collection it fills: the
+        # operator's power, not a tenant's (and sync names are not per tenant).
+        raise PermissionDenied(
+            f"managing syncs needs an admin key of tenant {DEFAULT_TENANT!r} granted every collection"
+        )
     if collection and not principal.may_see(collection):
         raise PermissionDenied(f"this key is not granted collection {collection!r}")
 
