@@ -23,6 +23,7 @@ import pytest
 
 from embedpool.client import Client
 from embedpool.store import EmbeddedPostgres, running_postgres
+from embedpool.store.sources import APPLICATION_NAME
 
 from .conftest import collection_rows, expected, make_articles, wait_until
 
@@ -95,6 +96,12 @@ def _partition_counts(url: str, collection: str) -> tuple[int, int, int]:
     return int(row[0]), int(row[1]), int(row[2])
 
 
+def _sync_connections(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (APPLICATION_NAME,))
+        return int((row.fetchone() or (0,))[0])
+
+
 def _stored_once(url: str, collection: str, n: int) -> None:
     """Postgres' statistics reach every count within a second or so of the transactions that made them."""
     wait_until(lambda: _partition_counts(url, collection)[0] >= n, timeout=30, what="the partition's statistics")
@@ -149,7 +156,15 @@ def test_a_server_killed_during_a_backfill_loses_and_repeats_nothing(
                 collection=name,
                 metadata_columns=["tag"],
             )
-        wait_until(lambda: len(collection_rows(url, name)) >= n // 5, timeout=180, what="a fifth of the backfill")
+        connections: list[int] = []
+
+        def a_fifth_stored() -> bool:
+            connections.append(_sync_connections(url))
+            return len(collection_rows(url, name)) >= n // 5
+
+        wait_until(a_fifth_stored, timeout=180, what="a fifth of the backfill")
+        # --sync-workers (2) batch connections and the LISTEN one, however many rows wait.
+        assert 0 < max(connections) <= 3, connections
     finally:
         server.stop(signal.SIGKILL)
     assert server.proc.returncode == -signal.SIGKILL

@@ -29,7 +29,7 @@ from embedpool.service.documents import Document
 from embedpool.store import Store
 from embedpool.store import sync_source as source_db
 from embedpool.store import syncs as defs
-from embedpool.store.sources import DEFAULT, SourceDatabases
+from embedpool.store.sources import APPLICATION_NAME, DEFAULT, SourceDatabases
 from embedpool.store.syncs import SyncRecord
 
 __all__ = ["SyncWorkerConfig", "SyncWorkers"]
@@ -187,7 +187,7 @@ class SyncWorkers:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self._sources.url(database), autocommit=True, connect_timeout=10
+                    self._sources.url(database), autocommit=True, connect_timeout=10, application_name=APPLICATION_NAME
                 ) as conn:
                     for channel in channels:
                         await conn.execute(f"LISTEN {channel}")

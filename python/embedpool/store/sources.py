@@ -17,9 +17,10 @@ from psycopg_pool import AsyncConnectionPool
 from embedpool.errors import InvalidArgument, NotFound
 from embedpool.store.dberrors import database_errors
 
-__all__ = ["DEFAULT", "SourceDatabases", "parse_databases"]
+__all__ = ["APPLICATION_NAME", "DEFAULT", "SourceDatabases", "parse_databases"]
 
 DEFAULT: Final = "default"
+APPLICATION_NAME: Final = "embedpool-sync"
 
 
 def parse_databases(raw: str, own_url: str) -> dict[str, str]:
@@ -59,7 +60,11 @@ class SourceDatabases:
                 self.url(name),
                 min_size=0,
                 max_size=self._max,
-                kwargs={"autocommit": True, "connect_timeout": max(1, round(self._timeout))},
+                kwargs={
+                    "autocommit": True,
+                    "connect_timeout": max(1, round(self._timeout)),
+                    "application_name": APPLICATION_NAME,  # so an operator can see (and count) them
+                },
                 check=AsyncConnectionPool.check_connection,
                 timeout=self._timeout,
                 reconnect_timeout=self._timeout,
