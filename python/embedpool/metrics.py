@@ -21,6 +21,19 @@ HTTP_LATENCY = Histogram(
 # multiprocess_mode: how `serve --workers N` merges a gauge over its live workers (ignored in one process).
 QUEUE_INPUTS = Gauge("embedpool_queue_inputs", "documents waiting for a batch", multiprocess_mode="livesum")
 QUEUE_TOKENS = Gauge("embedpool_queue_tokens", "tokens waiting for a batch", multiprocess_mode="livesum")
+# By priority class (pool.priority: "interactive" or "bulk"): whether interactive calls really go ahead under bulk load.
+QUEUE_CLASS_INPUTS = Gauge(
+    "embedpool_queue_class_inputs",
+    "documents waiting for a batch, by priority class",
+    ["priority"],
+    multiprocess_mode="livesum",
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "embedpool_queue_wait_seconds",
+    "time from a call's documents being queued to the first of them being cut into a batch, by priority class",
+    ["priority"],
+    buckets=_LATENCY_BUCKETS,
+)
 PERMITS_IN_USE = Gauge(
     "embedpool_permits_in_use", "documents admitted and not yet answered", multiprocess_mode="livesum"
 )

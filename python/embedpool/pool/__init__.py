@@ -3,6 +3,7 @@
 from embedpool.pool.admission import Permits
 from embedpool.pool.feeder import InferenceSession
 from embedpool.pool.pool import EmbeddingPool, Embeddings, PoolConfig, running_pool
+from embedpool.pool.priority import Priority
 from embedpool.pool.scheduler import Batch, BatchLimits
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "InferenceSession",
     "Permits",
     "PoolConfig",
+    "Priority",
     "running_pool",
 ]

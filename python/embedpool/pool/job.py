@@ -9,6 +9,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from embedpool.errors import EmbedpoolError
+from embedpool.pool.priority import Priority
 
 
 @dataclass(slots=True)
@@ -59,6 +60,9 @@ class Job:
     error: EmbedpoolError | None = None
     abandoned: bool = False  # the caller gave up (cancelled or past deadline): skip its queued documents
     stages: Stages | None = None  # only when the call is traced
+    priority: Priority = Priority.INTERACTIVE
+    queued_at: float = 0.0  # anyio.current_time() when the scheduler took it in
+    started: bool = False  # a document of it was cut into a batch (its queue wait is recorded then)
 
     def __post_init__(self) -> None:
         self.lengths = np.diff(self.offsets).tolist()

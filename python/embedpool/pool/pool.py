@@ -20,7 +20,8 @@ from embedpool.errors import DeadlineExceeded, InferenceFailed, InvalidArgument,
 from embedpool.pool.admission import Permits
 from embedpool.pool.feeder import Feeder, InferenceSession, Outcome, Rotation
 from embedpool.pool.job import Job, Stages
-from embedpool.pool.scheduler import Batch, BatchLimits, Scheduler
+from embedpool.pool.priority import Priority
+from embedpool.pool.scheduler import Batch, BatchLimits, ClassPolicy, Scheduler
 
 
 class Tokenizer(Protocol):
@@ -45,6 +46,14 @@ class PoolConfig:
     max_concurrent_chars: int = 64 * 1024 * 1024
     pipeline_depth: int = 2  # batches cut ahead per session, so the next one is ready when the engine frees up
     inline_tokenize_chars: int = INLINE_TOKENIZE_CHARS
+    priorities: bool = True
+    """Interactive work ahead of bulk (pool.priority, pool.scheduler); off, one queue in arrival order for all."""
+    max_interactive_streak: int = 4
+    """Interactive batches cut in a row, at most, while bulk work waits: bulk gets >= 1 batch in 5 under any
+    interactive load, while a query under bulk load waits behind at most the one bulk batch running."""
+    interactive_reserve: float = 0.25
+    """Share of the admission budget bulk work may not hold, so that interactive calls under a bulk load are
+    admitted (bulk streams waiting for room would otherwise take every permit freed)."""
 
 
 @dataclass(frozen=True)
@@ -60,13 +69,19 @@ class EmbeddingPool:
         self._tokenizer = tokenizer
         self._sessions = list(sessions)
         self._config = config
-        self._permits = Permits(config.max_concurrent_inputs, config.max_concurrent_chars)
+        self._permits = Permits(
+            config.max_concurrent_inputs,
+            config.max_concurrent_chars,
+            config.interactive_reserve if config.priorities else 0.0,
+        )
         self._tokenize_limiter = anyio.CapacityLimiter(config.tokenizer_threads)
         # Every admitted job fits: a job holds >= 1 permit, so the channel can never hold more jobs than this.
         self._ingress_send, self._ingress_receive = anyio.create_memory_object_stream[Job](config.max_concurrent_inputs)
         depth = len(self._sessions) * config.pipeline_depth
         self._batch_send, self._batch_receive = anyio.create_memory_object_stream[Batch](depth)
         self._free_slots = anyio.Semaphore(depth)
+        classes = ClassPolicy(config.max_interactive_streak, len(self._sessions)) if config.priorities else None
+        self._scheduler = Scheduler(self._ingress_receive, self._batch_send, self._free_slots, config.limits, classes)
         self._rotation = Rotation(len(self._sessions))
         self._feeders: list[Feeder] = []
         metrics.SESSIONS_IN_ROTATION.set(len(self._sessions))
@@ -86,10 +101,16 @@ class EmbeddingPool:
         return self._rotation.in_rotation
 
     async def embed(
-        self, texts: Sequence[str], *, truncate: bool = True, deadline: float = math.inf, wait: bool = False
+        self,
+        texts: Sequence[str],
+        *,
+        truncate: bool = True,
+        deadline: float = math.inf,
+        wait: bool = False,
+        priority: Priority = Priority.INTERACTIVE,
     ) -> Embeddings:
         """Embeds `texts` in order. Without room in the admission budget, raises Overloaded at once, or with
-        `wait` waits for room (until `deadline`)."""
+        `wait` waits for room (until `deadline`). `priority`: see pool.priority."""
         if self._closed:
             raise Unavailable("the server is shutting down")
         if self._rotation.in_rotation == 0:
@@ -103,17 +124,18 @@ class EmbeddingPool:
         try:
             with anyio.fail_after(max(0.0, deadline - anyio.current_time()) if deadline < math.inf else None):
                 if wait:
-                    await self._permits.acquire_waiting(n, chars)
+                    await self._permits.acquire_waiting(n, chars, priority)
                 else:
-                    self._permits.acquire(n, chars)
+                    self._permits.acquire(n, chars, priority)
                 admitted = True
                 if traced:
                     tokenizing_ns = tracing.wall_ns()
                 ids, offsets = await self._tokenize(texts, chars, truncate)
-                job = Job(ids=ids, offsets=offsets, dim=self._config.dim, deadline=deadline)
+                job = Job(ids=ids, offsets=offsets, dim=self._config.dim, deadline=deadline, priority=priority)
                 if traced:
                     job.stages = Stages(queued_ns=tracing.wall_ns())
                 await self._ingress_send.send(job)
+                self._scheduler.notify()
                 await job.done.wait()
         except TimeoutError as exc:
             if not admitted:
@@ -129,7 +151,7 @@ class EmbeddingPool:
                 for feeder in self._feeders:
                     feeder.stop_if_unwanted()
             if admitted:
-                self._permits.release(n, chars)
+                self._permits.release(n, chars, priority)
             if job is not None and job.stages is not None:
                 _record_stages(job, job.stages, tokenizing_ns, chars)
         if job.error is not None:
@@ -153,7 +175,6 @@ class EmbeddingPool:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Runs the scheduler and the feeders until `close()`; then drains queued work and joins the threads."""
         token = current_token()
-        scheduler = Scheduler(self._ingress_receive, self._batch_send, self._free_slots, self._config.limits)
         self._feeders = feeders = [
             Feeder(
                 f"feeder-{k}",
@@ -172,7 +193,7 @@ class EmbeddingPool:
             feeder.start()
         task_status.started()
         try:
-            await scheduler.run()
+            await self._scheduler.run()
         finally:
             with anyio.CancelScope(shield=True):
                 for feeder in feeders:
@@ -191,10 +212,12 @@ class EmbeddingPool:
         """Stops admitting work; `run` returns once everything admitted is answered."""
         self._closed = True
         self._ingress_send.close()
+        self._scheduler.notify()
 
     def _complete(self, batch: Batch, outcome: Outcome) -> None:
         """Runs on the event loop: fans a batch's rows back to their jobs and frees the feeder slot."""
         self._free_slots.release()
+        self._scheduler.finished(batch)
         if outcome.stopped:  # nobody waits for these rows
             return
         failed = outcome.failed

@@ -1,4 +1,16 @@
-"""The scheduler: the single owner of the queue. Cuts token-budget batches whenever a feeder can take one."""
+"""The scheduler: the single owner of the queues. Cuts token-budget batches whenever a feeder can take one.
+
+With priority classes on (pool.priority), interactive and bulk documents wait in a queue each, and each batch is
+cut from one class:
+- interactive first, and never mixed with bulk documents: those would make a query wait for their inference too;
+- bulk still gets one batch after at most `max_interactive_streak` interactive ones cut while it could have run.
+  The share is counted in batches: when interactive work alone keeps the engines busy, its batches grow full
+  too, so a share of batches is about a share of engine time, with no cost model to keep right;
+- at most one bulk batch per session is cut ahead (in the channel or running). A batch in the channel cannot be
+  overtaken, so a query arriving under a bulk load waits for the rest of the bulk batch running, not for the next
+  one as well; interactive batches keep the whole pipeline depth.
+Off, every document waits in one queue in arrival order, whatever its class.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +25,7 @@ from numpy.typing import NDArray
 
 from embedpool import _native, metrics
 from embedpool.pool.job import Job
+from embedpool.pool.priority import Priority
 
 
 @dataclass(frozen=True)
@@ -24,12 +37,21 @@ class BatchLimits:
     window_factor: int = 8  # how many max-size batches of the oldest inputs are considered for length sorting
 
 
+@dataclass(frozen=True)
+class ClassPolicy:
+    """How priority classes share the engines (see the module docstring)."""
+
+    max_interactive_streak: int
+    bulk_slots: int  # bulk batches cut ahead at most: one per session
+
+
 @dataclass(eq=False)
 class Batch:
     ids: NDArray[np.int64]
     mask: NDArray[np.int64]
     entries: list[tuple[Job, int]]
     real_tokens: int
+    bulk: bool = False  # cut from the bulk queue: counts against ClassPolicy.bulk_slots until it is finished
 
     @property
     def padded_tokens(self) -> int:
@@ -43,13 +65,19 @@ class Batch:
             return self
         rows = np.asarray(keep, dtype=np.intp)
         mask = self.mask[rows]
-        return Batch(self.ids[rows], mask, [self.entries[r] for r in keep], int(mask.sum()))
+        return Batch(self.ids[rows], mask, [self.entries[r] for r in keep], int(mask.sum()), self.bulk)
+
+
+Queue = deque[tuple[Job, int]]
 
 
 class Scheduler:
-    """Pulls jobs from the ingress channel, keeps their documents in arrival order, and cuts one batch each
+    """Takes jobs from the ingress channel, keeps their documents in arrival order, and cuts one batch each
     time a feeder is free (`capacity` counts free feeder slots). Cutting only then, never on a timer, means no
     device waits for a fuller batch, and batches grow by themselves when devices are busy.
+
+    It sleeps on one event that whatever changes what can be cut sets: `notify()` after a job is sent or the
+    ingress closed, `finished()` when a bulk batch ends.
     """
 
     def __init__(
@@ -58,26 +86,46 @@ class Scheduler:
         batches: MemoryObjectSendStream[Batch],
         capacity: anyio.Semaphore,
         limits: BatchLimits,
+        classes: ClassPolicy | None = None,
     ) -> None:
         self._ingress = ingress
         self._batches = batches
         self._capacity = capacity
         self._limits = limits
-        self._queue: deque[tuple[Job, int]] = deque()
+        self._classes = classes
+        shared: Queue = deque()
+        self._queues: dict[Priority, Queue] = {p: deque() if classes else shared for p in Priority}
         self._queued_tokens = 0
+        self._depth = dict.fromkeys(Priority, 0)
+        self._depth_gauges = {p: metrics.QUEUE_CLASS_INPUTS.labels(p.value) for p in Priority}
+        self._waits = {p: metrics.QUEUE_WAIT_SECONDS.labels(p.value) for p in Priority}
+        self._bulk_in_flight = 0
+        self._streak = 0  # interactive batches cut in a row while a bulk one could have been
+        self._open = True
+        self._wake = anyio.Event()
+
+    def notify(self) -> None:
+        """On the event loop: a job was sent, or the ingress closed."""
+        self._wake.set()
+
+    def finished(self, batch: Batch) -> None:
+        """On the event loop, once a feeder is done with `batch` (answered, failed or stopped)."""
+        if batch.bulk:
+            self._bulk_in_flight -= 1
+            self._wake.set()
 
     async def run(self) -> None:
         async with self._ingress, self._batches:
-            open_ = True
-            while open_ or self._queue:
-                if not self._queue:
-                    try:
-                        self._enqueue(await self._ingress.receive())
-                    except anyio.EndOfStream:
-                        open_ = False
-                        continue
+            while True:
+                self._wake = anyio.Event()  # no await until the wait: nothing set in between is missed
+                self._drain_ready()
+                if self._next_class() is None:
+                    if not self._open and not any(self._queues.values()):
+                        return
+                    await self._wake.wait()
+                    continue
                 await self._capacity.acquire()
-                open_ = self._drain_ready() and open_
+                self._drain_ready()
                 batch = self._cut()
                 if batch is None:
                     self._capacity.release()
@@ -86,36 +134,60 @@ class Scheduler:
 
     def _enqueue(self, job: Job) -> None:
         n = len(job)
-        self._queue.extend(zip(itertools.repeat(job, n), range(n), strict=True))
+        job.queued_at = anyio.current_time()
+        self._queues[job.priority].extend(zip(itertools.repeat(job, n), range(n), strict=True))
         self._queued_tokens += sum(job.lengths)
+        self._depth[job.priority] += n
         self._publish_depth()
 
-    def _drain_ready(self) -> bool:
-        """Takes every job already waiting, without blocking. False once the ingress is closed."""
-        while True:
+    def _drain_ready(self) -> None:
+        """Takes every job already waiting, without blocking; notes when the ingress is closed."""
+        while self._open:
             try:
                 self._enqueue(self._ingress.receive_nowait())
             except anyio.WouldBlock:
-                return True
+                return
             except anyio.EndOfStream:
-                return False
+                self._open = False
 
-    def _take_window(self) -> list[tuple[Job, int]]:
+    def _bulk_may_run(self) -> bool:
+        return (
+            self._classes is not None
+            and bool(self._queues[Priority.BULK])
+            and self._bulk_in_flight < self._classes.bulk_slots
+        )
+
+    def _next_class(self) -> Priority | None:
+        """The queue the next batch is cut from; None when none may be cut now."""
+        interactive = bool(self._queues[Priority.INTERACTIVE])  # with classes off, the one queue
+        if (
+            self._classes is not None
+            and self._bulk_may_run()
+            and (not interactive or self._streak >= self._classes.max_interactive_streak)
+        ):
+            return Priority.BULK
+        return Priority.INTERACTIVE if interactive else None
+
+    def _take_window(self, queue: Queue) -> list[tuple[Job, int]]:
         """The oldest live documents, dropping abandoned or expired ones on the way (before any work)."""
         now = anyio.current_time()
         window: list[tuple[Job, int]] = []
         limit = self._limits.max_size * self._limits.window_factor
-        while self._queue and len(window) < limit:
-            job, i = self._queue.popleft()
+        while queue and len(window) < limit:
+            job, i = queue.popleft()
             if job.expired(now):
                 self._queued_tokens -= job.token_count(i)
+                self._depth[job.priority] -= 1
                 continue
             window.append((job, i))
         return window
 
     def _cut(self) -> Batch | None:
-        window = self._take_window()
-        if not window:
+        cls = self._next_class()
+        bulk_could_run = self._bulk_may_run()
+        queue = self._queues[cls] if cls is not None else None
+        window = self._take_window(queue) if queue is not None else []
+        if queue is None or not window:
             self._publish_depth()
             return None
         lengths = np.array([job.lengths[i] for job, i in window], dtype=np.int64)
@@ -127,16 +199,34 @@ class Scheduler:
         )
         chosen = plan[0]  # holds window[0], the oldest document: nothing starves behind shorter ones
         picked = set(chosen.tolist())
-        self._queue.extendleft(reversed([w for j, w in enumerate(window) if j not in picked]))
+        queue.extendleft(reversed([w for j, w in enumerate(window) if j not in picked]))
         entries = [window[j] for j in chosen.tolist()]
         ids, mask = _native.pad_batch(
             [job.tokens(i) for job, i in entries], pad_id=self._limits.pad_id, multiple=self._limits.pad_multiple
         )
         real = int(lengths[chosen].sum())
         self._queued_tokens -= real
+        self._started(entries)
+        bulk = self._classes is not None and cls is Priority.BULK
+        if bulk:
+            self._bulk_in_flight += 1
+            self._streak = 0
+        elif bulk_could_run:
+            self._streak += 1
         self._publish_depth()
-        return Batch(ids=ids, mask=mask, entries=entries, real_tokens=real)
+        return Batch(ids=ids, mask=mask, entries=entries, real_tokens=real, bulk=bulk)
+
+    def _started(self, entries: list[tuple[Job, int]]) -> None:
+        """Counts the batch's documents out of the queue, and records each job's wait the first time."""
+        now = anyio.current_time()
+        for job, _ in entries:
+            self._depth[job.priority] -= 1
+            if not job.started:
+                job.started = True
+                self._waits[job.priority].observe(now - job.queued_at)
 
     def _publish_depth(self) -> None:
-        metrics.QUEUE_INPUTS.set(len(self._queue))
+        metrics.QUEUE_INPUTS.set(sum(self._depth.values()))
         metrics.QUEUE_TOKENS.set(self._queued_tokens)
+        for priority, gauge in self._depth_gauges.items():
+            gauge.set(self._depth[priority])
