@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 from embedpool import tracing
 from embedpool.engine import ServingModel
 from embedpool.errors import InvalidArgument, Overloaded, Unavailable
-from embedpool.pool import EmbeddingPool
+from embedpool.pool import EmbeddingPool, Priority
 from embedpool.security import keyring
 from embedpool.security.principal import current as current_principal
 from embedpool.security.usage import meter
@@ -51,6 +51,10 @@ def _meter_write(outcome: WriteOutcome) -> None:
     usage = meter()
     usage.tokens += sum(outcome.token_counts)
     usage.documents += outcome.upsert.inserted + outcome.upsert.updated
+
+
+def _by_size(documents: Sequence[object]) -> Priority:
+    return Priority.INTERACTIVE if len(documents) <= check.INTERACTIVE_DOCUMENTS else Priority.BULK
 
 
 def _normalized(vectors: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -115,7 +119,7 @@ class EmbeddingService:
         check.texts(texts, self._limits, field)
         size = self.dimensions(dimensions)
         try:
-            embedded = await self._pool.embed(texts, truncate=truncate, deadline=deadline)
+            embedded = await self._pool.embed(texts, truncate=truncate, deadline=deadline, priority=_by_size(texts))
         except InvalidArgument as e:  # the tokenizer's, naming "text i": name it as the caller's door does
             suffix = ".text" if field == "documents" else ""
             raise check.renamed_text_error(e, lambda i: f"{field}[{i}]{suffix}") from None
@@ -132,13 +136,25 @@ class EmbeddingService:
         truncate: bool = True,
         deadline: float = math.inf,
         want_vectors: bool = False,
+        priority: Priority | None = None,
+        wait: bool = False,
     ) -> WriteOutcome:
-        """Embeds `documents` and upserts them into `collection` (idempotent: see service.writes)."""
+        """Embeds `documents` and upserts them into `collection` (idempotent: see service.writes). `priority`:
+        by default interactive for a call of up to limits.INTERACTIVE_DOCUMENTS documents, bulk above; `wait`:
+        wait for room in the admission budget (until `deadline`) instead of failing with Overloaded (a background
+        writer, as Ingest does)."""
         check.collection_name(collection)
         checked = check.documents(documents, self._limits)
         await self._writable(collection)
         outcome = await self._writer.write(
-            collection, documents, checked, truncate=truncate, deadline=deadline, want_vectors=want_vectors
+            collection,
+            documents,
+            checked,
+            truncate=truncate,
+            deadline=deadline,
+            want_vectors=want_vectors,
+            wait=wait,
+            priority=priority or _by_size(documents),
         )
         _meter_write(outcome)
         return outcome
@@ -194,6 +210,7 @@ class EmbeddingService:
                 deadline=deadline,
                 want_vectors=False,
                 wait=True,
+                priority=Priority.BULK,
             )
 
         async def acknowledge(batch: IngestBatch, outcome: WriteOutcome) -> None:

@@ -24,6 +24,9 @@ COLLECTION_NAME: Final = re.compile(r"[A-Za-z0-9_.\-]{1,63}")
 STORED_COLLECTION_NAME: Final = re.compile(r"(?:[a-z0-9][a-z0-9_-]{0,62}/)?[A-Za-z0-9_.\-]{1,63}")
 MAX_ID_BYTES: Final = 512
 MAX_CANDIDATES: Final = 10_000
+INTERACTIVE_DOCUMENTS: Final = 32
+"""Embed and write calls of up to this many documents are interactive work (pool.priority), larger ones bulk: a
+caller sending hundreds of documents at once is after throughput, and ahead of bulk work would hold up queries."""
 
 
 @dataclass(frozen=True)

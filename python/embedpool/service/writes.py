@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 from embedpool import metrics, tracing
 from embedpool.engine import ServingModel
 from embedpool.errors import InvalidArgument
-from embedpool.pool import EmbeddingPool
+from embedpool.pool import EmbeddingPool, Priority
 from embedpool.service.documents import Document, Rejected, WriteOutcome
 from embedpool.service.limits import Checked, renamed_text_error
 from embedpool.store import DocumentRow, StaleAssumption, Store, UpsertResult
@@ -61,6 +61,7 @@ class EmbeddedBatch:
     deadline: float
     wait: bool = False
     """Whether embedding waits for room in the admission budget (Ingest) or fails fast (unary calls)."""
+    priority: Priority = Priority.INTERACTIVE
 
     @property
     def skipped_unchanged(self) -> int:
@@ -91,9 +92,18 @@ class DocumentWriter:
         truncate: bool,
         deadline: float,
         want_vectors: bool,
+        wait: bool = False,
+        priority: Priority = Priority.INTERACTIVE,
     ) -> WriteOutcome:
         batch = await self.embed(
-            collection, documents, checked, truncate=truncate, deadline=deadline, want_vectors=want_vectors
+            collection,
+            documents,
+            checked,
+            truncate=truncate,
+            deadline=deadline,
+            want_vectors=want_vectors,
+            wait=wait,
+            priority=priority,
         )
         return await self.store(batch)
 
@@ -107,6 +117,7 @@ class DocumentWriter:
         deadline: float,
         want_vectors: bool,
         wait: bool = False,
+        priority: Priority = Priority.INTERACTIVE,
     ) -> EmbeddedBatch:
         """`checked`: each document's metadata as service.limits.documents normalised and encoded it."""
         ids = [doc.id or derived_id(doc.text) for doc in documents]
@@ -128,7 +139,9 @@ class DocumentWriter:
         if todo:
             texts = [documents[i].text for i in todo]
             try:
-                embedded = await self._pool.embed(texts, truncate=truncate, deadline=deadline, wait=wait)
+                embedded = await self._pool.embed(
+                    texts, truncate=truncate, deadline=deadline, wait=wait, priority=priority
+                )
             except InvalidArgument as e:  # the tokenizer's "text j" is todo[j] of the request
                 raise renamed_text_error(e, lambda j: f"documents[{todo[j]}].text") from None
             for j, i in enumerate(todo):
@@ -142,7 +155,7 @@ class DocumentWriter:
             ]
             if want_vectors:
                 vectors = embedded.vectors
-        return EmbeddedBatch(collection, ids, rows, token_counts, vectors, assumed, truncate, deadline, wait)
+        return EmbeddedBatch(collection, ids, rows, token_counts, vectors, assumed, truncate, deadline, wait, priority)
 
     async def store(self, batch: EmbeddedBatch) -> WriteOutcome:
         with tracing.span("store write", collection=batch.collection, documents=len(batch.rows)):
@@ -180,7 +193,11 @@ class DocumentWriter:
         """`batch` with the documents of `ids` embedded after all: their rows changed since they were checked."""
         docs = [batch.assumed[doc_id] for doc_id in ids]
         embedded = await self._pool.embed(
-            [d.text for d in docs], truncate=batch.truncate, deadline=batch.deadline, wait=batch.wait
+            [d.text for d in docs],
+            truncate=batch.truncate,
+            deadline=batch.deadline,
+            wait=batch.wait,
+            priority=batch.priority,
         )
         token_counts = list(batch.token_counts)
         for doc, count in zip(docs, embedded.token_counts, strict=True):
