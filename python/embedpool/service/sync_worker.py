@@ -24,6 +24,7 @@ from psycopg import AsyncConnection
 
 from embedpool import metrics, tracing
 from embedpool.errors import EmbedpoolError, InferenceFailed, InvalidArgument, NotFound, Unavailable
+from embedpool.pool.priority import Priority
 from embedpool.service.core import EmbeddingService
 from embedpool.service.documents import Document
 from embedpool.store import Store
@@ -168,7 +169,10 @@ class SyncWorkers:
         if not documents:
             return {}
         try:
-            outcome = await self._core.write(collection, documents, deadline=deadline)
+            # Bulk: interactive calls go ahead of a backfill; waiting for room instead of failing, as Ingest does.
+            outcome = await self._core.write(
+                collection, documents, deadline=deadline, priority=Priority.BULK, wait=True
+            )
         except _ROW_ERRORS as e:
             if len(documents) == 1:
                 return {documents[0].id: str(e)}
