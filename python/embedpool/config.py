@@ -19,8 +19,9 @@ from embedpool.errors import InvalidArgument
 ENV_PREFIX = "EMBEDPOOL_"
 
 
-def _setting(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _setting(default: Any, help: str, *, choices: Sequence[str] | None = None, repeatable: bool = False) -> Any:
+    """`repeatable`: the flag may be given several times; its values are joined with commas."""
+    return field(default=default, metadata={"help": help, "choices": choices, "repeatable": repeatable})
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,12 @@ class Settings:
     db_pool_size: int = _setting(16, "database connections this server opens at most (each replica its own)")
     db_statement_timeout: float = _setting(30.0, "seconds a database statement may run (0: no limit)")
     db_lock_timeout: float = _setting(10.0, "seconds a statement may wait for a lock (0: no limit)")
-    model: str = _setting("", "model dir (ONNX or safetensors checkpoint); empty = bundled all-MiniLM-L6-v2")
+    model: str = _setting(
+        "",
+        "model dir (ONNX or safetensors checkpoint), or NAME=DIR; repeat the flag (or separate by commas) to serve"
+        " several, the first being the default for requests that name none; empty = bundled all-MiniLM-L6-v2",
+        repeatable=True,
+    )
     device: str = _setting(
         "auto",
         "inference device (null: no inference, every vector the same unit vector, to measure the front end;"
@@ -227,6 +233,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         env = ENV_PREFIX + f.name.upper()
         flag = "--" + f.name.replace("_", "-")
         help = f"{f.metadata['help']} [env {env}, default {_shown_default(f.default)}]"
+        if f.metadata["repeatable"]:
+            parser.add_argument(flag, dest=f.name, default=None, action="append", help=help)
+            continue
         if isinstance(f.default, bool):  # `--insecure` alone means true; `--insecure false` is accepted too
             parser.add_argument(flag, dest=f.name, default=None, nargs="?", const="true", help=help)
             continue
@@ -238,6 +247,8 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
     values: dict[str, Any] = {}
     for f in dataclasses.fields(Settings):
         raw = getattr(args, f.name, None) if args is not None else None
+        if isinstance(raw, list):  # a repeatable flag
+            raw = ",".join(raw)
         if raw is None:
             raw = environ.get(ENV_PREFIX + f.name.upper())
         if raw is not None:

@@ -6,6 +6,7 @@ serves in `model.variant_policy`, device-derived defaults in `Settings.resolved`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -27,12 +28,16 @@ from embedpool.pool.scheduler import BatchLimits
 __all__ = [
     "PAD_MULTIPLE",
     "Engine",
+    "ModelSpec",
     "ServingModel",
     "cpu_has_vnni",
     "load_engine",
+    "load_engines",
     "model_source",
+    "model_specs",
     "pick_device",
     "prepare",
+    "prepare_all",
     "serving_variant",
 ]
 
@@ -79,6 +84,62 @@ class Engine:
             max_concurrent_chars=settings.max_concurrent_chars,
             tokenizer_threads=settings.tokenizer_threads,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """One entry of --model: NAME=DIR, or DIR (named by the model itself), or the bundled model."""
+
+    name: str
+    """"": the model's own name (its config's)."""
+    source: str
+    """A model dir (ONNX or safetensors checkpoint); "": the bundled all-MiniLM-L6-v2."""
+
+
+def model_specs(settings: Settings) -> list[ModelSpec]:
+    """--model's entries, in order (the first is the default for requests that name none)."""
+    specs = []
+    for entry in settings.model.split(",") if settings.model.strip() else [""]:
+        name, sep, source = entry.strip().partition("=")
+        specs.append(ModelSpec(name.strip(), source.strip()) if sep else ModelSpec("", name.strip()))
+    return specs
+
+
+def _for_model(settings: Settings, spec: ModelSpec, index: int, count: int) -> Settings:
+    """The settings one of `count` models loads and serves with: its own dir; the Matryoshka sizes only for
+    the first; an even share of the admission budget (never below a full request), and on CPU of the cores."""
+    share = max(settings.max_concurrent_inputs // count, settings.max_request_documents)
+    threads = settings.intra_op_threads
+    if count > 1 and threads == 0 and settings.device in ("cpu", "auto"):
+        threads = max(1, (os.cpu_count() or 1) // (settings.sessions_per_device * count))
+    return dataclasses.replace(
+        settings,
+        model=spec.source,
+        matryoshka_dims=settings.matryoshka_dims if index == 0 else (),
+        max_concurrent_inputs=share,
+        max_concurrent_chars=max(settings.max_concurrent_chars // count, settings.max_request_bytes),
+        intra_op_threads=threads,
+    )
+
+
+def prepare_all(settings: Settings) -> list[ModelBundle]:
+    """Every --model converted into the cache if needed (idempotent)."""
+    return [prepare(dataclasses.replace(settings, model=spec.source)) for spec in model_specs(settings)]
+
+
+def load_engines(settings: Settings) -> list[Engine]:
+    """One engine per --model entry, each with its own sessions (the pool gives each its own scheduler)."""
+    specs = model_specs(settings)
+    engines = []
+    for index, spec in enumerate(specs):
+        engine = load_engine(_for_model(settings, spec, index, len(specs)))
+        if spec.name:
+            engine = dataclasses.replace(engine, model=dataclasses.replace(engine.model, name=spec.name))
+        engines.append(engine)
+    names = [engine.model.name for engine in engines]
+    if len(set(names)) != len(names):
+        raise StartupError(f"--model: two models are named alike ({', '.join(names)}); name them NAME=DIR")
+    return engines
 
 
 def model_source(settings: Settings) -> Path:
