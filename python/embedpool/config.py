@@ -104,6 +104,11 @@ class Settings:
     max_filter_bytes: int = _setting(16 * 1024, "largest metadata filter of a Search or DeleteDocuments")
     max_delete_ids: int = _setting(10_000, "ids in one DeleteDocuments request")
     max_search_k: int = _setting(1000, "largest k a Search may ask for")
+    query_cache_bytes: int = _setting(
+        64 * 1024 * 1024,
+        "bytes of the exact-match cache of query embeddings, used by Search by text and by Embed calls of a few short"
+        " texts without a collection (0 disables it; each worker of --workers has its own)",
+    )
     ingest_window: int = _setting(4, "batches of one Ingest stream read ahead and embedding")
     ingest_stores: int = _setting(2, "batches of one Ingest stream stored at once (a database connection each)")
     sync_workers: int = _setting(
@@ -182,6 +187,7 @@ class Settings:
             "db_lock_timeout",
             "drain_delay",
             "sync_workers",
+            "query_cache_bytes",
         ):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)}")

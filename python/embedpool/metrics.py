@@ -82,6 +82,15 @@ STORED_DOCUMENTS = Counter(
     "documents written to collections, by outcome (unchanged: same content hash, neither embedded nor written)",
     ["outcome"],
 )
+# The query-embedding cache (service.query_cache): lookups by Search by text and small Embed calls, per text.
+QUERY_CACHE_HITS = Counter("embedpool_query_cache_hits_total", "query texts whose embedding the cache held")
+QUERY_CACHE_MISSES = Counter("embedpool_query_cache_misses_total", "query texts looked up and embedded")
+QUERY_CACHE_BYTES = Gauge(
+    "embedpool_query_cache_bytes", "bytes the query cache holds (vectors, texts, overhead)", multiprocess_mode="livesum"
+)
+QUERY_CACHE_ENTRIES = Gauge(
+    "embedpool_query_cache_entries", "query embeddings the cache holds", multiprocess_mode="livesum"
+)
 AUTH_FAILURES = Counter(
     "embedpool_auth_failures_total", "requests refused for their credential, by gRPC status", ["code"]
 )

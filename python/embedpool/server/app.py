@@ -343,7 +343,9 @@ async def serve(
         gate = Gate(authenticator, Auditor(store), usage, Quotas())
         guard.arm(gate)
         pool = await stack.enter_async_context(running_pool(engine.tokenizer, engine.sessions, engine.pool_config()))
-        service = EmbeddingService(pool, store, engine.model, Limits.from_settings(settings))
+        service = EmbeddingService(
+            pool, store, engine.model, Limits.from_settings(settings), query_cache_bytes=settings.query_cache_bytes
+        )
         sources = SourceDatabases(
             parse_databases(settings.sync_databases, url),
             max_connections=settings.sync_workers,

@@ -26,6 +26,7 @@ from embedpool.service import limits as check
 from embedpool.service.documents import Document, Embedded, Hit, WriteOutcome
 from embedpool.service.ingest import run_ingest
 from embedpool.service.limits import Limits
+from embedpool.service.query_cache import QueryCache
 from embedpool.service.writes import DocumentWriter, EmbeddedBatch
 from embedpool.store import CollectionInfo, CollectionStats, HnswOptions, Store
 from embedpool.store.keys import KeyRecord
@@ -64,11 +65,15 @@ def _normalized(vectors: NDArray[np.float32]) -> NDArray[np.float32]:
 
 
 class EmbeddingService:
-    def __init__(self, pool: EmbeddingPool, store: Store, model: ServingModel, limits: Limits) -> None:
+    def __init__(
+        self, pool: EmbeddingPool, store: Store, model: ServingModel, limits: Limits, *, query_cache_bytes: int = 0
+    ) -> None:
         self._pool = pool
         self._store = store
         self._model = model
         self._limits = limits
+        self._label = f"{model.name}/{model.variant}"  # one string, shared by every query cache key
+        self._queries = QueryCache(query_cache_bytes)
         self._writer = DocumentWriter(pool, store, model)
         self._ingest_streams = 0
         self._draining = anyio.Event()
@@ -83,7 +88,7 @@ class EmbeddingService:
 
     @property
     def model_label(self) -> str:
-        return f"{self._model.name}/{self._model.variant}"
+        return self._label
 
     def drain(self) -> None:
         """The server is stopping: ingest streams finish the batches they read and end with Unavailable, so
@@ -115,18 +120,50 @@ class EmbeddingService:
         dimensions: int | None = None,
         field: str = "documents",
     ) -> Embedded:
-        """`field`: what the caller's door calls the texts, for error messages."""
+        """`field`: what the caller's door calls the texts, for error messages. A call of a few texts is served
+        from the query cache where it can: token_counts report every text's tokens, cached or not, while the
+        caller's usage (and tokens/s quota) counts only the tokens embedded now."""
         check.texts(texts, self._limits, field)
         size = self.dimensions(dimensions)
+        suffix = ".text" if field == "documents" else ""
+        vectors, counts = await self._embedded(texts, truncate, deadline, lambda i: f"{field}[{i}]{suffix}")
+        return Embedded(vectors if size == self._model.dim else _normalized(vectors[:, :size]), counts)
+
+    async def _embedded(
+        self, texts: Sequence[str], truncate: bool, deadline: float, name: Callable[[int], str]
+    ) -> tuple[NDArray[np.float32], list[int]]:
+        """Full-size vectors and token counts of `texts`, from the query cache when the call is query-sized (only
+        the texts it lacks are embedded, in one pool call). `name(i)`: how the caller calls text i."""
+        if not self._queries.serves(texts):
+            return await self._embed_now(texts, truncate, deadline, name)
+        keys = [QueryCache.key(self.model_label, truncate, text) for text in texts]
+        found = [self._queries.get(key) if key is not None else None for key in keys]
+        missing = [i for i, entry in enumerate(found) if entry is None]
+        vectors = np.empty((len(texts), self._model.dim), dtype=np.float32)
+        counts = [0] * len(texts)
+        if missing:
+            fresh, fresh_counts = await self._embed_now(
+                [texts[i] for i in missing], truncate, deadline, lambda j: name(missing[j])
+            )
+            for j, i in enumerate(missing):
+                vectors[i], counts[i] = fresh[j], fresh_counts[j]
+                if (key := keys[i]) is not None:
+                    self._queries.put(key, fresh[j], fresh_counts[j])
+        for i, entry in enumerate(found):
+            if entry is not None:
+                vectors[i], counts[i] = entry.vector, entry.tokens
+        return vectors, counts
+
+    async def _embed_now(
+        self, texts: Sequence[str], truncate: bool, deadline: float, name: Callable[[int], str]
+    ) -> tuple[NDArray[np.float32], list[int]]:
         try:
             embedded = await self._pool.embed(texts, truncate=truncate, deadline=deadline, priority=_by_size(texts))
-        except InvalidArgument as e:  # the tokenizer's, naming "text i": name it as the caller's door does
-            suffix = ".text" if field == "documents" else ""
-            raise check.renamed_text_error(e, lambda i: f"{field}[{i}]{suffix}") from None
+        except InvalidArgument as e:  # the tokenizer's, naming "text i": name it as the caller does
+            raise check.renamed_text_error(e, name) from None
         counts = embedded.token_counts.tolist()
         meter().tokens += sum(counts)
-        vectors = embedded.vectors if size == self._model.dim else _normalized(embedded.vectors[:, :size])
-        return Embedded(vectors, counts)
+        return embedded.vectors, counts
 
     async def write(
         self,
@@ -254,9 +291,7 @@ class EmbeddingService:
         info = await self._writable(collection)
         meter().searches += 1
         if text is not None:
-            embedded = await self._pool.embed([text], deadline=deadline)
-            meter().tokens += int(embedded.token_counts.sum())
-            query: NDArray[np.float32] = embedded.vectors[0]
+            query: NDArray[np.float32] = (await self._embedded([text], True, deadline, lambda _: "text"))[0][0]
         else:
             assert vector is not None
             query = self._query_vector(vector, info.dim)
