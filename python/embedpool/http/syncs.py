@@ -48,7 +48,8 @@ def router(syncs: Syncs, keeper: Gatekeeper) -> APIRouter:
     @api.post("", response_model=Sync, responses={**ERRORS, **CONFLICT})
     async def create_sync(body: CreateSync, request: Request, call: Call = keeper.opens("CreateSync")) -> Sync:
         """Installs the table's trigger, queues its rows (the backfill) and creates the collection if needed;
-        every server sharing the database then embeds queued rows. 409 if the name is taken."""
+        every server sharing the database then embeds queued rows. The same definition again answers the sync as
+        it is (a retried create); another one under a taken name is 409."""
         call.audited = True
         stored = gate.authorize(call, Action.MANAGE_SYNCS, body.collection, "collection")
         spec = SyncSpec(

@@ -7,6 +7,7 @@ manage syncs (Action.MANAGE_SYNCS): a sync reads whatever the server's database 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -125,11 +126,15 @@ class Syncs:
                 raise _bad_source(e, "text/where/metadata_columns") from None
             except pg.DataError as e:
                 raise _bad_source(e, "text/where") from None
-        await self._core.create_collection(spec.collection)  # idempotent: an existing one is kept
         record = SyncRecord(source, spec.database, spec.collection, paused=False)
         async with self._store.connection() as conn:
-            if await defs.get(conn, spec.name) is not None:
-                raise AlreadyExists(f"name: sync {spec.name!r} exists")
+            existing = await defs.get(conn, spec.name)
+        if existing is not None:
+            if (existing.source, existing.database, existing.collection) == (source, spec.database, spec.collection):
+                return await self.status(spec.name)  # a retried create: the same sync, already there
+            raise AlreadyExists(f"name: sync {spec.name!r} exists with another definition")
+        with contextlib.suppress(AlreadyExists):  # an existing collection is used as it is, whatever its options
+            await self._core.create_collection(spec.collection)
         # The definition commits inside the source transaction, so a name taken by a concurrent create rolls the
         # trigger and backfill back, and workers never see a definition whose queue is not yet committed.
         async with self._sources.connection(spec.database) as source_conn, source_conn.transaction():

@@ -1,8 +1,9 @@
 """The databases syncs read from: embedpool's own ('default') and those named by --sync-databases.
 
-Each gets a connection pool of its own, bounded by --sync-workers: a sync's batch holds a connection while it
-embeds, so sync work never takes more source connections than that (plus one LISTEN connection per database),
-and never takes the store's, which requests need.
+Each gets two connection pools of its own: the workers', bounded by --sync-workers (a batch holds its connection
+while it embeds), and one connection for managing syncs and reading their queues, so that a status call never
+waits behind a batch. Sync work never takes more source connections than that (plus one LISTEN connection per
+database), and never takes the store's, which requests need.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class SourceDatabases:
         self._urls = urls
         self._max = max(1, max_connections)
         self._timeout = timeout
-        self._pools: dict[str, AsyncConnectionPool[AsyncConnection[Any]]] = {}
+        self._pools: dict[tuple[str, bool], AsyncConnectionPool[AsyncConnection[Any]]] = {}
 
     @property
     def names(self) -> list[str]:
@@ -53,13 +54,15 @@ class SourceDatabases:
             raise NotFound(f"database: no source database {name!r} is configured (--sync-databases)") from None
 
     @contextlib.asynccontextmanager
-    async def connection(self, name: str) -> AsyncIterator[AsyncConnection[Any]]:
-        pool = self._pools.get(name)
+    async def connection(self, name: str, *, work: bool = False) -> AsyncIterator[AsyncConnection[Any]]:
+        """A connection to source database `name`: from the workers' pool with `work`, else the one for
+        managing syncs and reading their queues."""
+        pool = self._pools.get((name, work))
         if pool is None:
             pool = AsyncConnectionPool(
                 self.url(name),
                 min_size=0,
-                max_size=self._max,
+                max_size=self._max if work else 1,
                 kwargs={
                     "autocommit": True,
                     "connect_timeout": max(1, round(self._timeout)),
@@ -69,9 +72,9 @@ class SourceDatabases:
                 timeout=self._timeout,
                 reconnect_timeout=self._timeout,
                 open=False,
-                name=f"embedpool-sync-{name}",
+                name=f"embedpool-sync-{name}-{'work' if work else 'manage'}",
             )
-            self._pools[name] = pool
+            self._pools[(name, work)] = pool
             await pool.open(wait=False)
         with database_errors():
             async with pool.connection() as conn:
