@@ -68,7 +68,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             stored = client.upsert(args.collection, args.texts, return_vectors=True)
             vectors, ids = stored.vectors, stored.ids
         else:
-            vectors, ids = client.embed(args.texts), [""] * len(args.texts)
+            vectors = client.embed(args.texts, model=args.model, input_type=args.input_type)
+            ids = [""] * len(args.texts)
     assert vectors is not None
     for text, vec, ident in zip(args.texts, vectors, ids, strict=True):
         print(json.dumps({"id": ident, "text": text[:60], "dim": len(vec), "head": vec[:4].round(4).tolist()}))
@@ -266,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed = sub.add_parser("embed", help="embed texts with a running server")
     embed.add_argument("texts", nargs="+")
     embed.add_argument("--collection", default="")
+    embed.add_argument("--model", default="", help="a served model's name (default: the server's default)")
+    embed.add_argument("--input-type", default="", help="query, document or one of the model's prompt names")
     _add_client_arguments(embed)
     embed.set_defaults(func=_cmd_embed)
 

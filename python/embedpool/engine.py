@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from embedpool import _native
@@ -58,6 +58,10 @@ class ServingModel:
     device: str
     pooling: str
     dimensions: tuple[int, ...] = ()  # Matryoshka sizes the model may be truncated to, besides `dim`
+    prompts: Mapping[str, str] = field(default_factory=dict)
+    """By name (query, passage, ...): the text put before an input of that type (config_sentence_transformers)."""
+    default_prompt_name: str = ""
+    """The prompt an input of no declared type gets ("": none)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,7 @@ class Engine:
             max_concurrent_inputs=settings.max_concurrent_inputs,
             max_concurrent_chars=settings.max_concurrent_chars,
             tokenizer_threads=settings.tokenizer_threads,
+            model=self.model.name,
         )
 
 
@@ -215,6 +220,11 @@ def _assemble(
     device: str,
     dimensions: tuple[int, ...],
 ) -> Engine:
+    if not bundle.config.include_prompt and any(bundle.config.prompts.values()):
+        # Its pooling leaves the prompt's tokens out, which the graph's pooling cannot: refuse, never serve wrong.
+        raise StartupError(
+            f"{bundle.config.name}: prompts that pooling excludes (include_prompt false) are not supported"
+        )
     tokenizer = _native.Tokenizer(
         str(bundle.tokenizer_path), max_length=bundle.config.max_tokens, pad_to_multiple_of=PAD_MULTIPLE
     )
@@ -226,5 +236,7 @@ def _assemble(
         device=device,
         pooling=bundle.config.pooling,
         dimensions=dimensions,
+        prompts=dict(bundle.config.prompts or {}),
+        default_prompt_name=bundle.config.default_prompt_name or "",
     )
     return Engine(settings, bundle, tokenizer, sessions, model, PAD_MULTIPLE)

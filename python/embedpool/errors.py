@@ -23,6 +23,12 @@ class NotFound(EmbedpoolError, LookupError):
     """A named thing (collection, document) does not exist."""
 
 
+class ModelNotFound(NotFound):
+    """A request names a model this server does not serve."""
+
+    code = "model_not_found"  # OpenAI's error code for it, which its SDK users match on
+
+
 class AlreadyExists(EmbedpoolError):
     """Creating something whose name is taken with a different definition."""
 

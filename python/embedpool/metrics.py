@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -19,59 +21,66 @@ HTTP_LATENCY = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 # multiprocess_mode: how `serve --workers N` merges a gauge over its live workers (ignored in one process).
-QUEUE_INPUTS = Gauge("embedpool_queue_inputs", "documents waiting for a batch", multiprocess_mode="livesum")
-QUEUE_TOKENS = Gauge("embedpool_queue_tokens", "tokens waiting for a batch", multiprocess_mode="livesum")
+QUEUE_INPUTS = Gauge("embedpool_queue_inputs", "documents waiting for a batch", ["model"], multiprocess_mode="livesum")
+QUEUE_TOKENS = Gauge("embedpool_queue_tokens", "tokens waiting for a batch", ["model"], multiprocess_mode="livesum")
 # By priority class (pool.priority: "interactive" or "bulk"): whether interactive calls really go ahead under bulk load.
 QUEUE_CLASS_INPUTS = Gauge(
     "embedpool_queue_class_inputs",
     "documents waiting for a batch, by priority class",
-    ["priority"],
+    ["model", "priority"],
     multiprocess_mode="livesum",
 )
 QUEUE_WAIT_SECONDS = Histogram(
     "embedpool_queue_wait_seconds",
     "time from a call's documents being queued to the first of them being cut into a batch, by priority class",
-    ["priority"],
+    ["model", "priority"],
     buckets=_LATENCY_BUCKETS,
 )
 PERMITS_IN_USE = Gauge(
-    "embedpool_permits_in_use", "documents admitted and not yet answered", multiprocess_mode="livesum"
+    "embedpool_permits_in_use", "documents admitted and not yet answered", ["model"], multiprocess_mode="livesum"
 )
 # The budget permits_in_use counts against: their ratio is the saturation the autoscaler and alerts read.
 PERMITS_CAPACITY = Gauge(
-    "embedpool_permits_capacity", "documents that may be admitted at once", multiprocess_mode="livesum"
+    "embedpool_permits_capacity", "documents that may be admitted at once", ["model"], multiprocess_mode="livesum"
 )
 # 1 while the replica takes traffic (model warm, database reachable, not draining): what a balancer's check sees.
 # With workers: 1 while any of them is (the port is served).
 READY = Gauge("embedpool_ready", "1 while this replica is ready for traffic", multiprocess_mode="livemax")
-REJECTIONS = Counter("embedpool_rejections_total", "requests refused for lack of capacity")
+REJECTIONS = Counter("embedpool_rejections_total", "requests refused for lack of capacity", ["model"])
 BATCH_INPUTS = Histogram(
-    "embedpool_batch_inputs", "documents per batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+    "embedpool_batch_inputs", "documents per batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 )
 BATCH_TOKENS = Histogram(
     "embedpool_batch_padded_tokens",
     "padded tokens per batch (longest x count)",
+    ["model"],
     buckets=(64, 256, 1024, 4096, 8192, 16384, 32768, 65536, 131072),
 )
 PADDING_EFFICIENCY = Histogram(
     "embedpool_batch_padding_efficiency",
     "real tokens / padded tokens per batch",
+    ["model"],
     buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0),
 )
 INFERENCE_SECONDS = Histogram(
-    "embedpool_inference_duration_seconds", "time the engine spent on one batch", buckets=_LATENCY_BUCKETS
+    "embedpool_inference_duration_seconds", "time the engine spent on one batch", ["model"], buckets=_LATENCY_BUCKETS
 )
-TOKENS = Counter("embedpool_tokens_total", "real (unpadded) tokens embedded")
-DOCUMENTS = Counter("embedpool_documents_total", "documents embedded")
+TOKENS = Counter("embedpool_tokens_total", "real (unpadded) tokens embedded", ["model"])
+DOCUMENTS = Counter("embedpool_documents_total", "documents embedded", ["model"])
 BATCH_FAILURES = Counter(
-    "embedpool_batch_failures_total", "batches with a document the engine failed on, even after splitting"
+    "embedpool_batch_failures_total",
+    "batches with a document the engine failed on, even after splitting",
+    ["model"],
 )
 INFERENCE_SPLITS = Counter(
-    "embedpool_inference_splits_total", "failed engine calls retried as two halves (a poison document, out of memory)"
+    "embedpool_inference_splits_total",
+    "failed engine calls retried as two halves (a poison document, out of memory)",
+    ["model"],
 )
 SESSIONS_IN_ROTATION = Gauge(
     "embedpool_sessions_in_rotation",
     "inference sessions serving batches (one that keeps failing is taken out)",
+    ["model"],
     multiprocess_mode="livesum",
 )
 STORE_SECONDS = Histogram(
@@ -121,3 +130,50 @@ SYNC_DEAD_ROWS = Gauge(
 SYNC_ROWS = Counter("embedpool_sync_rows_total", "rows stored in or removed from their collection, by sync", ["sync"])
 SYNC_FAILURES = Counter("embedpool_sync_failures_total", "failed attempts at a row, by sync", ["sync"])
 SYNC_DEAD_LETTERED = Counter("embedpool_sync_dead_lettered_total", "rows dead-lettered, by sync", ["sync"])
+
+
+@dataclass(frozen=True)
+class PoolMetrics:
+    """The pool's metrics for one model (label `model`: the models a server serves, a handful), bound once."""
+
+    queue_inputs: Gauge
+    queue_tokens: Gauge
+    permits_in_use: Gauge
+    permits_capacity: Gauge
+    rejections: Counter
+    batch_inputs: Histogram
+    batch_tokens: Histogram
+    padding_efficiency: Histogram
+    inference_seconds: Histogram
+    tokens: Counter
+    documents: Counter
+    batch_failures: Counter
+    inference_splits: Counter
+    sessions_in_rotation: Gauge
+    model: str
+
+    def queue_class_inputs(self, priority: str) -> Gauge:
+        return QUEUE_CLASS_INPUTS.labels(self.model, priority)
+
+    def queue_wait_seconds(self, priority: str) -> Histogram:
+        return QUEUE_WAIT_SECONDS.labels(self.model, priority)
+
+
+def pool_metrics(model: str) -> PoolMetrics:
+    return PoolMetrics(
+        QUEUE_INPUTS.labels(model),
+        QUEUE_TOKENS.labels(model),
+        PERMITS_IN_USE.labels(model),
+        PERMITS_CAPACITY.labels(model),
+        REJECTIONS.labels(model),
+        BATCH_INPUTS.labels(model),
+        BATCH_TOKENS.labels(model),
+        PADDING_EFFICIENCY.labels(model),
+        INFERENCE_SECONDS.labels(model),
+        TOKENS.labels(model),
+        DOCUMENTS.labels(model),
+        BATCH_FAILURES.labels(model),
+        INFERENCE_SPLITS.labels(model),
+        SESSIONS_IN_ROTATION.labels(model),
+        model,
+    )

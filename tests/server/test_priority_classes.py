@@ -18,11 +18,13 @@ from ..conftest import ingest_batches
 
 
 def _jobs() -> dict[str, float]:
-    """Calls whose documents the scheduler started batching so far, by class."""
-    return {
-        p: REGISTRY.get_sample_value("embedpool_queue_wait_seconds_count", {"priority": p}) or 0.0
-        for p in ("interactive", "bulk")
-    }
+    """Calls whose documents the scheduler started batching so far, by class (every model's pool)."""
+    jobs = {"interactive": 0.0, "bulk": 0.0}
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            if sample.name == "embedpool_queue_wait_seconds_count":
+                jobs[sample.labels["priority"]] += sample.value
+    return jobs
 
 
 def _documents(n: int) -> list[pb.Document]:

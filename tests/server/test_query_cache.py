@@ -60,7 +60,11 @@ class Server:
 
 def metrics(running: Running) -> dict[str, float]:
     text = httpx.get(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10).text
-    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:  # summed over labels (the pool's metrics carry the model's)
+            sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    return sums
 
 
 def changes(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

@@ -76,10 +76,13 @@ class Supervised:
     def metrics(self) -> dict[str, float]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as reply:
             text = reply.read().decode()
-        return {
-            name: float(value)
-            for name, _, value in (line.partition(" ") for line in text.splitlines() if not line.startswith("#"))
-        }
+        sums: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                series, _, value = line.rpartition(" ")
+                name = series.partition("{")[0]  # summed over labels (the pool's metrics carry the model's)
+                sums[name] = sums.get(name, 0.0) + float(value)
+        return sums
 
     def close(self) -> None:
         workers = self.workers() if self.proc.poll() is None else []

@@ -25,6 +25,7 @@ from embedpool.config import Settings
 from embedpool.engine import load_engine
 from embedpool.pool import running_pool
 from embedpool.service import EmbeddingService, Limits
+from embedpool.service.models import Models
 from embedpool.service.sync_worker import SyncWorkerConfig, SyncWorkers
 from embedpool.service.syncs import Syncs, SyncSpec
 from embedpool.store import Store, running_postgres
@@ -51,7 +52,9 @@ async def _harness(url: str, settings: Settings) -> AsyncIterator[Harness]:
     sources = SourceDatabases({DEFAULT: url}, max_connections=2)
     try:
         async with running_pool(engine.tokenizer, engine.sessions, engine.pool_config()) as pool:
-            core = EmbeddingService(pool, store, engine.model, Limits.from_settings(engine.settings))
+            core = EmbeddingService(
+                Models.of([(pool, engine.model)], store), store, Limits.from_settings(engine.settings)
+            )
             config = SyncWorkerConfig(workers=0, batch_size=3, max_attempts=3)
             yield Harness(url, Syncs(core, store, sources), SyncWorkers(core, store, sources, config))
     finally:

@@ -125,17 +125,31 @@ class AsyncClient(ClientBase):
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         return await self._model_info(self._deadline(timeout))
 
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        request = pb.ListModelsRequest()
+        reply = await self._call("ListModels", lambda s, t: s.ListModels(request, timeout=t), self._deadline(timeout))
+        return [wire.model_info(m) for m in reply.models]
+
     async def embed(
         self,
         texts: Sequence[str],
         *,
         truncate: bool = True,
         dimensions: int | None = None,
+        model: str = "",
+        input_type: str = "",
         timeout: float | None = None,
     ) -> NDArray[np.float32]:
         deadline = self._deadline(timeout)
         docs = calls.texts(texts)
-        plan = calls.embed_plan(docs, await self._limits(deadline), truncate=truncate, dimensions=dimensions)
+        plan = calls.embed_plan(
+            docs,
+            await self._limits(deadline),
+            truncate=truncate,
+            dimensions=dimensions,
+            model=model,
+            input_type=input_type,
+        )
         replies = await self._map("Embed", lambda s, t, r: s.Embed(r, timeout=t), plan.requests, plan.offsets, deadline)
         return plan.vectors(replies, dimensions or ((await self._model_info(deadline)).dim if not docs else 0))
 
@@ -184,10 +198,16 @@ class AsyncClient(ClientBase):
         return [wire.hit(h) for h in reply.hits]
 
     async def create_collection(
-        self, name: str, *, index: IndexOptions | None = None, exist_ok: bool = False, timeout: float | None = None
+        self,
+        name: str,
+        *,
+        index: IndexOptions | None = None,
+        exist_ok: bool = False,
+        model: str = "",
+        timeout: float | None = None,
     ) -> Collection:
         deadline = self._deadline(timeout)
-        request = calls.create_request(name, index)
+        request = calls.create_request(name, index, model)
         try:
             reply = await self._call("CreateCollection", lambda s, t: s.CreateCollection(request, timeout=t), deadline)
         except AlreadyExists:

@@ -66,8 +66,12 @@ def embed_plan(
     truncate: bool = True,
     dimensions: int | None = None,
     skip_vectors: bool = False,
+    model: str = "",
+    input_type: str = "",
 ) -> EmbedPlan:
-    template = pb.EmbedRequest(collection=collection, skip_vectors=skip_vectors)
+    template = pb.EmbedRequest(
+        collection=collection, skip_vectors=skip_vectors, model=model or "", input_type=input_type or ""
+    )
     if not truncate:
         template.truncate = False
     if dimensions is not None:
@@ -144,5 +148,7 @@ def delete_requests(
     return requests
 
 
-def create_request(name: str, index: IndexOptions | None) -> pb.CreateCollectionRequest:
-    return pb.CreateCollectionRequest(name=name, index=wire.index_message(index) if index is not None else None)
+def create_request(name: str, index: IndexOptions | None, model: str = "") -> pb.CreateCollectionRequest:
+    return pb.CreateCollectionRequest(
+        name=name, index=wire.index_message(index) if index is not None else None, model=model
+    )

@@ -121,8 +121,14 @@ class Client(ClientBase):
     # The API.
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        """The served model and the server's request limits (asked once, then remembered)."""
+        """The default model and the server's request limits (asked once, then remembered)."""
         return self._model_info(self._deadline(timeout))
+
+    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """Every model the server serves, the default first."""
+        request = pb.ListModelsRequest()
+        reply = self._call("ListModels", lambda s, t: s.ListModels(request, timeout=t), self._deadline(timeout))
+        return [wire.model_info(m) for m in reply.models]
 
     def embed(
         self,
@@ -130,12 +136,23 @@ class Client(ClientBase):
         *,
         truncate: bool = True,
         dimensions: int | None = None,
+        model: str = "",
+        input_type: str = "",
         timeout: float | None = None,
     ) -> NDArray[np.float32]:
-        """[len(texts), dim] unit vectors in input order (`dimensions`: a Matryoshka size of the model)."""
+        """[len(texts), dim] unit vectors in input order (`dimensions`: a Matryoshka size of the model; `model`:
+        a served model's name, "" for the default; `input_type`: query, document or one of the model's prompt
+        names, whose prompt the server puts before each text)."""
         deadline = self._deadline(timeout)
         docs = calls.texts(texts)
-        plan = calls.embed_plan(docs, self._limits(deadline), truncate=truncate, dimensions=dimensions)
+        plan = calls.embed_plan(
+            docs,
+            self._limits(deadline),
+            truncate=truncate,
+            dimensions=dimensions,
+            model=model,
+            input_type=input_type,
+        )
         replies = self._map("Embed", lambda s, t, r: s.Embed(r, timeout=t), plan.requests, plan.offsets, deadline)
         return plan.vectors(replies, dimensions or (self._model_info(deadline).dim if not docs else 0))
 
@@ -186,15 +203,21 @@ class Client(ClientBase):
         return [wire.hit(h) for h in reply.hits]
 
     def create_collection(
-        self, name: str, *, index: IndexOptions | None = None, exist_ok: bool = False, timeout: float | None = None
+        self,
+        name: str,
+        *,
+        index: IndexOptions | None = None,
+        exist_ok: bool = False,
+        model: str = "",
+        timeout: float | None = None,
     ) -> Collection:
-        """Creates `name` with `index` options (None: the server's defaults).
+        """Creates `name` with `index` options (None: the server's defaults), bound to `model` ("": the default).
 
         Creating it again with the same options succeeds (so a retried create cannot fail); different options
         raise AlreadyExists, unless `exist_ok`, which takes an existing collection as it is, whatever its options.
         """
         deadline = self._deadline(timeout)
-        request = calls.create_request(name, index)
+        request = calls.create_request(name, index, model)
         try:
             reply = self._call("CreateCollection", lambda s, t: s.CreateCollection(request, timeout=t), deadline)
         except AlreadyExists:

@@ -114,6 +114,11 @@ class ModelInfo:
     """Smaller sizes the model was trained to be truncated to (Matryoshka), for `embed(dimensions=)`."""
     limits: Limits
     """As announced by the server, each limit it leaves unset filled from Limits' defaults."""
+    prompts: dict[str, str] = field(default_factory=dict)
+    """The model's prompts by name, for `embed(input_type=)`."""
+    default_prompt_name: str = ""
+    default: bool = True
+    """Whether requests that name no model get this one."""
 
 
 @dataclass(frozen=True, slots=True)

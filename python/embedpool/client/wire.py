@@ -118,6 +118,9 @@ def model_info(message: pb.ModelInfo) -> ModelInfo:
         normalized=message.normalized,
         dimensions=list(message.dimensions),
         limits=limits(message.limits),
+        prompts=dict(message.prompts),
+        default_prompt_name=message.default_prompt_name,
+        default=message.default,
     )
 
 

@@ -25,6 +25,7 @@ from embedpool.http.schemas import (
 from embedpool.security.principal import Action
 from embedpool.service import Document, EmbeddingService
 from embedpool.service.gate import Call
+from embedpool.service.models import QUERY
 from embedpool.store import CollectionInfo, CollectionStats, HnswOptions
 
 
@@ -64,7 +65,7 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
                 ef_construction=body.index.ef_construction or options.ef_construction,
                 halfvec=body.index.halfvec,
             )
-        return _collection(body.name, await service.create_collection(stored, options))
+        return _collection(body.name, await service.create_collection(stored, options, model=body.model))
 
     @api.get("", response_model=CollectionList, responses=ERRORS)
     async def list_collections(request: Request, call: Call = keeper.opens("ListCollections")) -> CollectionList:
@@ -144,6 +145,7 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
             min_score=body.min_score,
             include_vectors=body.include_vectors,
             deadline=deadline(request),
+            input_type=body.input_type or QUERY,
         )
         vectors = (
             encoding.vectors(np.stack([h.vector for h in hits if h.vector is not None]), body.encoding_format)

@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from embedpool.errors import InvalidArgument, NotFound
+from embedpool.errors import InvalidArgument
 from embedpool.http import encoding
 from embedpool.http.errors import ERRORS
 from embedpool.http.guard import Gatekeeper, deadline
@@ -15,23 +15,15 @@ from embedpool.http.schemas import EmbeddingsRequest, EmbeddingsResponse, ModelC
 from embedpool.security.principal import Action
 from embedpool.service import EmbeddingService
 from embedpool.service.gate import Call
+from embedpool.service.models import ServedModel
 
 _STARTED = int(time.time())
-
-
-class ModelNotFound(NotFound):
-    code = "model_not_found"
 
 
 def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
     api = APIRouter(tags=["OpenAI-compatible"])
     gate = keeper.gate
-    model = service.model
-
-    def check_model(name: str) -> None:
-        # The checkpoint's name, its variant label, or a hub-style "org/name" ("sentence-transformers/...").
-        if name not in (model.name, service.model_label) and name.rsplit("/", 1)[-1] != model.name:
-            raise ModelNotFound(f"model: {name[:100]!r} is not served here; this server serves {model.name!r}")
+    models = service.models
 
     @api.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=ERRORS)
     async def create_embeddings(
@@ -40,10 +32,16 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
         """Embeds a text or a list of texts (OpenAI's embeddings API)."""
         gate.authorize(call, Action.EMBED)
         texts = _texts(body.input)
-        check_model(body.model)
+        served = models.named(body.model)  # ModelNotFound: OpenAI's 404 model_not_found
         gate.admit(call, len(texts))
         embedded = await service.embed(
-            texts, truncate=body.truncate, dimensions=body.dimensions, field="input", deadline=deadline(request)
+            texts,
+            truncate=body.truncate,
+            dimensions=body.dimensions,
+            field="input",
+            deadline=deadline(request),
+            model=served.name,
+            input_type=body.input_type,
         )
         tokens = sum(embedded.token_counts)
         vectors = encoding.vectors(embedded.vectors, body.encoding_format)
@@ -51,13 +49,14 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
             {
                 "object": "list",
                 "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
-                "model": model.name,
+                "model": served.name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )
         return Response(content, media_type="application/json")
 
-    def card() -> ModelCard:
+    def card(served: ServedModel) -> ModelCard:
+        model = served.model
         return ModelCard(
             id=model.name,
             created=_STARTED,
@@ -67,18 +66,20 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
             max_tokens=model.max_tokens,
             variant=model.variant,
             device=model.device,
+            prompts=dict(model.prompts),
+            default_prompt_name=model.default_prompt_name or None,
+            default=served is models.default,
         )
 
     @api.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def list_models(request: Request, call: Call = keeper.opens("GetModelInfo")) -> ModelList:
         gate.authorize(call, Action.EMBED)
-        return ModelList(data=[card()])
+        return ModelList(data=[card(served) for served in models])
 
     @api.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERRORS)
     async def get_model(model_id: str, request: Request, call: Call = keeper.opens("GetModelInfo")) -> ModelCard:
         gate.authorize(call, Action.EMBED)
-        check_model(model_id)
-        return card()
+        return card(models.named(model_id))
 
     return api
 

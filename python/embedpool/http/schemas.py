@@ -33,6 +33,11 @@ class EmbeddingsRequest(_Strict):
     )
     user: str | None = Field(None, description="The end user, for the caller's own tracking (not stored)")
     truncate: bool = Field(True, description="embedpool: cut over-long texts to the model's limit (else 400)")
+    input_type: str | None = Field(
+        None,
+        description="embedpool: query, document or one of the model's prompt names; its prompt is put before each"
+        " text (default: the model's default prompt, if any)",
+    )
 
 
 class EmbeddingItem(BaseModel):
@@ -63,6 +68,9 @@ class ModelCard(BaseModel):
     max_tokens: int
     variant: str
     device: str
+    prompts: dict[str, str] = Field(description="The model's prompts by name, for `input_type`")
+    default_prompt_name: str | None = None
+    default: bool = Field(description="Whether requests that name no model get this one (collections too)")
 
 
 class ModelList(BaseModel):
@@ -93,6 +101,9 @@ class IndexOptions(_Strict):
 class CreateCollection(_Strict):
     name: str = Field(description="1-63 of A-Z a-z 0-9 _ . -")
     index: IndexOptions | None = None
+    model: str | None = Field(
+        None, description="The model the collection is bound to (GET /v1/models lists them; default: the default)"
+    )
 
 
 class Collection(BaseModel):
@@ -173,6 +184,7 @@ class SearchRequest(_Strict):
     min_score: float | None = None
     include_vectors: bool = False
     encoding_format: Encoding = "float"
+    input_type: str | None = Field(None, description="The prompt a text query gets (default: query)")
 
 
 class SearchHit(BaseModel):

@@ -22,14 +22,17 @@ from embedpool.pool.priority import Priority
 
 
 class Permits:
-    def __init__(self, documents: int, chars: int, interactive_reserve: float = 0.0) -> None:
+    def __init__(
+        self, documents: int, chars: int, interactive_reserve: float = 0.0, meters: metrics.PoolMetrics | None = None
+    ) -> None:
         if not 0.0 <= interactive_reserve < 1.0:
             raise ValueError(f"interactive_reserve must be in [0, 1), got {interactive_reserve}")
         self.total = documents
         self.total_chars = chars
         self.bulk_total = documents - int(documents * interactive_reserve)
         self.bulk_total_chars = chars - int(chars * interactive_reserve)
-        metrics.PERMITS_CAPACITY.set(documents)
+        self._meters = meters or metrics.pool_metrics("default")
+        self._meters.permits_capacity.set(documents)
         self.in_use = 0
         self.chars_in_use = 0
         self.bulk_in_use = 0
@@ -46,7 +49,7 @@ class Permits:
     def acquire(self, n: int, chars: int = 0, priority: Priority = Priority.INTERACTIVE) -> None:
         """Take `n` documents of `chars` characters in all, or raise Overloaded."""
         if not self._fits(n, chars, priority):
-            metrics.REJECTIONS.inc()
+            self._meters.rejections.inc()
             raise Overloaded(
                 f"server at capacity: {self.in_use} of {self.total} documents in flight, {n} more asked; retry later"
             )
@@ -67,7 +70,7 @@ class Permits:
         if priority is Priority.BULK:
             self.bulk_in_use += n
             self.bulk_chars_in_use += chars
-        metrics.PERMITS_IN_USE.set(self.in_use)
+        self._meters.permits_in_use.set(self.in_use)
 
     def release(self, n: int, chars: int = 0, priority: Priority = Priority.INTERACTIVE) -> None:
         self.in_use -= n
@@ -75,6 +78,6 @@ class Permits:
         if priority is Priority.BULK:
             self.bulk_in_use -= n
             self.bulk_chars_in_use -= chars
-        metrics.PERMITS_IN_USE.set(self.in_use)
+        self._meters.permits_in_use.set(self.in_use)
         self._freed.set()
         self._freed = anyio.Event()

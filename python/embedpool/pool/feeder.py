@@ -70,6 +70,7 @@ class Rotation:
     """The sessions serving batches; shared by the feeder threads, read by the pool and health."""
 
     total: int
+    meters: metrics.PoolMetrics = field(default_factory=lambda: metrics.pool_metrics("default"))
     _out: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -81,12 +82,12 @@ class Rotation:
     def take_out(self, name: str) -> None:
         with self._lock:
             self._out.add(name)
-            metrics.SESSIONS_IN_ROTATION.set(self.total - len(self._out))
+            self.meters.sessions_in_rotation.set(self.total - len(self._out))
 
     def put_back(self, name: str) -> None:
         with self._lock:
             self._out.discard(name)
-            metrics.SESSIONS_IN_ROTATION.set(self.total - len(self._out))
+            self.meters.sessions_in_rotation.set(self.total - len(self._out))
 
 
 class Feeder:
@@ -231,7 +232,7 @@ class Feeder:
                 log.error("%s: inference failed on a document: %r", self._name, exc)
                 failed.add(start)
                 return
-        metrics.INFERENCE_SPLITS.inc()
+        self._rotation.meters.inference_splits.inc()
         middle = (start + stop) // 2
         self._infer(ids, mask, start, middle, out, failed)
         self._infer(ids, mask, middle, stop, out, failed)

@@ -54,6 +54,8 @@ class PoolConfig:
     interactive_reserve: float = 0.25
     """Share of the admission budget bulk work may not hold, so that interactive calls under a bulk load are
     admitted (bulk streams waiting for room would otherwise take every permit freed)."""
+    model: str = "default"
+    """The `model` label of this pool's metrics (a server runs one pool per model)."""
 
 
 @dataclass(frozen=True)
@@ -69,10 +71,12 @@ class EmbeddingPool:
         self._tokenizer = tokenizer
         self._sessions = list(sessions)
         self._config = config
+        self._meters = meters = metrics.pool_metrics(config.model)
         self._permits = Permits(
             config.max_concurrent_inputs,
             config.max_concurrent_chars,
             config.interactive_reserve if config.priorities else 0.0,
+            meters,
         )
         self._tokenize_limiter = anyio.CapacityLimiter(config.tokenizer_threads)
         # Every admitted job fits: a job holds >= 1 permit, so the channel can never hold more jobs than this.
@@ -81,10 +85,12 @@ class EmbeddingPool:
         self._batch_send, self._batch_receive = anyio.create_memory_object_stream[Batch](depth)
         self._free_slots = anyio.Semaphore(depth)
         classes = ClassPolicy(config.max_interactive_streak, len(self._sessions)) if config.priorities else None
-        self._scheduler = Scheduler(self._ingress_receive, self._batch_send, self._free_slots, config.limits, classes)
-        self._rotation = Rotation(len(self._sessions))
+        self._scheduler = Scheduler(
+            self._ingress_receive, self._batch_send, self._free_slots, config.limits, classes, meters
+        )
+        self._rotation = Rotation(len(self._sessions), meters)
         self._feeders: list[Feeder] = []
-        metrics.SESSIONS_IN_ROTATION.set(len(self._sessions))
+        meters.sessions_in_rotation.set(len(self._sessions))
         self._closed = False
 
     @property
@@ -216,15 +222,16 @@ class EmbeddingPool:
 
     def _complete(self, batch: Batch, outcome: Outcome) -> None:
         """Runs on the event loop: fans a batch's rows back to their jobs and frees the feeder slot."""
+        meters = self._meters
         self._free_slots.release()
         self._scheduler.finished(batch)
         if outcome.stopped:  # nobody waits for these rows
             return
         failed = outcome.failed
         if not outcome.unavailable:
-            metrics.INFERENCE_SECONDS.observe(outcome.seconds)
+            meters.inference_seconds.observe(outcome.seconds)
         if failed:
-            metrics.BATCH_FAILURES.inc()
+            meters.batch_failures.inc()
         for row, (job, i) in enumerate(batch.entries):
             if job.done.is_set():
                 continue
@@ -242,11 +249,11 @@ class EmbeddingPool:
         if outcome.unavailable:
             return
         embedded = len(batch.entries) - len(failed)
-        metrics.BATCH_INPUTS.observe(len(batch.entries))
-        metrics.BATCH_TOKENS.observe(batch.padded_tokens)
-        metrics.PADDING_EFFICIENCY.observe(batch.real_tokens / max(1, batch.padded_tokens))
-        metrics.TOKENS.inc(batch.real_tokens)
-        metrics.DOCUMENTS.inc(embedded)
+        meters.batch_inputs.observe(len(batch.entries))
+        meters.batch_tokens.observe(batch.padded_tokens)
+        meters.padding_efficiency.observe(batch.real_tokens / max(1, batch.padded_tokens))
+        meters.tokens.inc(batch.real_tokens)
+        meters.documents.inc(embedded)
 
 
 def _record_stages(job: Job, stages: Stages, tokenizing_ns: int, chars: int) -> None:

@@ -87,6 +87,7 @@ class Scheduler:
         capacity: anyio.Semaphore,
         limits: BatchLimits,
         classes: ClassPolicy | None = None,
+        meters: metrics.PoolMetrics | None = None,
     ) -> None:
         self._ingress = ingress
         self._batches = batches
@@ -97,8 +98,9 @@ class Scheduler:
         self._queues: dict[Priority, Queue] = {p: deque() if classes else shared for p in Priority}
         self._queued_tokens = 0
         self._depth = dict.fromkeys(Priority, 0)
-        self._depth_gauges = {p: metrics.QUEUE_CLASS_INPUTS.labels(p.value) for p in Priority}
-        self._waits = {p: metrics.QUEUE_WAIT_SECONDS.labels(p.value) for p in Priority}
+        self._meters = meters or metrics.pool_metrics("default")
+        self._depth_gauges = {p: self._meters.queue_class_inputs(p.value) for p in Priority}
+        self._waits = {p: self._meters.queue_wait_seconds(p.value) for p in Priority}
         self._bulk_in_flight = 0
         self._streak = 0  # interactive batches cut in a row while a bulk one could have been
         self._open = True
@@ -226,7 +228,7 @@ class Scheduler:
                 self._waits[job.priority].observe(now - job.queued_at)
 
     def _publish_depth(self) -> None:
-        metrics.QUEUE_INPUTS.set(sum(self._depth.values()))
-        metrics.QUEUE_TOKENS.set(self._queued_tokens)
+        self._meters.queue_inputs.set(sum(self._depth.values()))
+        self._meters.queue_tokens.set(self._queued_tokens)
         for priority, gauge in self._depth_gauges.items():
             gauge.set(self._depth[priority])

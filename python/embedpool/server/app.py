@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -23,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from embedpool import metrics
 from embedpool.config import Settings
-from embedpool.engine import Engine, load_engine
+from embedpool.engine import Engine, load_engines
 from embedpool.errors import StartupError, Unavailable, one_line
 from embedpool.http.app import create_app
 from embedpool.http.server import HttpServer
@@ -42,6 +43,7 @@ from embedpool.server.servicer import EmbedderServicer
 from embedpool.server.tls import ServerTls, server_tls
 from embedpool.service import EmbeddingService, Limits
 from embedpool.service.gate import Gate
+from embedpool.service.models import Models
 from embedpool.service.sync_worker import SyncWorkerConfig, SyncWorkers
 from embedpool.service.syncs import Syncs
 from embedpool.store import Store
@@ -177,10 +179,14 @@ async def _set_health(health: HealthServicer, status: health_pb2.HealthCheckResp
 
 
 async def _supervise(
-    url: str, embedded: EmbeddedPostgres | None, health: HealthServicer, pool: EmbeddingPool, ready: _Readiness
+    url: str,
+    embedded: EmbeddedPostgres | None,
+    health: HealthServicer,
+    pools: Sequence[EmbeddingPool],
+    ready: _Readiness,
 ) -> NoReturn:
     """Health follows the database and the inference sessions: NOT_SERVING while the database does not answer
-    or no session is in rotation (see pool.feeder), SERVING once both work again. A dead embedded Postgres is
+    or a model has no session in rotation (see pool.feeder), SERVING once both work again. A dead embedded Postgres is
     started again (the store's pool replaces its broken connections by itself). While nothing is in flight,
     freed heap goes back to the operating system (server.heap)."""
     probe = _Probe(url)
@@ -201,13 +207,14 @@ async def _supervise(
         while True:
             if (embedded is None or embedded.running) and await probe.ok():
                 delay = _RESTART_DELAY_S
-                ready.database, ready.inference = True, pool.sessions_in_rotation > 0
+                inference = all(pool.sessions_in_rotation > 0 for pool in pools)
+                ready.database, ready.inference = True, inference
                 ready.publish()
-                if pool.sessions_in_rotation > 0:
+                if inference:
                     await set_serving(True, "database and inference work")
                 else:
-                    await set_serving(False, "no inference session is in rotation")
-                await trimmer.maybe_trim(idle=pool.permits_in_use == 0)
+                    await set_serving(False, "a model has no inference session in rotation")
+                await trimmer.maybe_trim(idle=all(pool.permits_in_use == 0 for pool in pools))
                 await anyio.sleep(_PROBE_INTERVAL_S)
                 continue
             ready.database = False
@@ -295,14 +302,16 @@ async def serve(
     *,
     abort: anyio.Event | None = None,
     engine: Engine | None = None,
+    engines: Sequence[Engine] = (),
     reload_tls: ObjectReceiveStream[None] | None = None,
     task_status: TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serves until `stop` is set, then drains: health goes NOT_SERVING (and, for `drain_delay` seconds, new calls
     are still served, while balancers notice), in-flight RPCs get `grace_seconds`
     (cut short when `abort` is set), and only then do the pool and the store shut down. Cancelling instead
-    aborts without draining, because cancellation reaches the pool's tasks too. `engine` may be passed in
-    already loaded (e.g. wrapped for fault injection); by default it is loaded from `settings`. With TLS, each
+    aborts without draining, because cancellation reaches the pool's tasks too. `engine` (or `engines`, one per
+    model, the default first) may be passed in already loaded (e.g. wrapped for fault injection); by default
+    every --model is loaded from `settings`. With TLS, each
     item from `reload_tls` (the CLI's SIGHUP) reads the certificate files again (see server.tls).
 
     Start-up checks what it can before the slow parts (the data dir's ownership, then the ports, then the model,
@@ -310,7 +319,9 @@ async def serve(
     health follows the database, and a dead embedded Postgres is restarted.
     """
     if engine is not None:
-        settings = engine.settings
+        engines = [engine]
+    if engines:
+        settings = _serving_settings(settings if engine is None else engine.settings, engines)
     settings = settings.validate()  # the same checks as the CLI's, for settings built in code
     check_exposure(settings)
     limit_heap_growth()  # large requests' memory goes back when freed (server.heap)
@@ -332,9 +343,10 @@ async def serve(
         port = _bind(server, settings, tls)
         metrics_port = _metrics_server(settings, stack, tls)
         http_socket = _http_socket(settings, stack)
-        if engine is None:
-            engine = await anyio.to_thread.run_sync(_load_engine, settings)
-        settings = engine.settings
+        if not engines:
+            engines = await anyio.to_thread.run_sync(_load_engines, settings)
+            settings = _serving_settings(settings, engines)
+        engine = engines[0]
         store, url = await stack.enter_async_context(open_store(settings, embedded))
         await stack.enter_async_context(store.running())  # collection cache (LISTEN), interrupted index builds
         authenticator = Authenticator(store, required=settings.auth == "keys")
@@ -342,9 +354,12 @@ async def serve(
         usage = UsageBook(store)
         gate = Gate(authenticator, Auditor(store), usage, Quotas())
         guard.arm(gate)
-        pool = await stack.enter_async_context(running_pool(engine.tokenizer, engine.sessions, engine.pool_config()))
+        pools = [
+            await stack.enter_async_context(running_pool(e.tokenizer, e.sessions, e.pool_config())) for e in engines
+        ]
+        models = Models.of([(pool, e.model) for pool, e in zip(pools, engines, strict=True)], store)
         service = EmbeddingService(
-            pool, store, engine.model, Limits.from_settings(settings), query_cache_bytes=settings.query_cache_bytes
+            models, store, Limits.from_settings(settings), query_cache_bytes=settings.query_cache_bytes
         )
         sources = SourceDatabases(
             parse_databases(settings.sync_databases, url),
@@ -390,9 +405,8 @@ async def serve(
         if http is not None:
             log.info("HTTP on %s:%d: %s", settings.host, http_port, tls.mode if tls else "plain HTTP")
         log.info(
-            "serving %s/%s on %s:%d (pid %d, auth %s)",
-            engine.model.name,
-            engine.model.variant,
+            "serving %s on %s:%d (pid %d, auth %s)",
+            ", ".join(f"{e.model.name}/{e.model.variant}" for e in engines),
             settings.host,
             port,
             os.getpid(),
@@ -409,7 +423,7 @@ async def serve(
                 await sync_workers.run()
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_supervise, url, embedded, health, pool, ready)
+            tg.start_soon(_supervise, url, embedded, health, pools, ready)
             tg.start_soon(work_syncs)
             if http is not None:
                 tg.start_soon(http.run)
@@ -420,7 +434,7 @@ async def serve(
                 await (stop.wait() if stop is not None else anyio.sleep_forever())
             finally:
                 with anyio.CancelScope(shield=True):
-                    log.info("draining: %d documents in flight", pool.permits_in_use)
+                    log.info("draining: %d documents in flight", sum(pool.permits_in_use for pool in pools))
                     await health.enter_graceful_shutdown()
                     ready.draining = True
                     ready.publish()
@@ -450,9 +464,21 @@ def _bind(server: grpc.aio.Server, settings: Settings, tls: ServerTls | None) ->
     return port
 
 
-def _load_engine(settings: Settings) -> Engine:
+def _serving_settings(settings: Settings, engines: Sequence[Engine]) -> Settings:
+    """The first engine's settings (device-derived defaults filled in), with the server-wide budgets and models
+    as configured (each engine has its share)."""
+    return dataclasses.replace(
+        engines[0].settings,
+        model=settings.model,
+        max_concurrent_inputs=settings.max_concurrent_inputs,
+        max_concurrent_chars=settings.max_concurrent_chars,
+        matryoshka_dims=settings.matryoshka_dims,
+    )
+
+
+def _load_engines(settings: Settings) -> list[Engine]:
     try:
-        return load_engine(settings)
+        return load_engines(settings)
     except OSError as e:  # an unreadable model dir, or a model cache that cannot be written
         raise StartupError(f"cannot load the model: {one_line(e)}") from e
 

@@ -70,6 +70,7 @@ RULES: Final[dict[str, Rule]] = {
     "GetCollection": Rule(_fixed(Action.READ), "name", _never, _none),
     "ListCollections": Rule(_fixed(Action.READ), "", _never, _none),
     "GetModelInfo": Rule(_fixed(Action.EMBED), "", _never, _none),
+    "ListModels": Rule(_fixed(Action.EMBED), "", _never, _none),
     "CreateCollection": Rule(_fixed(Action.ADMIN), "name", _always, _none),
     "DropCollection": Rule(_fixed(Action.ADMIN), "name", _always, _none),
     "DeleteDocuments": Rule(_fixed(Action.WRITE), "collection", _always, _none),

@@ -11,9 +11,9 @@ import numpy as np
 from google.protobuf import struct_pb2
 from numpy.typing import NDArray
 
-from embedpool.engine import ServingModel
 from embedpool.errors import InvalidArgument
 from embedpool.service import Document, Hit, Limits, Rejected
+from embedpool.service.models import ServedModel
 from embedpool.service.syncs import SyncStatus
 from embedpool.store import CollectionInfo, CollectionStats, HnswOptions, UpsertResult
 from embedpool.store.keys import KeyRecord
@@ -66,7 +66,8 @@ def hit_message(hit: Hit, encoding: int) -> pb.SearchHit:
     )
 
 
-def model_info(model: ServingModel, limits: Limits) -> pb.ModelInfo:
+def model_info(served: ServedModel, default: ServedModel, limits: Limits) -> pb.ModelInfo:
+    model = served.model
     return pb.ModelInfo(
         name=model.name,
         dim=model.dim,
@@ -76,6 +77,10 @@ def model_info(model: ServingModel, limits: Limits) -> pb.ModelInfo:
         pooling=model.pooling,
         normalized=True,
         dimensions=sorted(model.dimensions, reverse=True),
+        prompts=dict(model.prompts),
+        default_prompt_name=model.default_prompt_name,
+        default=served is default,
+        encodings=[name for name in pb.VectorEncoding.keys()],  # noqa: SIM118  # a protobuf enum wrapper
         limits=pb.ServerLimits(
             max_request_documents=limits.max_request_documents,
             max_request_bytes=limits.max_request_bytes,

@@ -16,6 +16,7 @@ from embedpool.server import codec
 from embedpool.server.rpc import rpc
 from embedpool.service import EmbeddingService, IngestBatch, WriteOutcome
 from embedpool.service import limits as check
+from embedpool.service.models import QUERY
 from embedpool.service.syncs import Syncs, SyncSpec
 from embedpool.store.sources import DEFAULT
 from embedpool.v1 import embedpool_pb2 as pb
@@ -51,30 +52,36 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                 truncate=_truncate(request),
                 deadline=_deadline(context),
                 dimensions=dimensions,
+                model=request.model,
+                input_type=request.input_type,
             )
             return pb.EmbedResponse(
                 dim=embedded.vectors.shape[1],
                 vectors=[] if request.skip_vectors else codec.pack_vectors(embedded.vectors, encoding),
                 token_counts=embedded.token_counts,
-                model=service.model_label,
+                model=embedded.model,
                 encoding=encoding,
             )
-        if dimensions is not None and dimensions != service.model.dim:
-            raise InvalidArgument("dimensions: a collection holds full vectors; leave dimensions unset")
+        if request.input_type:
+            raise InvalidArgument(
+                "input_type: documents stored in a collection get the document prompt; leave it unset"
+            )
         outcome = await service.write(
             request.collection,
             codec.documents(request.documents),
             truncate=_truncate(request),
             deadline=_deadline(context),
             want_vectors=not request.skip_vectors,
+            model=request.model,
+            dimensions=dimensions,
         )
         return pb.EmbedResponse(
-            dim=service.model.dim,
+            dim=outcome.dim,
             vectors=codec.pack_vectors(outcome.vectors, encoding) if outcome.vectors is not None else [],
             ids=outcome.ids,
             token_counts=outcome.token_counts,
             upsert=codec.upsert_stats(outcome.upsert),
-            model=service.model_label,
+            model=outcome.model,
             rejected=codec.rejected(outcome.rejected),
             encoding=encoding,
         )
@@ -90,7 +97,9 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             async for request in request_iterator:
                 check.request_bytes(request.ByteSize(), limits)
                 documents = codec.documents(request.documents)
-                yield IngestBatch(documents, request.collection, _truncate(request), request.bulk, request.batch_id)
+                yield IngestBatch(
+                    documents, request.collection, _truncate(request), request.bulk, request.batch_id, request.model
+                )
 
         async def ack(batch: IngestBatch, outcome: WriteOutcome) -> None:
             message = pb.IngestAck(
@@ -119,12 +128,16 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             min_score=request.min_score if request.HasField("min_score") else None,
             include_vectors=request.include_vectors,
             deadline=_deadline(context),
+            model=request.model,
+            input_type=request.input_type or QUERY,
         )
         return pb.SearchResponse(hits=[codec.hit_message(hit, request.encoding) for hit in hits])
 
     @rpc
     async def CreateCollection(self, request: pb.CreateCollectionRequest, context: Context) -> pb.Collection:
-        info = await self._service.create_collection(request.name, codec.index_options(request.index))
+        info = await self._service.create_collection(
+            request.name, codec.index_options(request.index), model=request.model
+        )
         return codec.collection_message(info)
 
     @rpc
@@ -153,7 +166,13 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
 
     @rpc
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:
-        return codec.model_info(self._service.model, self._limits)
+        models = self._service.models
+        return codec.model_info(models.named(request.model), models.default, self._limits)
+
+    @rpc
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
+        models = self._service.models
+        return pb.ListModelsResponse(models=[codec.model_info(m, models.default, self._limits) for m in models])
 
     @rpc
     async def CreateKey(self, request: pb.CreateKeyRequest, context: Context) -> pb.CreateKeyResponse:

@@ -16,9 +16,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from embedpool import tracing
-from embedpool.engine import ServingModel
 from embedpool.errors import InvalidArgument, Overloaded, Unavailable
-from embedpool.pool import EmbeddingPool, Priority
+from embedpool.pool import Priority
 from embedpool.security import keyring
 from embedpool.security.principal import current as current_principal
 from embedpool.security.usage import meter
@@ -26,8 +25,9 @@ from embedpool.service import limits as check
 from embedpool.service.documents import Document, Embedded, Hit, WriteOutcome
 from embedpool.service.ingest import run_ingest
 from embedpool.service.limits import Limits
+from embedpool.service.models import QUERY, Models, ServedModel
 from embedpool.service.query_cache import QueryCache
-from embedpool.service.writes import DocumentWriter, EmbeddedBatch
+from embedpool.service.writes import EmbeddedBatch
 from embedpool.store import CollectionInfo, CollectionStats, HnswOptions, Store
 from embedpool.store.keys import KeyRecord
 
@@ -46,6 +46,8 @@ class IngestBatch:
     """On the first batch: an empty collection is loaded without its HNSW index, built when the stream ends."""
     tag: object = None
     """The door's own (e.g. the gRPC batch id), for its acknowledgement."""
+    model: str = ""
+    """On the first batch: the model the request names ("": the collection's)."""
 
 
 def _meter_write(outcome: WriteOutcome) -> None:
@@ -65,30 +67,27 @@ def _normalized(vectors: NDArray[np.float32]) -> NDArray[np.float32]:
 
 
 class EmbeddingService:
-    def __init__(
-        self, pool: EmbeddingPool, store: Store, model: ServingModel, limits: Limits, *, query_cache_bytes: int = 0
-    ) -> None:
-        self._pool = pool
+    def __init__(self, models: Models, store: Store, limits: Limits, *, query_cache_bytes: int = 0) -> None:
+        """`models`: each with its own pool; the first is the default for requests that name none."""
+        self._models = models
         self._store = store
-        self._model = model
         self._limits = limits
-        self._label = f"{model.name}/{model.variant}"  # one string, shared by every query cache key
         self._queries = QueryCache(query_cache_bytes)
-        self._writer = DocumentWriter(pool, store, model)
         self._ingest_streams = 0
         self._draining = anyio.Event()
 
     @property
-    def model(self) -> ServingModel:
-        return self._model
+    def models(self) -> Models:
+        return self._models
+
+    @property
+    def model(self) -> ServedModel:
+        """The default model."""
+        return self._models.default
 
     @property
     def limits(self) -> Limits:
         return self._limits
-
-    @property
-    def model_label(self) -> str:
-        return self._label
 
     def drain(self) -> None:
         """The server is stopping: ingest streams finish the batches they read and end with Unavailable, so
@@ -97,19 +96,21 @@ class EmbeddingService:
 
     # Embedding
 
-    def dimensions(self, requested: int | None, field: str = "dimensions") -> int:
+    @staticmethod
+    def dimensions(served: ServedModel, requested: int | None, field: str = "dimensions") -> int:
         """The vector size to return: the model's, or a Matryoshka size it was trained for."""
-        full = self._model.dim
+        model = served.model
+        full = model.dim
         if requested is None or requested == full:
             return full
-        if requested in self._model.dimensions:
+        if requested in model.dimensions:
             return requested
-        sizes = ", ".join(map(str, sorted({full, *self._model.dimensions}, reverse=True)))
-        if not self._model.dimensions:
+        sizes = ", ".join(map(str, sorted({full, *model.dimensions}, reverse=True)))
+        if not model.dimensions:
             raise InvalidArgument(
-                f"{field}: {self._model.name} is not trained for truncated (Matryoshka) vectors; it returns {full}"
+                f"{field}: {model.name} is not trained for truncated (Matryoshka) vectors; it returns {full}"
             )
-        raise InvalidArgument(f"{field}: {self._model.name} returns {sizes} dimensions, not {requested}")
+        raise InvalidArgument(f"{field}: {model.name} returns {sizes} dimensions, not {requested}")
 
     async def embed(
         self,
@@ -119,31 +120,47 @@ class EmbeddingService:
         deadline: float = math.inf,
         dimensions: int | None = None,
         field: str = "documents",
+        model: str | None = None,
+        input_type: str | None = None,
     ) -> Embedded:
-        """`field`: what the caller's door calls the texts, for error messages. A call of a few texts is served
+        """`field`: what the caller's door calls the texts, for error messages. `model`: a served model's name
+        (None: the default); `input_type`: query, document or one of the model's prompt names, whose prompt is
+        put before each text (None: the model's default prompt, if it has one). A call of a few texts is served
         from the query cache where it can: token_counts report every text's tokens, cached or not, while the
         caller's usage (and tokens/s quota) counts only the tokens embedded now."""
         check.texts(texts, self._limits, field)
-        size = self.dimensions(dimensions)
+        served = self._models.named(model)
+        size = self.dimensions(served, dimensions)
+        prompt = served.prompt(input_type)
         suffix = ".text" if field == "documents" else ""
-        vectors, counts = await self._embedded(texts, truncate, deadline, lambda i: f"{field}[{i}]{suffix}")
-        return Embedded(vectors if size == self._model.dim else _normalized(vectors[:, :size]), counts)
+        vectors, counts = await self._embedded(
+            served, texts, truncate, deadline, lambda i: f"{field}[{i}]{suffix}", prompt
+        )
+        vectors = vectors if size == served.model.dim else _normalized(vectors[:, :size])
+        return Embedded(vectors, counts, served.label)
 
     async def _embedded(
-        self, texts: Sequence[str], truncate: bool, deadline: float, name: Callable[[int], str]
+        self,
+        served: ServedModel,
+        texts: Sequence[str],
+        truncate: bool,
+        deadline: float,
+        name: Callable[[int], str],
+        prompt: str = "",
     ) -> tuple[NDArray[np.float32], list[int]]:
         """Full-size vectors and token counts of `texts`, from the query cache when the call is query-sized (only
-        the texts it lacks are embedded, in one pool call). `name(i)`: how the caller calls text i."""
+        the texts it lacks are embedded, in one pool call). `name(i)`: how the caller calls text i. `prompt` goes
+        before each text (the token counts include it)."""
         if not self._queries.serves(texts):
-            return await self._embed_now(texts, truncate, deadline, name)
-        keys = [QueryCache.key(self.model_label, truncate, text) for text in texts]
+            return await self._embed_now(served, texts, truncate, deadline, name, prompt)
+        keys = [QueryCache.key(served.label, truncate, text, prompt) for text in texts]
         found = [self._queries.get(key) if key is not None else None for key in keys]
         missing = [i for i, entry in enumerate(found) if entry is None]
-        vectors = np.empty((len(texts), self._model.dim), dtype=np.float32)
+        vectors = np.empty((len(texts), served.model.dim), dtype=np.float32)
         counts = [0] * len(texts)
         if missing:
             fresh, fresh_counts = await self._embed_now(
-                [texts[i] for i in missing], truncate, deadline, lambda j: name(missing[j])
+                served, [texts[i] for i in missing], truncate, deadline, lambda j: name(missing[j]), prompt
             )
             for j, i in enumerate(missing):
                 vectors[i], counts[i] = fresh[j], fresh_counts[j]
@@ -155,10 +172,17 @@ class EmbeddingService:
         return vectors, counts
 
     async def _embed_now(
-        self, texts: Sequence[str], truncate: bool, deadline: float, name: Callable[[int], str]
+        self,
+        served: ServedModel,
+        texts: Sequence[str],
+        truncate: bool,
+        deadline: float,
+        name: Callable[[int], str],
+        prompt: str,
     ) -> tuple[NDArray[np.float32], list[int]]:
+        inputs = [prompt + text for text in texts] if prompt else texts
         try:
-            embedded = await self._pool.embed(texts, truncate=truncate, deadline=deadline, priority=_by_size(texts))
+            embedded = await served.pool.embed(inputs, truncate=truncate, deadline=deadline, priority=_by_size(texts))
         except InvalidArgument as e:  # the tokenizer's, naming "text i": name it as the caller does
             raise check.renamed_text_error(e, name) from None
         counts = embedded.token_counts.tolist()
@@ -175,15 +199,20 @@ class EmbeddingService:
         want_vectors: bool = False,
         priority: Priority | None = None,
         wait: bool = False,
+        model: str | None = None,
+        dimensions: int | None = None,
     ) -> WriteOutcome:
         """Embeds `documents` and upserts them into `collection` (idempotent: see service.writes). `priority`:
         by default interactive for a call of up to limits.INTERACTIVE_DOCUMENTS documents, bulk above; `wait`:
         wait for room in the admission budget (until `deadline`) instead of failing with Overloaded (a background
-        writer, as Ingest does)."""
+        writer, as Ingest does). The documents are embedded with the collection's model and its document
+        prompt; `model`, if given, must name that model."""
         check.collection_name(collection)
         checked = check.documents(documents, self._limits)
-        await self._writable(collection)
-        outcome = await self._writer.write(
+        _, served = await self._writable(collection, model)
+        if dimensions is not None and dimensions != served.model.dim:
+            raise InvalidArgument("dimensions: a collection holds full vectors; leave dimensions unset")
+        outcome = await served.writer.write(
             collection,
             documents,
             checked,
@@ -225,6 +254,7 @@ class EmbeddingService:
         if not first.collection:
             raise InvalidArgument("collection: the first batch must name the collection")
         collection = check.collection_name(first.collection)
+        _, served = await self._writable(collection, first.model)
 
         async def stream() -> AsyncIterator[IngestBatch]:
             yield first
@@ -235,11 +265,11 @@ class EmbeddingService:
             if batch.collection and batch.collection != collection:
                 raise InvalidArgument(f"collection: stream is for {collection!r}, batch names {batch.collection!r}")
             documents = check.documents(batch.documents, self._limits)
-            await self._writable(collection)
+            await self._writable(collection)  # it may have been dropped since
             return documents
 
         async def embed(batch: IngestBatch, documents: list[check.Checked]) -> EmbeddedBatch:
-            return await self._writer.embed(
+            return await served.writer.embed(
                 collection,
                 batch.documents,
                 documents,
@@ -260,7 +290,7 @@ class EmbeddingService:
                 stream(),
                 checked,
                 embed,
-                self._writer.store,
+                served.writer.store,
                 acknowledge,
                 window=self._limits.ingest_window,
                 stores=self._limits.ingest_stores,
@@ -283,15 +313,22 @@ class EmbeddingService:
         min_score: float | None = None,
         include_vectors: bool = False,
         deadline: float = math.inf,
+        model: str | None = None,
+        input_type: str | None = QUERY,
     ) -> list[Hit]:
+        """A text query is embedded with the collection's model and its query prompt (`input_type`); `model`,
+        if given, must name the collection's model."""
         if (text is None) == (vector is None):
             raise InvalidArgument("query: set either text or vector")
         check.collection_name(collection)
         check.search(query=text, k=k, candidates=candidates, min_score=min_score, filter=filter, limits=self._limits)
-        info = await self._writable(collection)
+        info, served = await self._writable(collection, model)
         meter().searches += 1
         if text is not None:
-            query: NDArray[np.float32] = (await self._embedded([text], True, deadline, lambda _: "text"))[0][0]
+            prompt = served.prompt(input_type)
+            query: NDArray[np.float32] = (
+                await self._embedded(served, [text], True, deadline, lambda _: "text", prompt)
+            )[0][0]
         else:
             assert vector is not None
             query = self._query_vector(vector, info.dim)
@@ -323,25 +360,23 @@ class EmbeddingService:
         normalized: NDArray[np.float32] = (values / np.linalg.norm(values)).astype(np.float32)
         return normalized
 
-    async def _writable(self, name: str) -> CollectionInfo:
-        """The collection, checked to hold this server's model's vectors (cosine, same model and dim)."""
+    async def _writable(self, name: str, model: str | None = None) -> tuple[CollectionInfo, ServedModel]:
+        """The collection and the served model its vectors were made with (cosine, same model and dim); a
+        `model` the request names must be that one."""
         collection = await self._store.collection(name)
         if collection.metric != "cosine":
             raise InvalidArgument(f"collection {name!r} uses the {collection.metric} metric; Search scores are cosine")
-        if collection.dim != self._model.dim or collection.model != self._model.name:
-            raise InvalidArgument(
-                f"collection {name!r} holds {collection.model} vectors of dim {collection.dim}; "
-                f"this server serves {self._model.name} (dim {self._model.dim})"
-            )
-        return collection
+        return collection, self._models.of_collection(collection, model)
 
     # Collections
 
-    async def create_collection(self, name: str, index: HnswOptions | None = None) -> CollectionInfo:
+    async def create_collection(
+        self, name: str, index: HnswOptions | None = None, model: str | None = None
+    ) -> CollectionInfo:
+        """A collection bound to `model` (None: the default): its writes and text searches use that model."""
         check.collection_name(name, "name")
-        return await self._store.create_collection(
-            name, model=self._model.name, dim=self._model.dim, hnsw=index or HnswOptions()
-        )
+        served = self._models.named(model).model
+        return await self._store.create_collection(name, model=served.name, dim=served.dim, hnsw=index or HnswOptions())
 
     async def list_collections(self) -> list[CollectionInfo]:
         return await self._store.list_collections()

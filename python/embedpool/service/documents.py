@@ -34,6 +34,8 @@ class Embedded:
     vectors: NDArray[np.float32]
     """[n, dim], L2-normalised (after Matryoshka truncation, when asked for)."""
     token_counts: list[int]
+    model: str = ""
+    """name/variant of the model that made them."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ class WriteOutcome:
     upsert: UpsertResult
     skipped_unchanged: int
     rejected: list[Rejected] = field(default_factory=list)
+    model: str = ""
+    """name/variant of the collection's model."""
+    dim: int = 0
+    """Its vectors' dimension."""
 
 
 @dataclass(frozen=True, slots=True)

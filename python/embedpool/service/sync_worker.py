@@ -116,7 +116,7 @@ class SyncWorkers:
         """Works one batch of `record`'s queue; returns the rows it settled (stored, removed or failed)."""
         name = record.name
         try:
-            async with self._sources.connection(record.database) as conn, conn.transaction():
+            async with self._sources.connection(record.database, work=True) as conn, conn.transaction():
                 claimed = await source_db.claim(conn, name, self._config.batch_size)
                 if claimed is None:
                     return 0

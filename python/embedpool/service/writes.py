@@ -78,10 +78,14 @@ class DocumentWriter:
     only rows that were unchanged when the batch committed.
     """
 
-    def __init__(self, pool: EmbeddingPool, store: Store, model: ServingModel) -> None:
+    def __init__(self, pool: EmbeddingPool, store: Store, model: ServingModel, prompt: str = "") -> None:
+        """`prompt`: put before every document's text when it is embedded (the model's document prompt)."""
         self._pool = pool
         self._store = store
         self._model = model
+        self._prompt = prompt
+        # A row embedded with another prompt is another vector: the prompt is part of what a row depends on.
+        self._hashed_model = f"{model.name}\x00{prompt}" if prompt else model.name
 
     async def write(
         self,
@@ -125,7 +129,7 @@ class DocumentWriter:
         # vectors are asked for, an embedding).
         latest = sorted({doc_id: i for i, doc_id in enumerate(ids)}.values())
         metadata = {i: checked[i][0] for i in latest}
-        hashes = {i: content_hash(self._model.name, documents[i].text, checked[i][1]) for i in latest}
+        hashes = {i: content_hash(self._hashed_model, documents[i].text, checked[i][1]) for i in latest}
         assumed: dict[str, Unembedded] = {}
         if not want_vectors:
             stored = await self._store.existing_hashes(collection, [ids[i] for i in latest])
@@ -137,7 +141,7 @@ class DocumentWriter:
         vectors: NDArray[np.float32] | None = None
         rows: list[DocumentRow] = []
         if todo:
-            texts = [documents[i].text for i in todo]
+            texts = [self._prompt + documents[i].text for i in todo]
             try:
                 embedded = await self._pool.embed(
                     texts, truncate=truncate, deadline=deadline, wait=wait, priority=priority
@@ -187,13 +191,22 @@ class DocumentWriter:
         rejected = [
             Rejected(index=first_index.get(doc_id, 0), id=doc_id, reason=reason) for doc_id, reason in result.rejected
         ]
-        return WriteOutcome(batch.ids, batch.token_counts, batch.vectors, result, batch.skipped_unchanged, rejected)
+        return WriteOutcome(
+            batch.ids,
+            batch.token_counts,
+            batch.vectors,
+            result,
+            batch.skipped_unchanged,
+            rejected,
+            f"{self._model.name}/{self._model.variant}",
+            self._model.dim,
+        )
 
     async def _embed_assumed(self, batch: EmbeddedBatch, ids: Sequence[str]) -> EmbeddedBatch:
         """`batch` with the documents of `ids` embedded after all: their rows changed since they were checked."""
         docs = [batch.assumed[doc_id] for doc_id in ids]
         embedded = await self._pool.embed(
-            [d.text for d in docs],
+            [self._prompt + d.text for d in docs],
             truncate=batch.truncate,
             deadline=batch.deadline,
             wait=batch.wait,

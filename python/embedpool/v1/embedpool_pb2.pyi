@@ -94,6 +94,8 @@ class EmbedRequest(_message.Message):
     TRUNCATE_FIELD_NUMBER: _builtins.int
     SKIP_VECTORS_FIELD_NUMBER: _builtins.int
     DIMENSIONS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUT_TYPE_FIELD_NUMBER: _builtins.int
     ENCODING_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     """When set, the documents are upserted into this collection (which must exist)."""
@@ -106,6 +108,16 @@ class EmbedRequest(_message.Message):
     dimensions: _builtins.int
     """Matryoshka: return the first `dimensions` components, normalised again. Only for models trained for it
     (ModelInfo.dimensions lists the sizes); INVALID_ARGUMENT otherwise, or together with a collection.
+    """
+    model: _builtins.str
+    """The model to embed with: a name ListModels lists (or name/variant, or org/name); empty: the server's
+    default (the first it serves). With a collection, the collection's model is used: naming another is
+    INVALID_ARGUMENT. An unknown name is NOT_FOUND.
+    """
+    input_type: _builtins.str
+    """What the texts are: "query", "document" or one of the model's prompt names (ModelInfo.prompts). The
+    model's prompt for it is put before each text (token counts and truncation include it); empty: the
+    model's default prompt, if it has one. Documents stored in a collection always get the document prompt.
     """
     encoding: Global___VectorEncoding.ValueType
     """How returned vectors are packed."""
@@ -121,11 +133,13 @@ class EmbedRequest(_message.Message):
         truncate: _builtins.bool | None = ...,
         skip_vectors: _builtins.bool = ...,
         dimensions: _builtins.int | None = ...,
+        model: _builtins.str = ...,
+        input_type: _builtins.str = ...,
         encoding: Global___VectorEncoding.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_truncate", b"_truncate", "dimensions", b"dimensions", "truncate", b"truncate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_truncate", b"_truncate", "collection", b"collection", "dimensions", b"dimensions", "documents", b"documents", "encoding", b"encoding", "skip_vectors", b"skip_vectors", "truncate", b"truncate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_truncate", b"_truncate", "collection", b"collection", "dimensions", b"dimensions", "documents", b"documents", "encoding", b"encoding", "input_type", b"input_type", "model", b"model", "skip_vectors", b"skip_vectors", "truncate", b"truncate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
     _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015
@@ -228,12 +242,15 @@ class IngestRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     COLLECTION_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     BATCH_ID_FIELD_NUMBER: _builtins.int
     DOCUMENTS_FIELD_NUMBER: _builtins.int
     TRUNCATE_FIELD_NUMBER: _builtins.int
     BULK_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     """Target collection; required on the first message, and later messages must name the same one or none."""
+    model: _builtins.str
+    """On the first message: the model, which must be the collection's (empty: the collection's)."""
     batch_id: _builtins.int
     """Client-chosen batch number, echoed in the acknowledgement (use it to resume)."""
     truncate: _builtins.bool
@@ -251,6 +268,7 @@ class IngestRequest(_message.Message):
         self,
         *,
         collection: _builtins.str = ...,
+        model: _builtins.str = ...,
         batch_id: _builtins.int = ...,
         documents: _abc.Iterable[Global___Document] | None = ...,
         truncate: _builtins.bool | None = ...,
@@ -258,7 +276,7 @@ class IngestRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_truncate", b"_truncate", "truncate", b"truncate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncate", b"_truncate", "batch_id", b"batch_id", "bulk", b"bulk", "collection", b"collection", "documents", b"documents", "truncate", b"truncate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncate", b"_truncate", "batch_id", b"batch_id", "bulk", b"bulk", "collection", b"collection", "documents", b"documents", "model", b"model", "truncate", b"truncate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__truncate: _TypeAlias = _typing.Literal["truncate"]  # noqa: Y015
     _WhichOneofArgType__truncate: _TypeAlias = _typing.Literal["_truncate", b"_truncate"]  # noqa: Y015
@@ -334,6 +352,8 @@ class SearchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     COLLECTION_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUT_TYPE_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     VECTOR_FIELD_NUMBER: _builtins.int
     K_FIELD_NUMBER: _builtins.int
@@ -343,6 +363,10 @@ class SearchRequest(_message.Message):
     INCLUDE_VECTORS_FIELD_NUMBER: _builtins.int
     ENCODING_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
+    model: _builtins.str
+    """A text query is embedded with the collection's model; naming another model is INVALID_ARGUMENT."""
+    input_type: _builtins.str
+    """The prompt a text query gets: "query" (also when empty) or another of the model's prompt names."""
     text: _builtins.str
     """Query text, embedded by the serving model."""
     vector: _builtins.bytes
@@ -367,6 +391,8 @@ class SearchRequest(_message.Message):
         self,
         *,
         collection: _builtins.str = ...,
+        model: _builtins.str = ...,
+        input_type: _builtins.str = ...,
         text: _builtins.str = ...,
         vector: _builtins.bytes = ...,
         k: _builtins.int = ...,
@@ -378,7 +404,7 @@ class SearchRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "filter", b"filter", "min_score", b"min_score", "query", b"query", "text", b"text", "vector", b"vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "candidates", b"candidates", "collection", b"collection", "encoding", b"encoding", "filter", b"filter", "include_vectors", b"include_vectors", "k", b"k", "min_score", b"min_score", "query", b"query", "text", b"text", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "candidates", b"candidates", "collection", b"collection", "encoding", b"encoding", "filter", b"filter", "include_vectors", b"include_vectors", "input_type", b"input_type", "k", b"k", "min_score", b"min_score", "model", b"model", "query", b"query", "text", b"text", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__min_score: _TypeAlias = _typing.Literal["min_score"]  # noqa: Y015
     _WhichOneofArgType__min_score: _TypeAlias = _typing.Literal["_min_score", b"_min_score"]  # noqa: Y015
@@ -453,8 +479,13 @@ class CreateCollectionRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """1..63 characters: letters, digits, '_', '-', '.'."""
+    model: _builtins.str
+    """The model the collection is bound to (a name ListModels lists; empty: the default): every write to it and
+    every text Search of it use this model.
+    """
     @_builtins.property
     def index(self) -> Global___IndexOptions:
         """How the collection's HNSW index is built; unset fields take the defaults. Creating an existing name
@@ -466,10 +497,11 @@ class CreateCollectionRequest(_message.Message):
         *,
         name: _builtins.str = ...,
         index: Global___IndexOptions | None = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "model", b"model", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -701,6 +733,26 @@ Global___DeleteDocumentsResponse: _TypeAlias = DeleteDocumentsResponse  # noqa: 
 class GetModelInfoRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Empty: the default model."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelInfoRequest: _TypeAlias = GetModelInfoRequest  # noqa: Y015
+
+@_typing.final
+class ListModelsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
     def __init__(
         self,
     ) -> None: ...
@@ -710,11 +762,53 @@ class GetModelInfoRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetModelInfoRequest: _TypeAlias = GetModelInfoRequest  # noqa: Y015
+Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
+
+@_typing.final
+class ListModelsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
+        """Every model this server serves; the first is the default."""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___ModelInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
 
 @_typing.final
 class ModelInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PromptsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     NAME_FIELD_NUMBER: _builtins.int
     DIM_FIELD_NUMBER: _builtins.int
@@ -724,6 +818,10 @@ class ModelInfo(_message.Message):
     POOLING_FIELD_NUMBER: _builtins.int
     NORMALIZED_FIELD_NUMBER: _builtins.int
     DIMENSIONS_FIELD_NUMBER: _builtins.int
+    PROMPTS_FIELD_NUMBER: _builtins.int
+    DEFAULT_PROMPT_NAME_FIELD_NUMBER: _builtins.int
+    DEFAULT_FIELD_NUMBER: _builtins.int
+    ENCODINGS_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Model name, e.g. "all-MiniLM-L6-v2"."""
@@ -737,9 +835,23 @@ class ModelInfo(_message.Message):
     pooling: _builtins.str
     """Pooling inside the graph ("mean") and whether vectors are L2-normalised (always true)."""
     normalized: _builtins.bool
+    default_prompt_name: _builtins.str
+    """The prompt an input of no declared type gets ("": none)."""
+    default: _builtins.bool
+    """Whether this is the server's default model."""
     @_builtins.property
     def dimensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Smaller sizes the model was trained to be truncated to (Matryoshka), for EmbedRequest.dimensions."""
+
+    @_builtins.property
+    def prompts(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The model's prompts by name (e.g. "query" -> "query: "), for EmbedRequest.input_type; "query" and
+        "document" are always accepted (no prompt when the model has none for them).
+        """
+
+    @_builtins.property
+    def encodings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Vector encodings the server packs (VectorEncoding names)."""
 
     @_builtins.property
     def limits(self) -> Global___ServerLimits:
@@ -756,11 +868,15 @@ class ModelInfo(_message.Message):
         pooling: _builtins.str = ...,
         normalized: _builtins.bool = ...,
         dimensions: _abc.Iterable[_builtins.int] | None = ...,
+        prompts: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        default_prompt_name: _builtins.str = ...,
+        default: _builtins.bool = ...,
+        encodings: _abc.Iterable[_builtins.str] | None = ...,
         limits: Global___ServerLimits | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dim", b"dim", "dimensions", b"dimensions", "limits", b"limits", "max_tokens", b"max_tokens", "name", b"name", "normalized", b"normalized", "pooling", b"pooling", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default", b"default", "default_prompt_name", b"default_prompt_name", "device", b"device", "dim", b"dim", "dimensions", b"dimensions", "encodings", b"encodings", "limits", b"limits", "max_tokens", b"max_tokens", "name", b"name", "normalized", b"normalized", "pooling", b"pooling", "prompts", b"prompts", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -79,6 +79,11 @@ class EmbedderStub:
                 request_serializer=embedpool_dot_v1_dot_embedpool__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=embedpool_dot_v1_dot_embedpool__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/embedpool.v1.Embedder/ListModels',
+                request_serializer=embedpool_dot_v1_dot_embedpool__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=embedpool_dot_v1_dot_embedpool__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
         self.CreateKey = channel.unary_unary(
                 '/embedpool.v1.Embedder/CreateKey',
                 request_serializer=embedpool_dot_v1_dot_embedpool__pb2.CreateKeyRequest.SerializeToString,
@@ -190,7 +195,14 @@ class EmbedderServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """Describes the model being served.
+        """Describes a model being served (the default unless the request names one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Every model being served, the default first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -220,7 +232,8 @@ class EmbedderServicer:
         """Syncs keep a collection equal to a table of a database the server can reach (admin role, with a key granted
         every collection). CreateSync installs a trigger on the table that queues changed row ids, queues every
         existing row (the backfill) and creates the collection if needed; every server sharing embedpool's database
-        then embeds queued rows, exactly once in effect, newest text last.
+        then embeds queued rows, exactly once in effect, newest text last. The same definition again answers the
+        sync as it is (a retried create); another definition under a taken name is ALREADY_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -306,6 +319,11 @@ def add_EmbedderServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=embedpool_dot_v1_dot_embedpool__pb2.GetModelInfoRequest.FromString,
                     response_serializer=embedpool_dot_v1_dot_embedpool__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=embedpool_dot_v1_dot_embedpool__pb2.ListModelsRequest.FromString,
+                    response_serializer=embedpool_dot_v1_dot_embedpool__pb2.ListModelsResponse.SerializeToString,
             ),
             'CreateKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateKey,
@@ -596,6 +614,33 @@ class Embedder:
             '/embedpool.v1.Embedder/GetModelInfo',
             embedpool_dot_v1_dot_embedpool__pb2.GetModelInfoRequest.SerializeToString,
             embedpool_dot_v1_dot_embedpool__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedpool.v1.Embedder/ListModels',
+            embedpool_dot_v1_dot_embedpool__pb2.ListModelsRequest.SerializeToString,
+            embedpool_dot_v1_dot_embedpool__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,7 +65,9 @@ class EmbedderStub:
     DeleteDocuments: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.DeleteDocumentsRequest, _embedpool_pb2.DeleteDocumentsResponse]
     """Deletes documents of a collection by id, or those whose metadata contains a filter."""
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.GetModelInfoRequest, _embedpool_pb2.ModelInfo]
-    """Describes the model being served."""
+    """Describes a model being served (the default unless the request names one)."""
+    ListModels: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.ListModelsRequest, _embedpool_pb2.ListModelsResponse]
+    """Every model being served, the default first."""
     CreateKey: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.CreateKeyRequest, _embedpool_pb2.CreateKeyResponse]
     """API keys of the caller's own tenant (admin role, with a key granted every collection). The key itself is
     in CreateKey's reply only; the server keeps a hash. A revocation reaches every server within a second.
@@ -76,7 +78,8 @@ class EmbedderStub:
     """Syncs keep a collection equal to a table of a database the server can reach (admin role, with a key granted
     every collection). CreateSync installs a trigger on the table that queues changed row ids, queues every
     existing row (the backfill) and creates the collection if needed; every server sharing embedpool's database
-    then embeds queued rows, exactly once in effect, newest text last.
+    then embeds queued rows, exactly once in effect, newest text last. The same definition again answers the
+    sync as it is (a retried create); another definition under a taken name is ALREADY_EXISTS.
     """
     ListSyncs: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.ListSyncsRequest, _embedpool_pb2.ListSyncsResponse]
     GetSync: _grpc.UnaryUnaryMultiCallable[_embedpool_pb2.GetSyncRequest, _embedpool_pb2.Sync]
@@ -113,7 +116,9 @@ class EmbedderAsyncStub(EmbedderStub):
     DeleteDocuments: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.DeleteDocumentsRequest, _embedpool_pb2.DeleteDocumentsResponse]  # type: ignore[assignment]
     """Deletes documents of a collection by id, or those whose metadata contains a filter."""
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.GetModelInfoRequest, _embedpool_pb2.ModelInfo]  # type: ignore[assignment]
-    """Describes the model being served."""
+    """Describes a model being served (the default unless the request names one)."""
+    ListModels: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.ListModelsRequest, _embedpool_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """Every model being served, the default first."""
     CreateKey: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.CreateKeyRequest, _embedpool_pb2.CreateKeyResponse]  # type: ignore[assignment]
     """API keys of the caller's own tenant (admin role, with a key granted every collection). The key itself is
     in CreateKey's reply only; the server keeps a hash. A revocation reaches every server within a second.
@@ -124,7 +129,8 @@ class EmbedderAsyncStub(EmbedderStub):
     """Syncs keep a collection equal to a table of a database the server can reach (admin role, with a key granted
     every collection). CreateSync installs a trigger on the table that queues changed row ids, queues every
     existing row (the backfill) and creates the collection if needed; every server sharing embedpool's database
-    then embeds queued rows, exactly once in effect, newest text last.
+    then embeds queued rows, exactly once in effect, newest text last. The same definition again answers the
+    sync as it is (a retried create); another definition under a taken name is ALREADY_EXISTS.
     """
     ListSyncs: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.ListSyncsRequest, _embedpool_pb2.ListSyncsResponse]  # type: ignore[assignment]
     GetSync: _aio.UnaryUnaryMultiCallable[_embedpool_pb2.GetSyncRequest, _embedpool_pb2.Sync]  # type: ignore[assignment]
@@ -212,7 +218,15 @@ class EmbedderServicer(metaclass=_abc_1.ABCMeta):
         request: _embedpool_pb2.GetModelInfoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_embedpool_pb2.ModelInfo, _abc.Awaitable[_embedpool_pb2.ModelInfo]]:
-        """Describes the model being served."""
+        """Describes a model being served (the default unless the request names one)."""
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _embedpool_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedpool_pb2.ListModelsResponse, _abc.Awaitable[_embedpool_pb2.ListModelsResponse]]:
+        """Every model being served, the default first."""
 
     @_abc_1.abstractmethod
     def CreateKey(
@@ -247,7 +261,8 @@ class EmbedderServicer(metaclass=_abc_1.ABCMeta):
         """Syncs keep a collection equal to a table of a database the server can reach (admin role, with a key granted
         every collection). CreateSync installs a trigger on the table that queues changed row ids, queues every
         existing row (the backfill) and creates the collection if needed; every server sharing embedpool's database
-        then embeds queued rows, exactly once in effect, newest text last.
+        then embeds queued rows, exactly once in effect, newest text last. The same definition again answers the
+        sync as it is (a retried create); another definition under a taken name is ALREADY_EXISTS.
         """
 
     @_abc_1.abstractmethod
