@@ -1,5 +1,6 @@
 """One real server for the benchmark's tests (gRPC, HTTP and /metrics on free ports), and a way to run
-`embedpool bench` against it in this process and read back its JSON."""
+`embedpool bench` against it in this process and read back its JSON. The servers have no query cache: the steps
+send the same texts again, and the tests compare what was sent with what the server embedded."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ Bench = Callable[..., dict[str, Any]]
 
 @pytest.fixture(scope="package")
 def bench_server(tmp_path_factory: pytest.TempPathFactory, make_settings: SettingsFactory) -> Iterator[Running]:
-    with serving(make_settings(tmp_path_factory.mktemp("bench-server"))) as running:
+    with serving(make_settings(tmp_path_factory.mktemp("bench-server"), query_cache_bytes=0)) as running:
         yield running
 
 
@@ -53,7 +54,7 @@ def bench(tmp_path: Path) -> Bench:
 
 @pytest.fixture(scope="package")
 def keyed_server(tmp_path_factory: pytest.TempPathFactory, make_settings: SettingsFactory) -> Iterator[Running]:
-    with serving(make_settings(tmp_path_factory.mktemp("bench-keyed"), auth="keys")) as running:
+    with serving(make_settings(tmp_path_factory.mktemp("bench-keyed"), auth="keys", query_cache_bytes=0)) as running:
         yield running
 
 

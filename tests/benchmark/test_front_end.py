@@ -26,7 +26,7 @@ TEXTS = ["a short query", "Return the number of items in a container. " * 40, "x
 
 @pytest.fixture(scope="module")
 def null_server(tmp_path_factory: pytest.TempPathFactory, make_settings: SettingsFactory) -> Iterator[Running]:
-    # The query cache off: the bench repeats its texts, and a cached one never reaches the pool it measures.
+    # Without the query cache: the front end's own work is measured, every text embedded (by the null device).
     settings = make_settings(tmp_path_factory.mktemp("null-server"), device="null", query_cache_bytes=0)
     with serving(settings) as running:
         yield running

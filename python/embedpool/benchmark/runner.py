@@ -18,7 +18,7 @@ from embedpool.benchmark.loops import closed_loop, open_loop
 from embedpool.benchmark.options import DEFAULT_DOCS, Options
 from embedpool.benchmark.progress import Progress
 from embedpool.benchmark.report import Report
-from embedpool.benchmark.scrape import Scraper, Snapshot, server_figures
+from embedpool.benchmark.scrape import CACHE_HITS, Scraper, Snapshot, server_figures
 from embedpool.benchmark.stats import Sample, summarize
 from embedpool.benchmark.table import HEADER, step_row
 from embedpool.benchmark.target import ServerInfo, Target, host_of
@@ -204,9 +204,15 @@ class Runner:
         if before is None or after is None:
             return None
         figures = server_figures(before, after, elapsed)
-        if figures["documents"] < docs:  # fewer than we had embedded: not this server's counters
+        cached = after[CACHE_HITS] - before[CACHE_HITS]  # texts answered without embedding them
+        if figures["documents"] + cached < docs:  # fewer than we sent: not this server's counters
             self.report.note("server metrics dropped: the /metrics given counted fewer documents than were embedded")
             return None
+        if cached:
+            self.report.note(
+                "the server's query cache answered repeated texts without embedding them: start it with"
+                " --query-cache-bytes 0 to measure inference"
+            )
         return figures
 
     # The engine alone.

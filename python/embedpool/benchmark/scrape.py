@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from embedpool import metrics
 from embedpool.benchmark.credentials import Credentials
 
-__all__ = ["Scraper", "server_figures"]
+__all__ = ["CACHE_HITS", "Scraper", "server_figures"]
 
 
 def _name(metric: Any) -> str:
@@ -27,7 +27,18 @@ INFERENCE_SECONDS = _name(metrics.INFERENCE_SECONDS) + "_sum"
 TOKENS = _name(metrics.TOKENS) + "_total"
 DOCUMENTS = _name(metrics.DOCUMENTS) + "_total"
 REJECTIONS = _name(metrics.REJECTIONS) + "_total"
-_WANTED = {BATCHES, BATCH_DOCS, PADDED_TOKENS, EFFICIENCY_SUM, INFERENCE_SECONDS, TOKENS, DOCUMENTS, REJECTIONS}
+CACHE_HITS = _name(metrics.QUERY_CACHE_HITS) + "_total"
+_WANTED = {
+    BATCHES,
+    BATCH_DOCS,
+    PADDED_TOKENS,
+    EFFICIENCY_SUM,
+    INFERENCE_SECONDS,
+    TOKENS,
+    DOCUMENTS,
+    REJECTIONS,
+    CACHE_HITS,
+}
 
 Snapshot = dict[str, float]
 
