@@ -7,6 +7,9 @@ differences, over calls made one at a time."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +32,7 @@ from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
 from ..conftest import SettingsFactory, serving
 
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "query_cache.py"
 DIM = 384
 BOUND_ENTRIES = 12
 BOUND = BOUND_ENTRIES * (ENTRY_OVERHEAD + 4 * DIM + 150)  # entries of texts up to about 100 characters
@@ -218,3 +222,30 @@ def test_a_cached_embed_answers_as_an_uncached_one(
     np.testing.assert_array_equal(vectors(second), vectors(first))  # the second is (mostly) hits
     cosines = (vectors(first) * vectors(expected)).sum(axis=1)  # batch mates may differ: the pool's own tolerance
     assert cosines.min() >= 0.99999
+
+
+def test_the_benchmark_runs_quick_against_both_servers_and_writes_its_report(
+    cached: Server, uncached: Server, tmp_path: Path
+) -> None:
+    """bench/query_cache.py, tiny, on these two servers (one database): the report's shape, and the answers agree.
+    Loaded by path: bench/ is no package, and its tokenize.py would shadow the stdlib's."""
+    spec = importlib.util.spec_from_file_location("bench_query_cache", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_query_cache"] = bench  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    on_metrics = f"http://127.0.0.1:{cached.running.metrics_port}/metrics"
+    sizes = ["--docs", "40", "--queries", "6", "--searches", "24", "--rounds", "2", "--clients", "2"]
+    targets = ["--on", f"127.0.0.1:{cached.running.port}", "--on-metrics", on_metrics]
+    targets += ["--off", f"127.0.0.1:{uncached.running.port}", "--out", str(tmp_path)]
+    report = bench.main([*sizes, *targets])
+    assert json.loads((tmp_path / "query_cache.json").read_text()) == report
+    assert set(report) == {"args", "machine", "workload", "arms", "rounds", "ratios", "cache", "correctness"}
+    for arm in ("on", "off"):
+        assert report["arms"][arm]["searches"] == 48 and len(report["rounds"][arm]) == 2
+        assert set(report["arms"][arm]) >= {"p50_ms", "p99_ms", "searches_per_s_median", "first_asked", "repeated"}
+    assert set(report["ratios"]) == {"p50_on_vs_off", "p99_on_vs_off", "throughput_on_vs_off"}
+    assert report["rounds"]["off"][0]["hits"] == report["rounds"]["off"][0]["misses"] == 0
+    cache = report["cache"]
+    assert cache["hits"] + cache["misses"] == 48 and 0 < cache["hit_rate"] <= cache["hit_rate_possible"]
+    assert report["correctness"]["hit_vs_miss"] == report["correctness"]["on_vs_off_ids"] == 0
