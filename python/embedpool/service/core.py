@@ -326,9 +326,8 @@ class EmbeddingService:
         meter().searches += 1
         if text is not None:
             prompt = served.prompt(input_type)
-            query: NDArray[np.float32] = (
-                await self._embedded(served, [text], True, deadline, lambda _: "text", prompt)
-            )[0][0]
+            embedded, _ = await self._embedded(served, [text], True, deadline, lambda _: "text", prompt)
+            query: NDArray[np.float32] = embedded[0]
         else:
             assert vector is not None
             query = self._query_vector(vector, info.dim)

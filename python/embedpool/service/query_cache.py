@@ -24,7 +24,15 @@ from numpy.typing import NDArray
 
 from embedpool import metrics
 
-__all__ = ["ENTRY_OVERHEAD", "MAX_CALL_TEXTS", "MAX_TEXT_CHARS", "CachedQuery", "QueryCache", "QueryKey"]
+__all__ = [
+    "ENTRY_OVERHEAD",
+    "MAX_CALL_TEXTS",
+    "MAX_TEXT_CHARS",
+    "CachedQuery",
+    "QueryCache",
+    "QueryKey",
+    "entry_bytes",
+]
 
 MAX_CALL_TEXTS: Final = 8
 """An Embed call of more texts is a batch of documents, not queries: it bypasses the cache."""
