@@ -68,6 +68,33 @@ class Arm:
     metrics_url: str | None  # the cached arm's, for its hit and miss counters
 
 
+class Agreement:
+    """How the answers to one query agree: between its askings on each arm (on the cached arm, hits against the
+    miss that filled the entry: the same vector, unless two callers missed at once), and between the arms' first."""
+
+    def __init__(self) -> None:
+        self.queries = 0
+        self.ids_differ = {"on_repeats": 0, "off_repeats": 0, "on_vs_off": 0}
+        self.max_score_diff = dict.fromkeys(self.ids_differ, 0.0)
+
+    def _compare(self, what: str, a: Answer, b: Answer) -> None:
+        self.ids_differ[what] += [i for i, _ in a] != [i for i, _ in b]
+        diffs = [abs(x[1] - y[1]) for x, y in zip(a, b, strict=False)]
+        self.max_score_diff[what] = max(self.max_score_diff[what], *diffs, 0.0)
+
+    def add(self, on: dict[str, list[Answer]], off: dict[str, list[Answer]]) -> None:
+        for query, answers in on.items():
+            self.queries += 1
+            for again in answers[1:]:
+                self._compare("on_repeats", answers[0], again)
+            for again in off[query][1:]:
+                self._compare("off_repeats", off[query][0], again)
+            self._compare("on_vs_off", answers[0], off[query][0])
+
+    def report(self) -> dict[str, Any]:
+        return {"queries": self.queries, "ids_differ": self.ids_differ, "max_score_diff": self.max_score_diff}
+
+
 def zipf_sequence(queries: Sequence[str], n: int, exponent: float, seed: int) -> list[str]:
     """`n` draws from `queries`, the i-th of a random ranking with weight 1/(i+1)^exponent."""
     rng = np.random.default_rng(seed)
@@ -226,8 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         on_metrics = arms["on"].metrics_url
         assert on_metrics is not None
         rounds: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
-        mismatches = {"hit_vs_miss": 0, "on_vs_off_ids": 0}
-        max_score_diff = 0.0
+        agreement = Agreement()
         asked = 0  # distinct queries asked, over the rounds
         for r, queries in enumerate(round_queries):
             sequence = zipf_sequence(queries, args.searches, args.zipf, seed=r)
@@ -258,15 +284,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f" ms  p99 {summary['p99_ms']:7.2f} ms  hit rate {summary['hit_rate']:.3f}",
                     flush=True,
                 )
-            for query, answers in results["on"]["answers"].items():
-                mismatches["hit_vs_miss"] += len(set(answers)) != 1
-                off = results["off"]["answers"][query][0]
-                mismatches["on_vs_off_ids"] += [i for i, _ in answers[0]] != [i for i, _ in off]
-                if len(answers[0]) == len(off):
-                    diffs = [abs(a[1] - b[1]) for a, b in zip(answers[0], off, strict=True)]
-                    max_score_diff = max(max_score_diff, *diffs, 0.0)
+            agreement.add(results["on"]["answers"], results["off"]["answers"])
 
-    report = summarize(args, rounds, mismatches, max_score_diff, load_s, asked)
+    report = summarize(args, rounds, agreement, load_s, asked)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "query_cache.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out / 'query_cache.json'}")
@@ -276,8 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def summarize(
     args: argparse.Namespace,
     rounds: dict[str, list[dict[str, Any]]],
-    mismatches: dict[str, int],
-    max_score_diff: float,
+    agreement: Agreement,
     load_s: float,
     asked: int,
 ) -> dict[str, Any]:
@@ -315,8 +334,7 @@ def summarize(
     print(
         f"on/off: p50 {ratios['p50_on_vs_off']:.3f}x, p99 {ratios['p99_on_vs_off']:.3f}x, throughput"
         f" {ratios['throughput_on_vs_off']:.3f}x; hit rate {hits / max(1, hits + misses):.3f}"
-        f" (at most {expected:.3f}: each query's first asking misses); mismatches {mismatches},"
-        f" max score difference on vs off {max_score_diff:.2e}"
+        f" (at most {expected:.3f}: each query's first asking misses); answers: {agreement.report()}"
     )
     return {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -345,7 +363,7 @@ def summarize(
             "hit_rate": round(hits / (hits + misses), 4) if hits + misses else 0.0,
             "hit_rate_possible": round(expected, 4),
         },
-        "correctness": {**mismatches, "max_score_diff_on_vs_off": max_score_diff},
+        "correctness": agreement.report(),
     }
 
 
