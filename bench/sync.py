@@ -24,10 +24,13 @@ must equal the table. A steady state needs the sync to embed faster than the wri
 write rate over the backfill's rows/s (above 1, the lag can only grow while the writes last).
 
 On a 2-core machine shared with others the default is 20,000 rows and 2 rounds; the issue's figure is for
-100,000 rows: `--rows 100000` on a real machine.
+100,000 rows: `--rows 100000` on a real machine. The time is the rows over the embedding rate, four times over:
+these articles embed at 15-25 rows/s on the 2-core box under a load of 8 (--quick then takes about 5 minutes),
+so 100 rows/s of writes outpace it there and the lag only grows while they last (--write-rate 10 shows the
+steady state such a box can keep).
 
     .venv/bin/python -P bench/sync.py            # 20,000 rows, 2 rounds, 60 s of writes
-    .venv/bin/python -P bench/sync.py --quick    # 2,000 rows, 1 round, 10 s of writes (a minute or two)
+    .venv/bin/python -P bench/sync.py --quick    # 2,000 rows, 1 round, 10 s of writes
     .venv/bin/python -P bench/sync.py --rows 100000 --rounds 3
 Writes DIR/sync.json and DIR/sync.png (--out, default bench/results).
 """
