@@ -12,6 +12,7 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import class_row
 
 from embedpool.errors import AlreadyExists, InvalidArgument, NotFound
+from embedpool.store import storage as storages
 from embedpool.store.records import CollectionInfo, CollectionStats, HnswOptions
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "has_index",
     "index_expression",
     "index_name",
+    "index_opclass",
     "index_type",
     "list_all",
     "lookup",
@@ -56,7 +58,18 @@ METRICS: Final = {
 }
 
 # A CollectionInfo's stored fields, once: bare, and qualified for queries that join `collections c`.
-_FIELDS = ("id", "name", "model", "dim", "metric", "created_at", "hnsw_m", "hnsw_ef_construction", "hnsw_halfvec")
+_FIELDS = (
+    "id",
+    "name",
+    "model",
+    "dim",
+    "metric",
+    "created_at",
+    "hnsw_m",
+    "hnsw_ef_construction",
+    "hnsw_halfvec",
+    "storage",
+)
 _COLUMNS = sql.SQL(", ").join(map(sql.Identifier, _FIELDS))
 _COLUMNS_OF_C = sql.SQL(", ").join(sql.Identifier("c", f) for f in _FIELDS)
 
@@ -84,11 +97,19 @@ def check_name(name: object) -> str:
 
 
 async def create(
-    conn: AsyncConnection[Any], name: str, *, model: str, dim: int, metric: str, hnsw: HnswOptions | None = None
+    conn: AsyncConnection[Any],
+    name: str,
+    *,
+    model: str,
+    dim: int,
+    metric: str,
+    hnsw: HnswOptions | None = None,
+    storage: str = storages.DEFAULT,
 ) -> CollectionInfo:
-    """Idempotent for the same definition (index options included; None: the defaults); AlreadyExists when the
-    name is taken by a different one."""
+    """Idempotent for the same definition (index options and storage included; None: the defaults);
+    AlreadyExists when the name is taken by a different one."""
     hnsw = hnsw or HnswOptions()
+    storages.check(storage)
     check_name(name)
     if not isinstance(model, str) or not model or "\x00" in model:
         raise InvalidArgument("model must be a non-empty string")
@@ -98,25 +119,29 @@ async def create(
         raise InvalidArgument(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
     if hnsw.halfvec and metric != "cosine":
         raise InvalidArgument("a halfvec index needs metric 'cosine': its candidates are reranked by cosine")
+    if hnsw.halfvec and storage != "float32":
+        raise InvalidArgument(f"index.halfvec is for float32 storage; {storage} storage has its own index type")
     async with conn.transaction():
         cur = conn.cursor(row_factory=class_row(CollectionInfo))
         # ON CONFLICT makes a concurrent create of the same name wait for the first one, then see its row.
         await cur.execute(
             sql.SQL(
-                "INSERT INTO collections (name, model, dim, metric, hnsw_m, hnsw_ef_construction, hnsw_halfvec)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING {}"
+                "INSERT INTO collections (name, model, dim, metric, hnsw_m, hnsw_ef_construction, hnsw_halfvec,"
+                " storage) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING {}"
             ).format(_COLUMNS),
-            (name, model, dim, metric, hnsw.m, hnsw.ef_construction, hnsw.halfvec),
+            (name, model, dim, metric, hnsw.m, hnsw.ef_construction, hnsw.halfvec, storage),
         )
         created = await cur.fetchone()
         if created is None:
             existing = await lookup(conn, name)
             existing_hnsw = existing.hnsw
-            if (existing.model, existing.dim, existing.metric, existing_hnsw) != (model, dim, metric, hnsw):
+            definition = (existing.model, existing.dim, existing.metric, existing_hnsw, existing.storage)
+            if definition != (model, dim, metric, hnsw, storage):
                 raise AlreadyExists(
                     f"collection '{name}' already exists with model={existing.model!r}, dim={existing.dim},"
                     f" metric={existing.metric!r}, hnsw m={existing_hnsw.m},"
-                    f" ef_construction={existing_hnsw.ef_construction}, halfvec={existing_hnsw.halfvec}"
+                    f" ef_construction={existing_hnsw.ef_construction}, halfvec={existing_hnsw.halfvec},"
+                    f" storage={existing.storage}"
                 )
             return existing
         await _create_partition(conn, created, hnsw)
@@ -124,24 +149,37 @@ async def create(
 
 
 async def _create_partition(conn: AsyncConnection[Any], info: CollectionInfo, hnsw: HnswOptions) -> None:
-    part, dim = sql.Identifier(partition_name(info)), sql.Literal(info.dim)
     await conn.execute(
-        sql.SQL(
-            "CREATE TABLE {part} PARTITION OF documents"
-            " (CONSTRAINT embedding_dim CHECK (vector_dims(embedding) = {dim})) FOR VALUES IN ({id})"
-        ).format(part=part, dim=dim, id=sql.Literal(info.id))
+        sql.SQL("CREATE TABLE {part} PARTITION OF documents ({checks}) FOR VALUES IN ({id})").format(
+            part=sql.Identifier(partition_name(info)),
+            checks=storages.constraints(storages.check(info.storage), info.dim),
+            id=sql.Literal(info.id),
+        )
     )
     await conn.execute(create_index_sql(info, hnsw))
 
 
 def index_type(info: CollectionInfo) -> str:
-    """The type the collection's HNSW index holds: `vector` (float32) or `halfvec`."""
-    return "halfvec" if info.hnsw_halfvec else "vector"
+    """The type the collection's HNSW index holds: `vector` (float32), `halfvec` or `bit` (see store.storage)."""
+    if info.storage == "float32":
+        return "halfvec" if info.hnsw_halfvec else "vector"
+    return storages.STORAGES[info.storage].index_type
 
 
 def index_expression(info: CollectionInfo) -> sql.Composed:
     """The indexed expression; a query's ORDER BY must spell it the same for the planner to use the index."""
-    return sql.SQL("(embedding::{type}({dim}))").format(type=sql.SQL(index_type(info)), dim=sql.Literal(info.dim))
+    return sql.SQL("({column}::{type}({dim}))").format(
+        column=sql.Identifier(storages.STORAGES[info.storage].column),
+        type=sql.SQL(index_type(info)),
+        dim=sql.Literal(info.dim),
+    )
+
+
+def index_opclass(info: CollectionInfo) -> str:
+    """Bits are searched by Hamming distance whatever the metric: the rerank uses the metric."""
+    if index_type(info) == "bit":
+        return "bit_hamming_ops"
+    return f"{index_type(info)}_{METRICS[info.metric].opclass}"
 
 
 def create_index_sql(info: CollectionInfo, hnsw: HnswOptions) -> sql.Composed:
@@ -152,7 +190,7 @@ def create_index_sql(info: CollectionInfo, hnsw: HnswOptions) -> sql.Composed:
         index=sql.Identifier(index_name(info)),
         part=sql.Identifier(partition_name(info)),
         expression=index_expression(info),
-        opclass=sql.SQL(f"{index_type(info)}_{METRICS[info.metric].opclass}"),
+        opclass=sql.SQL(index_opclass(info)),
         m=sql.Literal(hnsw.m),
         ef_construction=sql.Literal(hnsw.ef_construction),
     )

@@ -51,6 +51,8 @@ class CollectionInfo:
     hnsw_m: int = 16
     hnsw_ef_construction: int = 64
     hnsw_halfvec: bool = False
+    storage: str = "float32"
+    """How the vectors are stored: float32, float16 or binary (see store.storage)."""
     count: int | None = None
     """Documents stored: exact from get_collection, estimated from list_collections, None where not counted."""
     count_estimated: bool = False

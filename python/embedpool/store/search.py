@@ -13,6 +13,11 @@ so the distances of its candidates are already exact: Postgres cuts them to the 
 candidates to rerank them here, for the same hits). A `halfvec`
 index ranks by half-precision distances: only the candidates' ids and float32 vectors travel, the Rust
 extension reranks them exactly (`topk_cosine`), and a second statement fetches the top k's documents.
+
+A collection's storage (store.storage) decides the rest: float16 storage walks a halfvec index over the
+stored half-precision values, binary storage a Hamming index over the stored bits; both fetch all the
+candidates and rerank them in the same statement, on the stored half-precision values (exact for what is
+stored) or the float32 vectors kept beside the bits, so again only k rows travel.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from psycopg.types.json import Jsonb
 from embedpool import _native
 from embedpool.errors import InvalidArgument
 from embedpool.store import collections
+from embedpool.store import storage as storages
 from embedpool.store.records import CollectionInfo, Hit
 from embedpool.store.writer import json_object
 
@@ -100,16 +106,23 @@ def search_query(info: CollectionInfo, *, filtered: bool, max_distance: bool, ex
       metadata (or a seq scan) and keeps the top k in a heap sort.
     """
     metric = collections.METRICS[info.metric]
-    exact_distance = sql.SQL("(embedding::vector({dim})) {op} %(query)s").format(
-        dim=sql.Literal(info.dim), op=metric.operator
+    stored = sql.SQL("({value}::vector({dim}))").format(
+        value=sql.SQL(storages.STORAGES[info.storage].float_value), dim=sql.Literal(info.dim)
     )
-    walk = sql.SQL("{expression} {op} %(query)s::{type}({dim})").format(
-        expression=collections.index_expression(info),
-        op=metric.operator,
-        type=sql.SQL(collections.index_type(info)),
-        dim=sql.Literal(info.dim),
-    )
+    exact_distance = sql.SQL("{stored} {op} %(query)s").format(stored=stored, op=metric.operator)
+    if collections.index_type(info) == "bit":
+        walk = sql.SQL("{expression} <~> binary_quantize(%(query)s::vector({dim}))::bit({dim})").format(
+            expression=collections.index_expression(info), dim=sql.Literal(info.dim)
+        )
+    else:
+        walk = sql.SQL("{expression} {op} %(query)s::{type}({dim})").format(
+            expression=collections.index_expression(info),
+            op=metric.operator,
+            type=sql.SQL(collections.index_type(info)),
+            dim=sql.Literal(info.dim),
+        )
     parts = {
+        "stored": stored,
         "exact_distance": exact_distance,
         "walk": walk,
         "partition": sql.Identifier(collections.partition_name(info)),
@@ -119,10 +132,11 @@ def search_query(info: CollectionInfo, *, filtered: bool, max_distance: bool, ex
     if exact and filtered:
         return sql.SQL(
             "SELECT id, text, metadata, embedding, distance FROM ("
-            "SELECT id, text, metadata, embedding, {exact_distance} AS distance FROM {partition} {where} OFFSET 0"
+            "SELECT id, text, metadata, {stored} AS embedding, {exact_distance} AS distance FROM {partition} {where}"
+            " OFFSET 0"
             ") AS c {cut} ORDER BY distance LIMIT %(k)s"
         ).format(**parts)
-    if info.hnsw_halfvec:
+    if info.hnsw_halfvec:  # only with float32 storage (collections.create)
         return sql.SQL(
             "SELECT id, embedding, content_hash FROM {partition} {where} ORDER BY {walk} LIMIT %(fetch)s"
         ).format(**parts)
@@ -130,7 +144,7 @@ def search_query(info: CollectionInfo, *, filtered: bool, max_distance: bool, ex
     # The outer ORDER BY restores exact order, which relaxed_order iterative scans do not guarantee.
     return sql.SQL(
         "SELECT id, text, metadata, embedding, distance FROM ("
-        "SELECT id, text, metadata, embedding, {exact_distance} AS distance FROM {partition} {where}"
+        "SELECT id, text, metadata, {stored} AS embedding, {exact_distance} AS distance FROM {partition} {where}"
         " ORDER BY {walk} LIMIT %(fetch)s) AS c {cut} ORDER BY distance LIMIT %(k)s"
     ).format(**parts)
 
@@ -196,7 +210,9 @@ async def search(
     # fewer than asked. relaxed_order keeps scanning the graph until enough rows pass (pgvector >= 0.8).
     iterative = "relaxed_order" if "filter" in params or candidates > ef else "off"
     # Where the walk's first batch (in exact order) holds the candidates, its first k rows are their exact top k.
-    straight = not info.hnsw_halfvec and (iterative == "off" or first_batch >= candidates)
+    # Only a float32 `vector` index walks on the exact distances; float16 and binary storage fetch all the
+    # candidates and rerank them in the query (halfvec or Hamming order is not the exact one).
+    straight = collections.index_type(info) == "vector" and (iterative == "off" or first_batch >= candidates)
     params["fetch"] = k if straight else candidates
     if not exact and _settings.get(conn) != (ef, iterative):
         await conn.execute(_SETTINGS, (str(ef), iterative))

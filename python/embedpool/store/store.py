@@ -140,12 +140,19 @@ class Store:
                 yield conn
 
     async def create_collection(
-        self, name: str, *, model: str, dim: int, metric: str = "cosine", hnsw: HnswOptions | None = None
+        self,
+        name: str,
+        *,
+        model: str,
+        dim: int,
+        metric: str = "cosine",
+        hnsw: HnswOptions | None = None,
+        storage: str = "float32",
     ) -> CollectionInfo:
         """Idempotent for the same definition; AlreadyExists when `name` has a different one. `hnsw`: how its
-        index is built (None: `HnswOptions()`'s defaults)."""
+        index is built (None: `HnswOptions()`'s defaults); `storage`: float32, float16 or binary (store.storage)."""
         async with self._connection() as conn:
-            return await collections.create(conn, name, model=model, dim=dim, metric=metric, hnsw=hnsw)
+            return await collections.create(conn, name, model=model, dim=dim, metric=metric, hnsw=hnsw, storage=storage)
 
     async def hnsw_options(self, name: str) -> HnswOptions:
         async with self._connection() as conn:

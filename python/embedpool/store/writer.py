@@ -34,6 +34,7 @@ from psycopg.types.json import Jsonb
 from embedpool import _native
 from embedpool.errors import InvalidArgument
 from embedpool.store import collections
+from embedpool.store import storage as storages
 from embedpool.store.records import CollectionInfo, DocumentRow, UpsertResult
 
 __all__ = [
@@ -157,11 +158,14 @@ def _screen(rows: Sequence[DocumentRow], info: CollectionInfo) -> _Screened:
     # beyond float32 range become infinite in the cast and are refused with the NaNs.
     finite = cast(NDArray[np.bool_], np.isfinite(matrix).all(axis=1))
     nonzero = cast(NDArray[np.bool_], matrix.any(axis=1)) if info.metric == "cosine" else np.ones(len(rows), bool)
-    usable = finite & nonzero
+    fits = finite
+    if info.storage == "float16":  # a halfvec cast would fail the whole batch in Postgres
+        fits = finite & cast(NDArray[np.bool_], (np.abs(matrix) <= _FLOAT16_MAX).all(axis=1))
+    usable = fits & nonzero
     usable[list(rejected)] = False
-    for n in np.flatnonzero(~(finite & nonzero)).tolist():
+    for n in np.flatnonzero(~(fits & nonzero)).tolist():
         if n not in rejected:
-            why = "embedding is all zeros: it has no cosine direction" if finite[n] else _NON_FINITE
+            why = _NON_FINITE if not finite[n] else _BEYOND_FLOAT16 if not fits[n] else _ZEROS
             rejected[n] = (_shown(ids[n]), why)
     last = {ids[n]: n for n in np.flatnonzero(usable).tolist()}
     return _Screened(last, ids, digests, matrix, usable, rejected)
@@ -170,6 +174,9 @@ def _screen(rows: Sequence[DocumentRow], info: CollectionInfo) -> _Screened:
 _TEXT = operator.attrgetter("text")
 _METADATA = operator.attrgetter("metadata")
 _NON_FINITE: Final = "embedding has a NaN or infinite value (or one beyond float32 range)"
+_FLOAT16_MAX: Final = 65504.0
+_BEYOND_FLOAT16: Final = "embedding has a value beyond float16 range (65504): the collection stores float16"
+_ZEROS: Final = "embedding is all zeros: it has no cosine direction"
 
 
 def _shown(doc_id: object) -> str:
@@ -346,13 +353,17 @@ _STAGING = (
 )
 _with_staging: weakref.WeakSet[AsyncConnection[Any]] = weakref.WeakSet()
 # `old` (PostgreSQL 18) is NULL for an inserted row; an unchanged row is filtered by the WHERE and not returned.
+# The vector columns are filled from the staged float32 `embedding` as the collection's storage keeps them
+# (store.storage): halfvec and bits are converted here, so the COPY stream is the same for every storage.
 _MERGE = """
 WITH written AS (
-    INSERT INTO {partition} AS d (collection_id, id, text, metadata, content_hash, embedding)
-    SELECT %s::int8, id, text, metadata, content_hash, embedding FROM upsert_staging ORDER BY collection_id
+    INSERT INTO {partition} AS d
+        (collection_id, id, text, metadata, content_hash, embedding, embedding_half, embedding_bits)
+    SELECT %s::int8, id, text, metadata, content_hash, {vectors} FROM upsert_staging ORDER BY collection_id
     ON CONFLICT (collection_id, id) DO UPDATE
        SET text = EXCLUDED.text, metadata = EXCLUDED.metadata, content_hash = EXCLUDED.content_hash,
-           embedding = EXCLUDED.embedding, updated_at = now()
+           embedding = EXCLUDED.embedding, embedding_half = EXCLUDED.embedding_half,
+           embedding_bits = EXCLUDED.embedding_bits, updated_at = now()
      WHERE d.content_hash IS DISTINCT FROM EXCLUDED.content_hash
     RETURNING old.id IS NULL AS inserted)
 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM written
@@ -404,11 +415,14 @@ async def _upsert(
         if not todo:
             return UpsertResult(unchanged=unchanged, rejected=rejected)
         partition = sql.Identifier(collections.partition_name(info))
-        if not merge and not any(doc_id in stored for doc_id in todo.ids):
+        # Straight into the partition only where it stores the float32 vectors the COPY stream carries.
+        direct = info.storage == storages.DEFAULT
+        if direct and not merge and not any(doc_id in stored for doc_id in todo.ids):
             await _copy(conn, partition, copy_chunks(info.id, todo))
             return UpsertResult(inserted=len(todo), unchanged=unchanged, rejected=rejected)
         await _copy(conn, sql.Identifier("upsert_staging"), copy_chunks(np.arange(len(todo), dtype=np.int64), todo))
-        cur = await conn.execute(sql.SQL(_MERGE).format(partition=partition), (info.id,))
+        vectors = storages.insert_values(storages.check(info.storage))
+        cur = await conn.execute(sql.SQL(_MERGE).format(partition=partition, vectors=vectors), (info.id,))
         counts = await cur.fetchone()
         assert counts is not None
         inserted, updated = counts
