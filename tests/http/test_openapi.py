@@ -113,7 +113,10 @@ def test_request_bodies_are_documented(spec: dict[str, Any]) -> None:
         assert body["content"]["application/json"]["schema"]["$ref"] == f"#/components/schemas/{schema}"
     schemas = spec["components"]["schemas"]
     encoding = schemas["EmbeddingsRequest"]["properties"]["encoding_format"]
-    assert set(encoding["enum"]) == {"float", "base64", "base64_float16"}
+    assert set(encoding["enum"]) == {"float", "base64", "base64_float16", "base64_int8", "base64_binary"}
+    assert "scale" in encoding["description"] and "sign bits" in encoding["description"]
+    create = schemas["CreateCollection"]["properties"]
+    assert set(create["storage"]["enum"]) == {"float32", "float16", "binary"} and "dimensions" in create
     assert set(schemas["EmbeddingsRequest"]["required"]) == {"input", "model"}
 
 

@@ -19,6 +19,7 @@ from embedpool.client.sync import Client
 from embedpool.client.types import (
     Collection,
     Document,
+    Encoding,
     Hit,
     IndexOptions,
     Limits,
@@ -35,6 +36,7 @@ __all__ = [
     "Client",
     "Collection",
     "Document",
+    "Encoding",
     "FileSource",
     "Hit",
     "IndexOptions",

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar, overload
 
 import grpc
 import grpc.aio
@@ -18,7 +18,17 @@ from embedpool.client.base import ClientBase, as_source, checkpoint_file
 from embedpool.client.ingest import IngestLedger, IngestProgress, IngestSummary, Source
 from embedpool.client.propagation import with_trace_context
 from embedpool.client.retry import Attempts, Deadline, Failure
-from embedpool.client.types import Collection, Document, Hit, IndexOptions, Limits, ModelInfo, UpsertResult
+from embedpool.client.types import (
+    Collection,
+    Document,
+    Encoding,
+    FloatEncoding,
+    Hit,
+    IndexOptions,
+    Limits,
+    ModelInfo,
+    UpsertResult,
+)
 from embedpool.errors import AlreadyExists, InvalidArgument
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
@@ -130,6 +140,32 @@ class AsyncClient(ClientBase):
         reply = await self._call("ListModels", lambda s, t: s.ListModels(request, timeout=t), self._deadline(timeout))
         return [wire.model_info(m) for m in reply.models]
 
+    @overload
+    async def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        truncate: bool = ...,
+        dimensions: int | None = ...,
+        model: str = ...,
+        input_type: str = ...,
+        encoding: Literal["binary"],
+        timeout: float | None = ...,
+    ) -> NDArray[np.uint8]: ...
+
+    @overload
+    async def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        truncate: bool = ...,
+        dimensions: int | None = ...,
+        model: str = ...,
+        input_type: str = ...,
+        encoding: FloatEncoding = ...,
+        timeout: float | None = ...,
+    ) -> NDArray[np.float32]: ...
+
     async def embed(
         self,
         texts: Sequence[str],
@@ -138,8 +174,9 @@ class AsyncClient(ClientBase):
         dimensions: int | None = None,
         model: str = "",
         input_type: str = "",
+        encoding: Encoding = "float32",
         timeout: float | None = None,
-    ) -> NDArray[np.float32]:
+    ) -> NDArray[np.float32] | NDArray[np.uint8]:
         deadline = self._deadline(timeout)
         docs = calls.texts(texts)
         plan = calls.embed_plan(
@@ -149,6 +186,7 @@ class AsyncClient(ClientBase):
             dimensions=dimensions,
             model=model,
             input_type=input_type,
+            encoding=encoding,
         )
         replies = await self._map("Embed", lambda s, t, r: s.Embed(r, timeout=t), plan.requests, plan.offsets, deadline)
         return plan.vectors(replies, dimensions or ((await self._model_info(deadline)).dim if not docs else 0))
@@ -183,6 +221,7 @@ class AsyncClient(ClientBase):
         candidates: int | None = None,
         min_score: float | None = None,
         include_vectors: bool = False,
+        encoding: Encoding = "float32",
         timeout: float | None = None,
     ) -> list[Hit]:
         request = calls.search_request(
@@ -193,21 +232,24 @@ class AsyncClient(ClientBase):
             candidates=candidates,
             min_score=min_score,
             include_vectors=include_vectors,
+            encoding=encoding,
         )
         reply = await self._call("Search", lambda s, t: s.Search(request, timeout=t), self._deadline(timeout))
-        return [wire.hit(h) for h in reply.hits]
+        return [wire.hit(h, encoding) for h in reply.hits]
 
     async def create_collection(
         self,
         name: str,
         *,
         index: IndexOptions | None = None,
+        storage: str = "float32",
+        dimensions: int | None = None,
         exist_ok: bool = False,
         model: str = "",
         timeout: float | None = None,
     ) -> Collection:
         deadline = self._deadline(timeout)
-        request = calls.create_request(name, index, model)
+        request = calls.create_request(name, index, storage, dimensions, model)
         try:
             reply = await self._call("CreateCollection", lambda s, t: s.CreateCollection(request, timeout=t), deadline)
         except AlreadyExists:

@@ -49,13 +49,17 @@ class EmbedPlan:
     offsets: list[int]
     """Input index of each request's first document."""
     count: int
+    encoding: str = "float32"
+    """As wire.ENCODINGS names it."""
 
     def vectors(self, replies: Sequence[pb.EmbedResponse], dim: int) -> NDArray[np.float32]:
-        """[count, dim] in input order; `dim` is used when there is no reply (no input)."""
-        out = np.empty((self.count, replies[0].dim if replies else dim), dtype=np.float32)
+        """[count, dim] in input order; `dim` is used when there is no reply (no input). For encoding "binary":
+        uint8 [count, ceil(dim / 8)] packed sign bits."""
+        width = wire.row_width(replies[0].dim if replies else dim, self.encoding)
+        out = np.empty((self.count, width), dtype=np.uint8 if self.encoding == "binary" else np.float32)
         for offset, reply in zip(self.offsets, replies, strict=True):
-            wire.vectors_into(out, offset, reply.vectors)
-        return out
+            wire.vectors_into(out, offset, reply.vectors, self.encoding)
+        return out  # uint8 where the caller asked for binary: its embed() overloads say so
 
 
 def embed_plan(
@@ -68,9 +72,14 @@ def embed_plan(
     skip_vectors: bool = False,
     model: str = "",
     input_type: str = "",
+    encoding: str = "float32",
 ) -> EmbedPlan:
     template = pb.EmbedRequest(
-        collection=collection, skip_vectors=skip_vectors, model=model or "", input_type=input_type or ""
+        collection=collection,
+        skip_vectors=skip_vectors,
+        encoding=wire.encoding(encoding),
+        model=model or "",
+        input_type=input_type or "",
     )
     if not truncate:
         template.truncate = False
@@ -81,7 +90,7 @@ def embed_plan(
     for request in requests:
         offsets.append(start)
         start += len(request.documents)
-    return EmbedPlan(requests, offsets, len(docs))
+    return EmbedPlan(requests, offsets, len(docs), encoding)
 
 
 def upsert_result(plan: EmbedPlan, replies: Sequence[pb.EmbedResponse], *, with_vectors: bool) -> UpsertResult:
@@ -115,8 +124,15 @@ def search_request(
     candidates: int | None,
     min_score: float | None,
     include_vectors: bool,
+    encoding: str = "float32",
 ) -> pb.SearchRequest:
-    request = pb.SearchRequest(collection=collection, k=k, candidates=candidates or 0, include_vectors=include_vectors)
+    request = pb.SearchRequest(
+        collection=collection,
+        k=k,
+        candidates=candidates or 0,
+        include_vectors=include_vectors,
+        encoding=wire.encoding(encoding),
+    )
     if isinstance(query, str):
         request.text = query
     else:
@@ -148,7 +164,12 @@ def delete_requests(
     return requests
 
 
-def create_request(name: str, index: IndexOptions | None, model: str = "") -> pb.CreateCollectionRequest:
-    return pb.CreateCollectionRequest(
-        name=name, index=wire.index_message(index) if index is not None else None, model=model
+def create_request(
+    name: str, index: IndexOptions | None, storage: str = "float32", dimensions: int | None = None, model: str = ""
+) -> pb.CreateCollectionRequest:
+    request = pb.CreateCollectionRequest(
+        name=name, index=wire.index_message(index) if index is not None else None, storage=storage, model=model
     )
+    if dimensions is not None:
+        request.dimensions = dimensions
+    return request

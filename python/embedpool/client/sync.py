@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar, overload
 
 import grpc
 import numpy as np
@@ -20,7 +20,18 @@ from embedpool.client.base import ClientBase, as_source, checkpoint_file
 from embedpool.client.ingest import IngestLedger, IngestProgress, IngestSummary, Source
 from embedpool.client.propagation import with_trace_context
 from embedpool.client.retry import Attempts, Deadline, Failure
-from embedpool.client.types import Collection, Document, Hit, IndexOptions, Limits, ModelInfo, Sync, UpsertResult
+from embedpool.client.types import (
+    Collection,
+    Document,
+    Encoding,
+    FloatEncoding,
+    Hit,
+    IndexOptions,
+    Limits,
+    ModelInfo,
+    Sync,
+    UpsertResult,
+)
 from embedpool.errors import AlreadyExists, InvalidArgument
 from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
@@ -130,6 +141,32 @@ class Client(ClientBase):
         reply = self._call("ListModels", lambda s, t: s.ListModels(request, timeout=t), self._deadline(timeout))
         return [wire.model_info(m) for m in reply.models]
 
+    @overload
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        truncate: bool = ...,
+        dimensions: int | None = ...,
+        model: str = ...,
+        input_type: str = ...,
+        encoding: Literal["binary"],
+        timeout: float | None = ...,
+    ) -> NDArray[np.uint8]: ...
+
+    @overload
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        truncate: bool = ...,
+        dimensions: int | None = ...,
+        model: str = ...,
+        input_type: str = ...,
+        encoding: FloatEncoding = ...,
+        timeout: float | None = ...,
+    ) -> NDArray[np.float32]: ...
+
     def embed(
         self,
         texts: Sequence[str],
@@ -138,11 +175,16 @@ class Client(ClientBase):
         dimensions: int | None = None,
         model: str = "",
         input_type: str = "",
+        encoding: Encoding = "float32",
         timeout: float | None = None,
-    ) -> NDArray[np.float32]:
+    ) -> NDArray[np.float32] | NDArray[np.uint8]:
         """[len(texts), dim] unit vectors in input order (`dimensions`: a Matryoshka size of the model; `model`:
         a served model's name, "" for the default; `input_type`: query, document or one of the model's prompt
-        names, whose prompt the server puts before each text)."""
+        names, whose prompt the server puts before each text).
+
+        `encoding`: how they travel (wire.ENCODINGS): float32, float16 or int8 come back as float32 (float16
+        and int8 rounded: int8 within max|x| / 254 a component); binary as packed sign bits, uint8
+        [len(texts), ceil(dim / 8)], most significant bit first (numpy.unpackbits undoes it)."""
         deadline = self._deadline(timeout)
         docs = calls.texts(texts)
         plan = calls.embed_plan(
@@ -152,6 +194,7 @@ class Client(ClientBase):
             dimensions=dimensions,
             model=model,
             input_type=input_type,
+            encoding=encoding,
         )
         replies = self._map("Embed", lambda s, t, r: s.Embed(r, timeout=t), plan.requests, plan.offsets, deadline)
         return plan.vectors(replies, dimensions or (self._model_info(deadline).dim if not docs else 0))
@@ -187,6 +230,7 @@ class Client(ClientBase):
         candidates: int | None = None,
         min_score: float | None = None,
         include_vectors: bool = False,
+        encoding: Encoding = "float32",
         timeout: float | None = None,
     ) -> list[Hit]:
         """The `k` nearest documents to a query text or vector, best first."""
@@ -198,26 +242,31 @@ class Client(ClientBase):
             candidates=candidates,
             min_score=min_score,
             include_vectors=include_vectors,
+            encoding=encoding,
         )
         reply = self._call("Search", lambda s, t: s.Search(request, timeout=t), self._deadline(timeout))
-        return [wire.hit(h) for h in reply.hits]
+        return [wire.hit(h, encoding) for h in reply.hits]
 
     def create_collection(
         self,
         name: str,
         *,
         index: IndexOptions | None = None,
+        storage: str = "float32",
+        dimensions: int | None = None,
         exist_ok: bool = False,
         model: str = "",
         timeout: float | None = None,
     ) -> Collection:
-        """Creates `name` with `index` options (None: the server's defaults), bound to `model` ("": the default).
+        """Creates `name` with `index` options (None: the server's defaults), bound to `model` ("": the default),
+        its vectors stored as `storage` (float32, float16 or binary: see CreateCollectionRequest.storage) at
+        `dimensions` (a Matryoshka size the model declares; None: the model's dim).
 
         Creating it again with the same options succeeds (so a retried create cannot fail); different options
         raise AlreadyExists, unless `exist_ok`, which takes an existing collection as it is, whatever its options.
         """
         deadline = self._deadline(timeout)
-        request = calls.create_request(name, index, model)
+        request = calls.create_request(name, index, storage, dimensions, model)
         try:
             reply = self._call("CreateCollection", lambda s, t: s.CreateCollection(request, timeout=t), deadline)
         except AlreadyExists:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -12,6 +12,8 @@ from numpy.typing import NDArray
 __all__ = [
     "Collection",
     "Document",
+    "Encoding",
+    "FloatEncoding",
     "Hit",
     "IndexOptions",
     "Limits",
@@ -20,6 +22,12 @@ __all__ = [
     "Sync",
     "UpsertResult",
 ]
+
+
+FloatEncoding = Literal["float32", "float16", "int8"]
+"""Encodings the client decodes to float32 vectors (int8 dequantized)."""
+Encoding = FloatEncoding | Literal["binary"]
+"""How vectors travel (VectorEncoding); "binary" is decoded to packed sign bits, uint8 [ceil(dim / 8)]."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +69,9 @@ class Hit:
     """Cosine similarity in [-1, 1], exact."""
     text: str
     metadata: dict[str, Any]
-    vector: NDArray[np.float32] | None = None
-    """The stored vector, when the search asked for it (`include_vectors`)."""
+    vector: NDArray[np.float32] | NDArray[np.uint8] | None = None
+    """The stored vector, when the search asked for it (`include_vectors`): float32 (int8 dequantized), or
+    for encoding="binary" its packed sign bits, uint8 [ceil(dim / 8)]."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,8 @@ class Collection:
     """False while a bulk load runs without the index; known from get_collection only (False in a list)."""
     index_bytes: int = 0
     table_bytes: int = 0
+    storage: str = "float32"
+    """How the vectors are stored: float32, float16 or binary (create_collection's `storage`)."""
 
 
 @dataclass(frozen=True, slots=True)

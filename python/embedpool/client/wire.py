@@ -14,13 +14,17 @@ from embedpool.errors import InvalidArgument
 from embedpool.v1 import embedpool_pb2 as pb
 
 __all__ = [
+    "ENCODINGS",
     "as_document",
     "collection",
+    "decoded",
     "document_message",
+    "encoding",
     "hit",
     "index_message",
     "limits",
     "model_info",
+    "row_width",
     "struct",
     "vector_bytes",
     "vectors_into",
@@ -56,23 +60,62 @@ def vector_bytes(vector: ArrayLike) -> bytes:
     return array.tobytes()
 
 
-def vectors_into(out: NDArray[np.float32], start: int, packed: Sequence[bytes]) -> None:
-    """Copies the packed vectors of one reply into rows start.. of `out` (one copy: no list of arrays)."""
+ENCODINGS: dict[str, pb.VectorEncoding.ValueType] = {
+    "float32": pb.VECTOR_ENCODING_FLOAT32,
+    "float16": pb.VECTOR_ENCODING_FLOAT16,
+    "int8": pb.VECTOR_ENCODING_INT8,
+    "binary": pb.VECTOR_ENCODING_BINARY,
+}
+"""The client's names for VectorEncoding. Every one decodes to float32 (int8 dequantized: within scale / 2 of
+the server's float32, scale = max|x| / 127) but binary, which stays packed sign bits (uint8, ceil(dim / 8) a
+vector, numpy.unpackbits restores them): it is for Hamming-distance prefiltering, not for cosines."""
+
+
+def encoding(name: str) -> pb.VectorEncoding.ValueType:
+    value = ENCODINGS.get(name)
+    if value is None:
+        raise InvalidArgument(f"encoding: must be one of {', '.join(ENCODINGS)}, got {name!r}")
+    return value
+
+
+def row_width(dim: int, name: str) -> int:
+    """The decoded width of a vector of `dim`: dim, or its packed bytes for binary."""
+    return (dim + 7) // 8 if name == "binary" else dim
+
+
+def decoded(packed: Sequence[bytes], name: str) -> NDArray[np.float32] | NDArray[np.uint8]:
+    """The packed vectors of one reply (equal lengths), decoded as ENCODINGS says: one row each."""
+    data = b"".join(packed)
+    if name == "float32":
+        return np.frombuffer(data, dtype="<f4").reshape(len(packed), -1).astype(np.float32)
+    if name == "float16":
+        return np.frombuffer(data, dtype="<f2").reshape(len(packed), -1).astype(np.float32)
+    rows = np.frombuffer(data, dtype=np.uint8).reshape(len(packed), -1)
+    if name == "binary":
+        return rows.copy()
+    scales = np.ascontiguousarray(rows[:, :4]).view("<f4").astype(np.float32)
+    return rows[:, 4:].view(np.int8).astype(np.float32) * scales
+
+
+def vectors_into(
+    out: NDArray[np.float32] | NDArray[np.uint8], start: int, packed: Sequence[bytes], name: str = "float32"
+) -> None:
+    """Copies the packed vectors of one reply into rows start.. of `out`, decoded (see `decoded`)."""
     if packed:
-        out[start : start + len(packed)] = np.frombuffer(b"".join(packed), dtype="<f4").reshape(len(packed), -1)
+        out[start : start + len(packed)] = decoded(packed, name)
 
 
-def _vector(packed: bytes) -> NDArray[np.float32] | None:
-    return np.frombuffer(packed, dtype="<f4").astype(np.float32) if packed else None
+def _vector(packed: bytes, name: str) -> NDArray[np.float32] | NDArray[np.uint8] | None:
+    return decoded([packed], name)[0] if packed else None
 
 
-def hit(message: pb.SearchHit) -> Hit:
+def hit(message: pb.SearchHit, name: str = "float32") -> Hit:
     return Hit(
         id=message.id,
         score=message.score,
         text=message.text,
         metadata=json_format.MessageToDict(message.metadata),
-        vector=_vector(message.vector),
+        vector=_vector(message.vector, name),
     )
 
 
@@ -93,6 +136,7 @@ def collection(message: pb.Collection) -> Collection:
         indexed=message.indexed,
         index_bytes=message.index_bytes,
         table_bytes=message.table_bytes,
+        storage=message.storage or "float32",
     )
 
 

@@ -38,6 +38,7 @@ def _collection(name: str, info: CollectionInfo, stats: CollectionStats | None =
         count=stats.count if stats else info.count or 0,
         count_estimated=False if stats else info.count_estimated,
         index={"m": info.hnsw_m, "ef_construction": info.hnsw_ef_construction, "halfvec": info.hnsw_halfvec},
+        storage=info.storage,
         index_bytes=stats.index_bytes if stats else None,
         table_bytes=stats.table_bytes if stats else None,
         indexed=stats.indexed if stats else None,
@@ -65,7 +66,10 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
                 ef_construction=body.index.ef_construction or options.ef_construction,
                 halfvec=body.index.halfvec,
             )
-        return _collection(body.name, await service.create_collection(stored, options, model=body.model))
+        info = await service.create_collection(
+            stored, options, storage=body.storage, dimensions=body.dimensions, model=body.model
+        )
+        return _collection(body.name, info)
 
     @api.get("", response_model=CollectionList, responses=ERRORS)
     async def list_collections(request: Request, call: Call = keeper.opens("ListCollections")) -> CollectionList:

@@ -1,4 +1,5 @@
-"""Vectors in HTTP responses: JSON numbers, or base64 of little-endian float32 (OpenAI's) or float16 bytes."""
+"""Vectors in HTTP responses: JSON numbers, or base64 of packed bytes: little-endian float32 (OpenAI's), or one
+of embedpool's encodings (service.encodings: float16, int8 with a scale per vector, sign bits)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import numpy as np
 import orjson
 from numpy.typing import NDArray
 
-_DTYPE: dict[str, np.dtype[Any]] = {"base64": np.dtype("<f4"), "base64_float16": np.dtype("<f2")}
+from embedpool.service import encodings
+
+_PACKING: dict[str, str] = {
+    "base64": "float32",
+    "base64_float16": "float16",
+    "base64_int8": "int8",
+    "base64_binary": "binary",
+}
 
 
 def vectors(values: NDArray[np.float32], encoding: str) -> list[Any]:
@@ -17,7 +25,7 @@ def vectors(values: NDArray[np.float32], encoding: str) -> list[Any]:
     between, see `dumps`), else its base64 string."""
     if encoding == "float":
         return list(values)
-    rows = np.ascontiguousarray(values, dtype=_DTYPE[encoding])
+    rows = encodings.packed_rows(values, _PACKING[encoding])
     return [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
 
 

@@ -13,11 +13,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-Encoding = Literal["float", "base64", "base64_float16"]
-"""float: JSON numbers; base64: little-endian float32 bytes (OpenAI's); base64_float16: little-endian IEEE
-float16 bytes, half the size (an embedpool extension)."""
+Encoding = Literal["float", "base64", "base64_float16", "base64_int8", "base64_binary"]
+"""float: JSON numbers; base64: little-endian float32 bytes (OpenAI's); the others are embedpool extensions,
+packed as service.encodings says (the same bytes as gRPC's VectorEncoding)."""
 
-_ENCODING_DOC = "float: JSON numbers; base64: little-endian float32 bytes, base64; base64_float16: float16 bytes"
+_ENCODING_DOC = (
+    "float: JSON numbers; base64: little-endian float32 bytes, base64 (OpenAI's). embedpool extensions, base64:"
+    " base64_float16: little-endian IEEE float16 bytes; base64_int8: a little-endian float32 scale (max|x|/127)"
+    " then dim int8 q, component i = q[i] * scale; base64_binary: sign bits (1 where a component is > 0), most"
+    " significant bit first, ceil(dim/8) bytes, for Hamming-distance prefiltering"
+)
 
 
 class EmbeddingsRequest(_Strict):
@@ -104,6 +109,14 @@ class CreateCollection(_Strict):
     model: str | None = Field(
         None, description="The model the collection is bound to (GET /v1/models lists them; default: the default)"
     )
+    storage: Literal["float32", "float16", "binary"] = Field(
+        "float32",
+        description="float32: pgvector vector; float16: halfvec, half the bytes (exact rerank on the stored values);"
+        " binary: bits for a Hamming index plus the float32 vectors for the exact rerank",
+    )
+    dimensions: int | None = Field(
+        None, description="A Matryoshka size the model declares (GET /v1/models): vectors cut to it and normalised"
+    )
 
 
 class Collection(BaseModel):
@@ -115,6 +128,7 @@ class Collection(BaseModel):
     count: int
     count_estimated: bool
     index: dict[str, Any]
+    storage: str = Field(description="float32, float16 or binary")
     index_bytes: int | None = None
     table_bytes: int | None = None
     indexed: bool | None = None

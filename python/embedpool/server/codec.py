@@ -12,7 +12,7 @@ from google.protobuf import struct_pb2
 from numpy.typing import NDArray
 
 from embedpool.errors import InvalidArgument
-from embedpool.service import Document, Hit, Limits, Rejected
+from embedpool.service import Document, Hit, Limits, Rejected, encodings
 from embedpool.service.models import ServedModel
 from embedpool.service.syncs import SyncStatus
 from embedpool.store import CollectionInfo, CollectionStats, HnswOptions, UpsertResult
@@ -20,18 +20,19 @@ from embedpool.store.keys import KeyRecord
 from embedpool.v1 import embedpool_pb2 as pb
 
 _LE_F32 = np.dtype("<f4")
-_PACKING: dict[int, np.dtype[Any]] = {
-    pb.VECTOR_ENCODING_FLOAT32: _LE_F32,
-    pb.VECTOR_ENCODING_FLOAT16: np.dtype("<f2"),
+_PACKING: dict[int, str] = {
+    pb.VECTOR_ENCODING_FLOAT32: "float32",
+    pb.VECTOR_ENCODING_FLOAT16: "float16",
+    pb.VECTOR_ENCODING_INT8: "int8",
+    pb.VECTOR_ENCODING_BINARY: "binary",
 }
 
 
 def pack_vectors(vectors: NDArray[np.float32], encoding: int = pb.VECTOR_ENCODING_FLOAT32) -> list[bytes]:
-    dtype = _PACKING.get(encoding)
-    if dtype is None:
+    name = _PACKING.get(encoding)
+    if name is None:
         raise InvalidArgument(f"encoding: {encoding} is not a VectorEncoding")
-    rows = np.ascontiguousarray(vectors, dtype=dtype)
-    return [row.tobytes() for row in rows]
+    return encodings.pack(vectors, name)
 
 
 def unpack_vector(data: bytes, what: str) -> NDArray[np.float32]:
@@ -136,6 +137,7 @@ def collection_message(info: CollectionInfo, stats: CollectionStats | None = Non
         count=info.count or 0,
         count_estimated=info.count_estimated,
         index=index,
+        storage=info.storage,
     )
     if stats is not None:
         message.count, message.index_bytes, message.table_bytes = stats.count, stats.index_bytes, stats.table_bytes

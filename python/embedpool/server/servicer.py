@@ -76,7 +76,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             dimensions=dimensions,
         )
         return pb.EmbedResponse(
-            dim=outcome.dim,
+            dim=outcome.vectors.shape[1] if outcome.vectors is not None else outcome.dim,
             vectors=codec.pack_vectors(outcome.vectors, encoding) if outcome.vectors is not None else [],
             ids=outcome.ids,
             token_counts=outcome.token_counts,
@@ -136,7 +136,11 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     @rpc
     async def CreateCollection(self, request: pb.CreateCollectionRequest, context: Context) -> pb.Collection:
         info = await self._service.create_collection(
-            request.name, codec.index_options(request.index), model=request.model
+            request.name,
+            codec.index_options(request.index),
+            storage=request.storage,
+            dimensions=request.dimensions if request.HasField("dimensions") else None,
+            model=request.model,
         )
         return codec.collection_message(info)
 

@@ -27,7 +27,7 @@ from embedpool.service.ingest import run_ingest
 from embedpool.service.limits import Limits
 from embedpool.service.models import QUERY, Models, ServedModel
 from embedpool.service.query_cache import QueryCache
-from embedpool.service.writes import EmbeddedBatch
+from embedpool.service.writes import EmbeddedBatch, fitted
 from embedpool.store import CollectionInfo, CollectionStats, HnswOptions, Store
 from embedpool.store.keys import KeyRecord
 
@@ -209,9 +209,11 @@ class EmbeddingService:
         prompt; `model`, if given, must name that model."""
         check.collection_name(collection)
         checked = check.documents(documents, self._limits)
-        _, served = await self._writable(collection, model)
-        if dimensions is not None and dimensions != served.model.dim:
-            raise InvalidArgument("dimensions: a collection holds full vectors; leave dimensions unset")
+        info, served = await self._writable(collection, model)
+        if dimensions is not None and dimensions != info.dim:
+            raise InvalidArgument(
+                "dimensions: a collection holds vectors of the dim it was created with; leave dimensions unset"
+            )
         outcome = await served.writer.write(
             collection,
             documents,
@@ -327,7 +329,7 @@ class EmbeddingService:
         if text is not None:
             prompt = served.prompt(input_type)
             embedded, _ = await self._embedded(served, [text], True, deadline, lambda _: "text", prompt)
-            query: NDArray[np.float32] = embedded[0]
+            query: NDArray[np.float32] = fitted(embedded[0], info.dim)
         else:
             assert vector is not None
             query = self._query_vector(vector, info.dim)
@@ -370,12 +372,23 @@ class EmbeddingService:
     # Collections
 
     async def create_collection(
-        self, name: str, index: HnswOptions | None = None, model: str | None = None
+        self,
+        name: str,
+        index: HnswOptions | None = None,
+        *,
+        storage: str = "float32",
+        dimensions: int | None = None,
+        model: str | None = None,
     ) -> CollectionInfo:
-        """A collection bound to `model` (None: the default): its writes and text searches use that model."""
+        """A collection bound to `model` (None: the default): its writes and text searches use that model.
+        `storage`: float32, float16 or binary (store.storage); `dimensions`: a Matryoshka size the model
+        declares, for vectors cut to it and normalised again (None: the model's)."""
         check.collection_name(name, "name")
-        served = self._models.named(model).model
-        return await self._store.create_collection(name, model=served.name, dim=served.dim, hnsw=index or HnswOptions())
+        served = self._models.named(model)
+        dim = self.dimensions(served, dimensions)
+        return await self._store.create_collection(
+            name, model=served.name, dim=dim, hnsw=index or HnswOptions(), storage=check.storage(storage)
+        )
 
     async def list_collections(self) -> list[CollectionInfo]:
         return await self._store.list_collections()

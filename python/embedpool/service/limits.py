@@ -17,6 +17,7 @@ from typing import Any, Final
 from embedpool.config import Settings
 from embedpool.errors import InvalidArgument, RequestTooLarge
 from embedpool.service.documents import Document
+from embedpool.store.storage import STORAGES
 
 COLLECTION_NAME: Final = re.compile(r"[A-Za-z0-9_.\-]{1,63}")
 # What the core sees: the gate has checked the caller's name against COLLECTION_NAME and moved it into the
@@ -54,6 +55,15 @@ def collection_name(name: str, field: str = "collection", *, stored: bool = True
     if not (STORED_COLLECTION_NAME if stored else COLLECTION_NAME).fullmatch(name):
         raise InvalidArgument(f"{field}: {name[:80]!r} is not a valid name (1-63 of A-Z a-z 0-9 _ . -)")
     return name
+
+
+def storage(value: str, field: str = "storage") -> str:
+    """A collection's storage type (store.storage); "" is the default, float32."""
+    if not value:
+        return "float32"
+    if value not in STORAGES:
+        raise InvalidArgument(f"{field}: must be one of {', '.join(STORAGES)}, got {value[:40]!r}")
+    return value
 
 
 def request_bytes(size: int, limits: Limits) -> None:

@@ -99,7 +99,8 @@ class Models:
         """The model `info`'s vectors were made with, which every write to it and every text search of it uses;
         a request naming another model is refused rather than answered with the collection's."""
         served = self._by_name.get(info.model)
-        if served is None or served.model.dim != info.dim:
+        # A collection may hold Matryoshka-reduced vectors of its model (CreateCollection dimensions).
+        if served is None or info.dim not in (served.model.dim, *served.model.dimensions):
             names = ", ".join(repr(s.name) for s in self._served)
             raise InvalidArgument(
                 f"collection {info.name!r} holds {info.model} vectors of dim {info.dim}; this server serves {names}"

@@ -36,6 +36,17 @@ def content_hash(model: str, text: str, canonical_metadata: str) -> bytes:
     return hashlib.sha256(f"{model}\x00{text}\x00{canonical_metadata}".encode()).digest()
 
 
+def fitted(vectors: NDArray[np.float32], dim: int) -> NDArray[np.float32]:
+    """`vectors` for a collection of `dim` (the model's, or a Matryoshka size it declares): the first `dim`
+    components, normalised again."""
+    if vectors.shape[-1] == dim:
+        return vectors
+    cut = vectors[..., :dim]
+    norms = np.linalg.norm(cut, axis=-1, keepdims=True)
+    out: NDArray[np.float32] = (cut / np.maximum(norms, np.float32(1e-12))).astype(np.float32, copy=False)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Unembedded:
     """A document left out of embedding because the stored row had its hash when the batch was embedded."""
@@ -150,15 +161,16 @@ class DocumentWriter:
                 raise renamed_text_error(e, lambda j: f"documents[{todo[j]}].text") from None
             for j, i in enumerate(todo):
                 token_counts[i] = int(embedded.token_counts[j])
+            fit = fitted(embedded.vectors, (await self._store.collection(collection)).dim)
             rows = [
                 DocumentRow(
                     id=ids[i], text=documents[i].text, metadata=metadata[i], content_hash=hashes[i], embedding=vector
                 )
-                for i, vector in zip(todo, embedded.vectors, strict=True)
+                for i, vector in zip(todo, fit, strict=True)
                 if i in metadata
             ]
             if want_vectors:
-                vectors = embedded.vectors
+                vectors = fit
         return EmbeddedBatch(collection, ids, rows, token_counts, vectors, assumed, truncate, deadline, wait, priority)
 
     async def store(self, batch: EmbeddedBatch) -> WriteOutcome:
@@ -199,7 +211,7 @@ class DocumentWriter:
             batch.skipped_unchanged,
             rejected,
             f"{self._model.name}/{self._model.variant}",
-            self._model.dim,
+            (await self._store.collection(batch.collection)).dim,
         )
 
     async def _embed_assumed(self, batch: EmbeddedBatch, ids: Sequence[str]) -> EmbeddedBatch:
@@ -215,9 +227,10 @@ class DocumentWriter:
         token_counts = list(batch.token_counts)
         for doc, count in zip(docs, embedded.token_counts, strict=True):
             token_counts[doc.index] = int(count)
+        fit = fitted(embedded.vectors, (await self._store.collection(batch.collection)).dim)
         rows = [
             DocumentRow(id=doc_id, text=d.text, metadata=d.metadata, content_hash=d.content_hash, embedding=vector)
-            for doc_id, d, vector in zip(ids, docs, embedded.vectors, strict=True)
+            for doc_id, d, vector in zip(ids, docs, fit, strict=True)
         ]
         embedded_now = set(ids)
         assumed = {doc_id: d for doc_id, d in batch.assumed.items() if doc_id not in embedded_now}

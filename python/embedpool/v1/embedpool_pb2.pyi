@@ -41,6 +41,16 @@ class _VectorEncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Vector
     """Little-endian float32, 4 bytes a component (the default)."""
     VECTOR_ENCODING_FLOAT16: _VectorEncoding.ValueType  # 1
     """Little-endian IEEE float16, 2 bytes a component: half the bandwidth, within 1e-3 of float32."""
+    VECTOR_ENCODING_INT8: _VectorEncoding.ValueType  # 2
+    """Symmetric int8 with one scale per vector, 4 + dim bytes: a little-endian float32 `scale`, then dim
+    signed int8 `q`; component i is q[i] * scale. scale = max|x| / 127 (0 for an all-zero vector) and
+    q = round(x / scale), so each component is within scale / 2 of the float32 value.
+    """
+    VECTOR_ENCODING_BINARY: _VectorEncoding.ValueType  # 3
+    """Sign bits, ceil(dim / 8) bytes: bit i is 1 where component i > 0 (as pgvector's binary_quantize), packed
+    most significant bit first within each byte (numpy.packbits' order), the last byte padded with 0 bits.
+    Not a vector to compute cosines with: for Hamming-distance prefiltering, with a float rerank after.
+    """
 
 class VectorEncoding(_VectorEncoding, metaclass=_VectorEncodingEnumTypeWrapper):
     """How vectors are packed into bytes."""
@@ -49,6 +59,16 @@ VECTOR_ENCODING_FLOAT32: VectorEncoding.ValueType  # 0
 """Little-endian float32, 4 bytes a component (the default)."""
 VECTOR_ENCODING_FLOAT16: VectorEncoding.ValueType  # 1
 """Little-endian IEEE float16, 2 bytes a component: half the bandwidth, within 1e-3 of float32."""
+VECTOR_ENCODING_INT8: VectorEncoding.ValueType  # 2
+"""Symmetric int8 with one scale per vector, 4 + dim bytes: a little-endian float32 `scale`, then dim
+signed int8 `q`; component i is q[i] * scale. scale = max|x| / 127 (0 for an all-zero vector) and
+q = round(x / scale), so each component is within scale / 2 of the float32 value.
+"""
+VECTOR_ENCODING_BINARY: VectorEncoding.ValueType  # 3
+"""Sign bits, ceil(dim / 8) bytes: bit i is 1 where component i > 0 (as pgvector's binary_quantize), packed
+most significant bit first within each byte (numpy.packbits' order), the last byte padded with 0 bits.
+Not a vector to compute cosines with: for Hamming-distance prefiltering, with a float rerank after.
+"""
 Global___VectorEncoding: _TypeAlias = VectorEncoding  # noqa: Y015
 
 @_typing.final
@@ -172,7 +192,7 @@ class EmbedResponse(_message.Message):
     """How `vectors` are packed (as requested)."""
     @_builtins.property
     def vectors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """One packed little-endian float32 vector per document, in request order (empty when skip_vectors)."""
+        """One packed vector per document (as `encoding` says), in request order (empty when skip_vectors)."""
 
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -480,11 +500,23 @@ class CreateCollectionRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    STORAGE_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """1..63 characters: letters, digits, '_', '-', '.'."""
     model: _builtins.str
     """The model the collection is bound to (a name ListModels lists; empty: the default): every write to it and
     every text Search of it use this model.
+    """
+    storage: _builtins.str
+    """How vectors are stored: "float32" (the default, also ""), "float16" (pgvector halfvec: half the bytes;
+    searches rerank exactly on the stored half-precision values) or "binary" (one bit a component for a
+    Hamming-distance index, plus the float32 vectors kept for the exact rerank of its candidates: more
+    bytes than float32 alone, a 32x smaller index). Part of the definition, like `index`.
+    """
+    dimensions: _builtins.int
+    """A Matryoshka size for the collection's vectors (cut and normalised again), one the model declares
+    (ModelInfo.dimensions); INVALID_ARGUMENT otherwise. Unset: the model's dim.
     """
     @_builtins.property
     def index(self) -> Global___IndexOptions:
@@ -498,12 +530,16 @@ class CreateCollectionRequest(_message.Message):
         name: _builtins.str = ...,
         index: Global___IndexOptions | None = ...,
         model: _builtins.str = ...,
+        storage: _builtins.str = ...,
+        dimensions: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "dimensions", b"dimensions", "index", b"index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "model", b"model", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "dimensions", b"dimensions", "index", b"index", "model", b"model", "name", b"name", "storage", b"storage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
+    _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dimensions) -> _WhichOneofReturnType__dimensions | None: ...
 
 Global___CreateCollectionRequest: _TypeAlias = CreateCollectionRequest  # noqa: Y015
 
@@ -551,6 +587,7 @@ class Collection(_message.Message):
     TABLE_BYTES_FIELD_NUMBER: _builtins.int
     INDEXED_FIELD_NUMBER: _builtins.int
     COUNT_ESTIMATED_FIELD_NUMBER: _builtins.int
+    STORAGE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     model: _builtins.str
     dim: _builtins.int
@@ -565,6 +602,8 @@ class Collection(_message.Message):
     """True when `count` is an estimate: ListCollections reads Postgres' statistics (they trail writes by up to a
     few seconds) instead of counting every collection's rows; GetCollection counts exactly.
     """
+    storage: _builtins.str
+    """How vectors are stored: "float32", "float16" or "binary" (see CreateCollectionRequest.storage)."""
     @_builtins.property
     def index(self) -> Global___IndexOptions:
         """The options the index was built with (defaults filled in)."""
@@ -582,10 +621,11 @@ class Collection(_message.Message):
         table_bytes: _builtins.int = ...,
         indexed: _builtins.bool = ...,
         count_estimated: _builtins.bool = ...,
+        storage: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "count_estimated", b"count_estimated", "dim", b"dim", "index", b"index", "index_bytes", b"index_bytes", "indexed", b"indexed", "metric", b"metric", "model", b"model", "name", b"name", "table_bytes", b"table_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "count_estimated", b"count_estimated", "dim", b"dim", "index", b"index", "index_bytes", b"index_bytes", "indexed", b"indexed", "metric", b"metric", "model", b"model", "name", b"name", "storage", b"storage", "table_bytes", b"table_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
