@@ -8,8 +8,9 @@ its own collection, created over gRPC and loaded with those same vectors through
 bulk_load, so each HNSW index is built once over all rows), then VACUUM ANALYZE:
 - float32: `vector` (the baseline: the storage of every collection before 0007);
 - float16: a `halfvec` column, exact rerank on the stored half-precision values;
-- binary: `bit(dim)` with a Hamming HNSW index plus the float32 vector for the exact rerank, at the default
-  candidates (100 for k=10) and at --binary-candidates;
+- binary: `bit(dim)` with a Hamming HNSW index plus the float32 vector for the exact rerank, at its default
+  candidates (400 for k=10: store.search.BINARY_OVERSAMPLE times the others') and at --binary-candidates
+  (default 100, the other storages' default);
 - matryoshka: only with --matryoshka-dims D (float32 at D dimensions, cut and normalised again). The default
   MiniLM is not trained for truncation, so its figure says what cutting costs an untrained model, nothing more.
 The reference is numpy's exact top 10 over the float32 document vectors. Search latency: one client, vector
@@ -18,7 +19,7 @@ vector: the average pg_column_size of the vector columns each storage keeps (bin
 for the rerank), plus the HNSW index and whole partition (heap, TOAST, keys; documents' text included) per row.
 
     .venv/bin/python -P bench/storage.py [--quick] [--docs N] [--queries Q] [--matryoshka-dims D] [--out DIR]
-    # 5000 docs / 200 queries (--quick: 1500 / 40); writes DIR/storage.json (default bench/results)
+    # 4000 docs / 200 queries (--quick: 1500 / 40); writes DIR/storage.json (default bench/results)
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from embedpool.config import Settings
 from embedpool.engine import prepare
 from embedpool.server.app import Running, serve
 from embedpool.service import encodings
-from embedpool.store import DocumentRow, Store
+from embedpool.store import DocumentRow, Store, search
 
 K = 10
 REPO = Path(_HERE).parent
@@ -137,6 +138,11 @@ async def load(database_url: str, arm: Arm, texts: list[str], vectors: NDArray[n
     }
 
 
+def default_candidates(storage: str) -> int:
+    """What the server takes for k=10 when a search does not say (store.search)."""
+    return search.default_candidates(K) * (search.BINARY_OVERSAMPLE if storage == "binary" else 1)
+
+
 def exact_top(documents: NDArray[np.float32], queries: NDArray[np.float32]) -> list[set[str]]:
     scores = queries.astype(np.float64) @ documents.astype(np.float64).T
     return [{f"d{i}" for i in np.argsort(-row, kind="stable")[:K]} for row in scores]
@@ -168,14 +174,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1500 documents, 40 queries")
     parser.add_argument("--docs", type=int)
     parser.add_argument("--queries", type=int)
-    parser.add_argument("--binary-candidates", type=int, default=400, help="the second binary arm's candidates")
+    parser.add_argument("--binary-candidates", type=int, default=100, help="the second binary arm's candidates")
     parser.add_argument("--matryoshka-dims", type=int, help="add a float32 arm cut to D (MiniLM: not trained)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
-    n_docs = args.docs or (1500 if args.quick else 5000)
+    n_docs = args.docs or (1500 if args.quick else 4000)
     n_queries = args.queries or (40 if args.quick else 200)
 
-    texts = corpus.passages(n=n_docs + n_queries)
+    # Passages of up to 80 words: the standard library has about 4200 of them, enough for the default run.
+    texts = corpus.passages(n=n_docs + n_queries, max_words=80)
+    if len(texts) < n_docs + n_queries:
+        raise SystemExit(f"the corpus has {len(texts)} passages: ask for fewer than {n_docs} + {n_queries}")
     documents, held_out = texts[:n_docs], texts[n_docs : n_docs + n_queries]
     with (
         tempfile.TemporaryDirectory(prefix="embedpool-storage-") as tmp,
@@ -225,7 +234,7 @@ def main() -> None:
         results[arm.name] = {
             "storage": arm.storage,
             "dim": arm.dim,
-            "candidates": arm.candidates or "default",
+            "candidates": arm.candidates or default_candidates(arm.storage),
             "recall_at_10": round(float(recall), 4),
             "search_ms_p50": round(float(np.percentile(ms, 50)), 2),
             "search_ms_p90": round(float(np.percentile(ms, 90)), 2),

@@ -33,8 +33,8 @@ def test_storage_bench_quick_writes_its_json(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "storage.json").read_text())
     assert (report["documents"], report["queries"], report["k"], report["dim"]) == (60, 4, 10, 384)
     arms = report["arms"]
-    assert {"float32", "float16", "binary", "binary_c400"} <= set(arms)
-    for name in ("float32", "float16", "binary", "binary_c400"):
+    assert {"float32", "float16", "binary", "binary_c100"} <= set(arms)
+    for name in ("float32", "float16", "binary", "binary_c100"):
         assert set(arms[name]) >= ARM_FIELDS, name
         assert 0.0 <= arms[name]["recall_at_10"] <= 1.0
     assert arms["float32"]["recall_at_10"] == 1.0  # exact: 60 rows, 100 candidates

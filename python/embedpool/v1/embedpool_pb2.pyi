@@ -395,7 +395,7 @@ class SearchRequest(_message.Message):
     """Number of hits, 1..max_search_k (server setting, default 1000)."""
     candidates: _builtins.int
     """Approximate candidates fetched from the HNSW index before the exact rerank; 0 = server default (4 * k, at
-    least 100). Larger means better recall and slower search.
+    least 100; four times that for binary storage). Larger means better recall and slower search.
     """
     min_score: _builtins.float
     """When set, hits with cosine similarity below this are dropped."""
