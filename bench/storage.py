@@ -53,8 +53,6 @@ from psycopg import AsyncConnection, sql
 
 from embedpool.client import Client
 from embedpool.config import Settings
-from embedpool.engine import prepare
-from embedpool.server.app import Running, serve
 from embedpool.service import encodings
 from embedpool.store import DocumentRow, Store, search
 
@@ -70,8 +68,29 @@ class Arm:
     candidates: int | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+    address: str
+    database_url: str
+
+
 @contextmanager
-def server(data_dir: Path, matryoshka: int | None) -> Iterator[Running]:
+def server(args: argparse.Namespace) -> Iterator[Target]:
+    """The server to measure: the one --server names, else one started here on a fresh data dir."""
+    if args.server:
+        yield Target(args.server, args.database_url)
+        return
+
+    with tempfile.TemporaryDirectory(prefix="embedpool-storage-") as tmp, started(Path(tmp), args) as running:
+        yield Target(f"127.0.0.1:{running.port}", running.database_url)
+
+
+@contextmanager
+def started(data_dir: Path, args: argparse.Namespace) -> Iterator[Any]:
+    from embedpool.engine import prepare
+    from embedpool.server.app import serve
+
+    matryoshka = args.matryoshka_dims
     settings = Settings(
         port=0,
         metrics_port=0,
@@ -95,21 +114,23 @@ def fitted(vectors: NDArray[np.float32], dim: int) -> NDArray[np.float32]:
     return out
 
 
-async def load(database_url: str, arm: Arm, texts: list[str], vectors: NDArray[np.float32]) -> dict[str, Any]:
-    """The arm's collection filled with `vectors` (cut to its dim), analyzed; its sizes."""
+async def load(
+    database_url: str, name: str, dim: int, texts: list[str], vectors: NDArray[np.float32]
+) -> dict[str, Any]:
+    """Collection `name` filled with `vectors` (cut to `dim`), analyzed; its sizes."""
     store = await Store.open(database_url, max_size=2)
     try:
         rows = [
             DocumentRow(id=f"d{i}", text=text, metadata={}, content_hash=f"{i}".encode(), embedding=vector)
-            for i, (text, vector) in enumerate(zip(texts, fitted(vectors, arm.dim), strict=True))
+            for i, (text, vector) in enumerate(zip(texts, fitted(vectors, dim), strict=True))
         ]
         started = time.perf_counter()
-        async with store.bulk_load(arm.name):
+        async with store.bulk_load(name):
             for start in range(0, len(rows), 1000):
-                await store.upsert(arm.name, rows[start : start + 1000])
+                await store.upsert(name, rows[start : start + 1000])
         load_s = time.perf_counter() - started
-        info = await store.collection(arm.name)
-        stats = await store.stats(arm.name)
+        info = await store.collection(name)
+        stats = await store.stats(name)
     finally:
         await store.close()
     part = sql.Identifier(f"documents_c{info.id}")
@@ -177,6 +198,9 @@ def main() -> None:
     parser.add_argument("--binary-candidates", type=int, default=100, help="the second binary arm's candidates")
     parser.add_argument("--matryoshka-dims", type=int, help="add a float32 arm cut to D (MiniLM: not trained)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--server", help="HOST:PORT of a running server to use instead of starting one")
+    parser.add_argument("--database-url", help="with --server: its database (the collections are loaded there)")
+    parser.add_argument("--prefix", default="", help="prefix of the collections' names (with --server)")
     args = parser.parse_args()
     n_docs = args.docs or (1500 if args.quick else 4000)
     n_queries = args.queries or (40 if args.quick else 200)
@@ -186,11 +210,7 @@ def main() -> None:
     if len(texts) < n_docs + n_queries:
         raise SystemExit(f"the corpus has {len(texts)} passages: ask for fewer than {n_docs} + {n_queries}")
     documents, held_out = texts[:n_docs], texts[n_docs : n_docs + n_queries]
-    with (
-        tempfile.TemporaryDirectory(prefix="embedpool-storage-") as tmp,
-        server(Path(tmp), args.matryoshka_dims) as running,
-        Client(f"127.0.0.1:{running.port}") as client,
-    ):
+    with server(args) as target, Client(target.address) as client:
         started = time.perf_counter()
         vectors = client.embed(documents, timeout=3600)
         queries = client.embed(held_out, timeout=600)
@@ -207,11 +227,12 @@ def main() -> None:
         sizes: dict[str, Any] = {}
         for arm in arms:
             if arm.name == arm.storage or arm.name.startswith("matryoshka"):
-                client.create_collection(arm.name, storage=arm.storage, dimensions=arm.dim if arm.dim != dim else None)
-                sizes[arm.name] = anyio.run(load, running.database_url, arm, documents, vectors)
+                name = args.prefix + arm.name
+                client.create_collection(name, storage=arm.storage, dimensions=arm.dim if arm.dim != dim else None)
+                sizes[arm.name] = anyio.run(load, target.database_url, name, arm.dim, documents, vectors)
         for arm in arms:
             sizes.setdefault(arm.name, sizes[arm.storage])
-        collection = {arm.name: arm.storage if arm.candidates else arm.name for arm in arms}
+        collection = {arm.name: args.prefix + (arm.storage if arm.candidates else arm.name) for arm in arms}
 
         reference = exact_top(vectors, queries)
         latencies: dict[str, list[float]] = {arm.name: [] for arm in arms}
