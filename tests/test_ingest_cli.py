@@ -162,6 +162,11 @@ def test_the_command_prints_a_summary_and_resumes(
     assert (summary["documents"], summary["inserted"], summary["rejected"]) == (30, 30, 0)
     assert cli.main([*command, "--hnsw-m", "8"]) == 1  # the collection exists with other options
     assert "AlreadyExists" in capsys.readouterr().err
+    stored = ["ingest", "ingest-f16", str(source), "--target", target, "--storage", "float16", "--quiet"]
+    assert cli.main(stored) == 0
+    capsys.readouterr()
+    with Client(target) as client:
+        assert client.get_collection("ingest-f16").storage == "float16"
     missing = ["ingest", "ingest-cmd", str(tmp_path / "none.jsonl"), "--target", target]
     assert cli.main(missing) == 2
     assert "no such file or directory" in capsys.readouterr().err

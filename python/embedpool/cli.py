@@ -92,9 +92,14 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         source = FileSource(args.source)
         with _client(args) as client, _ProgressBar(enabled=not args.quiet) as bar:
             if not args.no_create:
-                # Without index flags, an existing collection is taken as it is; with them, it must match.
+                # Without index or storage flags, an existing collection is taken as it is; with them, it must match.
                 index = _index_options(args)
-                client.create_collection(args.collection, index=index, exist_ok=index is None)
+                client.create_collection(
+                    args.collection,
+                    index=index,
+                    storage=args.storage or "float32",
+                    exist_ok=index is None and args.storage is None,
+                )
             summary = client.ingest(
                 args.collection,
                 source,
@@ -285,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ingest.add_argument(
         "--halfvec", action="store_true", help="new collection indexes half-precision vectors (reranked exactly)"
+    )
+    ingest.add_argument(
+        "--storage",
+        choices=("float32", "float16", "binary"),
+        help="new collection stores its vectors as float32 (default), float16 (half the bytes) or binary (bits"
+        " for a Hamming index plus float32 for the exact rerank)",
     )
     ingest.add_argument(
         "--no-bulk",
