@@ -448,7 +448,9 @@ class SearchHit(_message.Message):
     VECTOR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     score: _builtins.float
-    """Cosine similarity in [-1, 1], exact (reranked against the stored full-precision vector)."""
+    """Cosine similarity in [-1, 1], exact (reranked against the stored full-precision vector; in a float16
+    collection, against its stored half-precision values).
+    """
     text: _builtins.str
     vector: _builtins.bytes
     """Packed as SearchRequest.encoding asks, only when include_vectors."""
