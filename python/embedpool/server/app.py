@@ -304,6 +304,7 @@ async def serve(
     engine: Engine | None = None,
     engines: Sequence[Engine] = (),
     reload_tls: ObjectReceiveStream[None] | None = None,
+    priorities: bool = True,
     task_status: TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serves until `stop` is set, then drains: health goes NOT_SERVING (and, for `drain_delay` seconds, new calls
@@ -312,7 +313,8 @@ async def serve(
     aborts without draining, because cancellation reaches the pool's tasks too. `engine` (or `engines`, one per
     model, the default first) may be passed in already loaded (e.g. wrapped for fault injection); by default
     every --model is loaded from `settings`. With TLS, each
-    item from `reload_tls` (the CLI's SIGHUP) reads the certificate files again (see server.tls).
+    item from `reload_tls` (the CLI's SIGHUP) reads the certificate files again (see server.tls). `priorities`
+    off (one queue for all work, pool.priority) is only a benchmark's baseline: no setting offers it.
 
     Start-up checks what it can before the slow parts (the data dir's ownership, then the ports, then the model,
     then the database) and fails with a one-line `StartupError` (or another `EmbedpoolError`). While serving,
@@ -355,7 +357,10 @@ async def serve(
         gate = Gate(authenticator, Auditor(store), usage, Quotas())
         guard.arm(gate)
         pools = [
-            await stack.enter_async_context(running_pool(e.tokenizer, e.sessions, e.pool_config())) for e in engines
+            await stack.enter_async_context(
+                running_pool(e.tokenizer, e.sessions, dataclasses.replace(e.pool_config(), priorities=priorities))
+            )
+            for e in engines
         ]
         models = Models.of([(pool, e.model) for pool, e in zip(pools, engines, strict=True)], store)
         service = EmbeddingService(
