@@ -32,7 +32,7 @@ QUEUE_CLASS_INPUTS = Gauge(
 )
 QUEUE_WAIT_SECONDS = Histogram(
     "embedpool_queue_wait_seconds",
-    "time from a call's documents being queued to the first of them being cut into a batch, by priority class",
+    "time from a call's documents being queued to the engine starting the first batch holding one, by priority class",
     ["model", "priority"],
     buckets=_LATENCY_BUCKETS,
 )

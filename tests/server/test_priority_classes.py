@@ -18,7 +18,7 @@ from ..conftest import ingest_batches
 
 
 def _jobs() -> dict[str, float]:
-    """Calls whose documents the scheduler started batching so far, by class (every model's pool)."""
+    """Calls a batch of which the engine has started so far, by class (every model's pool)."""
     jobs = {"interactive": 0.0, "bulk": 0.0}
     for family in REGISTRY.collect():
         for sample in family.samples:

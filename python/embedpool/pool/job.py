@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import anyio
@@ -61,8 +62,8 @@ class Job:
     abandoned: bool = False  # the caller gave up (cancelled or past deadline): skip its queued documents
     stages: Stages | None = None  # only when the call is traced
     priority: Priority = Priority.INTERACTIVE
-    queued_at: float = 0.0  # anyio.current_time() when the scheduler took it in
-    started: bool = False  # a document of it was cut into a batch (its queue wait is recorded then)
+    queued_ns: int = field(default_factory=time.time_ns)  # wall clock, as Outcome.started_ns
+    ran: bool = False  # a batch holding one of its documents ran (its queue wait is recorded then)
 
     def __post_init__(self) -> None:
         self.lengths = np.diff(self.offsets).tolist()

@@ -49,8 +49,8 @@ class PoolConfig:
     priorities: bool = True
     """Interactive work ahead of bulk (pool.priority, pool.scheduler); off, one queue in arrival order for all."""
     max_interactive_streak: int = 4
-    """Interactive batches cut in a row, at most, while bulk work waits: bulk gets >= 1 batch in 5 under any
-    interactive load, while a query under bulk load waits behind at most the one bulk batch running."""
+    """Interactive batches cut in a row, at most, while bulk work waits and could run: under any interactive load,
+    bulk still gets about 1 batch in 5, while a query under a bulk load waits behind one bulk batch at most."""
     interactive_reserve: float = 0.25
     """Share of the admission budget bulk work may not hold, so that interactive calls under a bulk load are
     admitted (bulk streams waiting for room would otherwise take every permit freed)."""
@@ -235,6 +235,9 @@ class EmbeddingPool:
         for row, (job, i) in enumerate(batch.entries):
             if job.done.is_set():
                 continue
+            if outcome.started_ns and not job.ran:
+                job.ran = True
+                meters.queue_wait_seconds(job.priority.value).observe((outcome.started_ns - job.queued_ns) / 1e9)
             if row in failed:
                 # The engine's own message stays in the log: it can name paths, devices or internals.
                 job.fail(

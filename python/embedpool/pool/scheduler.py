@@ -100,7 +100,6 @@ class Scheduler:
         self._depth = dict.fromkeys(Priority, 0)
         self._meters = meters or metrics.pool_metrics("default")
         self._depth_gauges = {p: self._meters.queue_class_inputs(p.value) for p in Priority}
-        self._waits = {p: self._meters.queue_wait_seconds(p.value) for p in Priority}
         self._bulk_in_flight = 0
         self._streak = 0  # interactive batches cut in a row while a bulk one could have been
         self._open = True
@@ -136,7 +135,6 @@ class Scheduler:
 
     def _enqueue(self, job: Job) -> None:
         n = len(job)
-        job.queued_at = anyio.current_time()
         self._queues[job.priority].extend(zip(itertools.repeat(job, n), range(n), strict=True))
         self._queued_tokens += sum(job.lengths)
         self._depth[job.priority] += n
@@ -208,7 +206,8 @@ class Scheduler:
         )
         real = int(lengths[chosen].sum())
         self._queued_tokens -= real
-        self._started(entries)
+        for job, _ in entries:
+            self._depth[job.priority] -= 1
         bulk = self._classes is not None and cls is Priority.BULK
         if bulk:
             self._bulk_in_flight += 1
@@ -217,15 +216,6 @@ class Scheduler:
             self._streak += 1
         self._publish_depth()
         return Batch(ids=ids, mask=mask, entries=entries, real_tokens=real, bulk=bulk)
-
-    def _started(self, entries: list[tuple[Job, int]]) -> None:
-        """Counts the batch's documents out of the queue, and records each job's wait the first time."""
-        now = anyio.current_time()
-        for job, _ in entries:
-            self._depth[job.priority] -= 1
-            if not job.started:
-                job.started = True
-                self._waits[job.priority].observe(now - job.queued_at)
 
     def _publish_depth(self) -> None:
         self._meters.queue_inputs.set(sum(self._depth.values()))
