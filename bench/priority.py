@@ -97,11 +97,13 @@ class Server:
     def counters(self) -> tuple[float, float, float]:
         """(seconds, batches, documents) the engine has spent and embedded so far, from /metrics."""
         text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
-        found = dict(re.findall(r"^embedpool_(\w+) (\S+)$", text, re.MULTILINE))
+        found: dict[str, float] = {}
+        for name, value in re.findall(r"^embedpool_(\w+)(?:\{[^}]*\})? (\S+)$", text, re.MULTILINE):
+            found[name] = found.get(name, 0.0) + float(value)  # summed over the models' labels
         return (
-            float(found["inference_duration_seconds_sum"]),
-            float(found["inference_duration_seconds_count"]),
-            float(found["documents_total"]),
+            found["inference_duration_seconds_sum"],
+            found["inference_duration_seconds_count"],
+            found["documents_total"],
         )
 
     def close(self) -> None:
