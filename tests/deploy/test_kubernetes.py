@@ -359,6 +359,10 @@ def test_prometheus_scrapes_the_saturation_series_verifying_the_certificate(pod_
         tls.sendall(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
         reply = b"".join(iter(lambda: tls.recv(65536), b"")).decode()
     assert reply.startswith("HTTP/1.0 200")
-    series = {line.split(" ")[0]: line.split(" ")[1] for line in reply.splitlines() if line.startswith("embedpool_")}
+    series = {  # by name; the pool's series carry the model's label
+        line.split(" ")[0].partition("{")[0]: line.split(" ")[1]
+        for line in reply.splitlines()
+        if line.startswith("embedpool_")
+    }
     assert float(series["embedpool_permits_capacity"]) > 0 and float(series["embedpool_ready"]) == 1
     assert "embedpool_permits_in_use" in series
