@@ -239,8 +239,10 @@ def test_the_budget_and_the_autoscaler_leave_replicas_and_connections(overlay: t
 
 
 def _exported_series() -> set[str]:
-    text = prometheus_client.generate_latest().decode()
-    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    """Every series name /metrics can carry: the families' (a labelled one has no sample until a pool labels it)
+    and their samples' (a counter's _total)."""
+    families = list(prometheus_client.REGISTRY.collect())
+    return {f.name for f in families} | {sample.name for f in families for sample in f.samples}
 
 
 def test_the_autoscaler_queries_saturation_from_metrics_the_server_exports(
