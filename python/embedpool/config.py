@@ -100,6 +100,11 @@ class Settings:
     max_ingest_streams: int = _setting(64, "Ingest streams open at once; beyond it RESOURCE_EXHAUSTED")
     max_request_documents: int = _setting(1024, "documents in one Embed request or Ingest batch")
     max_request_bytes: int = _setting(16 * 1024 * 1024, "largest request message")
+    max_windows_per_request: int = _setting(
+        256,
+        "windows of the model's length one Embed request may split its long inputs into (long_inputs chunk);"
+        " a request may ask for fewer (max_windows); each window counts as a document for admission",
+    )
     max_metadata_bytes: int = _setting(64 * 1024, "largest metadata of one document (encoded size)")
     max_filter_bytes: int = _setting(16 * 1024, "largest metadata filter of a Search or DeleteDocuments")
     max_delete_ids: int = _setting(10_000, "ids in one DeleteDocuments request")
@@ -162,6 +167,7 @@ class Settings:
             "max_concurrent_chars",
             "max_ingest_streams",
             "max_request_documents",
+            "max_windows_per_request",
             "max_request_bytes",
             "max_metadata_bytes",
             "max_filter_bytes",

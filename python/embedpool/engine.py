@@ -23,6 +23,7 @@ from embedpool.model.variant_policy import serving_variant
 from embedpool.model.warmup import warm_up
 from embedpool.pool import InferenceSession, PoolConfig
 from embedpool.pool.scheduler import BatchLimits
+from embedpool.pool.windows import Splitter
 
 # The device and variant choices stay importable from here, where callers have always found them.
 __all__ = [
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 
 # Padding lengths to a multiple of 16 bounds the number of distinct shapes the engine sees (and warms).
 PAD_MULTIPLE = 16
+LONG_INPUT_WINDOWS = 4096
+"""A text to embed in windows may hold this many of the model's lengths of tokens: longer is INVALID_ARGUMENT from
+the tokenizer (a request's max_windows refuses it first, unless set this high)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,15 @@ class Engine:
             tokenizer_threads=settings.tokenizer_threads,
             model=self.model.name,
         )
+
+    def splitter(self) -> Splitter:
+        """For long inputs embedded in windows: a second tokenizer, of the same file, that does not truncate."""
+        whole = _native.Tokenizer(
+            str(self.bundle.tokenizer_path),
+            max_length=self.model.max_tokens * LONG_INPUT_WINDOWS,
+            pad_to_multiple_of=self.pad_multiple,
+        )
+        return Splitter.of(lambda texts: whole.encode_ragged(texts, truncate=False), self.model.max_tokens)
 
 
 @dataclass(frozen=True, slots=True)

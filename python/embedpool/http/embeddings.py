@@ -14,6 +14,7 @@ from embedpool.http.guard import Gatekeeper, deadline
 from embedpool.http.schemas import EmbeddingsRequest, EmbeddingsResponse, ModelCard, ModelList
 from embedpool.security.principal import Action
 from embedpool.service import EmbeddingService
+from embedpool.service import limits as check
 from embedpool.service.gate import Call
 from embedpool.service.models import ServedModel
 
@@ -34,9 +35,17 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
         texts = _texts(body.input)
         served = models.named(body.model)  # ModelNotFound: OpenAI's 404 model_not_found
         gate.admit(call, len(texts))
+        long_inputs = check.long_inputs(
+            body.long_inputs or "",
+            truncate=body.truncate if "truncate" in body.model_fields_set else None,
+            overlap=body.chunk_overlap_tokens,
+            max_windows=body.max_windows,
+            limits=service.limits,
+        )
         embedded = await service.embed(
             texts,
-            truncate=body.truncate,
+            truncate=long_inputs.truncate,
+            chunking=long_inputs.chunking,
             dimensions=body.dimensions,
             field="input",
             deadline=deadline(request),
@@ -45,14 +54,15 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
         )
         tokens = sum(embedded.token_counts)
         vectors = encoding.vectors(embedded.vectors, body.encoding_format)
-        content = encoding.dumps(
-            {
-                "object": "list",
-                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
-                "model": served.name,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            }
-        )
+        answer: dict[str, object] = {
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+            "model": served.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        if embedded.window_counts is not None:
+            answer["window_counts"] = embedded.window_counts  # embedpool: long_inputs chunk
+        content = encoding.dumps(answer)
         return Response(content, media_type="application/json")
 
     def card(served: ServedModel) -> ModelCard:

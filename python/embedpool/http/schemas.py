@@ -38,6 +38,13 @@ class EmbeddingsRequest(_Strict):
     )
     user: str | None = Field(None, description="The end user, for the caller's own tracking (not stored)")
     truncate: bool = Field(True, description="embedpool: cut over-long texts to the model's limit (else 400)")
+    long_inputs: Literal["truncate", "error", "chunk"] | None = Field(
+        None,
+        description="embedpool: over-long texts cut (truncate), refused with 400 (error), or embedded whole in windows"
+        " of the model's length pooled into one vector (chunk); default: by `truncate`",
+    )
+    chunk_overlap_tokens: int = Field(0, description="embedpool, chunk: tokens each window shares with the one before")
+    max_windows: int = Field(0, description="embedpool, chunk: windows of the whole request, at most (0: the server's)")
     input_type: str | None = Field(
         None,
         description="embedpool: query, document or one of the model's prompt names; its prompt is put before each"
@@ -61,6 +68,7 @@ class EmbeddingsResponse(BaseModel):
     data: list[EmbeddingItem]
     model: str
     usage: Usage
+    window_counts: list[int] | None = Field(None, description="embedpool, long_inputs chunk: windows of each text")
 
 
 class ModelCard(BaseModel):

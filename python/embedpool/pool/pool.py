@@ -22,6 +22,7 @@ from embedpool.pool.feeder import Feeder, InferenceSession, Outcome, Rotation
 from embedpool.pool.job import Job, Stages
 from embedpool.pool.priority import Priority
 from embedpool.pool.scheduler import Batch, BatchLimits, ClassPolicy, Scheduler
+from embedpool.pool.windows import Chunking, Splitter, Windows, pooled
 
 
 class Tokenizer(Protocol):
@@ -61,14 +62,23 @@ class PoolConfig:
 @dataclass(frozen=True)
 class Embeddings:
     vectors: NDArray[np.float32]  # [n, dim], unit length, in input order
-    token_counts: NDArray[np.int64]  # [n], after truncation
+    token_counts: NDArray[np.int64]  # [n], after truncation (chunked: the whole document's)
+    window_counts: NDArray[np.int64] | None = None  # [n], when chunked: windows each document was embedded in
 
 
 class EmbeddingPool:
-    def __init__(self, tokenizer: Tokenizer, sessions: Sequence[InferenceSession], config: PoolConfig) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        sessions: Sequence[InferenceSession],
+        config: PoolConfig,
+        splitter: Splitter | None = None,
+    ) -> None:
+        """`splitter`: for long inputs embedded in windows (`embed(chunking=...)`); None: this pool only truncates."""
         if not sessions:
             raise ValueError("the pool needs at least one inference session")
         self._tokenizer = tokenizer
+        self._splitter = splitter
         self._sessions = list(sessions)
         self._config = config
         self._meters = meters = metrics.pool_metrics(config.model)
@@ -114,15 +124,21 @@ class EmbeddingPool:
         deadline: float = math.inf,
         wait: bool = False,
         priority: Priority = Priority.INTERACTIVE,
+        chunking: Chunking | None = None,
     ) -> Embeddings:
         """Embeds `texts` in order. Without room in the admission budget, raises Overloaded at once, or with
-        `wait` waits for room (until `deadline`). `priority`: see pool.priority."""
+        `wait` waits for room (until `deadline`). `priority`: see pool.priority. `chunking`: every text embedded
+        whole, in windows of the model's length pooled into one vector (pool.windows); `truncate` is then unused.
+        """
         if self._closed:
             raise Unavailable("the server is shutting down")
         if self._rotation.in_rotation == 0:
             raise Unavailable("no inference session is working; retry later")
-        n = len(texts)
         chars = sum(map(len, texts))
+        # Chunked, the texts are tokenized before admission: the budget counts windows (each is a row of work),
+        # and only the tokens tell how many there are.
+        windows = None if chunking is None else await self._windows(texts, chars, chunking)
+        n = len(texts) if windows is None else len(windows)
         job: Job | None = None
         admitted = False
         traced = tracing.recording()
@@ -136,7 +152,11 @@ class EmbeddingPool:
                 admitted = True
                 if traced:
                     tokenizing_ns = tracing.wall_ns()
-                ids, offsets = await self._tokenize(texts, chars, truncate)
+                ids, offsets = (
+                    (windows.ids, windows.offsets)
+                    if windows is not None
+                    else await self._tokenize(texts, chars, truncate)
+                )
                 job = Job(ids=ids, offsets=offsets, dim=self._config.dim, deadline=deadline, priority=priority)
                 if traced:
                     job.stages = Stages(queued_ns=tracing.wall_ns())
@@ -162,7 +182,24 @@ class EmbeddingPool:
                 _record_stages(job, job.stages, tokenizing_ns, chars)
         if job.error is not None:
             raise job.error
+        if windows is not None:
+            return Embeddings(pooled(job.vectors, windows), windows.token_counts, windows.counts)
         return Embeddings(vectors=job.vectors, token_counts=np.diff(offsets))
+
+    async def _windows(self, texts: Sequence[str], chars: int, chunking: Chunking) -> Windows:
+        splitter = self._splitter
+        if splitter is None:
+            raise InvalidArgument("long inputs: this model cannot embed texts in windows; truncate them instead")
+        try:
+            if chars <= self._config.inline_tokenize_chars:
+                return splitter.windows(texts, chunking)
+            return await anyio.to_thread.run_sync(
+                lambda: splitter.windows(texts, chunking), limiter=self._tokenize_limiter
+            )
+        except InvalidArgument:
+            raise
+        except ValueError as exc:  # the extension's NativeError family, as in _tokenize
+            raise InvalidArgument(str(exc)) from exc
 
     async def _tokenize(
         self, texts: Sequence[str], chars: int, truncate: bool
@@ -279,10 +316,10 @@ def _record_stages(job: Job, stages: Stages, tokenizing_ns: int, chars: int) -> 
 
 @asynccontextmanager
 async def running_pool(
-    tokenizer: Tokenizer, sessions: Sequence[InferenceSession], config: PoolConfig
+    tokenizer: Tokenizer, sessions: Sequence[InferenceSession], config: PoolConfig, splitter: Splitter | None = None
 ) -> AsyncIterator[EmbeddingPool]:
     """`async with running_pool(...) as pool:` — the pool serves inside the block and drains on exit."""
-    pool = EmbeddingPool(tokenizer, sessions, config)
+    pool = EmbeddingPool(tokenizer, sessions, config, splitter)
     async with anyio.create_task_group() as tg:
         await tg.start(pool.run)
         try:

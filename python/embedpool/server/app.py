@@ -358,7 +358,12 @@ async def serve(
         guard.arm(gate)
         pools = [
             await stack.enter_async_context(
-                running_pool(e.tokenizer, e.sessions, dataclasses.replace(e.pool_config(), priorities=priorities))
+                running_pool(
+                    e.tokenizer,
+                    e.sessions,
+                    dataclasses.replace(e.pool_config(), priorities=priorities),
+                    e.splitter(),
+                )
             )
             for e in engines
         ]

@@ -34,6 +34,23 @@ def _truncate(request: pb.EmbedRequest | pb.IngestRequest) -> bool:
     return request.truncate if request.HasField("truncate") else True
 
 
+_LONG_INPUTS = {pb.LONG_INPUTS_TRUNCATE: "", pb.LONG_INPUTS_ERROR: "error", pb.LONG_INPUTS_CHUNK: "chunk"}
+
+
+def _long_inputs(request: pb.EmbedRequest, limits: check.Limits) -> check.LongInputs:
+    """The request's long-input options; LONG_INPUTS_TRUNCATE is the enum's default, so it defers to `truncate`."""
+    mode = _LONG_INPUTS.get(request.long_inputs)
+    if mode is None:
+        raise InvalidArgument(f"long_inputs: {request.long_inputs} is not a LongInputs value")
+    return check.long_inputs(
+        mode,
+        truncate=request.truncate if request.HasField("truncate") else None,
+        overlap=request.chunk_overlap_tokens,
+        max_windows=request.max_windows,
+        limits=limits,
+    )
+
+
 class EmbedderServicer(pb_grpc.EmbedderServicer):
     def __init__(self, service: EmbeddingService, syncs: Syncs) -> None:
         self._service = service
@@ -46,10 +63,12 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         service = self._service
         encoding = request.encoding
         dimensions = request.dimensions if request.HasField("dimensions") else None
+        long_inputs = _long_inputs(request, self._limits)
         if not request.collection:
             embedded = await service.embed(
                 [doc.text for doc in request.documents],
-                truncate=_truncate(request),
+                truncate=long_inputs.truncate,
+                chunking=long_inputs.chunking,
                 deadline=_deadline(context),
                 dimensions=dimensions,
                 model=request.model,
@@ -61,7 +80,10 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                 token_counts=embedded.token_counts,
                 model=embedded.model,
                 encoding=encoding,
+                window_counts=embedded.window_counts,
             )
+        if long_inputs.chunking is not None:
+            raise InvalidArgument("long_inputs: chunk is for Embed without a collection; truncate stored documents")
         if request.input_type:
             raise InvalidArgument(
                 "input_type: documents stored in a collection get the document prompt; leave it unset"
@@ -69,7 +91,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         outcome = await service.write(
             request.collection,
             codec.documents(request.documents),
-            truncate=_truncate(request),
+            truncate=long_inputs.truncate,
             deadline=_deadline(context),
             want_vectors=not request.skip_vectors,
             model=request.model,

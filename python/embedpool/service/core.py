@@ -17,7 +17,8 @@ from numpy.typing import NDArray
 
 from embedpool import tracing
 from embedpool.errors import InvalidArgument, Overloaded, Unavailable
-from embedpool.pool import Priority
+from embedpool.pool import Embeddings, Priority
+from embedpool.pool.windows import Chunking
 from embedpool.security import keyring
 from embedpool.security.principal import current as current_principal
 from embedpool.security.usage import meter
@@ -122,17 +123,28 @@ class EmbeddingService:
         field: str = "documents",
         model: str | None = None,
         input_type: str | None = None,
+        chunking: Chunking | None = None,
     ) -> Embedded:
         """`field`: what the caller's door calls the texts, for error messages. `model`: a served model's name
         (None: the default); `input_type`: query, document or one of the model's prompt names, whose prompt is
         put before each text (None: the model's default prompt, if it has one). A call of a few texts is served
         from the query cache where it can: token_counts report every text's tokens, cached or not, while the
-        caller's usage (and tokens/s quota) counts only the tokens embedded now."""
+        caller's usage (and tokens/s quota) counts only the tokens embedded now. `chunking`: each text embedded
+        whole in windows of the model's length, pooled into one vector (pool.windows; the prompt, if any, is in the
+        first window only); never from the query cache."""
         check.texts(texts, self._limits, field)
         served = self._models.named(model)
         size = self.dimensions(served, dimensions)
         prompt = served.prompt(input_type)
         suffix = ".text" if field == "documents" else ""
+        if chunking is not None:
+            check.window_overlap(chunking, served.model.max_tokens)
+            whole = await self._embed_now(
+                served, texts, True, deadline, lambda i: f"{field}[{i}]{suffix}", prompt, chunking
+            )
+            vectors = whole.vectors if size == served.model.dim else _normalized(whole.vectors[:, :size])
+            windows = None if whole.window_counts is None else whole.window_counts.tolist()
+            return Embedded(vectors, whole.token_counts.tolist(), served.label, windows)
         vectors, counts = await self._embedded(
             served, texts, truncate, deadline, lambda i: f"{field}[{i}]{suffix}", prompt
         )
@@ -152,16 +164,18 @@ class EmbeddingService:
         the texts it lacks are embedded, in one pool call). `name(i)`: how the caller calls text i. `prompt` goes
         before each text (the token counts include it)."""
         if not self._queries.serves(texts):
-            return await self._embed_now(served, texts, truncate, deadline, name, prompt)
+            embedded = await self._embed_now(served, texts, truncate, deadline, name, prompt)
+            return embedded.vectors, embedded.token_counts.tolist()
         keys = [QueryCache.key(served.label, truncate, text, prompt) for text in texts]
         found = [self._queries.get(key) if key is not None else None for key in keys]
         missing = [i for i, entry in enumerate(found) if entry is None]
         vectors = np.empty((len(texts), served.model.dim), dtype=np.float32)
         counts = [0] * len(texts)
         if missing:
-            fresh, fresh_counts = await self._embed_now(
+            embedded = await self._embed_now(
                 served, [texts[i] for i in missing], truncate, deadline, lambda j: name(missing[j]), prompt
             )
+            fresh, fresh_counts = embedded.vectors, embedded.token_counts.tolist()
             for j, i in enumerate(missing):
                 vectors[i], counts[i] = fresh[j], fresh_counts[j]
                 if (key := keys[i]) is not None:
@@ -179,15 +193,17 @@ class EmbeddingService:
         deadline: float,
         name: Callable[[int], str],
         prompt: str,
-    ) -> tuple[NDArray[np.float32], list[int]]:
+        chunking: Chunking | None = None,
+    ) -> Embeddings:
         inputs = [prompt + text for text in texts] if prompt else texts
         try:
-            embedded = await served.pool.embed(inputs, truncate=truncate, deadline=deadline, priority=_by_size(texts))
+            embedded = await served.pool.embed(
+                inputs, truncate=truncate, deadline=deadline, priority=_by_size(texts), chunking=chunking
+            )
         except InvalidArgument as e:  # the tokenizer's, naming "text i": name it as the caller does
             raise check.renamed_text_error(e, name) from None
-        counts = embedded.token_counts.tolist()
-        meter().tokens += sum(counts)
-        return embedded.vectors, counts
+        meter().tokens += int(embedded.token_counts.sum())
+        return embedded
 
     async def write(
         self,

@@ -36,6 +36,8 @@ class Embedded:
     token_counts: list[int]
     model: str = ""
     """name/variant of the model that made them."""
+    window_counts: list[int] | None = None
+    """With long_inputs chunk: the windows each text was embedded in (token_counts are then the whole texts')."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from embedpool.config import Settings
 from embedpool.errors import InvalidArgument, RequestTooLarge
+from embedpool.pool.windows import Chunking
 from embedpool.service.documents import Document
 from embedpool.store.storage import STORAGES
 
@@ -41,6 +42,7 @@ class Limits:
     max_filter_bytes: int = 16 * 1024
     max_delete_ids: int = 10_000
     max_ingest_streams: int = 64
+    max_windows_per_request: int = 256
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -189,6 +191,54 @@ _EMPTY: Final[Checked] = ({}, "{}")
 
 
 _TEXT_INDEX: Final = re.compile(r"^text (\d+) (?:is )?")
+
+
+LONG_INPUTS: Final = ("truncate", "error", "chunk")
+
+
+@dataclass(frozen=True, slots=True)
+class LongInputs:
+    """What to do with a text over the model's token limit, as the core takes it."""
+
+    truncate: bool = True
+    """Cut it to the limit; False: refuse it (INVALID_ARGUMENT), unless `chunking`."""
+    chunking: Chunking | None = None
+    """Embed it whole, in windows pooled into one vector (pool.windows)."""
+
+
+def long_inputs(
+    mode: str, *, truncate: bool | None, overlap: int, max_windows: int, limits: Limits, prefix: str = ""
+) -> LongInputs:
+    """A request's long-input options. `mode`: truncate, error or chunk ("": by `truncate`, today's flag, where
+    False means error); `overlap`/`max_windows` only with chunk (0: none / the server's limit). `prefix`: how the
+    door spells its field names before the name (e.g. "" or "embedpool."). The overlap's bound depends on the model:
+    see `window_overlap`."""
+    mode = mode or ("truncate" if truncate is None or truncate else "error")
+    if mode not in LONG_INPUTS:
+        raise InvalidArgument(f"{prefix}long_inputs: {mode[:40]!r} is not one of {', '.join(LONG_INPUTS)}")
+    if mode != "chunk":
+        if overlap or max_windows:
+            raise InvalidArgument(f"{prefix}chunk_overlap_tokens and max_windows apply only to long_inputs chunk")
+        if truncate is not None and truncate != (mode == "truncate"):
+            raise InvalidArgument(f"{prefix}truncate: contradicts long_inputs {mode}")
+        return LongInputs(truncate=mode == "truncate")
+    if truncate is False:
+        raise InvalidArgument(f"{prefix}truncate: false contradicts long_inputs chunk")
+    cap = limits.max_windows_per_request
+    if max_windows < 0 or max_windows > cap:
+        raise InvalidArgument(f"{prefix}max_windows: {max_windows} is not in 0..{cap} (0: {cap}, this server's limit)")
+    if overlap < 0:
+        raise InvalidArgument(f"{prefix}chunk_overlap_tokens: must not be negative")
+    return LongInputs(truncate=True, chunking=Chunking(overlap=overlap, max_windows=max_windows or cap))
+
+
+def window_overlap(chunking: Chunking, max_tokens: int) -> None:
+    """Windows overlap by less than half the model's length, so each moves on by at least half: the windows of a
+    document stay fewer than twice its tokens over the length."""
+    if chunking.overlap >= max_tokens // 2:
+        raise InvalidArgument(
+            f"chunk_overlap_tokens: {chunking.overlap} is not below half the model's {max_tokens} tokens"
+        )
 
 
 def renamed_text_error(error: InvalidArgument, name: Callable[[int], str]) -> InvalidArgument:

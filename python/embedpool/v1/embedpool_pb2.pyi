@@ -31,6 +31,38 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _LongInputs:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LongInputsEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LongInputs.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LONG_INPUTS_TRUNCATE: _LongInputs.ValueType  # 0
+    """Cut it to the limit (the default)."""
+    LONG_INPUTS_ERROR: _LongInputs.ValueType  # 1
+    """Refuse the request with INVALID_ARGUMENT naming the document."""
+    LONG_INPUTS_CHUNK: _LongInputs.ValueType  # 2
+    """Embed it whole: split its tokens into windows of the model's limit (special tokens included in each),
+    embed every window (batched with other work; each window counts as a document for admission), and
+    return the mean of the window vectors weighted by each window's tokens, normalised to unit length.
+    Only without a collection, for now. EmbedResponse.window_counts says how many windows each took.
+    """
+
+class LongInputs(_LongInputs, metaclass=_LongInputsEnumTypeWrapper):
+    """What Embed does with a text longer than the model's token limit."""
+
+LONG_INPUTS_TRUNCATE: LongInputs.ValueType  # 0
+"""Cut it to the limit (the default)."""
+LONG_INPUTS_ERROR: LongInputs.ValueType  # 1
+"""Refuse the request with INVALID_ARGUMENT naming the document."""
+LONG_INPUTS_CHUNK: LongInputs.ValueType  # 2
+"""Embed it whole: split its tokens into windows of the model's limit (special tokens included in each),
+embed every window (batched with other work; each window counts as a document for admission), and
+return the mean of the window vectors weighted by each window's tokens, normalised to unit length.
+Only without a collection, for now. EmbedResponse.window_counts says how many windows each took.
+"""
+Global___LongInputs: _TypeAlias = LongInputs  # noqa: Y015
+
 class _VectorEncoding:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -117,6 +149,9 @@ class EmbedRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     INPUT_TYPE_FIELD_NUMBER: _builtins.int
     ENCODING_FIELD_NUMBER: _builtins.int
+    LONG_INPUTS_FIELD_NUMBER: _builtins.int
+    CHUNK_OVERLAP_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_WINDOWS_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     """When set, the documents are upserted into this collection (which must exist)."""
     truncate: _builtins.bool
@@ -141,6 +176,17 @@ class EmbedRequest(_message.Message):
     """
     encoding: Global___VectorEncoding.ValueType
     """How returned vectors are packed."""
+    long_inputs: Global___LongInputs.ValueType
+    """What to do with a text longer than the model's token limit (ModelInfo.max_tokens). Left unset, `truncate`
+    decides (truncate false means LONG_INPUTS_ERROR); setting both to disagree is INVALID_ARGUMENT.
+    """
+    chunk_overlap_tokens: _builtins.int
+    """LONG_INPUTS_CHUNK only: tokens each window shares with the one before; below half the model's limit."""
+    max_windows: _builtins.int
+    """LONG_INPUTS_CHUNK only: the request's documents may be split into this many windows in all, at most
+    (0: the server's --max-windows-per-request, also the largest value accepted). More is INVALID_ARGUMENT
+    naming the document that passes it.
+    """
     @_builtins.property
     def documents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Document]:
         """1..max_batch_documents documents (server setting, default 1024)."""
@@ -156,10 +202,13 @@ class EmbedRequest(_message.Message):
         model: _builtins.str = ...,
         input_type: _builtins.str = ...,
         encoding: Global___VectorEncoding.ValueType = ...,
+        long_inputs: Global___LongInputs.ValueType = ...,
+        chunk_overlap_tokens: _builtins.int = ...,
+        max_windows: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_truncate", b"_truncate", "dimensions", b"dimensions", "truncate", b"truncate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_truncate", b"_truncate", "collection", b"collection", "dimensions", b"dimensions", "documents", b"documents", "encoding", b"encoding", "input_type", b"input_type", "model", b"model", "skip_vectors", b"skip_vectors", "truncate", b"truncate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_truncate", b"_truncate", "chunk_overlap_tokens", b"chunk_overlap_tokens", "collection", b"collection", "dimensions", b"dimensions", "documents", b"documents", "encoding", b"encoding", "input_type", b"input_type", "long_inputs", b"long_inputs", "max_windows", b"max_windows", "model", b"model", "skip_vectors", b"skip_vectors", "truncate", b"truncate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
     _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015
@@ -184,6 +233,7 @@ class EmbedResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
     ENCODING_FIELD_NUMBER: _builtins.int
+    WINDOW_COUNTS_FIELD_NUMBER: _builtins.int
     dim: _builtins.int
     """Dimension of every vector."""
     model: _builtins.str
@@ -210,6 +260,12 @@ class EmbedResponse(_message.Message):
     def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedDocument]:
         """Documents the store refused (the others were stored), when a collection was named."""
 
+    @_builtins.property
+    def window_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """With LONG_INPUTS_CHUNK: the windows each document was embedded in, in request order (token_counts are
+        then each whole document's tokens).
+        """
+
     def __init__(
         self,
         *,
@@ -221,10 +277,11 @@ class EmbedResponse(_message.Message):
         model: _builtins.str = ...,
         rejected: _abc.Iterable[Global___RejectedDocument] | None = ...,
         encoding: Global___VectorEncoding.ValueType = ...,
+        window_counts: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["upsert", b"upsert"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dim", b"dim", "encoding", b"encoding", "ids", b"ids", "model", b"model", "rejected", b"rejected", "token_counts", b"token_counts", "upsert", b"upsert", "vectors", b"vectors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dim", b"dim", "encoding", b"encoding", "ids", b"ids", "model", b"model", "rejected", b"rejected", "token_counts", b"token_counts", "upsert", b"upsert", "vectors", b"vectors", "window_counts", b"window_counts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

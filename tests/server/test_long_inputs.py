@@ -1,0 +1,163 @@
+"""Long inputs over loopback: chunk (windows pooled into one vector) against windows embedded one by one, error,
+truncate, the window cap, admission counting windows, and the HTTP door."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from embedpool import _native
+from embedpool.pool.windows import spans
+from embedpool.server.app import Running
+from embedpool.v1 import embedpool_pb2 as pb
+from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
+
+from ..conftest import SettingsFactory, serving
+
+MAX_TOKENS = 256
+WIDTH = MAX_TOKENS - 2  # content tokens of a window: [CLS] and [SEP] around each
+# Words the model's vocabulary holds whole, so that a run of them is one token each and the text of a window
+# is the words it covers (checked by `words` against the tokenizer).
+VOCABULARY = [
+    "river",
+    "stone",
+    "light",
+    "paper",
+    "garden",
+    "music",
+    "window",
+    "market",
+    "winter",
+    "table",
+    "story",
+    "field",
+    "train",
+    "letter",
+    "bread",
+]
+
+
+@pytest.fixture(scope="module")
+def words(model_dir: Path) -> list[str]:
+    """2,000 one-token words: a document of 2,002 tokens."""
+    tokenizer = _native.Tokenizer(str(model_dir / "tokenizer.json"), max_length=MAX_TOKENS)
+    _, offsets = tokenizer.encode_ragged(VOCABULARY)
+    assert np.diff(offsets).tolist() == [3] * len(VOCABULARY), "each word must be one token"
+    return [VOCABULARY[(i * 7 + i // 15) % len(VOCABULARY)] for i in range(2000)]
+
+
+def _embed(stub: pb_grpc.EmbedderStub, texts: list[str], **kwargs: Any) -> pb.EmbedResponse:
+    return stub.Embed(pb.EmbedRequest(documents=[pb.Document(text=t) for t in texts], **kwargs), timeout=120)
+
+
+def _vectors(reply: pb.EmbedResponse) -> NDArray[np.float32]:
+    return np.stack([np.frombuffer(v, dtype="<f4") for v in reply.vectors])
+
+
+def _refused(stub: pb_grpc.EmbedderStub, texts: list[str], **kwargs: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        _embed(stub, texts, **kwargs)
+    return caught.value
+
+
+@pytest.mark.parametrize("overlap", [0, 64])
+def test_chunk_is_the_token_weighted_mean_of_its_windows(
+    stub: pb_grpc.EmbedderStub, words: list[str], overlap: int
+) -> None:
+    document = " ".join(words)
+    reply = _embed(stub, [document, "a short one"], long_inputs=pb.LONG_INPUTS_CHUNK, chunk_overlap_tokens=overlap)
+    windows = spans(len(words), WIDTH, overlap)
+    assert list(reply.window_counts) == [len(windows), 1]
+    assert list(reply.token_counts) == [2002, 5]
+    got = _vectors(reply)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+    alone = _vectors(_embed(stub, [" ".join(words[a:b]) for a, b in windows]))
+    weights = np.array([b - a for a, b in windows], dtype=np.float64)
+    mean = (alone.astype(np.float64) * weights[:, None]).sum(axis=0)
+    np.testing.assert_allclose(got[0], mean / np.linalg.norm(mean), atol=1e-5)
+    # A text that fits one window is embedded as truncation would.
+    np.testing.assert_allclose(got[1], _vectors(_embed(stub, ["a short one"]))[0], atol=1e-6)
+
+
+def test_error_refuses_and_truncate_is_unchanged(stub: pb_grpc.EmbedderStub, words: list[str]) -> None:
+    document = " ".join(words)
+    for kwargs in ({"long_inputs": pb.LONG_INPUTS_ERROR}, {"truncate": False}):
+        error = _refused(stub, ["fine", document], **kwargs)
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "documents[1].text" in (error.details() or "")
+    default = _embed(stub, [document])
+    explicit = _embed(stub, [document], long_inputs=pb.LONG_INPUTS_TRUNCATE, truncate=True)
+    assert list(default.token_counts) == list(explicit.token_counts) == [MAX_TOKENS]
+    assert not default.window_counts
+    first = _vectors(_embed(stub, [" ".join(words[:WIDTH])]))
+    np.testing.assert_allclose(_vectors(default), first, atol=1e-6)
+    np.testing.assert_array_equal(_vectors(default), _vectors(explicit))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"max_windows": 8}, "documents[1].text"),  # 1 + 8 windows
+        ({"max_windows": 100_000}, "max_windows"),  # over the server's limit
+        ({"chunk_overlap_tokens": MAX_TOKENS // 2}, "chunk_overlap_tokens"),
+        ({"truncate": False}, "truncate"),
+        ({"collection": "anything"}, "long_inputs"),
+    ],
+)
+def test_chunk_options_are_checked(
+    stub: pb_grpc.EmbedderStub, words: list[str], kwargs: dict[str, Any], named: str
+) -> None:
+    error = _refused(stub, ["fine", " ".join(words)], long_inputs=pb.LONG_INPUTS_CHUNK, **kwargs)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert named in (error.details() or "")
+
+
+def test_chunk_options_need_chunk(stub: pb_grpc.EmbedderStub) -> None:
+    error = _refused(stub, ["fine"], chunk_overlap_tokens=8)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "long_inputs chunk" in (error.details() or "")
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory: pytest.TempPathFactory, make_settings: SettingsFactory) -> Iterator[Running]:
+    """An admission budget of 4 documents: a document of 8 windows can never be admitted."""
+    settings = make_settings(tmp_path_factory.mktemp("long-inputs"), max_concurrent_inputs=4, max_request_documents=4)
+    with serving(settings) as running:
+        yield running
+
+
+def test_admission_counts_windows(small_server: Running, words: list[str]) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{small_server.port}") as channel:
+        stub = pb_grpc.EmbedderStub(channel)
+        error = _refused(stub, [" ".join(words)], long_inputs=pb.LONG_INPUTS_CHUNK)
+        assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        fits = _embed(stub, [" ".join(words[: 3 * WIDTH])], long_inputs=pb.LONG_INPUTS_CHUNK)
+        assert list(fits.window_counts) == [3]
+
+
+def test_http_door(server: Running, stub: pb_grpc.EmbedderStub, words: list[str]) -> None:
+    document = " ".join(words)
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=120) as http:
+        body = {"model": "all-MiniLM-L6-v2", "input": [document], "long_inputs": "chunk", "chunk_overlap_tokens": 32}
+        reply = http.post("/v1/embeddings", json=body)
+        assert reply.status_code == 200, reply.text
+        answer = reply.json()
+        assert answer["window_counts"] == [len(spans(len(words), WIDTH, 32))]
+        assert answer["usage"]["prompt_tokens"] == 2002
+        grpc_reply = _embed(stub, [document], long_inputs=pb.LONG_INPUTS_CHUNK, chunk_overlap_tokens=32)
+        np.testing.assert_allclose(answer["data"][0]["embedding"], _vectors(grpc_reply)[0], atol=1e-6)
+
+        refused = http.post("/v1/embeddings", json={**body, "long_inputs": "error", "chunk_overlap_tokens": 0})
+        assert refused.status_code == 400, refused.text
+        assert "input[0]" in refused.json()["error"]["message"]
+        plain = http.post("/v1/embeddings", json={"model": body["model"], "input": [document]}).json()
+        assert "window_counts" not in plain
+        assert plain["usage"]["prompt_tokens"] == MAX_TOKENS
