@@ -109,7 +109,6 @@ def test_error_refuses_and_truncate_is_unchanged(stub: pb_grpc.EmbedderStub, wor
         ({"max_windows": 100_000}, "max_windows"),  # over the server's limit
         ({"chunk_overlap_tokens": MAX_TOKENS // 2}, "chunk_overlap_tokens"),
         ({"truncate": False}, "truncate"),
-        ({"collection": "anything"}, "long_inputs"),
     ],
 )
 def test_chunk_options_are_checked(
@@ -124,6 +123,23 @@ def test_chunk_options_need_chunk(stub: pb_grpc.EmbedderStub) -> None:
     error = _refused(stub, ["fine"], chunk_overlap_tokens=8)
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "long_inputs chunk" in (error.details() or "")
+
+
+def test_chunked_documents_are_stored_pooled(stub: pb_grpc.EmbedderStub, words: list[str]) -> None:
+    stub.CreateCollection(pb.CreateCollectionRequest(name="long-inputs"), timeout=60)
+    document = " ".join(words)
+    pooled = _vectors(_embed(stub, [document], long_inputs=pb.LONG_INPUTS_CHUNK))[0]
+    stored = _embed(stub, [document], long_inputs=pb.LONG_INPUTS_CHUNK, collection="long-inputs")
+    assert stored.upsert.inserted == 1 and list(stored.token_counts) == [2002]
+    np.testing.assert_allclose(_vectors(stored)[0], pooled, atol=1e-6)
+    search = pb.SearchRequest(collection="long-inputs", vector=pooled.astype("<f4").tobytes(), k=1)
+    hit = stub.Search(search, timeout=60).hits[0]
+    assert hit.score == pytest.approx(1.0, abs=1e-5)
+    # The row depends on how the text was embedded: sent again truncated it is another vector, then chunked again.
+    kwargs: dict[str, Any] = {"collection": "long-inputs", "skip_vectors": True}
+    assert _embed(stub, [document], long_inputs=pb.LONG_INPUTS_CHUNK, **kwargs).upsert.unchanged == 1
+    assert _embed(stub, [document], **kwargs).upsert.updated == 1
+    assert _embed(stub, [document], long_inputs=pb.LONG_INPUTS_CHUNK, **kwargs).upsert.updated == 1
 
 
 @pytest.fixture(scope="module")

@@ -82,8 +82,6 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                 encoding=encoding,
                 window_counts=embedded.window_counts,
             )
-        if long_inputs.chunking is not None:
-            raise InvalidArgument("long_inputs: chunk is for Embed without a collection; truncate stored documents")
         if request.input_type:
             raise InvalidArgument(
                 "input_type: documents stored in a collection get the document prompt; leave it unset"
@@ -96,6 +94,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             want_vectors=not request.skip_vectors,
             model=request.model,
             dimensions=dimensions,
+            chunking=long_inputs.chunking,
         )
         return pb.EmbedResponse(
             dim=outcome.vectors.shape[1] if outcome.vectors is not None else outcome.dim,

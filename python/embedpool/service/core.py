@@ -217,12 +217,13 @@ class EmbeddingService:
         wait: bool = False,
         model: str | None = None,
         dimensions: int | None = None,
+        chunking: Chunking | None = None,
     ) -> WriteOutcome:
         """Embeds `documents` and upserts them into `collection` (idempotent: see service.writes). `priority`:
         by default interactive for a call of up to limits.INTERACTIVE_DOCUMENTS documents, bulk above; `wait`:
         wait for room in the admission budget (until `deadline`) instead of failing with Overloaded (a background
         writer, as Ingest does). The documents are embedded with the collection's model and its document
-        prompt; `model`, if given, must name that model."""
+        prompt; `model`, if given, must name that model. `chunking`: as for `embed`, one pooled vector a document."""
         check.collection_name(collection)
         checked = check.documents(documents, self._limits)
         info, served = await self._writable(collection, model)
@@ -230,6 +231,8 @@ class EmbeddingService:
             raise InvalidArgument(
                 "dimensions: a collection holds vectors of the dim it was created with; leave dimensions unset"
             )
+        if chunking is not None:
+            check.window_overlap(chunking, served.model.max_tokens)
         outcome = await served.writer.write(
             collection,
             documents,
@@ -239,6 +242,7 @@ class EmbeddingService:
             want_vectors=want_vectors,
             wait=wait,
             priority=priority or _by_size(documents),
+            chunking=chunking,
         )
         _meter_write(outcome)
         return outcome

@@ -20,6 +20,7 @@ from embedpool import metrics, tracing
 from embedpool.engine import ServingModel
 from embedpool.errors import InvalidArgument
 from embedpool.pool import EmbeddingPool, Priority
+from embedpool.pool.windows import Chunking
 from embedpool.service.documents import Document, Rejected, WriteOutcome
 from embedpool.service.limits import Checked, renamed_text_error
 from embedpool.store import DocumentRow, StaleAssumption, Store, UpsertResult
@@ -73,6 +74,7 @@ class EmbeddedBatch:
     wait: bool = False
     """Whether embedding waits for room in the admission budget (Ingest) or fails fast (unary calls)."""
     priority: Priority = Priority.INTERACTIVE
+    chunking: Chunking | None = None
 
     @property
     def skipped_unchanged(self) -> int:
@@ -109,6 +111,7 @@ class DocumentWriter:
         want_vectors: bool,
         wait: bool = False,
         priority: Priority = Priority.INTERACTIVE,
+        chunking: Chunking | None = None,
     ) -> WriteOutcome:
         batch = await self.embed(
             collection,
@@ -119,6 +122,7 @@ class DocumentWriter:
             want_vectors=want_vectors,
             wait=wait,
             priority=priority,
+            chunking=chunking,
         )
         return await self.store(batch)
 
@@ -133,14 +137,19 @@ class DocumentWriter:
         want_vectors: bool,
         wait: bool = False,
         priority: Priority = Priority.INTERACTIVE,
+        chunking: Chunking | None = None,
     ) -> EmbeddedBatch:
-        """`checked`: each document's metadata as service.limits.documents normalised and encoded it."""
+        """`checked`: each document's metadata as service.limits.documents normalised and encoded it. `chunking`:
+        each document embedded whole, in windows pooled into one vector (pool.windows)."""
         ids = [doc.id or derived_id(doc.text) for doc in documents]
         # An id's earlier documents in the request are overwritten by its last: they need no row (nor, unless
         # vectors are asked for, an embedding).
         latest = sorted({doc_id: i for i, doc_id in enumerate(ids)}.values())
         metadata = {i: checked[i][0] for i in latest}
-        hashes = {i: content_hash(self._hashed_model, documents[i].text, checked[i][1]) for i in latest}
+        # A pooled vector of a whole long text is another vector than its truncated one: the window overlap is part
+        # of what the row depends on (the window cap is not: it only refuses).
+        hashed = self._hashed_model if chunking is None else f"{self._hashed_model}\x00chunk:{chunking.overlap}"
+        hashes = {i: content_hash(hashed, documents[i].text, checked[i][1]) for i in latest}
         assumed: dict[str, Unembedded] = {}
         if not want_vectors:
             stored = await self._store.existing_hashes(collection, [ids[i] for i in latest])
@@ -155,7 +164,7 @@ class DocumentWriter:
             texts = [self._prompt + documents[i].text for i in todo]
             try:
                 embedded = await self._pool.embed(
-                    texts, truncate=truncate, deadline=deadline, wait=wait, priority=priority
+                    texts, truncate=truncate, deadline=deadline, wait=wait, priority=priority, chunking=chunking
                 )
             except InvalidArgument as e:  # the tokenizer's "text j" is todo[j] of the request
                 raise renamed_text_error(e, lambda j: f"documents[{todo[j]}].text") from None
@@ -171,7 +180,9 @@ class DocumentWriter:
             ]
             if want_vectors:
                 vectors = fit
-        return EmbeddedBatch(collection, ids, rows, token_counts, vectors, assumed, truncate, deadline, wait, priority)
+        return EmbeddedBatch(
+            collection, ids, rows, token_counts, vectors, assumed, truncate, deadline, wait, priority, chunking
+        )
 
     async def store(self, batch: EmbeddedBatch) -> WriteOutcome:
         with tracing.span("store write", collection=batch.collection, documents=len(batch.rows)):
@@ -223,6 +234,7 @@ class DocumentWriter:
             deadline=batch.deadline,
             wait=batch.wait,
             priority=batch.priority,
+            chunking=batch.chunking,
         )
         token_counts = list(batch.token_counts)
         for doc, count in zip(docs, embedded.token_counts, strict=True):

@@ -45,7 +45,9 @@ class _LongInputsEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LongInputs
     """Embed it whole: split its tokens into windows of the model's limit (special tokens included in each),
     embed every window (batched with other work; each window counts as a document for admission), and
     return the mean of the window vectors weighted by each window's tokens, normalised to unit length.
-    Only without a collection, for now. EmbedResponse.window_counts says how many windows each took.
+    EmbedResponse.window_counts says how many windows each took. With a collection, the pooled vector is
+    stored (a row's content hash covers the overlap, so re-sending a truncated document re-embeds it);
+    Ingest streams truncate.
     """
 
 class LongInputs(_LongInputs, metaclass=_LongInputsEnumTypeWrapper):
@@ -59,7 +61,9 @@ LONG_INPUTS_CHUNK: LongInputs.ValueType  # 2
 """Embed it whole: split its tokens into windows of the model's limit (special tokens included in each),
 embed every window (batched with other work; each window counts as a document for admission), and
 return the mean of the window vectors weighted by each window's tokens, normalised to unit length.
-Only without a collection, for now. EmbedResponse.window_counts says how many windows each took.
+EmbedResponse.window_counts says how many windows each took. With a collection, the pooled vector is
+stored (a row's content hash covers the overlap, so re-sending a truncated document re-embeds it);
+Ingest streams truncate.
 """
 Global___LongInputs: _TypeAlias = LongInputs  # noqa: Y015
 
