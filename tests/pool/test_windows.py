@@ -69,7 +69,7 @@ def test_pooling_weights_windows_by_their_tokens() -> None:
         token_counts=np.array([6, 7]),
     )
     out = pooled(vectors, windows)
-    np.testing.assert_allclose(out, [[0.9486833, 0.31622777], [0, 1]], rtol=1e-6)
+    np.testing.assert_allclose(out, np.array([[0.9486833, 0.31622777], [0.0, 1.0]], dtype=np.float32), rtol=1e-6)
 
 
 def test_specials_split_at_the_text() -> None:
