@@ -125,21 +125,35 @@ def test_chunk_options_need_chunk(stub: pb_grpc.EmbedderStub) -> None:
     assert "long_inputs chunk" in (error.details() or "")
 
 
-def test_chunked_documents_are_stored_pooled(stub: pb_grpc.EmbedderStub, words: list[str]) -> None:
+def test_chunked_documents_are_stored_pooled_through_every_door(
+    server: Running, stub: pb_grpc.EmbedderStub, words: list[str]
+) -> None:
     stub.CreateCollection(pb.CreateCollectionRequest(name="long-inputs"), timeout=60)
     document = " ".join(words)
-    pooled = _vectors(_embed(stub, [document], long_inputs=pb.LONG_INPUTS_CHUNK))[0]
-    stored = _embed(stub, [document], long_inputs=pb.LONG_INPUTS_CHUNK, collection="long-inputs")
+    chunk: dict[str, Any] = {"long_inputs": pb.LONG_INPUTS_CHUNK, "chunk_overlap_tokens": 16}
+    pooled = _vectors(_embed(stub, [document], **chunk))[0]
+    stored = stub.Embed(
+        pb.EmbedRequest(documents=[pb.Document(id="embed", text=document)], collection="long-inputs", **chunk),
+        timeout=120,
+    )
     assert stored.upsert.inserted == 1 and list(stored.token_counts) == [2002]
     np.testing.assert_allclose(_vectors(stored)[0], pooled, atol=1e-6)
-    search = pb.SearchRequest(collection="long-inputs", vector=pooled.astype("<f4").tobytes(), k=1)
-    hit = stub.Search(search, timeout=60).hits[0]
-    assert hit.score == pytest.approx(1.0, abs=1e-5)
+    batch = pb.IngestRequest(collection="long-inputs", documents=[pb.Document(id="ingest", text=document)], **chunk)
+    acks = list(stub.Ingest(iter([batch]), timeout=120))
+    assert acks[0].upsert.inserted == 1
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=120) as http:
+        body = {"documents": [{"id": "http", "text": document}], "long_inputs": "chunk", "chunk_overlap_tokens": 16}
+        assert http.post("/v1/collections/long-inputs/documents", json=body).json()["inserted"] == 1
+    search = pb.SearchRequest(collection="long-inputs", vector=pooled.astype("<f4").tobytes(), k=3)
+    hits = stub.Search(search, timeout=60).hits
+    assert sorted(hit.id for hit in hits) == ["embed", "http", "ingest"]
+    assert min(hit.score for hit in hits) == pytest.approx(1.0, abs=1e-5)
     # The row depends on how the text was embedded: sent again truncated it is another vector, then chunked again.
-    kwargs: dict[str, Any] = {"collection": "long-inputs", "skip_vectors": True}
-    assert _embed(stub, [document], long_inputs=pb.LONG_INPUTS_CHUNK, **kwargs).upsert.unchanged == 1
-    assert _embed(stub, [document], **kwargs).upsert.updated == 1
-    assert _embed(stub, [document], long_inputs=pb.LONG_INPUTS_CHUNK, **kwargs).upsert.updated == 1
+    again = {"collection": "long-inputs", "skip_vectors": True}
+    assert _embed(stub, [document], **chunk, **again).upsert.inserted == 1  # a derived id: a new row
+    assert _embed(stub, [document], **chunk, **again).upsert.unchanged == 1
+    assert _embed(stub, [document], **again).upsert.updated == 1
+    assert _embed(stub, [document], **chunk, **again).upsert.updated == 1
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from embedpool.http import encoding
+from embedpool.http.embeddings import long_input_options
 from embedpool.http.errors import CONFLICT, ERRORS
 from embedpool.http.guard import Gatekeeper, deadline
 from embedpool.http.schemas import (
@@ -99,10 +100,12 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
         call.audited = True
         stored = gate.authorize(call, Action.WRITE, name, "name")
         gate.admit(call, len(body.documents))
+        long_inputs = long_input_options(body, service.limits)
         outcome = await service.write(
             stored,
             [Document(d.text, d.id, d.metadata) for d in body.documents],
-            truncate=body.truncate,
+            truncate=long_inputs.truncate,
+            chunking=long_inputs.chunking,
             want_vectors=body.return_vectors,
             deadline=deadline(request),
         )

@@ -11,7 +11,7 @@ from embedpool.errors import InvalidArgument
 from embedpool.http import encoding
 from embedpool.http.errors import ERRORS
 from embedpool.http.guard import Gatekeeper, deadline
-from embedpool.http.schemas import EmbeddingsRequest, EmbeddingsResponse, ModelCard, ModelList
+from embedpool.http.schemas import EmbeddingsRequest, EmbeddingsResponse, LongInputFields, ModelCard, ModelList
 from embedpool.security.principal import Action
 from embedpool.service import EmbeddingService
 from embedpool.service import limits as check
@@ -35,13 +35,7 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
         texts = _texts(body.input)
         served = models.named(body.model)  # ModelNotFound: OpenAI's 404 model_not_found
         gate.admit(call, len(texts))
-        long_inputs = check.long_inputs(
-            body.long_inputs or "",
-            truncate=body.truncate if "truncate" in body.model_fields_set else None,
-            overlap=body.chunk_overlap_tokens,
-            max_windows=body.max_windows,
-            limits=service.limits,
-        )
+        long_inputs = long_input_options(body, service.limits)
         embedded = await service.embed(
             texts,
             truncate=long_inputs.truncate,
@@ -92,6 +86,17 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
         return card(models.named(model_id))
 
     return api
+
+
+def long_input_options(body: LongInputFields, limits: check.Limits) -> check.LongInputs:
+    """The body's long-input options (its `truncate` counts only where the caller set it)."""
+    return check.long_inputs(
+        body.long_inputs or "",
+        truncate=body.truncate if "truncate" in body.model_fields_set else None,
+        overlap=body.chunk_overlap_tokens,
+        max_windows=body.max_windows,
+        limits=limits,
+    )
 
 
 def _texts(value: str | list[str] | list[int] | list[list[int]]) -> list[str]:

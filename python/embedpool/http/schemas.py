@@ -25,7 +25,20 @@ _ENCODING_DOC = (
 )
 
 
-class EmbeddingsRequest(_Strict):
+class LongInputFields(_Strict):
+    """embedpool's long-input options, on every request that embeds texts."""
+
+    truncate: bool = Field(True, description="embedpool: cut over-long texts to the model's limit (else 400)")
+    long_inputs: Literal["truncate", "error", "chunk"] | None = Field(
+        None,
+        description="embedpool: over-long texts cut (truncate), refused with 400 (error), or embedded whole in windows"
+        " of the model's length pooled into one vector (chunk); default: by `truncate`",
+    )
+    chunk_overlap_tokens: int = Field(0, description="embedpool, chunk: tokens each window shares with the one before")
+    max_windows: int = Field(0, description="embedpool, chunk: windows of the whole request, at most (0: the server's)")
+
+
+class EmbeddingsRequest(LongInputFields):
     """OpenAI's embeddings request."""
 
     input: str | list[str] | list[int] | list[list[int]] = Field(
@@ -37,14 +50,6 @@ class EmbeddingsRequest(_Strict):
         None, description="Matryoshka size, for models trained for it (GET /v1/models lists the sizes)"
     )
     user: str | None = Field(None, description="The end user, for the caller's own tracking (not stored)")
-    truncate: bool = Field(True, description="embedpool: cut over-long texts to the model's limit (else 400)")
-    long_inputs: Literal["truncate", "error", "chunk"] | None = Field(
-        None,
-        description="embedpool: over-long texts cut (truncate), refused with 400 (error), or embedded whole in windows"
-        " of the model's length pooled into one vector (chunk); default: by `truncate`",
-    )
-    chunk_overlap_tokens: int = Field(0, description="embedpool, chunk: tokens each window shares with the one before")
-    max_windows: int = Field(0, description="embedpool, chunk: windows of the whole request, at most (0: the server's)")
     input_type: str | None = Field(
         None,
         description="embedpool: query, document or one of the model's prompt names; its prompt is put before each"
@@ -162,9 +167,8 @@ class DocumentIn(_Strict):
     metadata: JsonObject | None = None
 
 
-class UpsertDocuments(_Strict):
+class UpsertDocuments(LongInputFields):
     documents: list[DocumentIn]
-    truncate: bool = True
     return_vectors: bool = False
     encoding_format: Encoding = "float"
 

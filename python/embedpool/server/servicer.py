@@ -30,14 +30,10 @@ def _deadline(context: Context) -> float:
     return math.inf if remaining is None else anyio.current_time() + remaining
 
 
-def _truncate(request: pb.EmbedRequest | pb.IngestRequest) -> bool:
-    return request.truncate if request.HasField("truncate") else True
-
-
 _LONG_INPUTS = {pb.LONG_INPUTS_TRUNCATE: "", pb.LONG_INPUTS_ERROR: "error", pb.LONG_INPUTS_CHUNK: "chunk"}
 
 
-def _long_inputs(request: pb.EmbedRequest, limits: check.Limits) -> check.LongInputs:
+def _long_inputs(request: pb.EmbedRequest | pb.IngestRequest, limits: check.Limits) -> check.LongInputs:
     """The request's long-input options; LONG_INPUTS_TRUNCATE is the enum's default, so it defers to `truncate`."""
     mode = _LONG_INPUTS.get(request.long_inputs)
     if mode is None:
@@ -118,8 +114,15 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             async for request in request_iterator:
                 check.request_bytes(request.ByteSize(), limits)
                 documents = codec.documents(request.documents)
+                long_inputs = _long_inputs(request, limits)
                 yield IngestBatch(
-                    documents, request.collection, _truncate(request), request.bulk, request.batch_id, request.model
+                    documents,
+                    request.collection,
+                    long_inputs.truncate,
+                    request.bulk,
+                    request.batch_id,
+                    request.model,
+                    long_inputs.chunking,
                 )
 
         async def ack(batch: IngestBatch, outcome: WriteOutcome) -> None:

@@ -49,6 +49,8 @@ class IngestBatch:
     """The door's own (e.g. the gRPC batch id), for its acknowledgement."""
     model: str = ""
     """On the first batch: the model the request names ("": the collection's)."""
+    chunking: Chunking | None = None
+    """Long inputs embedded whole, in windows pooled into one vector (pool.windows)."""
 
 
 def _meter_write(outcome: WriteOutcome) -> None:
@@ -287,6 +289,8 @@ class EmbeddingService:
             if batch.collection and batch.collection != collection:
                 raise InvalidArgument(f"collection: stream is for {collection!r}, batch names {batch.collection!r}")
             documents = check.documents(batch.documents, self._limits)
+            if batch.chunking is not None:
+                check.window_overlap(batch.chunking, served.model.max_tokens)
             await self._writable(collection)  # it may have been dropped since
             return documents
 
@@ -300,6 +304,7 @@ class EmbeddingService:
                 want_vectors=False,
                 wait=True,
                 priority=Priority.BULK,
+                chunking=batch.chunking,
             )
 
         async def acknowledge(batch: IngestBatch, outcome: WriteOutcome) -> None:

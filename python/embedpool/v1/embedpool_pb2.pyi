@@ -46,8 +46,7 @@ class _LongInputsEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LongInputs
     embed every window (batched with other work; each window counts as a document for admission), and
     return the mean of the window vectors weighted by each window's tokens, normalised to unit length.
     EmbedResponse.window_counts says how many windows each took. With a collection, the pooled vector is
-    stored (a row's content hash covers the overlap, so re-sending a truncated document re-embeds it);
-    Ingest streams truncate.
+    stored (a row's content hash covers the overlap, so re-sending a truncated document re-embeds it).
     """
 
 class LongInputs(_LongInputs, metaclass=_LongInputsEnumTypeWrapper):
@@ -62,8 +61,7 @@ LONG_INPUTS_CHUNK: LongInputs.ValueType  # 2
 embed every window (batched with other work; each window counts as a document for admission), and
 return the mean of the window vectors weighted by each window's tokens, normalised to unit length.
 EmbedResponse.window_counts says how many windows each took. With a collection, the pooled vector is
-stored (a row's content hash covers the overlap, so re-sending a truncated document re-embeds it);
-Ingest streams truncate.
+stored (a row's content hash covers the overlap, so re-sending a truncated document re-embeds it).
 """
 Global___LongInputs: _TypeAlias = LongInputs  # noqa: Y015
 
@@ -327,6 +325,9 @@ class IngestRequest(_message.Message):
     BATCH_ID_FIELD_NUMBER: _builtins.int
     DOCUMENTS_FIELD_NUMBER: _builtins.int
     TRUNCATE_FIELD_NUMBER: _builtins.int
+    LONG_INPUTS_FIELD_NUMBER: _builtins.int
+    CHUNK_OVERLAP_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_WINDOWS_FIELD_NUMBER: _builtins.int
     BULK_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     """Target collection; required on the first message, and later messages must name the same one or none."""
@@ -336,6 +337,12 @@ class IngestRequest(_message.Message):
     """Client-chosen batch number, echoed in the acknowledgement (use it to resume)."""
     truncate: _builtins.bool
     """As in EmbedRequest."""
+    long_inputs: Global___LongInputs.ValueType
+    """As in EmbedRequest, for this message's documents: with LONG_INPUTS_CHUNK each is stored as the pooled
+    vector of its windows (max_windows caps this message's windows).
+    """
+    chunk_overlap_tokens: _builtins.int
+    max_windows: _builtins.int
     bulk: _builtins.bool
     """First message only: if the collection is empty, load it without its HNSW index and build the index once,
     when the stream ends (several times faster than growing the graph row by row; searches scan exactly
@@ -353,11 +360,14 @@ class IngestRequest(_message.Message):
         batch_id: _builtins.int = ...,
         documents: _abc.Iterable[Global___Document] | None = ...,
         truncate: _builtins.bool | None = ...,
+        long_inputs: Global___LongInputs.ValueType = ...,
+        chunk_overlap_tokens: _builtins.int = ...,
+        max_windows: _builtins.int = ...,
         bulk: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_truncate", b"_truncate", "truncate", b"truncate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncate", b"_truncate", "batch_id", b"batch_id", "bulk", b"bulk", "collection", b"collection", "documents", b"documents", "model", b"model", "truncate", b"truncate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncate", b"_truncate", "batch_id", b"batch_id", "bulk", b"bulk", "chunk_overlap_tokens", b"chunk_overlap_tokens", "collection", b"collection", "documents", b"documents", "long_inputs", b"long_inputs", "max_windows", b"max_windows", "model", b"model", "truncate", b"truncate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__truncate: _TypeAlias = _typing.Literal["truncate"]  # noqa: Y015
     _WhichOneofArgType__truncate: _TypeAlias = _typing.Literal["_truncate", b"_truncate"]  # noqa: Y015
