@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
 
 from embedpool import _native
 from embedpool.config import Settings
@@ -101,7 +104,30 @@ class Engine:
             max_length=self.model.max_tokens * LONG_INPUT_WINDOWS,
             pad_to_multiple_of=self.pad_multiple,
         )
-        return Splitter.of(lambda texts: whole.encode_ragged(texts, truncate=False), self.model.max_tokens)
+        return Splitter.of(
+            lambda texts: whole.encode_ragged(texts, truncate=False),
+            self.model.max_tokens,
+            _char_offsets(self.bundle.tokenizer_path),
+        )
+
+
+def _char_offsets(path: Path) -> Callable[[str], NDArray[np.int64]]:
+    """Character spans of a text's content tokens, for windows stored as passages (a write option, so the Python
+    tokenizer, which reports character offsets, not the hot path's)."""
+    import tokenizers
+
+    tokenizer = tokenizers.Tokenizer.from_file(str(path))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+
+    def offsets(text: str) -> NDArray[np.int64]:
+        encoding = tokenizer.encode(text)
+        spans = [
+            span for span, special in zip(encoding.offsets, encoding.special_tokens_mask, strict=True) if not special
+        ]
+        return np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+
+    return offsets
 
 
 @dataclass(frozen=True, slots=True)

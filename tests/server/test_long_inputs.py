@@ -156,6 +156,75 @@ def test_chunked_documents_are_stored_pooled_through_every_door(
     assert _embed(stub, [document], **chunk, **again).upsert.updated == 1
 
 
+def _rows(stub: pb_grpc.EmbedderStub, collection: str, parent: str) -> list[pb.SearchHit]:
+    """Every window row of `parent`, in window order."""
+    query = pb.SearchRequest(collection=collection, text="river", k=100)
+    query.filter.update({"parent_id": parent})
+    return sorted(stub.Search(query, timeout=60).hits, key=lambda hit: float(hit.metadata["window"]))  # type: ignore[arg-type]
+
+
+def test_windows_stored_as_passages_of_their_document(
+    server: Running, stub: pb_grpc.EmbedderStub, words: list[str]
+) -> None:
+    stub.CreateCollection(pb.CreateCollectionRequest(name="passages"), timeout=60)
+    document = " ".join(words)
+    store: dict[str, Any] = {"collection": "passages", "long_inputs": pb.LONG_INPUTS_CHUNK, "store_windows": True}
+    docs = [pb.Document(id="doc", text=document), pb.Document(id="other", text="bread and table")]
+    reply = stub.Embed(pb.EmbedRequest(documents=docs, **store), timeout=120)
+    windows = spans(len(words), WIDTH, 0)
+    assert list(reply.ids) == [f"doc#w{k}" for k in range(len(windows))] + ["other#w0"]
+    assert reply.upsert.inserted == len(windows) + 1
+    rows = _rows(stub, "passages", "doc")
+    assert [row.id for row in rows] == list(reply.ids)[:-1]
+    for k, (row, (start, end)) in enumerate(zip(rows, windows, strict=True)):
+        meta = row.metadata
+        assert (meta["window"], meta["windows"], meta["token_start"], meta["token_end"]) == (
+            k,
+            len(windows),
+            start,
+            end,
+        )
+        chars = slice(int(meta["char_start"]), int(meta["char_end"]))  # type: ignore[arg-type]  # Struct numbers
+        assert row.text == document[chars] == " ".join(words[start:end])
+    # Each row's vector is its own text's.
+    alone = _vectors(_embed(stub, [rows[3].text]))[0]
+    np.testing.assert_allclose(_vectors(reply)[3], alone, atol=1e-6)
+
+    query = pb.SearchRequest(collection="passages", text=rows[3].text, k=2, best_window_per_parent=True)
+    best = stub.Search(query, timeout=60).hits
+    assert [hit.id for hit in best] == ["doc#w3", "other#w0"]
+    query.best_window_per_parent = False
+    ungrouped = [hit.id for hit in stub.Search(query, timeout=60).hits]
+    assert ungrouped[0] == "doc#w3" and ungrouped[1].startswith("doc#w")
+
+    # The HTTP door: the same rows through the upsert route, one hit per document from its search.
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=120) as http:
+        body = {"documents": [{"id": "web", "text": document}], "long_inputs": "chunk", "store_windows": True}
+        assert http.post("/v1/collections/passages/documents", json=body).json()["ids"][3] == "web#w3"
+        search = {"query": rows[3].text, "k": 3, "best_window_per_parent": True}
+        found = http.post("/v1/collections/passages/search", json=search).json()["data"]
+        assert sorted(hit["id"] for hit in found) == ["doc#w3", "other#w0", "web#w3"]
+
+    # Shorter again: its extra windows go; the same again changes nothing.
+    shorter = pb.Document(id="doc", text=" ".join(words[: 2 * WIDTH + 10]))
+    assert stub.Embed(pb.EmbedRequest(documents=[shorter], **store), timeout=120).upsert.updated == 3
+    assert [row.id for row in _rows(stub, "passages", "doc")] == ["doc#w0", "doc#w1", "doc#w2"]
+    again = stub.Embed(pb.EmbedRequest(documents=[shorter], skip_vectors=True, **store), timeout=120)
+    assert again.upsert.unchanged == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [({"collection": "passages"}, "long_inputs chunk"), ({"long_inputs": pb.LONG_INPUTS_CHUNK}, "collection")],
+)
+def test_store_windows_needs_chunk_and_a_collection(
+    stub: pb_grpc.EmbedderStub, kwargs: dict[str, Any], named: str
+) -> None:
+    error = _refused(stub, ["fine"], store_windows=True, **kwargs)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert named in (error.details() or "")
+
+
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory: pytest.TempPathFactory, make_settings: SettingsFactory) -> Iterator[Running]:
     """An admission budget of 4 documents: a document of 8 windows can never be admitted."""

@@ -106,6 +106,7 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
             [Document(d.text, d.id, d.metadata) for d in body.documents],
             truncate=long_inputs.truncate,
             chunking=long_inputs.chunking,
+            store_windows=body.store_windows,
             want_vectors=body.return_vectors,
             deadline=deadline(request),
         )
@@ -153,6 +154,7 @@ def router(service: EmbeddingService, keeper: Gatekeeper) -> APIRouter:
             include_vectors=body.include_vectors,
             deadline=deadline(request),
             input_type=body.input_type or QUERY,
+            best_window_per_parent=body.best_window_per_parent,
         )
         vectors = (
             encoding.vectors(np.stack([h.vector for h in hits if h.vector is not None]), body.encoding_format)

@@ -169,6 +169,9 @@ class DocumentIn(_Strict):
 
 class UpsertDocuments(LongInputFields):
     documents: list[DocumentIn]
+    store_windows: bool = Field(
+        False, description="With long_inputs chunk: each window a row of its own ({id}#w{k}, parent_id in metadata)"
+    )
     return_vectors: bool = False
     encoding_format: Encoding = "float"
 
@@ -211,6 +214,7 @@ class SearchRequest(_Strict):
     include_vectors: bool = False
     encoding_format: Encoding = "float"
     input_type: str | None = Field(None, description="The prompt a text query gets (default: query)")
+    best_window_per_parent: bool = Field(False, description="Of one document's window rows, only the best hit")
 
 
 class SearchHit(BaseModel):

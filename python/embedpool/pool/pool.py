@@ -108,6 +108,11 @@ class EmbeddingPool:
         return self._config.dim
 
     @property
+    def splitter(self) -> Splitter | None:
+        """How this pool splits long inputs into windows (None: it only truncates)."""
+        return self._splitter
+
+    @property
     def permits_in_use(self) -> int:
         return self._permits.in_use
 

@@ -70,6 +70,21 @@ Encode = Callable[[Sequence[str]], tuple[NDArray[np.int64], NDArray[np.int64]]]
 """Texts to ragged (ids, offsets), untruncated: a tokenizer's encode_ragged without a length limit."""
 
 
+CharOffsets = Callable[[str], NDArray[np.int64]]
+"""A text's content tokens (no special tokens), untruncated, as [n, 2] character (start, end) spans."""
+
+
+@dataclass(frozen=True, slots=True)
+class Passage:
+    """A window as a stretch of its text: content tokens [token_start, token_end), characters [char_start,
+    char_end)."""
+
+    token_start: int
+    token_end: int
+    char_start: int
+    char_end: int
+
+
 @dataclass(frozen=True, slots=True)
 class Splitter:
     """What the pool needs to split a model's long inputs: an untruncated tokenizer and the model's length."""
@@ -77,17 +92,33 @@ class Splitter:
     encode: Encode
     max_length: int
     specials: Specials
+    char_offsets: CharOffsets | None = None
+    """For `passages` (windows stored as rows of their own); None: not offered."""
 
     @classmethod
-    def of(cls, encode: Encode, max_length: int) -> Splitter:
+    def of(cls, encode: Encode, max_length: int, char_offsets: CharOffsets | None = None) -> Splitter:
         specials = Specials.of(encode([""])[0], encode(["a"])[0])
         if max_length - len(specials) < 2:
             raise ValueError(f"max_length {max_length} leaves no room for windows")
-        return cls(encode, max_length, specials)
+        return cls(encode, max_length, specials, char_offsets)
 
     def windows(self, texts: Sequence[str], chunking: Chunking) -> Windows:
         ids, offsets = self.encode(texts)
         return split(ids, offsets, self.specials, self.max_length, chunking)
+
+    def passages(self, text: str, overlap: int) -> list[Passage]:
+        """The windows of `text` as stretches of it, from the first character of a window's first token to the last
+        of its last (each is then embedded as a text of its own: it may tokenize a little differently at its
+        edges, where a word was cut, but its vector is that of the text stored with it)."""
+        if self.char_offsets is None:
+            raise ValueError("this model's tokenizer gives no character offsets")
+        chars = self.char_offsets(text)
+        if len(chars) == 0:
+            return [Passage(0, 0, 0, len(text))]
+        return [
+            Passage(start, end, int(chars[start, 0]), int(chars[end - 1, 1]))
+            for start, end in spans(len(chars), self.max_length - len(self.specials), overlap)
+        ]
 
 
 def spans(content: int, width: int, overlap: int) -> list[tuple[int, int]]:

@@ -61,6 +61,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         dimensions = request.dimensions if request.HasField("dimensions") else None
         long_inputs = _long_inputs(request, self._limits)
         if not request.collection:
+            if request.store_windows:
+                raise InvalidArgument("store_windows: needs a collection")
             embedded = await service.embed(
                 [doc.text for doc in request.documents],
                 truncate=long_inputs.truncate,
@@ -91,6 +93,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             model=request.model,
             dimensions=dimensions,
             chunking=long_inputs.chunking,
+            store_windows=request.store_windows,
         )
         return pb.EmbedResponse(
             dim=outcome.vectors.shape[1] if outcome.vectors is not None else outcome.dim,
@@ -154,6 +157,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             deadline=_deadline(context),
             model=request.model,
             input_type=request.input_type or QUERY,
+            best_window_per_parent=request.best_window_per_parent,
         )
         return pb.SearchResponse(hits=[codec.hit_message(hit, request.encoding) for hit in hits])
 

@@ -23,6 +23,7 @@ from embedpool.security import keyring
 from embedpool.security.principal import current as current_principal
 from embedpool.security.usage import meter
 from embedpool.service import limits as check
+from embedpool.service import passages
 from embedpool.service.documents import Document, Embedded, Hit, WriteOutcome
 from embedpool.service.ingest import run_ingest
 from embedpool.service.limits import Limits
@@ -33,6 +34,10 @@ from embedpool.store import CollectionInfo, CollectionStats, HnswOptions, Store
 from embedpool.store.keys import KeyRecord
 
 __all__ = ["EmbeddingService", "IngestBatch"]
+
+PARENT_FETCH = 8
+"""Search with best_window_per_parent fetches this many times k hits to group: enough unless one document's
+windows fill the nearest k * 8."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,12 +225,15 @@ class EmbeddingService:
         model: str | None = None,
         dimensions: int | None = None,
         chunking: Chunking | None = None,
+        store_windows: bool = False,
     ) -> WriteOutcome:
         """Embeds `documents` and upserts them into `collection` (idempotent: see service.writes). `priority`:
         by default interactive for a call of up to limits.INTERACTIVE_DOCUMENTS documents, bulk above; `wait`:
         wait for room in the admission budget (until `deadline`) instead of failing with Overloaded (a background
         writer, as Ingest does). The documents are embedded with the collection's model and its document
-        prompt; `model`, if given, must name that model. `chunking`: as for `embed`, one pooled vector a document."""
+        prompt; `model`, if given, must name that model. `chunking`: as for `embed`, one pooled vector a document;
+        with `store_windows`, each window stored as a row of its own instead (service.passages; the outcome's ids,
+        token counts and vectors are then the windows')."""
         check.collection_name(collection)
         checked = check.documents(documents, self._limits)
         info, served = await self._writable(collection, model)
@@ -235,6 +243,8 @@ class EmbeddingService:
             )
         if chunking is not None:
             check.window_overlap(chunking, served.model.max_tokens)
+        if store_windows:
+            return await self._write_windows(collection, documents, served, chunking, deadline, want_vectors, wait)
         outcome = await served.writer.write(
             collection,
             documents,
@@ -246,6 +256,40 @@ class EmbeddingService:
             priority=priority or _by_size(documents),
             chunking=chunking,
         )
+        _meter_write(outcome)
+        return outcome
+
+    async def _write_windows(
+        self,
+        collection: str,
+        documents: Sequence[Document],
+        served: ServedModel,
+        chunking: Chunking | None,
+        deadline: float,
+        want_vectors: bool,
+        wait: bool,
+    ) -> WriteOutcome:
+        """The documents' windows upserted as rows of their own, then the windows their earlier, longer versions
+        left removed (a second statement: until it runs, a search may still see them)."""
+        splitter = served.pool.splitter
+        if chunking is None:
+            raise InvalidArgument("store_windows: needs long_inputs chunk")
+        if splitter is None or splitter.char_offsets is None:
+            raise InvalidArgument(f"store_windows: {served.model.name} cannot split texts into passages")
+        windows, counts = await anyio.to_thread.run_sync(
+            lambda: passages.windows_as_documents(documents, splitter, chunking)
+        )
+        outcome = await served.writer.write(
+            collection,
+            windows,
+            check.documents(windows, self._limits, "windows", count=False),
+            truncate=True,
+            deadline=deadline,
+            want_vectors=want_vectors,
+            wait=wait,
+            priority=_by_size(windows),
+        )
+        await self._store.delete(collection, passages.stale_window_ids(counts, self._limits.max_windows_per_request))
         _meter_write(outcome)
         return outcome
 
@@ -342,9 +386,11 @@ class EmbeddingService:
         deadline: float = math.inf,
         model: str | None = None,
         input_type: str | None = QUERY,
+        best_window_per_parent: bool = False,
     ) -> list[Hit]:
         """A text query is embedded with the collection's model and its query prompt (`input_type`); `model`,
-        if given, must name the collection's model."""
+        if given, must name the collection's model. `best_window_per_parent`: of the windows of one document
+        (service.passages), only the best hit, among PARENT_FETCH times k hits fetched."""
         if (text is None) == (vector is None):
             raise InvalidArgument("query: set either text or vector")
         check.collection_name(collection)
@@ -359,8 +405,13 @@ class EmbeddingService:
             assert vector is not None
             query = self._query_vector(vector, info.dim)
         with tracing.span("search", collection=collection, k=k, candidates=candidates or 0):
+            fetch = min(k * PARENT_FETCH, self._limits.max_search_k) if best_window_per_parent else k
             found = await self._store.search(
-                collection, query, k=k, candidates=candidates or None, filter=dict(filter) if filter else None
+                collection,
+                query,
+                k=fetch,
+                candidates=max(candidates or 0, fetch) or None,
+                filter=dict(filter) if filter else None,
             )
         hits = []
         for hit in found:
@@ -368,7 +419,7 @@ class EmbeddingService:
             if min_score is not None and score < min_score:
                 break
             hits.append(Hit(hit.id, score, hit.text, hit.metadata, hit.embedding if include_vectors else None))
-        return hits
+        return passages.best_per_parent(hits, k) if best_window_per_parent else hits
 
     @staticmethod
     def _query_vector(vector: NDArray[np.floating[Any]], dim: int) -> NDArray[np.float32]:

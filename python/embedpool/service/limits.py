@@ -105,10 +105,14 @@ Checked = tuple[dict[str, Any], str]
 """A document's metadata as it is stored, and as canonical JSON: what the content hash covers."""
 
 
-def documents(docs: Sequence[Document], limits: Limits, field: str = "documents") -> list[Checked]:
+def documents(
+    docs: Sequence[Document], limits: Limits, field: str = "documents", *, count: bool = True
+) -> list[Checked]:
     """Documents to store. Returns each one's metadata normalised (`json_object`) and as canonical JSON (sorted
-    keys), which is what the size limit measures and the content hash covers, so it is encoded once."""
-    _count(len(docs), limits, field)
+    keys), which is what the size limit measures and the content hash covers, so it is encoded once. `count`:
+    check their number against the request limit (not for a request's windows, which max_windows bounds)."""
+    if count:
+        _count(len(docs), limits, field)
     checked = []
     for i, doc in enumerate(docs):
         text(doc.text, f"{field}[{i}].text")

@@ -154,6 +154,7 @@ class EmbedRequest(_message.Message):
     LONG_INPUTS_FIELD_NUMBER: _builtins.int
     CHUNK_OVERLAP_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_WINDOWS_FIELD_NUMBER: _builtins.int
+    STORE_WINDOWS_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     """When set, the documents are upserted into this collection (which must exist)."""
     truncate: _builtins.bool
@@ -189,6 +190,14 @@ class EmbedRequest(_message.Message):
     (0: the server's --max-windows-per-request, also the largest value accepted). More is INVALID_ARGUMENT
     naming the document that passes it.
     """
+    store_windows: _builtins.bool
+    """With a collection and LONG_INPUTS_CHUNK: store each window as a row of its own instead of the pooled
+    document, so that a search finds the passage. Row id "{id}#w{k}" (k from 0); text: the window's stretch of
+    the document; metadata: the document's plus parent_id, window (k), windows (the count), token_start and
+    token_end (content tokens, end exclusive), char_start and char_end (Python string indices, end exclusive).
+    Writing a document again with fewer windows removes its extra ones. EmbedResponse.ids, token_counts and
+    vectors are then the windows'.
+    """
     @_builtins.property
     def documents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Document]:
         """1..max_batch_documents documents (server setting, default 1024)."""
@@ -207,10 +216,11 @@ class EmbedRequest(_message.Message):
         long_inputs: Global___LongInputs.ValueType = ...,
         chunk_overlap_tokens: _builtins.int = ...,
         max_windows: _builtins.int = ...,
+        store_windows: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_truncate", b"_truncate", "dimensions", b"dimensions", "truncate", b"truncate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_truncate", b"_truncate", "chunk_overlap_tokens", b"chunk_overlap_tokens", "collection", b"collection", "dimensions", b"dimensions", "documents", b"documents", "encoding", b"encoding", "input_type", b"input_type", "long_inputs", b"long_inputs", "max_windows", b"max_windows", "model", b"model", "skip_vectors", b"skip_vectors", "truncate", b"truncate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_truncate", b"_truncate", "chunk_overlap_tokens", b"chunk_overlap_tokens", "collection", b"collection", "dimensions", b"dimensions", "documents", b"documents", "encoding", b"encoding", "input_type", b"input_type", "long_inputs", b"long_inputs", "max_windows", b"max_windows", "model", b"model", "skip_vectors", b"skip_vectors", "store_windows", b"store_windows", "truncate", b"truncate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
     _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015
@@ -451,6 +461,7 @@ class SearchRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     CANDIDATES_FIELD_NUMBER: _builtins.int
     MIN_SCORE_FIELD_NUMBER: _builtins.int
+    BEST_WINDOW_PER_PARENT_FIELD_NUMBER: _builtins.int
     INCLUDE_VECTORS_FIELD_NUMBER: _builtins.int
     ENCODING_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
@@ -470,6 +481,10 @@ class SearchRequest(_message.Message):
     """
     min_score: _builtins.float
     """When set, hits with cosine similarity below this are dropped."""
+    best_window_per_parent: _builtins.bool
+    """Of the window rows of one document (EmbedRequest.store_windows), return only the best; k counts documents.
+    Hits are grouped among the nearest 8 * k rows.
+    """
     include_vectors: _builtins.bool
     """When true, each hit carries its stored vector."""
     encoding: Global___VectorEncoding.ValueType
@@ -490,12 +505,13 @@ class SearchRequest(_message.Message):
         filter: _struct_pb2.Struct | None = ...,
         candidates: _builtins.int = ...,
         min_score: _builtins.float | None = ...,
+        best_window_per_parent: _builtins.bool = ...,
         include_vectors: _builtins.bool = ...,
         encoding: Global___VectorEncoding.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "filter", b"filter", "min_score", b"min_score", "query", b"query", "text", b"text", "vector", b"vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "candidates", b"candidates", "collection", b"collection", "encoding", b"encoding", "filter", b"filter", "include_vectors", b"include_vectors", "input_type", b"input_type", "k", b"k", "min_score", b"min_score", "model", b"model", "query", b"query", "text", b"text", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "best_window_per_parent", b"best_window_per_parent", "candidates", b"candidates", "collection", b"collection", "encoding", b"encoding", "filter", b"filter", "include_vectors", b"include_vectors", "input_type", b"input_type", "k", b"k", "min_score", b"min_score", "model", b"model", "query", b"query", "text", b"text", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__min_score: _TypeAlias = _typing.Literal["min_score"]  # noqa: Y015
     _WhichOneofArgType__min_score: _TypeAlias = _typing.Literal["_min_score", b"_min_score"]  # noqa: Y015
