@@ -410,7 +410,7 @@ class EmbeddingService:
                 collection,
                 query,
                 k=fetch,
-                candidates=max(candidates or 0, fetch) or None,
+                candidates=max(candidates or 0, fetch) if best_window_per_parent else candidates or None,
                 filter=dict(filter) if filter else None,
             )
         hits = []
