@@ -244,7 +244,9 @@ class EmbeddingService:
         if chunking is not None:
             check.window_overlap(chunking, served.model.max_tokens)
         if store_windows:
-            return await self._write_windows(collection, documents, served, chunking, deadline, want_vectors, wait)
+            return await self._write_windows(
+                collection, documents, served, chunking, deadline, want_vectors, wait, priority
+            )
         outcome = await served.writer.write(
             collection,
             documents,
@@ -268,6 +270,7 @@ class EmbeddingService:
         deadline: float,
         want_vectors: bool,
         wait: bool,
+        priority: Priority | None,
     ) -> WriteOutcome:
         """The documents' windows upserted as rows of their own, then the windows their earlier, longer versions
         left removed (a second statement: until it runs, a search may still see them)."""
@@ -287,7 +290,7 @@ class EmbeddingService:
             deadline=deadline,
             want_vectors=want_vectors,
             wait=wait,
-            priority=_by_size(windows),
+            priority=priority or _by_size(windows),
         )
         await self._store.delete(collection, passages.stale_window_ids(counts, self._limits.max_windows_per_request))
         _meter_write(outcome)
