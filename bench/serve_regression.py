@@ -109,7 +109,7 @@ def main() -> None:
     if variant == "auto":  # what the server's auto picks, as bench/serve.py resolves it: both get the same
         chosen = serving_variant("auto", device, bundle)
         variant = chosen if chosen != "auto" else ("fp16" if device == "cuda" else "fp32_opt")
-    levels = [int(x) for x in (args.levels or ("1,16" if args.quick else "1,4,16")).split(",")]
+    levels = [int(x) for x in (args.levels or ("1,4" if args.quick else "1,4,16")).split(",")]
     seconds = args.seconds or (6.0 if args.quick else 20.0)
     rounds_n = args.rounds or (2 if args.quick else 5)
     n_docs = args.docs or (256 if args.quick else 1024)
