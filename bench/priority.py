@@ -7,9 +7,11 @@ Postgres: one with priority classes on, one with them off (one queue for all wor
 rounds that alternate which goes first (the box is noisy):
 - idle: a prober sends Search by text (one call at a time, 10 ms apart) and nothing else runs;
 - bulk: N Ingest streams (another process, so the load generator does not share the prober's GIL) send batches of
-  passages as fast as the server acknowledges them, re-sending ids with new text so every document is embedded;
+  passages as fast as the server acknowledges them (8 in flight each), re-sending ids with new text so every
+  document is embedded;
   after a warm-up, without the prober, the server's mean inference time over a few batches is read from its
-  /metrics (the bulk batch a query may wait behind); then the prober runs while the bulk load goes on. Bulk docs/s
+  /metrics (the bulk batch a query may wait behind); then the prober runs while the bulk load goes on, its calls
+  spread by a random share of that batch time (see `probe`). Bulk docs/s
   are the documents the server embedded in the prober's window, less the queries: what priority costs bulk work.
 The goal (the issue's): Search p99 under bulk with priority on <= 2 x idle p99 + one batch's inference time.
 Prints a table, writes DIR/priority.json and DIR/priority.png (latency quantiles per arm).
@@ -31,6 +33,7 @@ import dataclasses
 import json
 import multiprocessing
 import platform
+import random
 import re
 import signal
 import subprocess
@@ -55,6 +58,7 @@ from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
 ARMS = ("on", "off")
 PROBE_GAP_S = 0.01
+STREAM_WINDOW = 8  # Ingest batches in flight per stream: enough that the store's pauses do not drain the queue
 BATCH_DOCUMENTS = 64
 IDS_PER_STREAM = 16 * BATCH_DOCUMENTS  # ids cycle, so the bulk collections stay this size per stream
 _READY_TIMEOUT_S = 180
@@ -140,7 +144,7 @@ async def _ingest_streams(
     stopping = asyncio.Event()
 
     async def stream(s: int) -> None:
-        window = asyncio.Semaphore(4)  # batches in flight per stream, as embedpool's client keeps them
+        window = asyncio.Semaphore(STREAM_WINDOW)
 
         async def requests() -> Any:
             b = 0
@@ -175,8 +179,11 @@ def bulk_load(
     out.put(sum(acknowledged))
 
 
-async def probe(target: str, collection: str, queries: list[str], seconds: float) -> list[float]:
-    """Search by text, one call at a time, for `seconds`: each call's latency (s)."""
+async def probe(target: str, collection: str, queries: list[str], seconds: float, spread_s: float = 0.0) -> list[float]:
+    """Search by text, one call at a time, for `seconds`: each call's latency (s). Calls are PROBE_GAP_S apart,
+    plus a random share of `spread_s`: under bulk load, one batch's time, so that calls arrive at any point of the
+    bulk batch running rather than, each right after the last, just as the next one starts (always its worst)."""
+    rng = random.Random(0)
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.EmbedderStub(channel)
@@ -188,7 +195,7 @@ async def probe(target: str, collection: str, queries: list[str], seconds: float
             await stub.Search(pb.SearchRequest(collection=collection, text=queries[i % len(queries)], k=10))
             latencies.append(time.perf_counter() - started)
             i += 1
-            await asyncio.sleep(PROBE_GAP_S)
+            await asyncio.sleep(PROBE_GAP_S + rng.uniform(0.0, spread_s))
     return latencies
 
 
@@ -209,7 +216,8 @@ def under_bulk(
             time.sleep(0.1)
         seconds1, batches1, documents0 = now
         started = time.monotonic()
-        latencies = asyncio.run(probe(server.target, probe_collection, queries, phases.bulk_s))
+        batch_s = (seconds1 - seconds0) / (batches1 - batches0)
+        latencies = asyncio.run(probe(server.target, probe_collection, queries, phases.bulk_s, batch_s))
         ended = time.monotonic()
         documents1 = server.counters()[2]
     finally:
@@ -219,7 +227,7 @@ def under_bulk(
     return {
         "latencies": latencies,
         "bulk_docs_per_s": (documents1 - documents0 - len(latencies) - 1) / (ended - started),
-        "batch_inference_s": (seconds1 - seconds0) / (batches1 - batches0),
+        "batch_inference_s": batch_s,
     }
 
 
@@ -290,6 +298,7 @@ def summarize(args: argparse.Namespace, phases: Phases, rounds: list[dict[str, A
             "batch_inference_ms": round(float(np.median([r["batch_inference_s"] for r in mine])) * 1000, 1),
         }
     limit_ms = 2 * idle["p99_ms"] + batch_s * 1000
+    per_round = [round_summary(r) for r in rounds]
     return {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "config": {
@@ -297,6 +306,8 @@ def summarize(args: argparse.Namespace, phases: Phases, rounds: list[dict[str, A
             "streams": args.streams,
             "ingest_batch_documents": BATCH_DOCUMENTS,
             "probe_gap_ms": PROBE_GAP_S * 1000,
+            "probe_gap_under_bulk": "probe_gap_ms + uniform(0, one batch's inference)",
+            "stream_window_batches": STREAM_WINDOW,
             **{k: v for k, v in vars(phases).items()},
         },
         "idle": idle,
@@ -307,24 +318,33 @@ def summarize(args: argparse.Namespace, phases: Phases, rounds: list[dict[str, A
             "limit_ms": round(limit_ms, 1),
             "p99_on_ms": arms["on"]["p99_ms"],
             "met": arms["on"]["p99_ms"] <= limit_ms,
+            # Each round against its own idle p99 and batch time: the box's load moves all three together.
+            "met_in_rounds": sum(r["goal"]["met"] for r in per_round if "goal" in r),
+            "rounds": phases.rounds,
         },
         "ratios": {
             "p99_off_vs_on": round(arms["off"]["p99_ms"] / arms["on"]["p99_ms"], 2),
             "p50_off_vs_on": round(arms["off"]["p50_ms"] / arms["on"]["p50_ms"], 2),
             "bulk_docs_on_vs_off": round(arms["on"]["bulk_docs_per_s"] / max(arms["off"]["bulk_docs_per_s"], 1e-9), 3),
         },
-        "rounds": [
-            {
-                "round": r["round"],
-                "mode": r["mode"],
-                "idle": quantiles(r["idle"]),
-                "under_bulk": quantiles(r["latencies"]),
-                "bulk_docs_per_s": round(r["bulk_docs_per_s"], 1),
-                "batch_inference_ms": round(r["batch_inference_s"] * 1000, 1),
-            }
-            for r in rounds
-        ],
+        "rounds": per_round,
     }
+
+
+def round_summary(r: dict[str, Any]) -> dict[str, Any]:
+    """One arm of one round; an "on" arm with the goal judged against that round's own idle p99 and batch time."""
+    summary: dict[str, Any] = {
+        "round": r["round"],
+        "mode": r["mode"],
+        "idle": quantiles(r["idle"]),
+        "under_bulk": quantiles(r["latencies"]),
+        "bulk_docs_per_s": round(r["bulk_docs_per_s"], 1),
+        "batch_inference_ms": round(r["batch_inference_s"] * 1000, 1),
+    }
+    if r["mode"] == "on":
+        limit_ms = 2 * summary["idle"]["p99_ms"] + summary["batch_inference_ms"]
+        summary["goal"] = {"limit_ms": round(limit_ms, 1), "met": summary["under_bulk"]["p99_ms"] <= limit_ms}
+    return summary
 
 
 def table(result: dict[str, Any]) -> str:
@@ -342,7 +362,8 @@ def table(result: dict[str, Any]) -> str:
     lines.append(f"one batch's inference: {result['batch_inference_ms']:.1f} ms (mean, bulk alone)")
     lines.append(
         f"goal: p99 on {goal['p99_on_ms']:.1f} ms <= 2 x idle p99 + one batch = {goal['limit_ms']:.1f} ms:"
-        f" {'met' if goal['met'] else 'NOT met'}; p99 off/on {result['ratios']['p99_off_vs_on']}x,"
+        f" {'met' if goal['met'] else 'NOT met'} (pooled), met in {goal['met_in_rounds']} of {goal['rounds']} rounds"
+        f" (each against its own idle p99 and batch); p99 off/on {result['ratios']['p99_off_vs_on']}x,"
         f" bulk docs/s on/off {result['ratios']['bulk_docs_on_vs_off']}"
     )
     return "\n".join(lines)
@@ -374,7 +395,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one short round (under a minute)")
-    parser.add_argument("--streams", type=int, default=2, help="concurrent Ingest streams of the bulk load")
+    parser.add_argument("--streams", type=int, default=4, help="concurrent Ingest streams of the bulk load")
     parser.add_argument("--rounds", type=int, default=None, help="rounds of both arms (default 3, quick 1)")
     parser.add_argument("--out", type=Path, default=Path(_HERE) / "results")
     args = parser.parse_args()

@@ -26,7 +26,8 @@ def test_quick_run_writes_the_comparison(tmp_path: Path) -> None:
         arm = result["under_bulk"][mode]
         assert set(arm) == quantiles | {"bulk_docs_per_s", "batch_inference_ms"}
         assert arm["calls"] > 0 and arm["bulk_docs_per_s"] > 0 and arm["batch_inference_ms"] > 0
-    assert set(result["goal"]) == {"rule", "limit_ms", "p99_on_ms", "met"} and isinstance(result["goal"]["met"], bool)
+    assert set(result["goal"]) == {"rule", "limit_ms", "p99_on_ms", "met", "met_in_rounds", "rounds"}
+    assert isinstance(result["goal"]["met"], bool) and result["goal"]["rounds"] == 1
     assert set(result["ratios"]) == {"p99_off_vs_on", "p50_off_vs_on", "bulk_docs_on_vs_off"}
-    assert [(r["round"], r["mode"]) for r in result["rounds"]] == [(0, "on"), (0, "off")]
+    assert [(r["round"], r["mode"], "goal" in r) for r in result["rounds"]] == [(0, "on", True), (0, "off", False)]
     assert "goal:" in done.stdout
