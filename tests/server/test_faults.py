@@ -32,6 +32,7 @@ def faulty(
         max_ingest_streams=2,
         max_batch_size=8,
         variant="fp32_opt",
+        query_cache_bytes=0,  # these calls resend their texts: every one must reach the pool and the engine
     )
     engine: Engine = load_engine(settings)
     poison = int(engine.tokenizer.encode_ragged(["zeppelin"])[0][1])
@@ -168,7 +169,7 @@ def test_health_is_not_serving_while_no_session_works(
     from embedpool.pool import feeder
 
     monkeypatch.setattr(feeder, "PROBE_INTERVAL_S", 0.2)
-    settings = make_settings(tmp_path, variant="fp32_opt")
+    settings = make_settings(tmp_path, variant="fp32_opt", query_cache_bytes=0)  # every call reaches the engine
     engine: Engine = load_engine(settings)
     session = _Breakable(engine.sessions[0])
     engine = dataclasses.replace(engine, sessions=[session])
