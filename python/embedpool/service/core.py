@@ -245,7 +245,7 @@ class EmbeddingService:
             check.window_overlap(chunking, served.model.max_tokens)
         if store_windows:
             return await self._write_windows(
-                collection, documents, served, chunking, deadline, want_vectors, wait, priority
+                collection, info.dim, documents, served, chunking, deadline, want_vectors, wait, priority
             )
         outcome = await served.writer.write(
             collection,
@@ -254,6 +254,7 @@ class EmbeddingService:
             truncate=truncate,
             deadline=deadline,
             want_vectors=want_vectors,
+            dim=info.dim,
             wait=wait,
             priority=priority or _by_size(documents),
             chunking=chunking,
@@ -264,6 +265,7 @@ class EmbeddingService:
     async def _write_windows(
         self,
         collection: str,
+        dim: int,
         documents: Sequence[Document],
         served: ServedModel,
         chunking: Chunking | None,
@@ -289,6 +291,7 @@ class EmbeddingService:
             truncate=True,
             deadline=deadline,
             want_vectors=want_vectors,
+            dim=dim,
             wait=wait,
             priority=priority or _by_size(windows),
         )
@@ -325,7 +328,7 @@ class EmbeddingService:
         if not first.collection:
             raise InvalidArgument("collection: the first batch must name the collection")
         collection = check.collection_name(first.collection)
-        _, served = await self._writable(collection, first.model)
+        info, served = await self._writable(collection, first.model)
 
         async def stream() -> AsyncIterator[IngestBatch]:
             yield first
@@ -349,6 +352,7 @@ class EmbeddingService:
                 truncate=batch.truncate,
                 deadline=deadline,
                 want_vectors=False,
+                dim=info.dim,
                 wait=True,
                 priority=Priority.BULK,
                 chunking=batch.chunking,

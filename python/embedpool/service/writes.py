@@ -75,6 +75,8 @@ class EmbeddedBatch:
     """Whether embedding waits for room in the admission budget (Ingest) or fails fast (unary calls)."""
     priority: Priority = Priority.INTERACTIVE
     chunking: Chunking | None = None
+    dim: int = 0
+    """The collection's: vectors are cut to it (fitted)."""
 
     @property
     def skipped_unchanged(self) -> int:
@@ -109,6 +111,7 @@ class DocumentWriter:
         truncate: bool,
         deadline: float,
         want_vectors: bool,
+        dim: int,
         wait: bool = False,
         priority: Priority = Priority.INTERACTIVE,
         chunking: Chunking | None = None,
@@ -121,6 +124,7 @@ class DocumentWriter:
             deadline=deadline,
             want_vectors=want_vectors,
             wait=wait,
+            dim=dim,
             priority=priority,
             chunking=chunking,
         )
@@ -135,11 +139,13 @@ class DocumentWriter:
         truncate: bool,
         deadline: float,
         want_vectors: bool,
+        dim: int,
         wait: bool = False,
         priority: Priority = Priority.INTERACTIVE,
         chunking: Chunking | None = None,
     ) -> EmbeddedBatch:
-        """`checked`: each document's metadata as service.limits.documents normalised and encoded it. `chunking`:
+        """`dim`: the collection's (the caller looked it up), which vectors are cut to. `checked`: each document's
+        metadata as service.limits.documents normalised and encoded it. `chunking`:
         each document embedded whole, in windows pooled into one vector (pool.windows)."""
         ids = [doc.id or derived_id(doc.text) for doc in documents]
         # An id's earlier documents in the request are overwritten by its last: they need no row (nor, unless
@@ -170,7 +176,7 @@ class DocumentWriter:
                 raise renamed_text_error(e, lambda j: f"documents[{todo[j]}].text") from None
             for j, i in enumerate(todo):
                 token_counts[i] = int(embedded.token_counts[j])
-            fit = fitted(embedded.vectors, (await self._store.collection(collection)).dim)
+            fit = fitted(embedded.vectors, dim)
             rows = [
                 DocumentRow(
                     id=ids[i], text=documents[i].text, metadata=metadata[i], content_hash=hashes[i], embedding=vector
@@ -181,7 +187,7 @@ class DocumentWriter:
             if want_vectors:
                 vectors = fit
         return EmbeddedBatch(
-            collection, ids, rows, token_counts, vectors, assumed, truncate, deadline, wait, priority, chunking
+            collection, ids, rows, token_counts, vectors, assumed, truncate, deadline, wait, priority, chunking, dim
         )
 
     async def store(self, batch: EmbeddedBatch) -> WriteOutcome:
@@ -222,7 +228,7 @@ class DocumentWriter:
             batch.skipped_unchanged,
             rejected,
             f"{self._model.name}/{self._model.variant}",
-            (await self._store.collection(batch.collection)).dim,
+            batch.dim,
         )
 
     async def _embed_assumed(self, batch: EmbeddedBatch, ids: Sequence[str]) -> EmbeddedBatch:
@@ -239,7 +245,7 @@ class DocumentWriter:
         token_counts = list(batch.token_counts)
         for doc, count in zip(docs, embedded.token_counts, strict=True):
             token_counts[doc.index] = int(count)
-        fit = fitted(embedded.vectors, (await self._store.collection(batch.collection)).dim)
+        fit = fitted(embedded.vectors, batch.dim)
         rows = [
             DocumentRow(id=doc_id, text=d.text, metadata=d.metadata, content_hash=d.content_hash, embedding=vector)
             for doc_id, d, vector in zip(ids, docs, fit, strict=True)
