@@ -102,8 +102,11 @@ TINY_CONFIG: dict[str, object] = {
 }
 
 
-def tiny_weights(seed: int = 0) -> dict[str, NDArray[np.float32]]:
-    """Random BERT weights in the canonical naming, sized by TINY_CONFIG."""
+def tiny_weights(
+    seed: int = 0, *, vocab: int = TINY_VOCAB, positions: int = TINY_POSITIONS
+) -> dict[str, NDArray[np.float32]]:
+    """Random BERT weights in the canonical naming, sized by TINY_CONFIG (or a larger vocabulary and position
+    table, e.g. a real tokenizer's, for a model a server can run on real text)."""
     rng = np.random.default_rng(seed)
     h, f = TINY_HIDDEN, TINY_FFN
 
@@ -111,8 +114,8 @@ def tiny_weights(seed: int = 0) -> dict[str, NDArray[np.float32]]:
         return (rng.standard_normal(shape) * 0.2).astype(np.float32)
 
     w = {
-        "embeddings.word_embeddings.weight": t(TINY_VOCAB, h),
-        "embeddings.position_embeddings.weight": t(TINY_POSITIONS, h),
+        "embeddings.word_embeddings.weight": t(vocab, h),
+        "embeddings.position_embeddings.weight": t(positions, h),
         "embeddings.token_type_embeddings.weight": t(2, h),
         "embeddings.LayerNorm.weight": 1 + t(h),
         "embeddings.LayerNorm.bias": t(h),

@@ -26,8 +26,9 @@ from embedpool.v1 import embedpool_pb2 as pb
 from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
 from ..conftest import SettingsFactory, serving
+from ..model.conftest import TINY_CONFIG, TINY_HIDDEN, tiny_weights
 
-SMALL, HIDDEN, LAYERS, POSITIONS = "small-e5", 32, 2, 128
+SMALL, HIDDEN, POSITIONS = "small-e5", TINY_HIDDEN, 128
 PROMPTS = {"query": "query: ", "passage": "passage: "}
 
 
@@ -35,44 +36,9 @@ def _small_checkpoint(root: Path) -> Path:
     """A sentence-transformers BERT checkpoint: random weights over the MiniLM vocabulary, mean pooling,
     normalised, with prompts."""
     vocab = json.loads((default_checkpoint() / "config.json").read_text())["vocab_size"]
-    rng = np.random.default_rng(7)
-
-    def t(*shape: int) -> NDArray[np.float32]:
-        return (rng.standard_normal(shape) * 0.2).astype(np.float32)
-
-    h, f = HIDDEN, 2 * HIDDEN
-    weights = {
-        "embeddings.word_embeddings.weight": t(vocab, h),
-        "embeddings.position_embeddings.weight": t(POSITIONS, h),
-        "embeddings.token_type_embeddings.weight": t(2, h),
-        "embeddings.LayerNorm.weight": 1 + t(h),
-        "embeddings.LayerNorm.bias": t(h),
-    }
-    for i in range(LAYERS):
-        p = f"encoder.layer.{i}"
-        for name in ("query", "key", "value"):
-            weights[f"{p}.attention.self.{name}.weight"], weights[f"{p}.attention.self.{name}.bias"] = t(h, h), t(h)
-        weights[f"{p}.attention.output.dense.weight"], weights[f"{p}.attention.output.dense.bias"] = t(h, h), t(h)
-        weights[f"{p}.attention.output.LayerNorm.weight"] = 1 + t(h)
-        weights[f"{p}.attention.output.LayerNorm.bias"] = t(h)
-        weights[f"{p}.intermediate.dense.weight"], weights[f"{p}.intermediate.dense.bias"] = t(f, h), t(f)
-        weights[f"{p}.output.dense.weight"], weights[f"{p}.output.dense.bias"] = t(h, f), t(h)
-        weights[f"{p}.output.LayerNorm.weight"], weights[f"{p}.output.LayerNorm.bias"] = 1 + t(h), t(h)
     root.mkdir(parents=True)
-    save_file(weights, str(root / "model.safetensors"))
-    config = {
-        "architectures": ["BertModel"],
-        "model_type": "bert",
-        "hidden_act": "gelu",
-        "hidden_size": h,
-        "intermediate_size": f,
-        "num_attention_heads": 4,
-        "num_hidden_layers": LAYERS,
-        "max_position_embeddings": POSITIONS,
-        "type_vocab_size": 2,
-        "vocab_size": vocab,
-        "layer_norm_eps": 1e-12,
-    }
+    save_file(tiny_weights(7, vocab=vocab, positions=POSITIONS), str(root / "model.safetensors"))
+    config = {**TINY_CONFIG, "vocab_size": vocab, "max_position_embeddings": POSITIONS}
     files = {
         "config.json": config,
         "modules.json": [
@@ -80,7 +46,7 @@ def _small_checkpoint(root: Path) -> Path:
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
             {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
         ],
-        "1_Pooling/config.json": {"word_embedding_dimension": h, "pooling_mode_mean_tokens": True},
+        "1_Pooling/config.json": {"word_embedding_dimension": HIDDEN, "pooling_mode_mean_tokens": True},
         "sentence_bert_config.json": {"max_seq_length": POSITIONS},
         "config_sentence_transformers.json": {"prompts": PROMPTS, "default_prompt_name": None},
     }
