@@ -9,8 +9,12 @@ same 1,000-row batches of 384-d vectors:
   upsert semantics and no client work inside the timing (as in bench/ingest.py).
 - copy_partition: the same, into the partition of a second fresh collection (its primary key and metadata
   GIN index, no HNSW index): what Postgres spends on the rows where the writer puts them.
-- writer_fresh: `Store.upsert` of the same rows into a fresh collection without its HNSW index (the id
-  lookup, validation, encoding and COPY straight into the partition, one transaction per batch).
+- writer_fresh: `Store.upsert` of the same rows into a fresh collection without its HNSW index, called as the
+  server calls it (service.writes): the metadata already JSON-encoded (the service encodes it for the content
+  hash) and `absent=True` (the service read the ids' stored hashes before embedding them and found none), where
+  the tree has them. Validation, encoding and COPY straight into the partition, one transaction per batch.
+- writer_plain: the same into a third collection without those hints: the id lookup and the stored-hash read
+  in the transaction, the metadata encoded by the writer (what any other caller of Store.upsert gets).
 - writer_changed: the same ids again with new content (the staging table and merge).
 - client: the client-side work alone: `validate` + `copy_chunks` of the batch, no database.
 
@@ -27,6 +31,8 @@ whose Rust side matches it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import os
 import statistics
@@ -58,10 +64,21 @@ async def _child(uri: str, n_rows: int, label: str) -> dict[str, list[float]]:
             for i in range(n_rows)
         ]
 
+    # What the tree's writer takes (a --before tree may predate the hints).
+    hinted = "absent" in inspect.signature(Store.upsert).parameters
+    encoded = "metadata_json" in {f.name for f in dataclasses.fields(DocumentRow)}
+
+    def as_served(rows: list[DocumentRow]) -> list[DocumentRow]:
+        if not encoded:
+            return rows
+        return [dataclasses.replace(r, metadata_json=json.dumps(r.metadata, sort_keys=True)) for r in rows]
+
     fresh, changed = make_rows("v1"), make_rows("v2")
+    served = as_served(fresh)
     batches = [fresh[i : i + BATCH] for i in range(0, n_rows, BATCH)]
     store = await Store.open(uri)
-    ms: dict[str, list[float]] = {key: [] for key in ("client", "copy_ceiling", "copy_partition", "writer_fresh")}
+    keys = ("client", "copy_ceiling", "copy_partition", "writer_fresh", "writer_plain")
+    ms: dict[str, list[float]] = {key: [] for key in keys}
     ms["writer_changed"] = []
     async with await AsyncConnection.connect(uri, autocommit=True) as plain:
         info = await store.create_collection(f"{label}_{os.getpid()}_{time.monotonic_ns()}", model="b", dim=DIM)
@@ -81,26 +98,34 @@ async def _child(uri: str, n_rows: int, label: str) -> dict[str, list[float]]:
         )
         twin = await store.create_collection(f"twin_{info.name}", model="b", dim=DIM)
         await plain.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index_name(twin))))
+        generic = await store.create_collection(f"plain_{info.name}", model="b", dim=DIM)
+        await plain.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index_name(generic))))
         streams = [[bytes(c) for c in copy_chunks(info.id, validate(b, info)[0])] for b in batches]
         twin_streams = [[bytes(c) for c in copy_chunks(twin.id, validate(b, twin)[0])] for b in batches]
         copy = "COPY {} (collection_id, embedding, id, text, metadata, content_hash) FROM STDIN (FORMAT BINARY)"
         query, twin_query = (sql.SQL(copy).format(target) for target in (table, sql.Identifier(partition_name(twin))))
         # Batch by batch, the ceiling's COPY and then the writer's upsert of the same rows: the load on a shared
         # machine drifts, and the two see the same moment of it.
-        for chunks, twin_chunks, batch in zip(streams, twin_streams, batches, strict=True):
+        for b, (chunks, twin_chunks, batch) in enumerate(zip(streams, twin_streams, batches, strict=True)):
             for key, target, data in (("copy_ceiling", query, chunks), ("copy_partition", twin_query, twin_chunks)):
                 started = time.perf_counter()
                 async with plain.transaction(), plain.cursor() as cur, cur.copy(target) as stream:
                     for chunk in data:
                         await stream.write(chunk)
                 ms[key].append((time.perf_counter() - started) * 1e3)
+            hints: dict[str, Any] = {"absent": True} if hinted else {}
             started = time.perf_counter()
-            await store.upsert(info.name, batch)
+            result = await store.upsert(info.name, served[b * BATCH : (b + 1) * BATCH], **hints)
             ms["writer_fresh"].append((time.perf_counter() - started) * 1e3)
+            started = time.perf_counter()
+            await store.upsert(generic.name, batch)
+            ms["writer_plain"].append((time.perf_counter() - started) * 1e3)
+            assert result.inserted == len(batch), result
         await plain.execute(sql.SQL("DROP TABLE {}").format(table))
-        for name in (info.name, twin.name):
+        for name in (info.name, twin.name, generic.name):
             assert (await store.stats(name)).count == n_rows
         await store.drop_collection(twin.name)
+        await store.drop_collection(generic.name)
 
         for i in range(0, n_rows, BATCH):
             started = time.perf_counter()
@@ -140,10 +165,12 @@ def _summary(runs: list[dict[str, list[float]]]) -> dict[str, float]:
     and the ratios pair each writer batch with the COPYs of the same rows just before it."""
     pooled = {key: [x for run in runs for x in run[key]] for key in runs[0]}
     summary = {f"{key}_ms": statistics.median(values) for key, values in pooled.items()}
-    for base in ("copy_ceiling", "copy_partition"):
-        ratios = [c / w for run in runs for c, w in zip(run[base], run["writer_fresh"], strict=True)]
-        summary[f"fresh_vs_{base.removeprefix('copy_')}"] = statistics.median(ratios)
-    summary.update({key.replace("_ms", "_rows_per_s"): BATCH * 1e3 / summary[key] for key in list(summary)[1:5]})
+    for writer in ("fresh", "plain"):
+        for base in ("copy_ceiling", "copy_partition"):
+            ratios = [c / w for run in runs for c, w in zip(run[base], run[f"writer_{writer}"], strict=True)]
+            summary[f"{writer}_vs_{base.removeprefix('copy_')}"] = statistics.median(ratios)
+    timed = [key for key in summary if key.endswith("_ms") and key != "client_ms"]
+    summary.update({key.replace("_ms", "_rows_per_s"): BATCH * 1e3 / summary[key] for key in timed})
     return summary
 
 

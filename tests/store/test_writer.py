@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import dataclasses
+import json
+
+import anyio
 import numpy as np
 import pytest
 
 from embedpool.errors import InvalidArgument
-from embedpool.store import DocumentRow, StaleAssumption, Store
+from embedpool.store import DocumentRow, EmbeddedPostgres, StaleAssumption, Store
 
 from .conftest import rows, unique_name, unit_vectors
 
@@ -135,3 +139,79 @@ async def test_an_assumption_of_unchanged_rows_is_confirmed_when_writing(store: 
         await store.upsert(collection, rows(vectors[2:], start=2, tag="v3"), {"d0": b"0:v1", "d1": b"1:v1"})
     assert stale.value.ids == ["d1"]
     assert (await _stored(store, collection, 3))["d2"] == "text 2 v2"
+
+
+async def test_rows_said_absent_are_copied_in_and_ones_stored_since_are_merged(store: Store, collection: str) -> None:
+    """`absent=True` skips the stored-hash read. Here d0..d4 were stored after the caller looked (as a concurrent
+    writer would): the straight COPY hits their keys and the batch is merged, newest content winning."""
+    vectors = unit_vectors(10, DIM)
+    await store.upsert(collection, rows(vectors[:5], tag="v1"))
+    result = await store.upsert(collection, rows(vectors, tag="v2"), absent=True)
+    assert (result.inserted, result.updated, result.unchanged) == (5, 5, 0)
+    stored = await _stored(store, collection, 10)
+    assert set(stored.values()) == {f"text {i} v2" for i in range(10)}
+    again = await store.upsert(collection, rows(vectors, tag="v2"), absent=True)
+    assert (again.inserted, again.updated, again.unchanged) == (0, 0, 10)
+    fresh = await store.upsert(collection, rows(vectors[:3], start=10), absent=True)
+    assert (fresh.inserted, fresh.updated, fresh.unchanged) == (3, 0, 0)
+    assert (await store.stats(collection)).count == 13
+
+
+async def test_rows_said_absent_still_confirm_the_assumed_ones(store: Store, collection: str) -> None:
+    vectors = unit_vectors(3, DIM)
+    await store.upsert(collection, rows(vectors[:2], tag="v1"))
+    result = await store.upsert(collection, rows(vectors[2:], start=2), {"d0": b"0:v1"}, absent=True)
+    assert (result.inserted, result.unchanged) == (1, 1)
+    await store.upsert(collection, rows(vectors[1:2], start=1, tag="other"))
+    with pytest.raises(StaleAssumption) as stale:
+        await store.upsert(collection, rows(vectors[2:], start=2, tag="v3"), {"d1": b"1:v1"}, absent=True)
+    assert stale.value.ids == ["d1"]
+    assert (await _stored(store, collection, 3))["d2"] == "text 2 v1"
+
+
+@pytest.mark.parametrize("storage", ["float16", "binary"])
+async def test_rows_said_absent_reach_collections_stored_otherwise(store: Store, storage: str) -> None:
+    name = unique_name()
+    await store.create_collection(name, model="m", dim=DIM, storage=storage)
+    vectors = unit_vectors(6, DIM)
+    await store.upsert(name, rows(vectors[:2]))
+    result = await store.upsert(name, rows(vectors, tag="v2"), absent=True)
+    assert (result.inserted, result.updated, result.unchanged) == (4, 2, 0)
+    assert await store.existing_hashes(name, ["d0", "d5"]) == {"d0": b"0:v2", "d5": b"5:v2"}
+
+
+async def test_metadata_encoded_by_the_caller_is_stored_as_given(store: Store, collection: str) -> None:
+    vectors = unit_vectors(4, DIM)
+    batch = [
+        dataclasses.replace(row, metadata_json=json.dumps(row.metadata, sort_keys=True, separators=(",", ":")))
+        for row in rows(vectors)
+    ]
+    batch[3] = dataclasses.replace(batch[3], metadata={"kind": "odd"}, metadata_json='{"kind":"odd"}')
+    assert (await store.upsert(collection, batch)).inserted == 4
+    found = await store.search(collection, vectors[3], k=4, filter={"kind": "odd"})
+    assert [(hit.id, hit.metadata) for hit in found] == [("d3", {"kind": "odd"})]
+    found = await store.search(collection, vectors[0], k=1, filter={"tag": "v1", "n": 0})
+    assert [(hit.id, hit.metadata) for hit in found] == [("d0", {"n": 0, "tag": "v1"})]
+
+
+async def test_a_write_with_a_stale_cached_collection_goes_to_the_one_named_now(postgres: EmbeddedPostgres) -> None:
+    """The writer takes the collection's row from the cache without reading it again: a row cached for a
+    collection dropped since finds its partition gone, and the write is redone on the collection of that name."""
+    store = await Store.open(postgres.uri, max_size=2)
+    try:
+        async with store.running():
+            name = unique_name("stale")
+            old = await store.create_collection(name, model="m", dim=DIM)
+            await store.drop_collection(name)
+            new = await store.create_collection(name, model="m", dim=DIM)
+            await anyio.sleep(0.3)  # the drop's and the create's notifications are in
+            for absent in (True, False):
+                # As if the drop's notification had not arrived yet.
+                store._cache.put(name, old, store._cache.generation)
+                assert (await store.collection(name)).id == old.id
+                result = await store.upsert(name, rows(unit_vectors(2, DIM), prefix=f"a{absent}"), absent=absent)
+                assert result.inserted == 2
+                assert (await store.collection(name)).id == new.id
+            assert (await store.stats(name)).count == 4
+    finally:
+        await store.close()

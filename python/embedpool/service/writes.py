@@ -77,6 +77,9 @@ class EmbeddedBatch:
     chunking: Chunking | None = None
     dim: int = 0
     """The collection's: vectors are cut to it (fitted)."""
+    absent: bool = False
+    """None of the rows' ids was stored when their hashes were read (before embedding): the store need not
+    read them again (Store.upsert)."""
 
     @property
     def skipped_unchanged(self) -> int:
@@ -157,12 +160,14 @@ class DocumentWriter:
         hashed = self._hashed_model if chunking is None else f"{self._hashed_model}\x00chunk:{chunking.overlap}"
         hashes = {i: content_hash(hashed, documents[i].text, checked[i][1]) for i in latest}
         assumed: dict[str, Unembedded] = {}
+        stored: dict[str, bytes] = {}
         if not want_vectors:
             stored = await self._store.existing_hashes(collection, [ids[i] for i in latest])
             for i in latest:
                 if stored.get(ids[i]) == hashes[i]:
                     assumed[ids[i]] = Unembedded(i, documents[i].text, metadata[i], hashes[i])
         todo = list(range(len(documents))) if want_vectors else [i for i in latest if ids[i] not in assumed]
+        absent = not want_vectors and not any(ids[i] in stored for i in todo)
         token_counts = [0] * len(documents)
         vectors: NDArray[np.float32] | None = None
         rows: list[DocumentRow] = []
@@ -179,7 +184,12 @@ class DocumentWriter:
             fit = fitted(embedded.vectors, dim)
             rows = [
                 DocumentRow(
-                    id=ids[i], text=documents[i].text, metadata=metadata[i], content_hash=hashes[i], embedding=vector
+                    id=ids[i],
+                    text=documents[i].text,
+                    metadata=metadata[i],
+                    content_hash=hashes[i],
+                    embedding=vector,
+                    metadata_json=checked[i][1],
                 )
                 for i, vector in zip(todo, fit, strict=True)
                 if i in metadata
@@ -187,7 +197,19 @@ class DocumentWriter:
             if want_vectors:
                 vectors = fit
         return EmbeddedBatch(
-            collection, ids, rows, token_counts, vectors, assumed, truncate, deadline, wait, priority, chunking, dim
+            collection,
+            ids,
+            rows,
+            token_counts,
+            vectors,
+            assumed,
+            truncate,
+            deadline,
+            wait,
+            priority,
+            chunking,
+            dim,
+            absent,
         )
 
     async def store(self, batch: EmbeddedBatch) -> WriteOutcome:
@@ -200,7 +222,7 @@ class DocumentWriter:
             try:
                 hashes = {doc_id: doc.content_hash for doc_id, doc in batch.assumed.items()}
                 result = (
-                    await self._store.upsert(batch.collection, batch.rows, hashes)
+                    await self._store.upsert(batch.collection, batch.rows, hashes, absent=batch.absent)
                     if batch.rows or hashes
                     else UpsertResult()
                 )
@@ -252,4 +274,7 @@ class DocumentWriter:
         ]
         embedded_now = set(ids)
         assumed = {doc_id: d for doc_id, d in batch.assumed.items() if doc_id not in embedded_now}
-        return dataclasses.replace(batch, rows=[*batch.rows, *rows], token_counts=token_counts, assumed=assumed)
+        # Their rows are stored (changed since): the batch is no longer one of absent ids.
+        return dataclasses.replace(
+            batch, rows=[*batch.rows, *rows], token_counts=token_counts, assumed=assumed, absent=False
+        )

@@ -70,6 +70,9 @@ class DocumentRow:
     content_hash: bytes
     """Digest of everything that is stored for the row: a re-upsert with the same hash writes nothing."""
     embedding: NDArray[np.float32]
+    metadata_json: str | None = None
+    """`metadata` as JSON text where the caller has it (the service encodes it for the hash): stored as it is,
+    so it must be a JSON object that jsonb takes (service.limits.json_object's canonical form is)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -253,12 +253,20 @@ class Store:
             )
 
     async def upsert(
-        self, collection: str, docs: Sequence[DocumentRow], assumed: Mapping[str, bytes] | None = None
+        self,
+        collection: str,
+        docs: Sequence[DocumentRow],
+        assumed: Mapping[str, bytes] | None = None,
+        *,
+        absent: bool = False,
     ) -> UpsertResult:
         """Store the valid rows in one transaction; invalid ones come back in `rejected`. `assumed`: ids left
-        out as unchanged, with the hash they were seen with; writer.StaleAssumption if one changed since."""
+        out as unchanged, with the hash they were seen with; writer.StaleAssumption if one changed since.
+        `absent`: none of the rows' ids was stored when the caller read their hashes (see writer.upsert)."""
         async with self._connection() as conn:
-            return await writer.upsert(conn, collection, docs, assumed)
+            return await self._on_collection(
+                conn, collection, lambda info: writer.upsert(conn, info, docs, assumed, absent=absent)
+            )
 
     async def existing_hashes(self, collection: str, ids: Sequence[str]) -> dict[str, bytes]:
         checked = writer.checked_ids(ids)

@@ -173,6 +173,7 @@ def _screen(rows: Sequence[DocumentRow], info: CollectionInfo) -> _Screened:
 
 _TEXT = operator.attrgetter("text")
 _METADATA = operator.attrgetter("metadata")
+_METADATA_JSON = operator.attrgetter("metadata_json")
 _NON_FINITE: Final = "embedding has a NaN or infinite value (or one beyond float32 range)"
 _FLOAT16_MAX: Final = 65504.0
 _BEYOND_FLOAT16: Final = "embedding has a value beyond float16 range (65504): the collection stores float16"
@@ -239,7 +240,11 @@ def _select(
     unchanged = len(order) - len(kept)
     kept_rows = list(map(rows.__getitem__, kept))
     texts: list[str] = list(map(_TEXT, kept_rows))
-    metadata, faults = _metadata(list(map(_METADATA, kept_rows)))
+    encoded: list[str | None] = list(map(_METADATA_JSON, kept_rows))
+    if None in encoded:
+        metadata, faults = _metadata(list(map(_METADATA, kept_rows)))
+    else:  # encoded by the caller already (the service, for the content hash)
+        metadata, faults = cast(list[str], encoded), {}
     for k in _native.text_faults(texts):
         faults[k] = _text_fault(texts[k])
     if faults:  # fall back to the id's earlier rows, newest first
@@ -372,37 +377,46 @@ SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FR
 
 async def upsert(
     conn: AsyncConnection[Any],
-    collection: str,
+    info: CollectionInfo,
     rows: Sequence[DocumentRow],
     assumed: Mapping[str, bytes] | None = None,
+    *,
+    absent: bool = False,
 ) -> UpsertResult:
-    """Store the valid `rows` in one transaction. `assumed`: ids the caller did not embed because their stored
-    hash was the given one when it looked; they are confirmed in the same transaction, and if any changed
-    since, StaleAssumption is raised with nothing written. Confirmed ids count as unchanged."""
+    """Store the valid `rows` in `info`'s collection in one transaction. `assumed`: ids the caller did not embed
+    because their stored hash was the given one when it looked; they are confirmed in the same transaction, and if
+    any changed since, StaleAssumption is raised with nothing written. Confirmed ids count as unchanged.
+    `absent`: the caller read the stored hashes of the rows' ids (to skip embedding unchanged ones) and found
+    none: they are not read again, the rows are copied straight in, and one stored since is caught by the
+    primary key and the batch merged instead.
+
+    `info` may come from a cache: collection rows never change, and a dropped collection's partition is gone
+    (psycopg.errors.UndefinedTable, for the caller to look it up again). The partition's own lock, taken by the
+    first statement that touches it, makes a concurrent drop wait for this transaction."""
     if conn not in _with_staging:
         await conn.execute(_STAGING)
         _with_staging.add(conn)
     assumed = assumed or {}
     try:
-        return await _upsert(conn, collection, rows, assumed, merge=False)
+        return await _upsert(conn, info, rows, assumed, merge=False, absent=absent)
     except psycopg.errors.UniqueViolation:
         # A concurrent writer stored one of our new ids between our read and our COPY: merge instead.
-        return await _upsert(conn, collection, rows, assumed, merge=True)
+        return await _upsert(conn, info, rows, assumed, merge=True, absent=False)
 
 
 async def _upsert(
     conn: AsyncConnection[Any],
-    collection: str,
+    info: CollectionInfo,
     rows: Sequence[DocumentRow],
     assumed: Mapping[str, bytes],
     *,
     merge: bool,
+    absent: bool,
 ) -> UpsertResult:
     async with conn.transaction():
-        info = await collections.lookup(conn, collection, lock=True)
         screened = _screen(rows, info)
         only_assumed = {i: h for i, h in assumed.items() if i not in screened.last}
-        wanted = [*screened.last, *only_assumed]
+        wanted = [*only_assumed] if absent else [*screened.last, *only_assumed]
         # One read serves both: the hashes that make rows unchanged, and the confirmation of the assumed ones.
         # Read after earlier writes of the same ids committed (the caller orders them), so a stale assumption
         # is seen here rather than overwriting a newer row with the older one's "unchanged".
