@@ -104,7 +104,9 @@ def start_server(
     cmd = [sys.executable, "-m", "embedpool.cli", "serve", "--port", "0", "--metrics-port", "-1", "--http-port", "0"]
     cmd += extra
     cmd += ["--model", str(model_dir), "--data-dir", str(data_dir), "--device", args.device, "--variant", args.variant]
-    cmd += ["--log-level", "info", "--max-concurrent-inputs", "65536"]
+    # No query cache: the corpus cycles, and calls of a few texts would be answered from it rather than served
+    # (bench/query_cache.py measures the cache).
+    cmd += ["--log-level", "info", "--max-concurrent-inputs", "65536", "--query-cache-bytes", "0"]
     env = {**os.environ, "EMBEDPOOL_LOG_FORMAT": "json", "EMBEDPOOL_LOG_LEVEL": "info"}
     proc = subprocess.Popen(cmd + list(args.server_arg), stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None

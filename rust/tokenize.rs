@@ -132,25 +132,26 @@ impl Encoder {
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// Token ids of every text, in parallel. With `truncate == false` a text longer than
-    /// `max_length` tokens is an error naming its index.
+    /// Token ids of every text, in parallel unless the call is small. With `truncate == false` a
+    /// text longer than `max_length` tokens is an error naming its index.
     pub fn encode_rows(&self, texts: &[&str], truncate: bool) -> Result<Rows> {
-        texts
-            .par_iter()
-            .enumerate()
-            .map(|(index, text)| {
-                without_panics(index, || {
-                    if truncate {
-                        self.encode_truncated(text)
-                    } else {
-                        self.encode_one(text)?.ok_or(Error::InputTooLong {
-                            index,
-                            max_length: self.max_length,
-                        })
-                    }
-                })
+        let encode = |(index, text): (usize, &&str)| {
+            without_panics(index, || {
+                if truncate {
+                    self.encode_truncated(text)
+                } else {
+                    self.encode_one(text)?.ok_or(Error::InputTooLong {
+                        index,
+                        max_length: self.max_length,
+                    })
+                }
             })
-            .collect()
+        };
+        if is_small(texts) {
+            texts.iter().enumerate().map(encode).collect()
+        } else {
+            texts.par_iter().enumerate().map(encode).collect()
+        }
     }
 
     pub fn encode_padded(&self, texts: &[&str], truncate: bool) -> Result<(Padded, Array1<i64>)> {
@@ -172,6 +173,28 @@ impl Encoder {
             offsets.push(flat.len() as i64);
         }
         Ok((flat, offsets))
+    }
+}
+
+/// Bytes of text below which a call is tokenized on the calling thread: handing it to rayon's
+/// pool and waiting for it (two thread wake-ups) would cost more than the work saved.
+const SEQUENTIAL_BYTES: usize = 1024;
+
+fn is_small(texts: &[&str]) -> bool {
+    texts.len() < 2 || texts.iter().map(|t| t.len()).sum::<usize>() < SEQUENTIAL_BYTES
+}
+
+/// `encode()` with the GIL released, unless the call is small: then giving the GIL up and taking it
+/// back (waiting for whichever thread took it meanwhile) would cost more than the encoding.
+fn in_or_out<T: Send>(
+    py: Python<'_>,
+    texts: &[&str],
+    encode: impl FnOnce() -> Result<T> + Send,
+) -> Result<T> {
+    if is_small(texts) {
+        errors::caught(encode)
+    } else {
+        errors::detach(py, encode)
     }
 }
 
@@ -298,7 +321,7 @@ impl Tokenizer {
         let owners = collect_strings(texts)?;
         let texts = borrow_texts(&owners)?;
         let (padded, lengths) =
-            errors::detach(py, || self.encoder.encode_padded(&texts, truncate))?;
+            in_or_out(py, &texts, || self.encoder.encode_padded(&texts, truncate))?;
         let (ids, mask) = padded.into_py(py);
         Ok((ids, mask, lengths.into_pyarray(py)))
     }
@@ -312,7 +335,8 @@ impl Tokenizer {
     ) -> PyResult<Ragged<'py>> {
         let owners = collect_strings(texts)?;
         let texts = borrow_texts(&owners)?;
-        let (flat, offsets) = errors::detach(py, || self.encoder.encode_ragged(&texts, truncate))?;
+        let (flat, offsets) =
+            in_or_out(py, &texts, || self.encoder.encode_ragged(&texts, truncate))?;
         Ok((flat.into_pyarray(py), offsets.into_pyarray(py)))
     }
 

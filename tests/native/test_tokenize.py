@@ -91,6 +91,20 @@ def test_ragged_agrees_with_padded(short: Tokenizer, texts: list[str]) -> None:
         np.testing.assert_array_equal(flat[offsets[i] : offsets[i + 1]], ids[i, :length])
 
 
+@given(st.lists(st.text(min_size=300, max_size=400), min_size=4, max_size=10))
+def test_small_and_large_calls_agree(short: Tokenizer, short_reference: tokenizers.Tokenizer, texts: list[str]) -> None:
+    """A call under 1 KiB of text is tokenized on the calling thread with the GIL held, a larger one over rayon's
+    pool with the GIL released (rust/tokenize.rs `is_small`): the same ids either way. These calls are all over
+    it, and each of their texts alone is under it."""
+    assert sum(len(t.encode()) for t in texts) >= 1024
+    flat, offsets = short.encode_ragged(texts)
+    expected = [e.ids for e in short_reference.encode_batch(texts)]
+    for i, text in enumerate(texts):
+        alone, _ = short.encode_ragged([text])
+        np.testing.assert_array_equal(flat[offsets[i] : offsets[i + 1]], alone)
+        assert alone.tolist() == expected[i]
+
+
 def test_truncate_false_names_the_offending_index(short: Tokenizer) -> None:
     texts = ["fine", "word " * 100, "also fine"]
     with pytest.raises(InputTooLongError, match=r"\b1\b"):

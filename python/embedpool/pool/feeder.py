@@ -139,27 +139,34 @@ class Feeder:
         self._batches.close()
 
     def _run(self) -> None:
+        # A served batch's outcome is handed back in the same trip to the event loop that takes the next batch:
+        # one crossing between the threads per batch rather than two, which is much of what a small call costs.
+        finished: tuple[Batch, Outcome] | None = None
         while True:
             if self._out and time.monotonic() >= self._probe_at:
                 self._try_probe()
             if self._out and self._rotation.in_rotation > 0:
+                if finished is not None:
+                    try:
+                        anyio.from_thread.run_sync(self._finish, *finished, token=self._token)
+                    except _LOOP_GONE:
+                        return
+                    finished = None
                 # Others serve; this one only waits for its next probe (or the end of the pool).
                 if self._stopping.wait(_IDLE_POLL_S):
                     return
                 continue
             try:
-                batch = anyio.from_thread.run(self._receive, token=self._token)
+                batch = anyio.from_thread.run(self._finish_and_receive, finished, token=self._token)
             except _LOOP_GONE:
                 return
-            if batch is None:
-                continue
-            outcome = self._serve(batch)
-            try:
-                anyio.from_thread.run_sync(self._finish, batch, outcome, token=self._token)
-            except _LOOP_GONE:
-                return
+            finished = None
+            if batch is not None:
+                finished = (batch, self._serve(batch))
 
-    async def _receive(self) -> Batch | None:
+    async def _finish_and_receive(self, finished: tuple[Batch, Outcome] | None) -> Batch | None:
+        if finished is not None:
+            self._finish(*finished)
         # Bounded while out of rotation, so that a probe is tried on time even when no batch comes.
         with anyio.move_on_after(_IDLE_POLL_S if self._out else None):
             batch = (await self._batches.receive()).live(anyio.current_time())
