@@ -98,9 +98,10 @@ def sentence_transformers_baseline(texts: list[str], device: str) -> dict[str, A
 
 
 def start_server(
-    args: argparse.Namespace, model_dir: Path, data_dir: Path, *extra: str
+    args: argparse.Namespace, model_dir: Path, data_dir: Path, *extra: str, tree: Path | None = None
 ) -> tuple[subprocess.Popen[str], int, int]:
-    """The server process, its gRPC port and its HTTP port."""
+    """The server process, its gRPC port and its HTTP port. `tree`: a checkout whose embedpool it runs (its own
+    `_native` built), instead of this one's."""
     cmd = [sys.executable, "-m", "embedpool.cli", "serve", "--port", "0", "--metrics-port", "-1", "--http-port", "0"]
     cmd += extra
     cmd += ["--model", str(model_dir), "--data-dir", str(data_dir), "--device", args.device, "--variant", args.variant]
@@ -108,6 +109,8 @@ def start_server(
     # (bench/query_cache.py measures the cache).
     cmd += ["--log-level", "info", "--max-concurrent-inputs", "65536", "--query-cache-bytes", "0"]
     env = {**os.environ, "EMBEDPOOL_LOG_FORMAT": "json", "EMBEDPOOL_LOG_LEVEL": "info"}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree / "python")
     proc = subprocess.Popen(cmd + list(args.server_arg), stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None
     for line in proc.stderr:
@@ -370,68 +373,124 @@ FRONT_END_CALLERS = 16
 
 
 def front_end(args: argparse.Namespace) -> None:
-    """The ceiling table of a `--device null` server (see the module docstring)."""
+    """The ceiling table of a `--device null` server (see the module docstring); with `--before DIR`, of that
+    checkout's server too, the two driven in turn round by round."""
+    import contextlib
+
     import psutil
     from frontend import bare_tokenizer, load_tokenizer
 
     cores = os.cpu_count() or 1
     seconds = args.seconds or (4 if args.quick else 15)
+    rounds = args.rounds or (2 if args.before else 1)
     texts = passages(n=4096)
     tokenizer, _, _ = load_tokenizer()
     args.device, args.variant = "null", "auto"
-    rows = []
-    with tempfile.TemporaryDirectory() as data_dir:
+    trees: dict[str, Path | None] = {"after": None}
+    if args.before:
+        trees = {"before": args.before.resolve(), **trees}
+    runs: dict[str, dict[str, list[Any]]] = {
+        arm: {"per_call": [], **{str(n): [] for n in FRONT_END_CALL_SIZES}} for arm in trees
+    }
+    bare: dict[int, dict[str, float]] = {}
+    with contextlib.ExitStack() as stack:
         gpu_batching = ("--max-batch-tokens", "65536", "--max-batch-size", "256")
-        proc, port, _ = start_server(args, prepare(Settings()).root, Path(data_dir), *gpu_batching)
-        try:
-            server = psutil.Process(proc.pid)
+        servers: dict[str, tuple[int, Any]] = {}
+        for arm, tree in trees.items():
+            data_dir = stack.enter_context(tempfile.TemporaryDirectory())
+            proc, port, _ = start_server(args, prepare(Settings()).root, Path(data_dir), *gpu_batching, tree=tree)
+            stack.callback(proc.wait, 60)
+            stack.callback(proc.terminate)
+            servers[arm] = (port, psutil.Process(proc.pid))
             asyncio.run(drive(port, texts, FRONT_END_CALLERS, 8, min(1.0, seconds)))  # warm: connections, first calls
-            per_call = asyncio.run(server_cpu_per_call(port, server, 200 if args.quick else 3000))
-            for size in FRONT_END_CALL_SIZES:
-                cpu_before, wall_before = sum(server.cpu_times()[:2]), time.perf_counter()
-                load = asyncio.run(drive(port, texts, FRONT_END_CALLERS, size, seconds))
-                cpu = sum(server.cpu_times()[:2]) - cpu_before
-                wall = time.perf_counter() - wall_before
-                bare = bare_tokenizer(tokenizer, texts, size, cores, min(seconds, 5.0))
-                rows.append(
-                    {
-                        **load,
-                        "server_cores_busy": cpu / wall,
-                        "server_cpu_ms_per_call": cpu / max(1, load["requests"]) * 1000,
-                        "bare_tokenizer": bare,
-                        "vs_bare_tokenizer": load["tokens_per_s"] / bare["tokens_per_s"],
-                    }
+        for r in range(rounds):
+            order = list(trees) if r % 2 == 0 else list(reversed(trees))
+            for arm in order:
+                port, server = servers[arm]
+                runs[arm]["per_call"].append(
+                    asyncio.run(server_cpu_per_call(port, server, 200 if args.quick else 3000))
                 )
-        finally:
-            proc.terminate()
-            proc.wait(60)
-    report = {
+            for size in FRONT_END_CALL_SIZES:
+                for arm in order:
+                    port, server = servers[arm]
+                    cpu_before, wall_before = sum(server.cpu_times()[:2]), time.perf_counter()
+                    load = asyncio.run(drive(port, texts, FRONT_END_CALLERS, size, seconds))
+                    cpu = sum(server.cpu_times()[:2]) - cpu_before
+                    wall = time.perf_counter() - wall_before
+                    load["server_cores_busy"] = cpu / wall
+                    load["server_cpu_ms_per_call"] = cpu / max(1, load["requests"]) * 1000
+                    runs[arm][str(size)].append(load)
+                if r == 0:
+                    bare[size] = bare_tokenizer(tokenizer, texts, size, cores, min(seconds, 5.0))
+
+    def median_of(values: list[dict[str, Any]], key: str) -> float:
+        return float(statistics.median(v[key] for v in values))
+
+    summaries: dict[str, dict[str, Any]] = {}
+    for arm in trees:
+        rows = []
+        for size in FRONT_END_CALL_SIZES:
+            loads = runs[arm][str(size)]
+            row: dict[str, Any] = {"docs_per_request": size, "requests": sum(x["requests"] for x in loads)}
+            for key in (
+                "docs_per_s",
+                "tokens_per_s",
+                "p50_ms",
+                "p99_ms",
+                "server_cores_busy",
+                "server_cpu_ms_per_call",
+            ):
+                row[key] = median_of(loads, key)
+            row["bare_tokenizer"] = bare[size]
+            row["vs_bare_tokenizer"] = row["tokens_per_s"] / bare[size]["tokens_per_s"]
+            rows.append(row)
+        per_call = {key: median_of(runs[arm]["per_call"], key) for key in runs[arm]["per_call"][0]}
+        summaries[arm] = {"rows": rows, "server_cpu_us_per_call": per_call}
+    report: dict[str, Any] = {
         "question": "the front end's ceiling: the whole server path with no inference, beside the bare tokenizer",
         "machine": {"cpus": cores, "platform": platform.platform(), "python": platform.python_version()},
         "server": {"device": "null", "max_batch_tokens": 65536, "max_batch_size": 256, "extra": args.server_arg},
         "callers": FRONT_END_CALLERS,
         "seconds_per_size": seconds,
+        "rounds": rounds,
+        "statistic": "median over rounds",
         "corpus": {"docs": len(texts), "mean_chars": float(np.mean([len(t) for t in texts]))},
-        "rows": rows,
-        "server_cpu_us_per_call": per_call,
+        **summaries["after"],
+        "runs": runs,
+        "load_average_end": os.getloadavg(),
     }
+    if args.before:
+        report["before"] = {"tree": str(args.before), **summaries["before"]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "frontend_serve.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"front-end ceiling: --device null, {FRONT_END_CALLERS} callers, {cores} cpus, {seconds:g} s per size")
-    print(
-        f"{'docs/call':>9}{'docs/s':>10}{'tokens/s':>12}{'p50 ms':>8}{'p99 ms':>8}{'srv cores':>10}{'ms cpu/call':>12}"
-        f"{'bare tok/s':>12}{'vs bare':>8}"
-    )
-    for r in rows:
+    for arm in trees:
+        rows, per_call = summaries[arm]["rows"], summaries[arm]["server_cpu_us_per_call"]
+        if len(trees) > 1:
+            print(f"[{arm}]")
         print(
-            f"{r['docs_per_request']:>9}{r['docs_per_s']:>10.0f}{r['tokens_per_s']:>12,.0f}{r['p50_ms']:>8.1f}"
-            f"{r['p99_ms']:>8.1f}{r['server_cores_busy']:>10.2f}{r['server_cpu_ms_per_call']:>12.3f}"
-            f"{r['bare_tokenizer']['tokens_per_s']:>12,.0f}{r['vs_bare_tokenizer']:>8.2f}"
+            f"{'docs/call':>9}{'docs/s':>10}{'tokens/s':>12}{'p50 ms':>8}{'p99 ms':>8}{'srv cores':>10}"
+            f"{'ms cpu/call':>12}{'bare tok/s':>12}{'vs bare':>8}"
         )
-    print(
-        f"server CPU per sequential call: Embed of one short text {per_call['embed_one']:.0f} us, GetModelInfo"
-        f" {per_call['model_info']:.0f} us; the embed path beyond the transport {per_call['embed_path']:.0f} us"
-    )
+        for r in rows:
+            print(
+                f"{r['docs_per_request']:>9}{r['docs_per_s']:>10.0f}{r['tokens_per_s']:>12,.0f}{r['p50_ms']:>8.1f}"
+                f"{r['p99_ms']:>8.1f}{r['server_cores_busy']:>10.2f}{r['server_cpu_ms_per_call']:>12.3f}"
+                f"{r['bare_tokenizer']['tokens_per_s']:>12,.0f}{r['vs_bare_tokenizer']:>8.2f}"
+            )
+        print(
+            f"server CPU per sequential call: Embed of one short text {per_call['embed_one']:.0f} us, GetModelInfo"
+            f" {per_call['model_info']:.0f} us; the embed path beyond the transport {per_call['embed_path']:.0f} us"
+        )
+    if args.before:
+        print("after / before:")
+        for a, b in zip(summaries["after"]["rows"], summaries["before"]["rows"], strict=True):
+            print(
+                f"  {a['docs_per_request']:>4} docs/call: docs/s {a['docs_per_s'] / b['docs_per_s']:.2f}x,"
+                f" server CPU per call {a['server_cpu_ms_per_call'] / b['server_cpu_ms_per_call']:.2f}x"
+            )
+        after, before = (summaries[arm]["server_cpu_us_per_call"] for arm in ("after", "before"))
+        print(f"  embed path beyond the transport: {after['embed_path']:.0f} us vs {before['embed_path']:.0f} us")
     print(f"wrote {args.out / 'frontend_serve.json'}")
 
 
@@ -497,6 +556,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=None, help="duration of each level")
     parser.add_argument("--server-arg", action="append", default=[], help="extra `embedpool serve` argument")
     parser.add_argument("--no-auth", action="store_true", help="skip the authentication off/on comparison")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="with --engine null: another checkout (its _native built) whose server runs beside this one's, in turns",
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="with --engine null: rounds per arm (2 with --before)")
     parser.add_argument("--no-doors", action="store_true", help="skip the gRPC vs HTTP vs client comparison")
     parser.add_argument(
         "--baseline-site",

@@ -179,19 +179,26 @@ impl Encoder {
 /// Bytes of text below which a call is tokenized on the calling thread: handing it to rayon's
 /// pool and waiting for it (two thread wake-ups) would cost more than the work saved.
 const SEQUENTIAL_BYTES: usize = 1024;
+/// Bytes of text below which a call keeps the GIL: releasing it and waiting to take it back from
+/// whichever thread took it meanwhile would cost more than the encoding. Kept well under
+/// `SEQUENTIAL_BYTES` so that small calls tokenized on worker threads still run side by side.
+const GIL_HELD_BYTES: usize = 256;
 
-fn is_small(texts: &[&str]) -> bool {
-    texts.len() < 2 || texts.iter().map(|t| t.len()).sum::<usize>() < SEQUENTIAL_BYTES
+fn text_bytes(texts: &[&str]) -> usize {
+    texts.iter().map(|t| t.len()).sum()
 }
 
-/// `encode()` with the GIL released, unless the call is small: then giving the GIL up and taking it
-/// back (waiting for whichever thread took it meanwhile) would cost more than the encoding.
+fn is_small(texts: &[&str]) -> bool {
+    texts.len() < 2 || text_bytes(texts) < SEQUENTIAL_BYTES
+}
+
+/// `encode()` with the GIL released, unless the call is tiny (`GIL_HELD_BYTES`).
 fn in_or_out<T: Send>(
     py: Python<'_>,
     texts: &[&str],
     encode: impl FnOnce() -> Result<T> + Send,
 ) -> Result<T> {
-    if is_small(texts) {
+    if text_bytes(texts) < GIL_HELD_BYTES {
         errors::caught(encode)
     } else {
         errors::detach(py, encode)

@@ -93,9 +93,9 @@ def test_ragged_agrees_with_padded(short: Tokenizer, texts: list[str]) -> None:
 
 @given(st.lists(st.text(min_size=300, max_size=400), min_size=4, max_size=10))
 def test_small_and_large_calls_agree(short: Tokenizer, short_reference: tokenizers.Tokenizer, texts: list[str]) -> None:
-    """A call under 1 KiB of text is tokenized on the calling thread with the GIL held, a larger one over rayon's
-    pool with the GIL released (rust/tokenize.rs `is_small`): the same ids either way. These calls are all over
-    it, and each of their texts alone is under it."""
+    """A call of one text or under 1 KiB is tokenized on the calling thread (under 256 bytes with the GIL held), a
+    larger one over rayon's pool (rust/tokenize.rs `is_small`): the same ids either way. These calls are all over
+    1 KiB, and each of their texts is alone."""
     assert sum(len(t.encode()) for t in texts) >= 1024
     flat, offsets = short.encode_ragged(texts)
     expected = [e.ids for e in short_reference.encode_batch(texts)]
