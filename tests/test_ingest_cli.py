@@ -114,11 +114,11 @@ def test_directory_source_with_state_dir(tmp_path: Path, target: str) -> None:
     (root / "sub" / "b.txt").write_text("second note")
     (root / "sub" / "skip.bin").write_bytes(b"\x00\x01")
     assert [d.document.id for d in read_source(root) if not isinstance(d.document, str)] == ["a.md", "sub/b.txt"]
-    state = tmp_path / "state"
-    state.mkdir()
+    state = tmp_path / "state" / "made-on-first-save"  # not there yet: the first checkpoint makes it
     summary = run_ingest(target, "ingest-dir", root, batch_size=1, state_dir=state)
     assert (summary.documents, summary.inserted) == (2, 2)
     assert _count(target, "ingest-dir") == 2
+    assert state.is_dir() and not checkpoint_path(root, state).exists()  # done: nothing left to resume
 
 
 def test_a_bad_line_names_its_place(tmp_path: Path) -> None:

@@ -58,7 +58,9 @@ def load(path: Path, fresh: Checkpoint) -> Checkpoint | None:
 
 
 def save(path: Path, checkpoint: Checkpoint) -> None:
-    """Atomically: a crash leaves the old checkpoint or the new one, never half of one."""
+    """Atomically: a crash leaves the old checkpoint or the new one, never half of one. The folder is made if
+    it does not exist (a --state-dir named for the first time)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps({"version": _VERSION, **asdict(checkpoint)}) + "\n")
     os.replace(temporary, path)
