@@ -20,7 +20,9 @@ same 1,000-row batches of 384-d vectors:
 
 Everything is timed per batch and summarised by medians over all batches of all rounds. The figure that
 matters is fresh_vs_ceiling: per batch, the ceiling COPY's time over the writer's for the same rows, measured
-one right after the other. Stored counts and hashes are checked after every run.
+one right after the other, the four steps in an order that turns each batch (a step right after another
+commit reads faster, so every arm takes every place equally often). Stored counts and hashes are checked
+after every run.
 
     .venv/bin/python -P bench/writer.py [--quick] [--before DIR] [--rounds N] [--rows N] [--out DIR]
 
@@ -106,21 +108,32 @@ async def _child(uri: str, n_rows: int, label: str) -> dict[str, list[float]]:
         query, twin_query = (sql.SQL(copy).format(target) for target in (table, sql.Identifier(partition_name(twin))))
         # Batch by batch, the ceiling's COPY and then the writer's upsert of the same rows: the load on a shared
         # machine drifts, and the two see the same moment of it.
+        hints: dict[str, Any] = {"absent": True} if hinted else {}
+
+        async def copy(key: str, target: sql.Composed, data: list[bytes]) -> None:
+            started = time.perf_counter()
+            async with plain.transaction(), plain.cursor() as cur, cur.copy(target) as stream:
+                for chunk in data:
+                    await stream.write(chunk)
+            ms[key].append((time.perf_counter() - started) * 1e3)
+
+        async def upsert(key: str, name: str, rows: list[DocumentRow], **options: Any) -> None:
+            started = time.perf_counter()
+            result = await store.upsert(name, rows, **options)
+            ms[key].append((time.perf_counter() - started) * 1e3)
+            assert result.inserted == len(rows), result
+
         for b, (chunks, twin_chunks, batch) in enumerate(zip(streams, twin_streams, batches, strict=True)):
-            for key, target, data in (("copy_ceiling", query, chunks), ("copy_partition", twin_query, twin_chunks)):
-                started = time.perf_counter()
-                async with plain.transaction(), plain.cursor() as cur, cur.copy(target) as stream:
-                    for chunk in data:
-                        await stream.write(chunk)
-                ms[key].append((time.perf_counter() - started) * 1e3)
-            hints: dict[str, Any] = {"absent": True} if hinted else {}
-            started = time.perf_counter()
-            result = await store.upsert(info.name, served[b * BATCH : (b + 1) * BATCH], **hints)
-            ms["writer_fresh"].append((time.perf_counter() - started) * 1e3)
-            started = time.perf_counter()
-            await store.upsert(generic.name, batch)
-            ms["writer_plain"].append((time.perf_counter() - started) * 1e3)
-            assert result.inserted == len(batch), result
+            steps = [
+                copy("copy_ceiling", query, chunks),
+                copy("copy_partition", twin_query, twin_chunks),
+                upsert("writer_fresh", info.name, served[b * BATCH : (b + 1) * BATCH], **hints),
+                upsert("writer_plain", generic.name, batch),
+            ]
+            # The order turns a step each batch: a step right after another commit reads a little faster, and
+            # every arm takes every place equally often.
+            for step in steps[b % 4 :] + steps[: b % 4]:
+                await step
         await plain.execute(sql.SQL("DROP TABLE {}").format(table))
         for name in (info.name, twin.name, generic.name):
             assert (await store.stats(name)).count == n_rows
