@@ -95,6 +95,7 @@ def rpc(method: Method) -> Method:
         token = request_id.set(rid)
         started = time.perf_counter()
         code = grpc.StatusCode.OK
+        recorded = False
         try:
             await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
             if isinstance(request, Malformed):
@@ -107,6 +108,10 @@ def rpc(method: Method) -> Method:
                 raise _domain_error(group) from group
         except EmbedpoolError as exc:
             code = status_for(exc)
+            # Counted before the caller hears the status, as a returned call is before its reply is sent: a scrape
+            # right after the error sees it.
+            metrics.RPC_LATENCY.labels(name, code.name).observe(time.perf_counter() - started)
+            recorded = True
             await abort(context, exc, rid)
         except grpc.aio.AbortError:
             raise
@@ -119,7 +124,8 @@ def rpc(method: Method) -> Method:
             await context.abort(code, f"internal error (request id {rid}): {type(exc).__name__}")
         finally:
             elapsed = time.perf_counter() - started
-            metrics.RPC_LATENCY.labels(name, code.name).observe(elapsed)
+            if not recorded:
+                metrics.RPC_LATENCY.labels(name, code.name).observe(elapsed)
             # Successful calls and refusals under load log at debug (metrics count them; a refusal a line would
             # flood the log exactly when it matters); other failures at info, with their request id.
             log.log(
