@@ -516,21 +516,17 @@ def front_end(args: argparse.Namespace) -> None:
 
 
 async def model_info_load(port: int, concurrency: int, seconds: float) -> int:
-    """`concurrency` callers sending GetModelInfo back to back for `seconds`: the calls made. What the transport,
-    the interceptors and a handler without work cost per call at the load the front-end table runs."""
+    """`concurrency` callers sending GetModelInfo back to back for `seconds` (closed_loop): the calls made. What the
+    transport, the interceptors and a handler without work cost per call at the load the front-end table runs."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = pb_grpc.EmbedderStub(ch)
-        stop = time.perf_counter() + seconds
-        calls = 0
 
-        async def caller() -> None:
-            nonlocal calls
-            while time.perf_counter() < stop:
-                await stub.GetModelInfo(pb.GetModelInfoRequest())
-                calls += 1
+        async def call(_: list[str]) -> tuple[int, int]:
+            await stub.GetModelInfo(pb.GetModelInfoRequest())
+            return 0, 0
 
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-    return max(1, calls)
+        load = await closed_loop(call, [""], concurrency, 1, seconds)
+    return max(1, int(load["requests"]) + 1)  # and closed_loop's warm-up call, inside the CPU measured
 
 
 async def server_cpu_per_call(port: int, server: Any, calls: int) -> dict[str, float]:
