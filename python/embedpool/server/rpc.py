@@ -85,6 +85,13 @@ async def _checked(requests: AsyncIterable[object]) -> AsyncIterator[object]:
         yield request
 
 
+def _counted(method: str, code: grpc.StatusCode, started: float) -> float:
+    """Counts a call in the RPC latency histogram; its duration in seconds."""
+    elapsed = time.perf_counter() - started
+    metrics.RPC_LATENCY.labels(method, code.name).observe(elapsed)
+    return elapsed
+
+
 def rpc(method: Method) -> Method:
     """Wraps a servicer method (self, request, context) -> response."""
     name = method.__name__
@@ -95,7 +102,9 @@ def rpc(method: Method) -> Method:
         token = request_id.set(rid)
         started = time.perf_counter()
         code = grpc.StatusCode.OK
-        recorded = False
+        # A failure is counted before its status is sent, as a returned call is before its reply: a scrape right
+        # after the caller hears the error sees it. None until counted.
+        elapsed: float | None = None
         try:
             await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
             if isinstance(request, Malformed):
@@ -108,10 +117,7 @@ def rpc(method: Method) -> Method:
                 raise _domain_error(group) from group
         except EmbedpoolError as exc:
             code = status_for(exc)
-            # Counted before the caller hears the status, as a returned call is before its reply is sent: a scrape
-            # right after the error sees it.
-            metrics.RPC_LATENCY.labels(name, code.name).observe(time.perf_counter() - started)
-            recorded = True
+            elapsed = _counted(name, code, started)
             await abort(context, exc, rid)
         except grpc.aio.AbortError:
             raise
@@ -121,11 +127,11 @@ def rpc(method: Method) -> Method:
         except Exception as exc:
             code = grpc.StatusCode.INTERNAL
             log.exception("unexpected error in %s", name)
+            elapsed = _counted(name, code, started)
             await context.abort(code, f"internal error (request id {rid}): {type(exc).__name__}")
         finally:
-            elapsed = time.perf_counter() - started
-            if not recorded:
-                metrics.RPC_LATENCY.labels(name, code.name).observe(elapsed)
+            if elapsed is None:
+                elapsed = _counted(name, code, started)
             # Successful calls and refusals under load log at debug (metrics count them; a refusal a line would
             # flood the log exactly when it matters); other failures at info, with their request id.
             log.log(
