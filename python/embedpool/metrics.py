@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -151,12 +151,17 @@ class PoolMetrics:
     inference_splits: Counter
     sessions_in_rotation: Gauge
     model: str
+    _waits: dict[str, Histogram] = field(default_factory=dict, compare=False)
 
     def queue_class_inputs(self, priority: str) -> Gauge:
         return QUEUE_CLASS_INPUTS.labels(self.model, priority)
 
     def queue_wait_seconds(self, priority: str) -> Histogram:
-        return QUEUE_WAIT_SECONDS.labels(self.model, priority)
+        """Bound once per class: `labels()` costs more than the observation (it is taken once per batch)."""
+        wait = self._waits.get(priority)
+        if wait is None:
+            wait = self._waits[priority] = QUEUE_WAIT_SECONDS.labels(self.model, priority)
+        return wait
 
 
 def pool_metrics(model: str) -> PoolMetrics:

@@ -38,6 +38,7 @@ class Permits:
         self.bulk_in_use = 0
         self.bulk_chars_in_use = 0
         self._freed = anyio.Event()
+        self._waiting = 0
 
     def _fits(self, n: int, chars: int, priority: Priority) -> bool:
         if self.in_use + n > self.total or self.chars_in_use + chars > self.total_chars:
@@ -61,7 +62,11 @@ class Permits:
         if n > self.total or chars > self.total_chars:
             raise Overloaded(f"{n} documents ({chars} characters) exceed the whole admission budget")
         while not self._fits(n, chars, priority):
-            await self._freed.wait()
+            self._waiting += 1
+            try:
+                await self._freed.wait()
+            finally:
+                self._waiting -= 1
         self._take(n, chars, priority)
 
     def _take(self, n: int, chars: int, priority: Priority) -> None:
@@ -70,7 +75,6 @@ class Permits:
         if priority is Priority.BULK:
             self.bulk_in_use += n
             self.bulk_chars_in_use += chars
-        self._meters.permits_in_use.set(self.in_use)
 
     def release(self, n: int, chars: int = 0, priority: Priority = Priority.INTERACTIVE) -> None:
         self.in_use -= n
@@ -78,6 +82,10 @@ class Permits:
         if priority is Priority.BULK:
             self.bulk_in_use -= n
             self.bulk_chars_in_use -= chars
+        if self._waiting:  # an event per release would be most of what admission costs a call
+            self._freed.set()
+            self._freed = anyio.Event()
+
+    def publish(self) -> None:
+        """Sets the permits gauge (pool.EmbeddingPool publishes it a few times a second, not on every change)."""
         self._meters.permits_in_use.set(self.in_use)
-        self._freed.set()
-        self._freed = anyio.Event()

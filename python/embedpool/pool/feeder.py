@@ -1,4 +1,4 @@
-"""Feeders: one dedicated thread per inference session, pulling batches from the batch channel.
+"""Feeders: one dedicated thread per inference session, taking batches from the batch channel (pool.handoff).
 
 A batch the engine fails on is split in halves and each half retried, down to single documents, so a
 poison document fails only its own request and an out-of-memory batch is served in smaller pieces. When
@@ -23,10 +23,10 @@ import anyio
 import anyio.from_thread
 import numpy as np
 from anyio.lowlevel import EventLoopToken
-from anyio.streams.memory import MemoryObjectReceiveStream
 from numpy.typing import NDArray
 
 from embedpool import metrics, tracing
+from embedpool.pool.handoff import END, Handoff, Mail, Mailbox
 from embedpool.pool.scheduler import Batch
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class Feeder:
         self,
         name: str,
         session: InferenceSession,
-        batches: MemoryObjectReceiveStream[Batch],
+        handoff: Handoff,
         on_done: Completion,
         token: EventLoopToken,
         rotation: Rotation,
@@ -108,7 +108,8 @@ class Feeder:
     ) -> None:
         self._name = name
         self._session = session
-        self._batches = batches
+        self._handoff = handoff
+        self._mailbox = Mailbox(self._take)
         self._on_done = on_done
         self._token = token
         self._rotation = rotation
@@ -134,45 +135,61 @@ class Feeder:
     def join(self) -> None:
         self._thread.join()
 
-    def close(self) -> None:
-        """Closes this feeder's end of the channel; call on the event loop once the thread has ended."""
-        self._batches.close()
-
     def _run(self) -> None:
-        # A served batch's outcome is handed back in the same trip to the event loop that takes the next batch:
-        # one crossing between the threads per batch rather than two, which is much of what a small call costs.
+        # A served batch's outcome is handed back in the same call onto the event loop that takes the next batch
+        # (pool.handoff): under load, one crossing between the threads per batch.
         finished: tuple[Batch, Outcome] | None = None
         while True:
             if self._out and time.monotonic() >= self._probe_at:
                 self._try_probe()
-            if self._out and self._rotation.in_rotation > 0:
-                if finished is not None:
-                    try:
-                        anyio.from_thread.run_sync(self._finish, *finished, token=self._token)
-                    except _LOOP_GONE:
-                        return
-                    finished = None
-                # Others serve; this one only waits for its next probe (or the end of the pool).
-                if self._stopping.wait(_IDLE_POLL_S):
-                    return
-                continue
             try:
-                batch = anyio.from_thread.run(self._finish_and_receive, finished, token=self._token)
+                if self._out and self._rotation.in_rotation > 0:
+                    if finished is not None:
+                        anyio.from_thread.run_sync(self._finish, *finished, token=self._token)
+                        finished = None
+                    # Others serve; this one only waits for its next probe (or the end of the pool).
+                    if self._stopping.wait(_IDLE_POLL_S):
+                        return
+                    continue
+                # Out of rotation with none in it, batches are still taken, to be answered at once, but a wait
+                # for one ends when a probe is due.
+                item = self._next(finished, _IDLE_POLL_S if self._out else None)
             except _LOOP_GONE:
                 return
             finished = None
-            if batch is not None:
-                finished = (batch, self._serve(batch))
+            if isinstance(item, Batch):
+                finished = (item, self._serve(item))
+            elif item is END:
+                return
 
-    async def _finish_and_receive(self, finished: tuple[Batch, Outcome] | None) -> Batch | None:
-        if finished is not None:
-            self._finish(*finished)
-        # Bounded while out of rotation, so that a probe is tried on time even when no batch comes.
-        with anyio.move_on_after(_IDLE_POLL_S if self._out else None):
-            batch = (await self._batches.receive()).live(anyio.current_time())
-            self._running, self._stop_requested = batch, False
-            return batch
-        return None
+    def _next(self, finished: tuple[Batch, Outcome] | None, timeout: float | None) -> Mail | None:
+        """On the thread: hands `finished` back and takes the next batch, waiting up to `timeout` for one."""
+        # Posted without waiting for the event loop's reply: whatever it is comes through the mailbox, so a thread
+        # that finds no batch waiting is woken once, by the next one, not also by the reply that there is none.
+        # (`run_sync_soon` is the backend call anyio's own from_thread helpers post with.)
+        self._token.backend_class.run_sync_soon(self._exchange, (finished,), self._token.native_token)
+        item = self._mailbox.get(timeout)
+        if item is None and not anyio.from_thread.run_sync(self._handoff.unpark, self._mailbox, token=self._token):
+            item = self._mailbox.get()  # handed over just before the wait ended
+        return item
+
+    def _exchange(self, finished: tuple[Batch, Outcome] | None) -> None:
+        """On the event loop: the thread waits on its mailbox for what this puts there."""
+        try:
+            if finished is not None:
+                self._finish(*finished)
+            item = self._handoff.take_or_park(self._mailbox)
+        except BaseException:
+            self._mailbox.put(END)  # the thread must not wait for ever; the error is the loop's to report
+            raise
+        if item is not None:
+            self._mailbox.put(item)
+
+    def _take(self, batch: Batch) -> Batch:
+        """On the event loop, as `batch` is handed to this feeder: without rows whose callers left meanwhile."""
+        batch = batch.live(anyio.current_time())
+        self._running, self._stop_requested = batch, False
+        return batch
 
     def stop_if_unwanted(self) -> None:
         """On the event loop, when a caller leaves: if nobody waits for the batch being embedded any more, stop

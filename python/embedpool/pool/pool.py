@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from embedpool import metrics, tracing
 from embedpool.errors import DeadlineExceeded, InferenceFailed, InvalidArgument, Unavailable
 from embedpool.pool.admission import Permits
 from embedpool.pool.feeder import Feeder, InferenceSession, Outcome, Rotation
+from embedpool.pool.handoff import Handoff
 from embedpool.pool.job import Job, Stages
 from embedpool.pool.priority import Priority
 from embedpool.pool.scheduler import Batch, BatchLimits, ClassPolicy, Scheduler
@@ -36,6 +38,10 @@ class Tokenizer(Protocol):
 # went 0.74x as fast through the pool with only <= 256 characters inline. Whether many cores turn that around is
 # what bench/frontend.py's `pool_offload` figure measures (the GPU check runs it on 16 cores).
 INLINE_TOKENIZE_CHARS: Final = 2048
+
+
+GAUGE_INTERVAL_S: Final = 0.25
+_NO_SCOPE: Final = contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -95,8 +101,15 @@ class EmbeddingPool:
         self._batch_send, self._batch_receive = anyio.create_memory_object_stream[Batch](depth)
         self._free_slots = anyio.Semaphore(depth)
         classes = ClassPolicy(config.max_interactive_streak, len(self._sessions)) if config.priorities else None
+        self._handoff = Handoff(self._batch_receive)
         self._scheduler = Scheduler(
-            self._ingress_receive, self._batch_send, self._free_slots, config.limits, classes, meters
+            self._ingress_receive,
+            self._batch_send,
+            self._free_slots,
+            config.limits,
+            classes,
+            meters,
+            sent=self._handoff.sent,
         )
         self._rotation = Rotation(len(self._sessions), meters)
         self._feeders: list[Feeder] = []
@@ -149,7 +162,8 @@ class EmbeddingPool:
         traced = tracing.recording()
         tokenizing_ns = 0
         try:
-            with anyio.fail_after(max(0.0, deadline - anyio.current_time()) if deadline < math.inf else None):
+            # No cancel scope without a deadline: it is a fair share of what a small call costs.
+            with anyio.fail_after(max(0.0, deadline - anyio.current_time())) if deadline < math.inf else _NO_SCOPE:
                 if wait:
                     await self._permits.acquire_waiting(n, chars, priority)
                 else:
@@ -165,7 +179,8 @@ class EmbeddingPool:
                 job = Job(ids=ids, offsets=offsets, dim=self._config.dim, deadline=deadline, priority=priority)
                 if traced:
                     job.stages = Stages(queued_ns=tracing.wall_ns())
-                await self._ingress_send.send(job)
+                # Never full (see __init__): no checkpoint, which would cost a turn of the event loop per call.
+                self._ingress_send.send_nowait(job)
                 self._scheduler.notify()
                 await job.done.wait()
         except TimeoutError as exc:
@@ -189,7 +204,7 @@ class EmbeddingPool:
             raise job.error
         if windows is not None:
             return Embeddings(pooled(job.vectors, windows), windows.token_counts, windows.counts)
-        return Embeddings(vectors=job.vectors, token_counts=np.diff(offsets))
+        return Embeddings(vectors=job.vectors, token_counts=job.token_counts)
 
     async def _windows(self, texts: Sequence[str], chars: int, chunking: Chunking) -> Windows:
         splitter = self._splitter
@@ -227,7 +242,7 @@ class EmbeddingPool:
             Feeder(
                 f"feeder-{k}",
                 session,
-                self._batch_receive.clone(),
+                self._handoff,
                 self._complete,
                 token,
                 self._rotation,
@@ -236,19 +251,34 @@ class EmbeddingPool:
             )
             for k, session in enumerate(self._sessions)
         ]
-        self._batch_receive.close()
         for feeder in feeders:
             feeder.start()
         task_status.started()
         try:
-            await self._scheduler.run()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._publish_gauges)
+                await self._scheduler.run()
+                tg.cancel_scope.cancel()
         finally:
+            self._publish()
             with anyio.CancelScope(shield=True):
+                self._handoff.sent()  # the channel is closed: parked feeders get what is left, then the end
                 for feeder in feeders:
                     feeder.stop()
                 for feeder in feeders:
                     await anyio.to_thread.run_sync(feeder.join)
-                    feeder.close()
+                self._handoff.close()
+
+    async def _publish_gauges(self) -> None:
+        # Set on a timer rather than on every change: a call changes the queue and permit gauges four times, and
+        # a scrape (every few seconds at most) sees values at most this old.
+        while True:
+            self._publish()
+            await anyio.sleep(GAUGE_INTERVAL_S)
+
+    def _publish(self) -> None:
+        self._scheduler.publish()
+        self._permits.publish()
 
     def _canary(self) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
         """A known-good one-document input, to tell a broken session from a batch of poison documents."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -88,8 +89,11 @@ class Scheduler:
         limits: BatchLimits,
         classes: ClassPolicy | None = None,
         meters: metrics.PoolMetrics | None = None,
+        sent: Callable[[], None] = lambda: None,
     ) -> None:
+        """`sent`: called after each batch is sent (the feeders' side of the channel, pool.handoff)."""
         self._ingress = ingress
+        self._sent = sent
         self._batches = batches
         self._capacity = capacity
         self._limits = limits
@@ -118,27 +122,33 @@ class Scheduler:
     async def run(self) -> None:
         async with self._ingress, self._batches:
             while True:
-                self._wake = anyio.Event()  # no await until the wait: nothing set in between is missed
+                if self._wake.is_set():
+                    self._wake = anyio.Event()  # no await until the wait: nothing set in between is missed
                 self._drain_ready()
                 if self._next_class() is None:
                     if not self._open and not any(self._queues.values()):
                         return
                     await self._wake.wait()
                     continue
-                await self._capacity.acquire()
+                # The non-blocking forms first: each checkpoint of the awaited ones is a turn of the event loop,
+                # and a call of one document waits for every turn on its way.
+                try:
+                    self._capacity.acquire_nowait()
+                except anyio.WouldBlock:
+                    await self._capacity.acquire()
                 self._drain_ready()
                 batch = self._cut()
                 if batch is None:
                     self._capacity.release()
                     continue
-                await self._batches.send(batch)
+                self._batches.send_nowait(batch)  # a free slot is room in the channel: it holds one batch per slot
+                self._sent()
 
     def _enqueue(self, job: Job) -> None:
         n = len(job)
         self._queues[job.priority].extend(zip(itertools.repeat(job, n), range(n), strict=True))
         self._queued_tokens += sum(job.lengths)
         self._depth[job.priority] += n
-        self._publish_depth()
 
     def _drain_ready(self) -> None:
         """Takes every job already waiting, without blocking; notes when the ingress is closed."""
@@ -188,7 +198,6 @@ class Scheduler:
         queue = self._queues[cls] if cls is not None else None
         window = self._take_window(queue) if queue is not None else []
         if queue is None or not window:
-            self._publish_depth()
             return None
         lengths = np.array([job.lengths[i] for job, i in window], dtype=np.int64)
         plan = _native.plan_batches(
@@ -214,10 +223,10 @@ class Scheduler:
             self._streak = 0
         elif bulk_could_run:
             self._streak += 1
-        self._publish_depth()
         return Batch(ids=ids, mask=mask, entries=entries, real_tokens=real, bulk=bulk)
 
-    def _publish_depth(self) -> None:
+    def publish(self) -> None:
+        """Sets the queue gauges (pool.EmbeddingPool publishes them a few times a second, not on every change)."""
         self._meters.queue_inputs.set(sum(self._depth.values()))
         self._meters.queue_tokens.set(self._queued_tokens)
         for priority, gauge in self._depth_gauges.items():
