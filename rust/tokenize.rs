@@ -133,7 +133,8 @@ impl Encoder {
     }
 
     /// Token ids of every text, in parallel unless the call is small. With `truncate == false` a
-    /// text longer than `max_length` tokens is an error naming its index.
+    /// text longer than `max_length` tokens is an error naming its index: the first such text's,
+    /// however the work was split, so a call refused twice is refused alike.
     pub fn encode_rows(&self, texts: &[&str], truncate: bool) -> Result<Rows> {
         let encode = |(index, text): (usize, &&str)| {
             without_panics(index, || {
@@ -150,7 +151,9 @@ impl Encoder {
         if is_small(texts) {
             texts.iter().enumerate().map(encode).collect()
         } else {
-            texts.par_iter().enumerate().map(encode).collect()
+            // rayon's collect into a `Result` keeps whichever error a thread met first.
+            let rows: Vec<Result<Vec<u32>>> = texts.par_iter().enumerate().map(encode).collect();
+            rows.into_iter().collect()
         }
     }
 

@@ -117,6 +117,18 @@ def test_truncate_false_names_the_offending_index(short: Tokenizer) -> None:
     assert lengths.tolist() == [SHORT_MAX_LENGTH]
 
 
+@given(first=st.integers(0, 60), others=st.sets(st.integers(0, 60), max_size=20))
+def test_a_large_call_names_its_first_text_too_long(short: Tokenizer, first: int, others: set[int]) -> None:
+    """Split over rayon's threads (a call over 1 KiB), the error still names the first text too long, as a call
+    refused again must be refused alike."""
+    texts = ["fine"] * 61
+    for i in {first} | {i for i in others if i > first}:
+        texts[i] = "word " * 100
+    for _ in range(3):
+        with pytest.raises(InputTooLongError, match=rf"^text {first} "):
+            short.encode_ragged(texts, truncate=False)
+
+
 def test_edge_texts(short: Tokenizer) -> None:
     ids, mask, lengths = short.encode(["", "a\x00b", "\U0001f600" * 3, "\u200b\ufeff"])
     assert ids[0, :2].tolist() == [101, 102]
