@@ -113,12 +113,14 @@ def start_server(
         env["PYTHONPATH"] = str(tree / "python")
     proc = subprocess.Popen(cmd + list(args.server_arg), stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None
+    logged: list[str] = []
     for line in proc.stderr:
         if line.startswith("{") and '"port"' in line:
             threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the log pipe drained
             ready = json.loads(line)
             return proc, int(ready["port"]), int(ready["http_port"])
-    raise RuntimeError(f"server exited with {proc.wait()}")
+        logged = [*logged[-19:], line]
+    raise RuntimeError(f"server exited with {proc.wait()}; its last lines:\n{''.join(logged)}")
 
 
 Metadata = tuple[tuple[str, str], ...]

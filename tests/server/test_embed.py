@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
+import pytest
 from numpy.typing import NDArray
 
 from embedpool.v1 import embedpool_pb2 as pb
@@ -69,7 +70,15 @@ def test_skip_vectors_returns_counts_only(stub: pb_grpc.EmbedderStub) -> None:
 
 def test_request_id_is_echoed(stub: pb_grpc.EmbedderStub) -> None:
     _, call = stub.GetModelInfo.with_call(pb.GetModelInfoRequest(), metadata=(("x-request-id", "abc-123"),))
-    assert ("x-request-id", "abc-123") in list(call.initial_metadata())
+    assert ("x-request-id", "abc-123") in list(call.trailing_metadata())
+    _, call = stub.GetModelInfo.with_call(pb.GetModelInfoRequest())
+    made_up = dict(call.trailing_metadata())["x-request-id"]
+    assert len(made_up) == 32 and int(made_up, 16) >= 0  # the server's own, a uuid4 in hex
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Embed(pb.EmbedRequest(documents=[]), metadata=(("x-request-id", "refused-1"),))
+    error = cast(grpc.Call, refused.value)  # a failed call's error is also its Call
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("x-request-id", "refused-1") in [tuple(m) for m in error.trailing_metadata() or ()]
 
 
 def test_model_info(stub: pb_grpc.EmbedderStub) -> None:
