@@ -21,6 +21,7 @@ failed). DIR/gpu_check.json is rewritten after every stage, so a run cut short k
 - frontend: the front end's ceiling, `bench/serve.py --engine null` (a `--device null` server, 16 callers at 1, 8,
   32 and 128 documents per call, beside the bare tokenizer on every core).
 - tokenize_scaling: bench/frontend.py, tokenization tokens/s with k threads (bare and through the pool) vs k x one.
+- call_path: bench/call_path.py, the CPU a 1-document Embed's Python path costs, transport aside (1 and 16 callers).
 Writes DIR/gpu_check.json and DIR/gpu_check.png, and prints a table.
 """
 
@@ -103,6 +104,7 @@ STAGES = (
     "topk",
     "frontend",
     "tokenize_scaling",
+    "call_path",
 )
 
 
@@ -133,6 +135,7 @@ class Plan:
     ingest_args: tuple[str, ...]
     frontend_args: tuple[str, ...]
     scaling_args: tuple[str, ...]
+    call_path_args: tuple[str, ...]
     budgets: dict[str, float]
 
 
@@ -155,7 +158,8 @@ def make_plan(device: str, quick: bool) -> Plan:
                 ingest_args=("--quick", "--seconds", "3"),
                 frontend_args=("--quick", "--seconds", "3"),
                 scaling_args=("--threads", "1,4,16", "--seconds", "0.5"),
-                budgets=budgets(5, 20, 10, 20, 50, 30, 50, 15, 15, 45, 45),
+                call_path_args=("--quick",),
+                budgets=budgets(5, 20, 10, 20, 50, 30, 50, 15, 15, 45, 45, 30),
             )
         return Plan(
             **common,
@@ -172,7 +176,8 @@ def make_plan(device: str, quick: bool) -> Plan:
             ingest_args=("--quick", "--seconds", "5"),
             frontend_args=("--seconds", "6"),
             scaling_args=("--threads", "1,2,4,8,16", "--seconds", "1"),
-            budgets=budgets(10, 20, 15, 30, 80, 40, 60, 25, 30, 75, 90),
+            call_path_args=(),
+            budgets=budgets(10, 20, 15, 30, 80, 40, 60, 25, 30, 75, 90, 45),
         )
     common = {"variant": "fp32_opt", "min_golden_cos": 0.9999, "min_batch_cos": 0.99999, "client_processes": 2}
     if quick:
@@ -191,7 +196,8 @@ def make_plan(device: str, quick: bool) -> Plan:
             ingest_args=("--docs", "32", "--seconds", "1", "--batch", "16"),
             frontend_args=("--quick", "--seconds", "0.3"),
             scaling_args=("--quick", "--threads", "1", "--seconds", "0.1", "--texts", "512"),
-            budgets=budgets(5, 15, 15, 20, 40, 10, 45, 15, 15, 20, 15),
+            call_path_args=("--calls", "160"),
+            budgets=budgets(5, 15, 15, 20, 40, 10, 45, 15, 15, 20, 15, 20),
         )
     return Plan(
         **common,
@@ -208,7 +214,8 @@ def make_plan(device: str, quick: bool) -> Plan:
         ingest_args=("--quick",),
         frontend_args=("--quick",),
         scaling_args=("--quick",),
-        budgets=budgets(5, 15, 20, 60, 120, 60, 90, 20, 30, 60, 60),
+        call_path_args=("--quick",),
+        budgets=budgets(5, 15, 20, 60, 120, 60, 90, 20, 30, 60, 60, 40),
     )
 
 
@@ -685,6 +692,20 @@ def stage_frontend(ctx: Context) -> dict[str, Any]:
     return result
 
 
+def stage_call_path(ctx: Context) -> dict[str, Any]:
+    result = run_bench_script(ctx, "call_path", "call_path.py", ctx.plan.call_path_args, "call_path.json")
+    rows = result["summary"]["after"]
+    result["checks"] = {"both texts measured": set(rows) == {"passage", "query"}}
+    result["headline"] = (
+        ", ".join(
+            f"{kind} {row['path_us_1']:.0f} us alone, {row['path_us_16']:.0f} us under 16 callers"
+            for kind, row in rows.items()
+        )
+        + f" (CPU per call beyond tokenizing, on {result['machine']['cpus']} cpus)"
+    )
+    return result
+
+
 def stage_tokenize_scaling(ctx: Context) -> dict[str, Any]:
     result = run_bench_script(ctx, "tokenize_scaling", "frontend.py", ctx.plan.scaling_args, "frontend.json")
     top = result["results"][-1]
@@ -741,6 +762,9 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         "topk_native_vs_numpy": get("topk", "ratios", "native_vs_numpy"),
         "front_end_docs_per_s": {r["docs_per_request"]: r["docs_per_s"] for r in get("frontend", "rows") or []},
         "front_end_tokens_per_s": {r["docs_per_request"]: r["tokens_per_s"] for r in get("frontend", "rows") or []},
+        "call_path_us_16_callers": {
+            k: r["path_us_16"] for k, r in (get("call_path", "summary", "after") or {}).items()
+        },
     }
     return out
 
@@ -905,6 +929,7 @@ RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "topk": stage_topk,
     "frontend": stage_frontend,
     "tokenize_scaling": stage_tokenize_scaling,
+    "call_path": stage_call_path,
 }
 
 

@@ -45,6 +45,7 @@ CHECK_FILES = (
     "bench/gpu_check.py",
     "bench/serve.py",
     "bench/frontend.py",
+    "bench/call_path.py",
     "bench/corpus.py",
     "bench/tokenize.py",
     "bench/topk.py",

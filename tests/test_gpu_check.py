@@ -27,6 +27,7 @@ STAGES = [
     "topk",
     "frontend",
     "tokenize_scaling",
+    "call_path",
 ]
 CPU = "CPUExecutionProvider"
 MIB = 1 << 20
