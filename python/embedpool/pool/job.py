@@ -56,6 +56,7 @@ class Job:
     vectors: NDArray[np.float32] = field(init=False)
     token_counts: NDArray[np.int64] = field(init=False)
     lengths: list[int] = field(init=False)
+    _starts: list[int] = field(init=False, repr=False)
     """Each document's token count, as Python ints: the scheduler reads them document by document."""
     remaining: int = field(init=False)
     done: anyio.Event = field(default_factory=anyio.Event)
@@ -69,6 +70,7 @@ class Job:
     def __post_init__(self) -> None:
         self.token_counts = self.offsets[1:] - self.offsets[:-1]  # np.diff, without its cost on a small call
         self.lengths = self.token_counts.tolist()
+        self._starts = self.offsets.tolist()  # Python ints: slicing with numpy scalars costs more, per document
         self.remaining = len(self.lengths)
         self.vectors = np.empty((self.remaining, self.dim), dtype=np.float32)
 
@@ -76,7 +78,7 @@ class Job:
         return len(self.offsets) - 1
 
     def tokens(self, i: int) -> NDArray[np.int64]:
-        return self.ids[self.offsets[i] : self.offsets[i + 1]]
+        return self.ids[self._starts[i] : self._starts[i + 1]]
 
     def token_count(self, i: int) -> int:
         return self.lengths[i]
@@ -89,6 +91,11 @@ class Job:
         self.remaining -= 1
         if self.remaining == 0:
             self.done.set()
+
+    @property
+    def finished(self) -> bool:
+        """Answered or failed (`done` is set): no row of a batch is for it any more. Read per row, so no Event."""
+        return self.remaining == 0 or self.error is not None
 
     def fail(self, error: EmbedpoolError) -> None:
         if self.error is None and not self.done.is_set():

@@ -305,7 +305,7 @@ class EmbeddingPool:
         if failed:
             meters.batch_failures.inc()
         for row, (job, i) in enumerate(batch.entries):
-            if job.done.is_set():
+            if job.finished:
                 continue
             if outcome.started_ns and not job.ran:
                 job.ran = True

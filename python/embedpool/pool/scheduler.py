@@ -61,9 +61,9 @@ class Batch:
     def live(self, now: float) -> Batch:
         """This batch without the rows of jobs that expired since it was cut (their callers left, or their
         deadline or another row's failure ended them): no work is spent on results nobody waits for."""
-        keep = [row for row, (job, _) in enumerate(self.entries) if not job.expired(now)]
-        if len(keep) == len(self.entries):
+        if not any(job.expired(now) for job in dict.fromkeys(job for job, _ in self.entries)):  # per job, not row
             return self
+        keep = [row for row, (job, _) in enumerate(self.entries) if not job.expired(now)]
         rows = np.asarray(keep, dtype=np.intp)
         mask = self.mask[rows]
         return Batch(self.ids[rows], mask, [self.entries[r] for r in keep], int(mask.sum()), self.bulk)
@@ -183,21 +183,28 @@ class Scheduler:
         now = anyio.current_time()
         window: list[tuple[Job, int]] = []
         limit = self._limits.max_size * self._limits.window_factor
+        last: Job | None = None
+        gone = False
         while queue and len(window) < limit:
-            job, i = queue.popleft()
-            if job.expired(now):
-                self._queued_tokens -= job.token_count(i)
+            entry = queue.popleft()
+            job = entry[0]
+            if job is not last:  # a job's documents queue together: asked once per job, not per document
+                last, gone = job, job.expired(now)
+            if gone:
+                self._queued_tokens -= job.token_count(entry[1])
                 self._depth[job.priority] -= 1
                 continue
-            window.append((job, i))
+            window.append(entry)
         return window
 
     def _cut(self) -> Batch | None:
         cls = self._next_class()
         bulk_could_run = self._bulk_may_run()
-        queue = self._queues[cls] if cls is not None else None
-        window = self._take_window(queue) if queue is not None else []
-        if queue is None or not window:
+        if cls is None:
+            return None
+        queue = self._queues[cls]
+        window = self._take_window(queue)
+        if not window:
             return None
         lengths = np.array([job.lengths[i] for job, i in window], dtype=np.int64)
         plan = _native.plan_batches(
@@ -215,8 +222,12 @@ class Scheduler:
         )
         real = int(lengths[chosen].sum())
         self._queued_tokens -= real
-        for job, _ in entries:
-            self._depth[job.priority] -= 1
+        if self._classes is not None:
+            self._depth[cls] -= len(entries)  # a batch is cut from one class's queue
+        else:
+            bulk_rows = sum(job.priority is Priority.BULK for job, _ in entries)
+            self._depth[Priority.BULK] -= bulk_rows
+            self._depth[Priority.INTERACTIVE] -= len(entries) - bulk_rows
         bulk = self._classes is not None and cls is Priority.BULK
         if bulk:
             self._bulk_in_flight += 1
