@@ -26,7 +26,7 @@ mod _native {
     #[pymodule_export]
     use crate::errors::{InputTooLongError, InternalError, NativeError};
     #[pymodule_export]
-    use crate::padding::pad_batch;
+    use crate::padding::{pad_batch, pad_gather};
     #[pymodule_export]
     use crate::tokenize::Tokenizer;
     #[pymodule_export]

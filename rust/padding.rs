@@ -79,9 +79,93 @@ pub fn pad_batch<'py>(
     Ok(padded.into_py(py))
 }
 
+/// The rows `(source[k], document[k])` of ragged sources (`ids[j]`, document `d` of source `j` being
+/// `ids[j][offsets[j][d]..offsets[j][d + 1]]`), or an error naming the first row that is not there.
+fn gather_rows<'a>(
+    ids: &[&'a [i64]],
+    offsets: &[&[i64]],
+    source: &[i64],
+    document: &[i64],
+) -> Result<Vec<&'a [i64]>> {
+    if source.len() != document.len() {
+        return Err(Error::argument(
+            "document",
+            "as long as source",
+            document.len() as i64,
+        ));
+    }
+    let span = |j: i64, d: i64| -> Option<&'a [i64]> {
+        let j = usize::try_from(j).ok()?;
+        let d = usize::try_from(d).ok()?;
+        let (ids, offsets) = (*ids.get(j)?, *offsets.get(j)?);
+        let start = usize::try_from(*offsets.get(d)?).ok()?;
+        let end = usize::try_from(*offsets.get(d + 1)?).ok()?;
+        ids.get(start..end)
+    };
+    source
+        .iter()
+        .zip(document)
+        .enumerate()
+        .map(|(k, (&j, &d))| {
+            span(j, d)
+                .ok_or_else(|| Error::argument("source/document", "a row of the sources", k as i64))
+        })
+        .collect()
+}
+
+/// `pad_batch` of rows picked out of several callers' ragged token ids without a Python step per
+/// row: row `k` is document `document[k]` of source `source[k]`.
+#[pyfunction]
+#[pyo3(signature = (ids, offsets, source, document, *, pad_id, multiple))]
+pub fn pad_gather<'py>(
+    py: Python<'py>,
+    ids: Vec<PyReadonlyArray1<'py, i64>>,
+    offsets: Vec<PyReadonlyArray1<'py, i64>>,
+    source: PyReadonlyArray1<'py, i64>,
+    document: PyReadonlyArray1<'py, i64>,
+    pad_id: i64,
+    multiple: i64,
+) -> PyResult<PaddedArrays<'py>> {
+    let multiple = check_multiple("multiple", multiple)?;
+    if ids.len() != offsets.len() {
+        return Err(Error::argument("offsets", "one per ids array", offsets.len() as i64).into());
+    }
+    let ids: Vec<Cow<'_, [i64]>> = ids.iter().map(contiguous).collect();
+    let offsets: Vec<Cow<'_, [i64]>> = offsets.iter().map(contiguous).collect();
+    let (source, document) = (contiguous(&source), contiguous(&document));
+    let padded = errors::detach(py, || {
+        let ids: Vec<&[i64]> = ids.iter().map(AsRef::as_ref).collect();
+        let offsets: Vec<&[i64]> = offsets.iter().map(AsRef::as_ref).collect();
+        let rows = gather_rows(&ids, &offsets, &source, &document)?;
+        Ok(pad_rows(&rows, pad_id, multiple))
+    })?;
+    Ok(padded.into_py(py))
+}
+
+/// A borrowed slice of a contiguous array; anything strided is copied once.
+fn contiguous<'a>(array: &'a PyReadonlyArray1<'_, i64>) -> Cow<'a, [i64]> {
+    match array.as_slice() {
+        Ok(slice) => Cow::Borrowed(slice),
+        Err(_) => Cow::Owned(array.as_array().to_vec()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gathers_rows_of_several_sources() {
+        let (a, b) = ([1, 2, 3, 4, 5], [7, 8]);
+        let (oa, ob) = ([0, 2, 5], [0, 1, 2]);
+        let rows = gather_rows(&[&a, &b], &[&oa, &ob], &[1, 0, 0, 1], &[0, 1, 0, 1]).unwrap();
+        assert_eq!(rows, vec![&[7][..], &[3, 4, 5][..], &[1, 2][..], &[8][..]]);
+        assert!(gather_rows(&[&a], &[&oa], &[0], &[2]).is_err()); // no document 2
+        assert!(gather_rows(&[&a], &[&oa], &[1], &[0]).is_err()); // no source 1
+        assert!(gather_rows(&[&a], &[&oa], &[-1], &[0]).is_err());
+        assert!(gather_rows(&[&a], &[&[0, 9]], &[0], &[0]).is_err()); // offsets past the ids
+        assert!(gather_rows(&[&a], &[&oa], &[0, 0], &[0]).is_err());
+    }
 
     #[test]
     fn round_up_multiples() {

@@ -21,6 +21,7 @@ __all__ = [
     "copy_binary",
     "json_array_items",
     "pad_batch",
+    "pad_gather",
     "plan_batches",
     "stack_vectors",
     "text_faults",
@@ -75,6 +76,18 @@ def pad_batch(
     pieces: Sequence[NDArray[np.int64]], *, pad_id: int, multiple: int
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """Right-pads 1-D id arrays into (ids [b, L], attention_mask [b, L]), L rounded up to multiple."""
+
+def pad_gather(
+    ids: Sequence[NDArray[np.int64]],
+    offsets: Sequence[NDArray[np.int64]],
+    source: NDArray[np.int64],
+    document: NDArray[np.int64],
+    *,
+    pad_id: int,
+    multiple: int,
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """pad_batch of rows of ragged sources: row k is document document[k] of source source[k], whose ids are
+    ids[j][offsets[j][d]:offsets[j][d + 1]]. Raises ValueError for a row that is not there."""
 
 def plan_batches(
     lengths: NDArray[np.int64], *, max_batch_tokens: int, max_batch_size: int, multiple: int

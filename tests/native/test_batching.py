@@ -1,4 +1,4 @@
-"""pad_batch and plan_batches: round trips and scheduling invariants."""
+"""pad_batch, pad_gather and plan_batches: round trips and scheduling invariants."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from embedpool._native import NativeError, Tokenizer, pad_batch, plan_batches
+from embedpool._native import NativeError, Tokenizer, pad_batch, pad_gather, plan_batches
 
 id_rows = st.lists(st.lists(st.integers(0, 30_000), max_size=40), max_size=12)
 
@@ -24,6 +24,35 @@ def test_pad_batch_round_trips(rows: list[list[int]], multiple: int, pad_id: int
         assert ids[i, : len(row)].tolist() == row
         assert (ids[i, len(row) :] == pad_id).all()
         assert mask[i].tolist() == [1] * len(row) + [0] * (ids.shape[1] - len(row))
+
+
+@given(st.lists(id_rows, min_size=1, max_size=5), st.data(), st.integers(1, 16))
+def test_pad_gather_is_pad_batch_of_the_rows_it_names(
+    sources: list[list[list[int]]], data: st.DataObject, multiple: int
+) -> None:
+    """Rows picked out of several callers' ragged ids, in any order and any number of times, pad as the same rows
+    handed to pad_batch one by one."""
+    flats = [np.array([t for r in rows for t in r], dtype=np.int64) for rows in sources]
+    offsets = [np.cumsum([0, *map(len, rows)]).astype(np.int64) for rows in sources]
+    named = [(j, d) for j, rows in enumerate(sources) for d in range(len(rows))]
+    picked = data.draw(st.lists(st.sampled_from(named), max_size=20)) if named else []
+    source = np.array([j for j, _ in picked], dtype=np.int64)
+    document = np.array([d for _, d in picked], dtype=np.int64)
+    ids, mask = pad_gather(flats, offsets, source, document, pad_id=7, multiple=multiple)
+    pieces = [flats[j][offsets[j][d] : offsets[j][d + 1]] for j, d in picked]
+    expected_ids, expected_mask = pad_batch(pieces, pad_id=7, multiple=multiple)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(mask, expected_mask)
+
+
+def test_pad_gather_refuses_rows_that_are_not_there() -> None:
+    flat, offsets = np.arange(5, dtype=np.int64), np.array([0, 2, 5], dtype=np.int64)
+    one = np.array([0], dtype=np.int64)
+    for source, document in ((one, np.array([2])), (np.array([1]), one), (np.array([-1]), one), (one, one[:0])):
+        with pytest.raises(ValueError):
+            pad_gather([flat], [offsets], source, document.astype(np.int64), pad_id=0, multiple=1)
+    with pytest.raises(ValueError):
+        pad_gather([flat], [], one, one, pad_id=0, multiple=1)
 
 
 def test_pad_batch_accepts_strided_views() -> None:

@@ -19,7 +19,8 @@ from embedpool.pool.scheduler import Batch
 
 def _batch(tag: int) -> Batch:
     ids = np.full((1, 8), tag, dtype=np.int64)
-    return Batch(ids=ids, mask=np.ones_like(ids), entries=[], real_tokens=8)
+    empty = np.empty(0, dtype=np.int64)
+    return Batch(ids=ids, mask=np.ones_like(ids), jobs=[], sources=empty, documents=empty, real_tokens=8)
 
 
 @pytest.mark.anyio

@@ -198,7 +198,7 @@ class Feeder:
         if batch is None or self._stop_requested:
             return
         now = anyio.current_time()
-        if all(job.expired(now) for job, _ in batch.entries):
+        if all(job.expired(now) for job in batch.jobs):
             terminate = getattr(self._session, "terminate", None)
             if terminate is not None:
                 self._stop_requested = True
@@ -210,7 +210,7 @@ class Feeder:
         self._on_done(batch, outcome)
 
     def _serve(self, batch: Batch) -> Outcome:
-        n = len(batch.entries)
+        n = len(batch)
         vectors = np.zeros((n, self._dim), np.float32)
         if n == 0:  # every caller left while it waited in the channel
             return Outcome(vectors, set(), 0.0, stopped=True)

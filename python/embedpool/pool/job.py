@@ -46,7 +46,8 @@ class Stages:
 class Job:
     """Created by the caller, filled in by feeders (on the event loop), awaited by the caller.
 
-    `ids`/`offsets` are the ragged token ids from the tokenizer: document i is ids[offsets[i]:offsets[i+1]].
+    `ids`/`offsets` are the ragged token ids from the tokenizer: document i is ids[offsets[i]:offsets[i+1]]. The
+    scheduler and the fan back handle a job's documents as index arrays, never one Python step per document.
     """
 
     ids: NDArray[np.int64]
@@ -55,9 +56,6 @@ class Job:
     deadline: float  # anyio.current_time() clock; inf when the caller set none
     vectors: NDArray[np.float32] = field(init=False)
     token_counts: NDArray[np.int64] = field(init=False)
-    lengths: list[int] = field(init=False)
-    _starts: list[int] = field(init=False, repr=False)
-    """Each document's token count, as Python ints: the scheduler reads them document by document."""
     remaining: int = field(init=False)
     done: anyio.Event = field(default_factory=anyio.Event)
     error: EmbedpoolError | None = None
@@ -69,33 +67,30 @@ class Job:
 
     def __post_init__(self) -> None:
         self.token_counts = self.offsets[1:] - self.offsets[:-1]  # np.diff, without its cost on a small call
-        self.lengths = self.token_counts.tolist()
-        self._starts = self.offsets.tolist()  # Python ints: slicing with numpy scalars costs more, per document
-        self.remaining = len(self.lengths)
+        self.remaining = len(self.token_counts)
         self.vectors = np.empty((self.remaining, self.dim), dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def tokens(self, i: int) -> NDArray[np.int64]:
-        return self.ids[self._starts[i] : self._starts[i + 1]]
-
-    def token_count(self, i: int) -> int:
-        return self.lengths[i]
+    @property
+    def tokens(self) -> int:
+        return int(self.offsets[-1] - self.offsets[0])
 
     def expired(self, now: float) -> bool:
         return self.abandoned or self.error is not None or now >= self.deadline
 
-    def deliver(self, i: int, vector: NDArray[np.float32]) -> None:
-        self.vectors[i] = vector
-        self.remaining -= 1
-        if self.remaining == 0:
-            self.done.set()
-
     @property
     def finished(self) -> bool:
-        """Answered or failed (`done` is set): no row of a batch is for it any more. Read per row, so no Event."""
+        """Answered or failed (`done` is set): no row of a batch is for it any more."""
         return self.remaining == 0 or self.error is not None
+
+    def deliver(self, documents: NDArray[np.int64], vectors: NDArray[np.float32]) -> None:
+        """The vectors of `documents` (each delivered once)."""
+        self.vectors[documents] = vectors
+        self.remaining -= len(documents)
+        if self.remaining == 0:
+            self.done.set()
 
     def fail(self, error: EmbedpoolError) -> None:
         if self.error is None and not self.done.is_set():

@@ -304,27 +304,30 @@ class EmbeddingPool:
             meters.inference_seconds.observe(outcome.seconds)
         if failed:
             meters.batch_failures.inc()
-        for row, (job, i) in enumerate(batch.entries):
+        for job, rows in batch.by_job():  # a step per job, none per row
             if job.finished:
                 continue
             if outcome.started_ns and not job.ran:
                 job.ran = True
                 meters.queue_wait_seconds(job.priority.value).observe((outcome.started_ns - job.queued_ns) / 1e9)
-            if row in failed:
+            bad = [row for row in rows.tolist() if row in failed] if failed else None
+            if bad:
                 # The engine's own message stays in the log: it can name paths, devices or internals.
                 job.fail(
                     Unavailable("no inference session is working; retry later")
                     if outcome.unavailable
-                    else InferenceFailed(f"inference failed on document {i} of this request")
+                    else InferenceFailed(
+                        f"inference failed on document {int(batch.documents[bad].min())} of this request"
+                    )
                 )
             else:
-                job.deliver(i, outcome.vectors[row])
+                job.deliver(batch.documents[rows], outcome.vectors[rows])
             if job.stages is not None:
-                job.stages.ran(batch, len(batch.entries), batch.padded_tokens, outcome.started_ns, outcome.ended_ns)
+                job.stages.ran(batch, len(batch), batch.padded_tokens, outcome.started_ns, outcome.ended_ns)
         if outcome.unavailable:
             return
-        embedded = len(batch.entries) - len(failed)
-        meters.batch_inputs.observe(len(batch.entries))
+        embedded = len(batch) - len(failed)
+        meters.batch_inputs.observe(len(batch))
         meters.batch_tokens.observe(batch.padded_tokens)
         meters.padding_efficiency.observe(batch.real_tokens / max(1, batch.padded_tokens))
         meters.tokens.inc(batch.real_tokens)

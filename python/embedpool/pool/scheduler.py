@@ -14,9 +14,8 @@ Off, every document waits in one queue in arrival order, whatever its class.
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import anyio
@@ -48,11 +47,18 @@ class ClassPolicy:
 
 @dataclass(eq=False)
 class Batch:
+    """Rows of one or more callers' documents: row k is document `documents[k]` of `jobs[sources[k]]`."""
+
     ids: NDArray[np.int64]
     mask: NDArray[np.int64]
-    entries: list[tuple[Job, int]]
+    jobs: list[Job]
+    sources: NDArray[np.int64]
+    documents: NDArray[np.int64]
     real_tokens: int
     bulk: bool = False  # cut from the bulk queue: counts against ClassPolicy.bulk_slots until it is finished
+
+    def __len__(self) -> int:
+        return len(self.sources)
 
     @property
     def padded_tokens(self) -> int:
@@ -61,15 +67,29 @@ class Batch:
     def live(self, now: float) -> Batch:
         """This batch without the rows of jobs that expired since it was cut (their callers left, or their
         deadline or another row's failure ended them): no work is spent on results nobody waits for."""
-        if not any(job.expired(now) for job in dict.fromkeys(job for job, _ in self.entries)):  # per job, not row
+        expired = [job.expired(now) for job in self.jobs]
+        if not any(expired):
             return self
-        keep = [row for row, (job, _) in enumerate(self.entries) if not job.expired(now)]
-        rows = np.asarray(keep, dtype=np.intp)
+        rows = np.flatnonzero(~np.asarray(expired, dtype=bool)[self.sources])
         mask = self.mask[rows]
-        return Batch(self.ids[rows], mask, [self.entries[r] for r in keep], int(mask.sum()), self.bulk)
+        return Batch(
+            self.ids[rows], mask, self.jobs, self.sources[rows], self.documents[rows], int(mask.sum()), self.bulk
+        )
+
+    def by_job(self) -> Iterator[tuple[Job, NDArray[np.intp]]]:
+        """Each job with rows here, and its rows: a step per job, none per row."""
+        order = np.argsort(self.sources, kind="stable")
+        start = 0
+        ends = np.cumsum(np.bincount(self.sources, minlength=len(self.jobs))).tolist()
+        for job, end in zip(self.jobs, ends, strict=True):
+            if end > start:
+                yield job, order[start:end]
+            start = end
 
 
-Queue = deque[tuple[Job, int]]
+Segment = tuple[Job, NDArray[np.int64]]
+"""A job and its documents still waiting, in order (a job queues as one segment; a cut can split it)."""
+Queue = deque[Segment]
 
 
 class Scheduler:
@@ -146,8 +166,8 @@ class Scheduler:
 
     def _enqueue(self, job: Job) -> None:
         n = len(job)
-        self._queues[job.priority].extend(zip(itertools.repeat(job, n), range(n), strict=True))
-        self._queued_tokens += sum(job.lengths)
+        self._queues[job.priority].append((job, np.arange(n, dtype=np.int64)))
+        self._queued_tokens += job.tokens
         self._depth[job.priority] += n
 
     def _drain_ready(self) -> None:
@@ -178,23 +198,24 @@ class Scheduler:
             return Priority.BULK
         return Priority.INTERACTIVE if interactive else None
 
-    def _take_window(self, queue: Queue) -> list[tuple[Job, int]]:
-        """The oldest live documents, dropping abandoned or expired ones on the way (before any work)."""
+    def _take_window(self, queue: Queue) -> list[Segment]:
+        """The oldest live documents, up to the window's size; jobs that expired are dropped on the way (before
+        any work)."""
         now = anyio.current_time()
-        window: list[tuple[Job, int]] = []
+        window: list[Segment] = []
         limit = self._limits.max_size * self._limits.window_factor
-        last: Job | None = None
-        gone = False
-        while queue and len(window) < limit:
-            entry = queue.popleft()
-            job = entry[0]
-            if job is not last:  # a job's documents queue together: asked once per job, not per document
-                last, gone = job, job.expired(now)
-            if gone:
-                self._queued_tokens -= job.token_count(entry[1])
-                self._depth[job.priority] -= 1
+        taken = 0
+        while queue and taken < limit:
+            job, documents = queue.popleft()
+            if job.expired(now):
+                self._queued_tokens -= int(job.token_counts[documents].sum())
+                self._depth[job.priority] -= len(documents)
                 continue
-            window.append(entry)
+            if taken + len(documents) > limit:
+                queue.appendleft((job, documents[limit - taken :]))
+                documents = documents[: limit - taken]
+            window.append((job, documents))
+            taken += len(documents)
         return window
 
     def _cut(self) -> Batch | None:
@@ -206,35 +227,55 @@ class Scheduler:
         window = self._take_window(queue)
         if not window:
             return None
-        lengths = np.array([job.lengths[i] for job, i in window], dtype=np.int64)
+        # The window as flat arrays (position p: document doc_of[p] of window[segment_of[p]]): numpy's steps and
+        # a Python step per segment, none per document.
+        sizes = [len(documents) for _, documents in window]
+        lengths = np.concatenate([job.token_counts[documents] for job, documents in window])
+        doc_of = np.concatenate([documents for _, documents in window])
+        segment_of = np.repeat(np.arange(len(window), dtype=np.int64), sizes)
         plan = _native.plan_batches(
             lengths,
             max_batch_tokens=self._limits.max_tokens,
             max_batch_size=self._limits.max_size,
             multiple=self._limits.pad_multiple,
         )
-        chosen = plan[0]  # holds window[0], the oldest document: nothing starves behind shorter ones
-        picked = set(chosen.tolist())
-        queue.extendleft(reversed([w for j, w in enumerate(window) if j not in picked]))
-        entries = [window[j] for j in chosen.tolist()]
-        ids, mask = _native.pad_batch(
-            [job.tokens(i) for job, i in entries], pad_id=self._limits.pad_id, multiple=self._limits.pad_multiple
+        chosen = plan[0]  # holds position 0, the oldest document: nothing starves behind shorter ones
+        picked = np.zeros(len(lengths), dtype=bool)
+        picked[chosen] = True
+        left: list[Segment] = []
+        start = 0
+        for (job, documents), end in zip(window, np.cumsum(sizes).tolist(), strict=True):
+            rest = documents[~picked[start:end]]
+            if len(rest):
+                left.append((job, rest))
+            start = end
+        queue.extendleft(reversed(left))  # back in front, oldest first
+        used, sources = np.unique(segment_of[chosen], return_inverse=True)
+        jobs = [window[k][0] for k in used.tolist()]
+        documents = doc_of[chosen]
+        sources = sources.astype(np.int64)
+        ids, mask = _native.pad_gather(
+            [job.ids for job in jobs],
+            [job.offsets for job in jobs],
+            sources,
+            documents,
+            pad_id=self._limits.pad_id,
+            multiple=self._limits.pad_multiple,
         )
         real = int(lengths[chosen].sum())
         self._queued_tokens -= real
         if self._classes is not None:
-            self._depth[cls] -= len(entries)  # a batch is cut from one class's queue
+            self._depth[cls] -= len(chosen)  # a batch is cut from one class's queue
         else:
-            bulk_rows = sum(job.priority is Priority.BULK for job, _ in entries)
-            self._depth[Priority.BULK] -= bulk_rows
-            self._depth[Priority.INTERACTIVE] -= len(entries) - bulk_rows
+            for job, rows in zip(jobs, np.bincount(sources, minlength=len(jobs)).tolist(), strict=True):
+                self._depth[job.priority] -= rows
         bulk = self._classes is not None and cls is Priority.BULK
         if bulk:
             self._bulk_in_flight += 1
             self._streak = 0
         elif bulk_could_run:
             self._streak += 1
-        return Batch(ids=ids, mask=mask, entries=entries, real_tokens=real, bulk=bulk)
+        return Batch(ids, mask, jobs, sources, documents, real, bulk)
 
     def publish(self) -> None:
         """Sets the queue gauges (pool.EmbeddingPool publishes them a few times a second, not on every change)."""
