@@ -14,6 +14,7 @@ Off, every document waits in one queue in arrival order, whatever its class.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -78,6 +79,9 @@ class Batch:
 
     def by_job(self) -> Iterator[tuple[Job, NDArray[np.intp]]]:
         """Each job with rows here, and its rows: a step per job, none per row."""
+        if len(self.jobs) == 1:
+            yield self.jobs[0], np.arange(len(self.sources))
+            return
         order = np.argsort(self.sources, kind="stable")
         start = 0
         ends = np.cumsum(np.bincount(self.sources, minlength=len(self.jobs))).tolist()
@@ -228,11 +232,14 @@ class Scheduler:
         if not window:
             return None
         # The window as flat arrays (position p: document doc_of[p] of window[segment_of[p]]): numpy's steps and
-        # a Python step per segment, none per document.
-        sizes = [len(documents) for _, documents in window]
-        lengths = np.concatenate([job.token_counts[documents] for job, documents in window])
-        doc_of = np.concatenate([documents for _, documents in window])
-        segment_of = np.repeat(np.arange(len(window), dtype=np.int64), sizes)
+        # a Python step per segment, none per document. A window of one job (an idle server, a large call) skips
+        # the steps that only sort rows out between jobs: each numpy call costs microseconds on a small batch.
+        one = len(window) == 1
+        lengths = (
+            window[0][0].token_counts[window[0][1]]
+            if one
+            else np.concatenate([job.token_counts[documents] for job, documents in window])
+        )
         plan = _native.plan_batches(
             lengths,
             max_batch_tokens=self._limits.max_tokens,
@@ -240,20 +247,32 @@ class Scheduler:
             multiple=self._limits.pad_multiple,
         )
         chosen = plan[0]  # holds position 0, the oldest document: nothing starves behind shorter ones
-        picked = np.zeros(len(lengths), dtype=bool)
-        picked[chosen] = True
-        left: list[Segment] = []
-        start = 0
-        for (job, documents), end in zip(window, np.cumsum(sizes).tolist(), strict=True):
-            rest = documents[~picked[start:end]]
-            if len(rest):
-                left.append((job, rest))
-            start = end
-        queue.extendleft(reversed(left))  # back in front, oldest first
-        used, sources = np.unique(segment_of[chosen], return_inverse=True)
-        jobs = [window[k][0] for k in used.tolist()]
-        documents = doc_of[chosen]
-        sources = sources.astype(np.int64)
+        if len(chosen) < len(lengths):
+            picked = np.zeros(len(lengths), dtype=bool)
+            picked[chosen] = True
+            left: list[Segment] = []
+            start = 0
+            for (job, documents), end in zip(
+                window, itertools.accumulate(map(len, (d for _, d in window))), strict=True
+            ):
+                rest = documents[~picked[start:end]]
+                if len(rest):
+                    left.append((job, rest))
+                start = end
+            queue.extendleft(reversed(left))  # back in front, oldest first
+        if one:
+            jobs = [window[0][0]]
+            documents = window[0][1][chosen]
+            sources = np.zeros(len(chosen), dtype=np.int64)
+        else:
+            doc_of = np.concatenate([documents for _, documents in window])
+            segment_of = np.repeat(np.arange(len(window), dtype=np.int64), [len(d) for _, d in window])[chosen]
+            per_segment = np.bincount(segment_of, minlength=len(window))
+            used = np.flatnonzero(per_segment)
+            renumber = np.cumsum(per_segment > 0) - 1
+            jobs = [window[k][0] for k in used.tolist()]
+            documents = doc_of[chosen]
+            sources = renumber[segment_of]
         ids, mask = _native.pad_gather(
             [job.ids for job in jobs],
             [job.offsets for job in jobs],
