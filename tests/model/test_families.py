@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
+from embedpool.engine import cpu_has_vnni
 from embedpool.errors import InvalidArgument
 from embedpool.model import ALL_VARIANTS, EmbeddingSession, ModelBundle, convert_checkpoint, load_model_dir
 from embedpool.model.convert import Variant
@@ -151,8 +152,9 @@ def test_fused_variants_match_reference(tmp_path: Path, arch: str, pooling: str)
     ids, mask = BATCHES["right"]
     expected = _reference(weights, config, "right", pooling, normalize=True)
     np.testing.assert_allclose(_session(bundle, "fp32_opt").embed(ids, mask), expected, atol=3e-5)
-    # Reduced precision: close to the reference, not equal to it.
-    for variant in ("fp16", "int8"):
+    # Reduced precision: close to the reference, not equal to it. int8 only where it is served (a VNNI CPU: without
+    # VNNI ORT's u8 x s8 products saturate; tests/model/test_session.py says so when it skips).
+    for variant in ("fp16", "int8") if cpu_has_vnni() else ("fp16",):
         assert row_cosines(_session(bundle, variant).embed(ids, mask), expected).min() >= 0.99, variant
 
 
