@@ -68,13 +68,7 @@ pub fn pad_batch<'py>(
 ) -> PyResult<PaddedArrays<'py>> {
     let multiple = check_multiple("multiple", multiple)?;
     // Views of a contiguous encode_ragged buffer borrow; anything strided is copied once.
-    let rows: Vec<Cow<'_, [i64]>> = pieces
-        .iter()
-        .map(|p| match p.as_slice() {
-            Ok(slice) => Cow::Borrowed(slice),
-            Err(_) => Cow::Owned(p.as_array().to_vec()),
-        })
-        .collect();
+    let rows: Vec<Cow<'_, [i64]>> = pieces.iter().map(contiguous).collect();
     let padded = errors::detach(py, || Ok(pad_rows(&rows, pad_id, multiple)))?;
     Ok(padded.into_py(py))
 }

@@ -235,6 +235,7 @@ class Scheduler:
         # a Python step per segment, none per document. A window of one job (an idle server, a large call) skips
         # the steps that only sort rows out between jobs: each numpy call costs microseconds on a small batch.
         one = len(window) == 1
+        sizes = [len(documents) for _, documents in window]
         lengths = (
             window[0][0].token_counts[window[0][1]]
             if one
@@ -252,9 +253,7 @@ class Scheduler:
             picked[chosen] = True
             left: list[Segment] = []
             start = 0
-            for (job, documents), end in zip(
-                window, itertools.accumulate(map(len, (d for _, d in window))), strict=True
-            ):
+            for (job, documents), end in zip(window, itertools.accumulate(sizes), strict=True):
                 rest = documents[~picked[start:end]]
                 if len(rest):
                     left.append((job, rest))
@@ -266,7 +265,7 @@ class Scheduler:
             sources = np.zeros(len(chosen), dtype=np.int64)
         else:
             doc_of = np.concatenate([documents for _, documents in window])
-            segment_of = np.repeat(np.arange(len(window), dtype=np.int64), [len(d) for _, d in window])[chosen]
+            segment_of = np.repeat(np.arange(len(window), dtype=np.int64), sizes)[chosen]
             per_segment = np.bincount(segment_of, minlength=len(window))
             used = np.flatnonzero(per_segment)
             renumber = np.cumsum(per_segment > 0) - 1
