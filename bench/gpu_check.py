@@ -183,17 +183,19 @@ def make_plan(device: str, quick: bool) -> Plan:
     if quick:
         return Plan(
             **common,
-            engine_docs=64,
-            batch_sizes=(16, 64),
+            # Small enough that every stage runs in seconds on a slow 2-core CI machine: a dry run proves the
+            # stages work, its figures mean nothing.
+            engine_docs=32,
+            batch_sizes=(8, 32),
             st_docs=64,
             st_batch_sizes=(16,),
             levels=(1, 4),
             per_request=8,
-            seconds=2,
+            seconds=1,
             idle_calls=20,
             tokenize_args=("--texts", "300"),
             topk_args=("--rows", "20000"),
-            ingest_args=("--docs", "32", "--seconds", "1", "--batch", "16"),
+            ingest_args=("--docs", "16", "--seconds", "1", "--batch", "8"),
             frontend_args=("--quick", "--seconds", "0.3"),
             scaling_args=("--quick", "--threads", "1", "--seconds", "0.1", "--texts", "512"),
             call_path_args=("--calls", "160"),

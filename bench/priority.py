@@ -58,9 +58,8 @@ from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 
 ARMS = ("on", "off")
 PROBE_GAP_S = 0.01
-STREAM_WINDOW = 8  # Ingest batches in flight per stream: enough that the store's pauses do not drain the queue
-BATCH_DOCUMENTS = 64
-IDS_PER_STREAM = 16 * BATCH_DOCUMENTS  # ids cycle, so the bulk collections stay this size per stream
+IDS_PER_STREAM_BATCHES = 16  # ids cycle, so the bulk collections stay this many batches per stream
+PREFILL_BATCH = 64  # documents per Ingest batch of the probes' collection
 _READY_TIMEOUT_S = 180
 
 
@@ -72,10 +71,32 @@ class Phases:
     bulk_s: float
     probe_documents: int
     warm_batches: int  # batches of bulk alone timed, after warm_s
+    batch_documents: int  # per Ingest batch of the bulk load
+    # Ingest batches in flight per stream: enough that the store's pauses do not drain the queue. An arm ends by
+    # waiting for them, so quick runs keep fewer and smaller ones (on a slow CPU a full window is half a minute).
+    stream_window: int
 
 
-QUICK = Phases(rounds=1, idle_s=2.0, warm_s=1.0, bulk_s=4.0, probe_documents=64, warm_batches=1)
-FULL = Phases(rounds=3, idle_s=10.0, warm_s=3.0, bulk_s=20.0, probe_documents=1024, warm_batches=4)
+QUICK = Phases(
+    rounds=1,
+    idle_s=2.0,
+    warm_s=1.0,
+    bulk_s=4.0,
+    probe_documents=32,
+    warm_batches=1,
+    batch_documents=16,
+    stream_window=3,
+)
+FULL = Phases(
+    rounds=3,
+    idle_s=10.0,
+    warm_s=3.0,
+    bulk_s=20.0,
+    probe_documents=1024,
+    warm_batches=4,
+    batch_documents=64,
+    stream_window=8,
+)
 
 
 class Server:
@@ -120,14 +141,14 @@ class Server:
                 self.proc.wait()
 
 
-def _batch(stream: int, b: int, texts: list[str], collection: str) -> pb.IngestRequest:
-    first = (stream * 7919 + b * BATCH_DOCUMENTS) % len(texts)
+def _batch(stream: int, b: int, texts: list[str], collection: str, size: int) -> pb.IngestRequest:
+    first = (stream * 7919 + b * size) % len(texts)
     documents = [
         pb.Document(
-            id=f"s{stream}-{(b * BATCH_DOCUMENTS + i) % IDS_PER_STREAM}",
+            id=f"s{stream}-{(b * size + i) % (IDS_PER_STREAM_BATCHES * size)}",
             text=f"{b} {texts[(first + i) % len(texts)]}",  # new text each time: embedded, never skipped as unchanged
         )
-        for i in range(BATCH_DOCUMENTS)
+        for i in range(size)
     ]
     return pb.IngestRequest(collection=collection if b == 0 else "", batch_id=b, documents=documents)
 
@@ -137,6 +158,7 @@ async def _ingest_streams(
     collection: str,
     streams: int,
     texts: list[str],
+    phases: Phases,
     stop: ProcessEvent,
     out: multiprocessing.Queue[Any],
     acknowledged: list[int],
@@ -144,13 +166,13 @@ async def _ingest_streams(
     stopping = asyncio.Event()
 
     async def stream(s: int) -> None:
-        window = asyncio.Semaphore(STREAM_WINDOW)
+        window = asyncio.Semaphore(phases.stream_window)
 
         async def requests() -> Any:
             b = 0
             while not stopping.is_set():
                 await window.acquire()
-                yield _batch(s, b, texts, collection)
+                yield _batch(s, b, texts, collection, phases.batch_documents)
                 b += 1
 
         async for ack in stub.Ingest(requests()):
@@ -170,12 +192,18 @@ async def _ingest_streams(
 
 
 def bulk_load(
-    target: str, collection: str, streams: int, texts: list[str], stop: ProcessEvent, out: multiprocessing.Queue[Any]
+    target: str,
+    collection: str,
+    streams: int,
+    texts: list[str],
+    phases: Phases,
+    stop: ProcessEvent,
+    out: multiprocessing.Queue[Any],
 ) -> None:
     """In its own process: Ingest streams until `stop`. Puts "acknowledged" on `out` at the first acknowledgement,
     and at the end the documents acknowledged in all."""
     acknowledged: list[int] = []
-    asyncio.run(_ingest_streams(target, collection, streams, texts, stop, out, acknowledged))
+    asyncio.run(_ingest_streams(target, collection, streams, texts, phases, stop, out, acknowledged))
     out.put(sum(acknowledged))
 
 
@@ -205,7 +233,9 @@ def under_bulk(
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     out: multiprocessing.Queue[Any] = context.Queue()
-    loader = context.Process(target=bulk_load, args=(server.target, f"bulk_{server.mode}", streams, texts, stop, out))
+    loader = context.Process(
+        target=bulk_load, args=(server.target, f"bulk_{server.mode}", streams, texts, phases, stop, out)
+    )
     loader.start()
     try:
         assert out.get(timeout=_READY_TIMEOUT_S) == "acknowledged"
@@ -247,9 +277,9 @@ def prefill(target: str, collection: str, texts: list[str]) -> None:
             pb.IngestRequest(
                 collection=collection if b == 0 else "",
                 batch_id=b,
-                documents=[pb.Document(id=f"p{b}-{i}", text=t) for i, t in enumerate(texts[b : b + BATCH_DOCUMENTS])],
+                documents=[pb.Document(id=f"p{b}-{i}", text=t) for i, t in enumerate(texts[b : b + PREFILL_BATCH])],
             )
-            for b in range(0, len(texts), BATCH_DOCUMENTS)
+            for b in range(0, len(texts), PREFILL_BATCH)
         ]
         for ack in stub.Ingest(iter(batches), timeout=600):
             assert not ack.rejected
@@ -304,10 +334,8 @@ def summarize(args: argparse.Namespace, phases: Phases, rounds: list[dict[str, A
         "config": {
             "quick": args.quick,
             "streams": args.streams,
-            "ingest_batch_documents": BATCH_DOCUMENTS,
             "probe_gap_ms": PROBE_GAP_S * 1000,
             "probe_gap_under_bulk": "probe_gap_ms + uniform(0, one batch's inference)",
-            "stream_window_batches": STREAM_WINDOW,
             **{k: v for k, v in vars(phases).items()},
         },
         "idle": idle,

@@ -19,7 +19,7 @@ sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "
 import chaos
 from _chaos_server import ServerProcess
 
-CAPACITY = 256
+CAPACITY = 64  # small: the warm-up embeds 2 x CAPACITY of the longest passages, and a slow CPU takes minutes at 256
 pytestmark = pytest.mark.timeout(600)
 
 

@@ -146,7 +146,7 @@ def test_two_servers_drain_one_queue_without_storing_a_row_twice(
 def test_a_server_killed_during_a_backfill_loses_and_repeats_nothing(
     postgres: EmbeddedPostgres, model_dir: Path, tmp_path: Path
 ) -> None:
-    url, name, n = postgres.uri, f"s_{uuid.uuid4().hex[:8]}", 5000
+    url, name, n = postgres.uri, f"s_{uuid.uuid4().hex[:8]}", 2000
     make_articles(url, name, n)
     server = Server(url, model_dir, tmp_path / "data")
     try:
