@@ -22,8 +22,8 @@ from embedpool.server.app import Running, serve
 from ..conftest import SettingsFactory
 
 MODEL = "all-MiniLM-L6-v2"
-# Enough work to be in flight for a while on two shared cores, well under the request limits.
-SLOW = {"input": [f"a long passage about draining servers, number {i}. " * 24 for i in range(256)], "model": MODEL}
+# Enough work to be in flight for seconds on two cores (about 9 s on a slow AVX2 host), well under the limits.
+SLOW = {"input": [f"a long passage about draining servers, number {i}. " * 24 for i in range(96)], "model": MODEL}
 
 
 @dataclass
