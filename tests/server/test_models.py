@@ -166,7 +166,7 @@ def test_each_model_has_its_own_admission_budget(two_models: Running, stub: pb_g
     lock = threading.Lock()
 
     def flood() -> None:
-        texts = [f"a long document {i} " * 40 for i in range(64)]
+        texts = [f"a long document {i} " * 20 for i in range(64)]  # about 80 tokens: busy for seconds, not tens
         for _ in range(3):
             try:
                 _embed(stub, texts)
