@@ -1,5 +1,6 @@
-"""Hypothesis: any sequence of inserts, updates, id changes and deletes in the source table, interleaved with
-sync worker batches (some running while the table changes), ends with the collection equal to the table.
+"""Hypothesis: any sequence of inserts, updates, id changes, deletes and TRUNCATEs in the source table,
+interleaved with sync worker batches (some running while the table changes), ends with the collection equal to
+the table.
 
 The core is assembled in-process (real model, pool, store and Postgres; no door) so that the test decides when
 a worker takes a batch: the server's own workers would take them whenever they liked.
@@ -81,6 +82,8 @@ STEPS = st.one_of(
     st.tuples(st.just("rekey"), IDS, IDS, st.just("")),
     st.tuples(st.just("work"), st.integers(1, 3), st.just(0), st.just("")),
     st.tuples(st.just("work_while_changing"), IDS, st.just(0), TEXTS),
+    st.tuples(st.just("truncate"), st.just(0), st.just(0), st.just("")),
+    st.tuples(st.just("work_while_truncating"), st.just(0), st.just(0), st.just("")),
 )
 
 
@@ -93,6 +96,8 @@ def _change(conn: psycopg.Connection[tuple[object, ...]], table: str, step: Step
         )
     elif kind == "delete":
         conn.execute(f"DELETE FROM {table} WHERE id = %s", (a,))
+    elif kind in ("truncate", "work_while_truncating"):  # waits for a batch that has read the table
+        conn.execute(f"TRUNCATE {table}")
     elif kind == "rekey":
         conn.execute(
             f"UPDATE {table} SET id = %s WHERE id = %s AND NOT EXISTS (SELECT 1 FROM {table} WHERE id = %s)", (b, a, b)
@@ -113,7 +118,7 @@ def test_the_collection_converges_to_the_table(harness: tuple[BlockingPortal, Ha
             if step[0] == "work":
                 for _ in range(step[1]):
                     portal.call(h.workers.batch, record)
-            elif step[0] == "work_while_changing":  # a batch in flight while the row changes under it
+            elif step[0] in ("work_while_changing", "work_while_truncating"):  # a batch in flight meanwhile
                 batch = portal.start_task_soon(h.workers.batch, record)
                 _change(conn, name, step)
                 batch.result(60)

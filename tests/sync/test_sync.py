@@ -9,10 +9,12 @@ and SIGKILL: test_sync_processes.py.)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import anyio
 import httpx
 import psycopg
 import pytest
@@ -21,6 +23,7 @@ from embedpool.client import Client
 from embedpool.engine import Engine, load_engine
 from embedpool.errors import AlreadyExists, InvalidArgument, NotFound
 from embedpool.server.app import Running
+from embedpool.store import sync_source as source_db
 
 from ..conftest import SettingsFactory, serving
 from .conftest import collection_rows, expected, make_articles, wait_until
@@ -105,6 +108,85 @@ def test_the_collection_follows_inserts_updates_deletes_and_the_filter(sync_serv
     assert (status.backlog_rows, status.dead_rows, status.lag_seconds) == (0, 0, 0.0)
     assert status.rows_per_second > 0  # the rows of the last minute
     assert name in [s.name for s in client.list_syncs()]
+
+
+def _stored_documents(running: Running) -> dict[str, float]:
+    """embedpool_store_documents_total by outcome (process-wide: the module's tests run one at a time)."""
+    found = {}
+    for line in httpx.get(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10).text.splitlines():
+        if line.startswith("embedpool_store_documents_total{"):
+            found[line.split('"')[1]] = float(line.split()[-1])
+    return found
+
+
+def test_a_truncate_reaches_the_collection_and_a_reload_embeds_nothing_again(
+    sync_server: Running, client: Client
+) -> None:
+    url = sync_server.database_url
+    name = table = _name()
+    make_articles(url, table, 12)
+    client.create_sync(
+        name, source=table, id_column="id", text="title || ' ' || body", collection=name, metadata_columns=["tag"]
+    )
+    wait_until(_converged(url, client, name, table), what="the backfill")
+    before = _stored_documents(sync_server)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE TEMP TABLE saved AS SELECT * FROM {table} WHERE id <= 8")
+        with conn.transaction():  # the usual reload: empty the table and load it again, 4 rows fewer
+            conn.execute(f"TRUNCATE {table}")
+            conn.execute(f"INSERT INTO {table} SELECT * FROM saved")
+    wait_until(_converged(url, client, name, table), what="the reload")
+    assert sorted(collection_rows(url, name), key=int) == [str(i) for i in range(1, 9)]
+    after = _stored_documents(sync_server)
+    # The 8 reloaded rows were seen unchanged (neither embedded nor written); the 4 others were removed.
+    assert after.get("inserted", 0) == before.get("inserted", 0)
+    assert after.get("updated", 0) == before.get("updated", 0)
+    assert after.get("unchanged", 0) - before.get("unchanged", 0) >= 8
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"TRUNCATE {table}")
+        conn.execute(f"INSERT INTO {table} VALUES (50, 'after', 'the second truncate', 'even')")
+    wait_until(_converged(url, client, name, table), what="the second truncate")
+    assert list(collection_rows(url, name)) == ["50"]
+
+
+def test_a_sync_installed_before_truncate_capture_gets_it(sync_server: Running) -> None:
+    """An older embedpool installed the row trigger only: `upgrade` (run by a worker once per sync) adds the
+    TRUNCATE capture and its table, and a second run finds nothing to do."""
+    url = sync_server.database_url
+    table = _name()
+    make_articles(url, table, 2)
+    source = source_db.SyncSource(table, "public", table, "id", "integer", "body")
+
+    async def run(step: Callable[[psycopg.AsyncConnection[Any]], Awaitable[Any]]) -> Any:
+        async with await psycopg.AsyncConnection.connect(url) as conn, conn.transaction():
+            return await step(conn)
+
+    async def as_before(conn: psycopg.AsyncConnection[Any]) -> None:
+        await source_db.install(conn, source)
+        await conn.execute(f"DROP TRIGGER {source.truncate_trigger_name} ON {table}")
+        await conn.execute("DROP TABLE embedpool_sync.truncations")
+
+    def truncate_triggers() -> int:
+        with psycopg.connect(url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_trigger WHERE tgrelid = %s::regclass AND tgname = %s",
+                (table, source.truncate_trigger_name),
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    anyio.run(run, as_before)
+    assert truncate_triggers() == 0
+    assert anyio.run(run, functools.partial(source_db.upgrade, source=source)) is True
+    assert truncate_triggers() == 1
+    assert anyio.run(run, functools.partial(source_db.upgrade, source=source)) is False
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"TRUNCATE {table}")
+        marked = conn.execute("SELECT count(*) FROM embedpool_sync.truncations WHERE sync = %s", (table,)).fetchone()
+    assert marked == (1,)
+    anyio.run(run, functools.partial(source_db.uninstall, source=source))
+    assert truncate_triggers() == 0
 
 
 def test_pause_queues_changes_and_resume_works_them(sync_server: Running, client: Client) -> None:

@@ -39,6 +39,7 @@ _log = logging.getLogger("embedpool.sync")
 _BACKOFF_S: Final = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 _LIST_EVERY_S: Final = 1.0
 _BATCH_DEADLINE_S: Final = 120.0
+_REQUEUE_PAGE: Final = 10_000
 _ROW_ERRORS: Final = (InvalidArgument, InferenceFailed)
 """Errors that belong to a row (its text, its metadata, the engine failing on it): retried and dead-lettered
 per row. Any other error fails the batch, which is rolled back and retried whole."""
@@ -64,6 +65,7 @@ class SyncWorkers:
         self._active: list[SyncRecord] = []
         self._listed_at = -math.inf
         self._labels: set[str] = set()
+        self._upgraded: set[str] = set()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Until cancelled. With 0 workers this server works no syncs (others sharing the database do)."""
@@ -116,7 +118,14 @@ class SyncWorkers:
         """Works one batch of `record`'s queue; returns the rows it settled (stored, removed or failed)."""
         name = record.name
         try:
+            if name not in self._upgraded:
+                async with self._sources.connection(record.database, work=True) as conn, conn.transaction():
+                    if await source_db.upgrade(conn, record.source):
+                        _log.info("sync %s: its source table's TRUNCATE is now captured", name)
+                self._upgraded.add(name)
             async with self._sources.connection(record.database, work=True) as conn, conn.transaction():
+                if await source_db.take_truncation(conn, name):
+                    return await self._requeue(conn, record)
                 claimed = await source_db.claim(conn, name, self._config.batch_size)
                 if claimed is None:
                     return 0
@@ -138,6 +147,17 @@ class SyncWorkers:
         except EmbedpoolError as e:  # progress is for `sync status` only: never fail the batch for it
             _log.info("sync %s: progress not recorded: %s", name, e)
         return settled
+
+    async def _requeue(self, conn: AsyncConnection[Any], record: SyncRecord) -> int:
+        """After a TRUNCATE of the source table: a change of every id the collection holds, in the transaction
+        that clears the mark. Each is then stored again (unchanged rows are not embedded) or removed, as the
+        table has it by then; a row written since the TRUNCATE has queued its own change too."""
+        queued, after = 0, None
+        while ids := await self._store.document_ids(record.collection, after=after, limit=_REQUEUE_PAGE):
+            await source_db.queue_ids(conn, record.name, ids)
+            queued, after = queued + len(ids), ids[-1]
+        _log.info("sync %s: its source table was truncated; %d stored ids queued to be checked", record.name, queued)
+        return max(queued, 1)  # worked: the loop comes back for the queue at once
 
     async def _settle(
         self, conn: AsyncConnection[Any], record: SyncRecord, claimed: source_db.Claimed

@@ -320,6 +320,11 @@ class Store:
         async with self._connection() as conn:
             return await writer.delete(conn, collection, ids)
 
+    async def document_ids(self, collection: str, *, after: str | None = None, limit: int = 10_000) -> list[str]:
+        """A page of the collection's ids in id order: pass the last one as `after` for the next."""
+        async with self._connection() as conn:
+            return await writer.ids_after(conn, collection, after, limit)
+
     async def delete_where(self, collection: str, filter: dict[str, Any]) -> int:
         async with self._connection() as conn:
             return await writer.delete_where(conn, collection, filter)

@@ -14,6 +14,10 @@ A worker's batch is one transaction on the source database, held while it embeds
 A crash anywhere rolls the transaction back: the entries stay, and the next worker repeats the batch, which
 the idempotent upsert turns into no visible change. A change made while a batch works queues a new entry that
 this batch does not delete, so the row is embedded again with its newest text.
+
+A TRUNCATE names no rows: a statement trigger marks the sync in `truncations`, and the worker that clears the
+mark queues an entry for every id the collection holds (service.sync_worker). A batch's read of the table holds
+a lock TRUNCATE waits for, so no batch stores a row from before a TRUNCATE after it.
 """
 
 from __future__ import annotations
@@ -37,9 +41,12 @@ __all__ = [
     "failed",
     "has_queue",
     "install",
+    "queue_ids",
     "queue_stats",
     "read_rows",
+    "take_truncation",
     "uninstall",
+    "upgrade",
 ]
 
 CHANNEL: Final = "embedpool_sync"
@@ -80,6 +87,16 @@ BEGIN
     RETURN NULL;
 END
 $$;
+-- TRUNCATE fires no row trigger and names no rows: a statement trigger marks the sync, and a worker then
+-- queues every id its collection holds, each stored again or removed as the table now has it.
+CREATE TABLE IF NOT EXISTS embedpool_sync.truncations (sync text PRIMARY KEY);
+CREATE OR REPLACE FUNCTION embedpool_sync.capture_truncate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO embedpool_sync.truncations (sync) VALUES (TG_ARGV[0]) ON CONFLICT DO NOTHING;
+    PERFORM pg_notify('embedpool_sync', TG_ARGV[0]);
+    RETURN NULL;
+END
+$$;
 """
 # Two-key advisory locks: this namespace, then a hash of sync and row id (a collision only makes a worker
 # skip a row another holds, for one batch).
@@ -107,6 +124,11 @@ class SyncSource:
     @property
     def trigger(self) -> sql.Identifier:
         return sql.Identifier(f"embedpool_sync_{self.name}")
+
+    @property
+    def truncate_trigger_name(self) -> str:
+        # A short prefix: names are at most 48 characters and Postgres cuts identifiers at 63 bytes.
+        return f"embedpool_tr_{self.name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +201,7 @@ async def install(conn: AsyncConnection[Any], source: SyncSource) -> int:
     """In the caller's transaction: the queue schema, the source table's trigger, and one entry per existing
     row (the backfill); returns how many. CREATE TRIGGER locks out writers until the transaction commits, so
     no change falls between the backfill and the trigger."""
-    await conn.execute(_SCHEMA)  # a constant
+    await _schema(conn)
     await conn.execute(
         sql.SQL(
             "CREATE TRIGGER {trigger} AFTER INSERT OR UPDATE OR DELETE ON {relation}"
@@ -191,6 +213,7 @@ async def install(conn: AsyncConnection[Any], source: SyncSource) -> int:
             column=sql.Literal(source.id_column),
         )
     )
+    await _truncate_trigger(conn, source)
     cur = await conn.execute(
         sql.SQL("INSERT INTO embedpool_sync.changes (sync, row_id) SELECT {name}, {id}::text FROM {relation}").format(
             name=sql.Literal(source.name), id=sql.Identifier(source.id_column), relation=source.relation
@@ -200,10 +223,73 @@ async def install(conn: AsyncConnection[Any], source: SyncSource) -> int:
     return cur.rowcount
 
 
+async def _schema(conn: AsyncConnection[Any]) -> None:
+    # Serialized: CREATE OR REPLACE FUNCTION from two sessions at once fails with "tuple concurrently updated".
+    await conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_SPACE,))
+    await conn.execute(_SCHEMA)  # a constant
+
+
+async def _truncate_trigger(conn: AsyncConnection[Any], source: SyncSource) -> None:
+    await conn.execute(
+        sql.SQL(
+            "CREATE TRIGGER {trigger} AFTER TRUNCATE ON {relation}"
+            " FOR EACH STATEMENT EXECUTE FUNCTION embedpool_sync.capture_truncate({name})"
+        ).format(
+            trigger=sql.Identifier(source.truncate_trigger_name),
+            relation=source.relation,
+            name=sql.Literal(source.name),
+        )
+    )
+
+
+async def upgrade(conn: AsyncConnection[Any], source: SyncSource) -> bool:
+    """In the caller's transaction: what a sync installed by an older embedpool lacks (the TRUNCATE capture).
+    Returns whether anything was added. A source table that is gone gets no trigger."""
+    relation = source.relation.as_string(conn)
+    cur = await conn.execute(
+        "SELECT to_regclass('embedpool_sync.truncations') IS NOT NULL, to_regclass(%s) IS NOT NULL,"
+        " EXISTS (SELECT FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND tgname = %s)",
+        (relation, relation, source.truncate_trigger_name),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    has_schema, table_exists, has_trigger = row
+    if not has_schema:
+        await _schema(conn)
+    if table_exists and not has_trigger:
+        await _truncate_trigger(conn, source)
+    return not has_schema or (table_exists and not has_trigger)
+
+
+async def take_truncation(conn: AsyncConnection[Any], sync: str) -> bool:
+    """In the batch's transaction: whether the source table was truncated since a worker last looked (the mark
+    is cleared when the transaction commits; a concurrent worker waits for it, then finds none)."""
+    cur = await conn.execute("DELETE FROM embedpool_sync.truncations WHERE sync = %s RETURNING sync", (sync,))
+    return await cur.fetchone() is not None
+
+
+async def queue_ids(conn: AsyncConnection[Any], sync: str, row_ids: Sequence[str]) -> None:
+    """Queues a change of each of `row_ids`, as the row trigger would."""
+    await conn.execute(
+        "INSERT INTO embedpool_sync.changes (sync, row_id) SELECT %s, unnest(%s::text[])", (sync, list(row_ids))
+    )
+
+
 async def uninstall(conn: AsyncConnection[Any], source: SyncSource) -> None:
-    """Removes the sync's trigger and queue entries (the schema stays for the database's other syncs)."""
+    """Removes the sync's triggers, queue entries and mark (the schema stays for the database's other syncs)."""
     await conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(source.trigger, source.relation))
+    await conn.execute(
+        sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(source.truncate_trigger_name), source.relation)
+    )
     await conn.execute("DELETE FROM embedpool_sync.changes WHERE sync = %s", (source.name,))
+    if await _has_truncations(conn):
+        await conn.execute("DELETE FROM embedpool_sync.truncations WHERE sync = %s", (source.name,))
+
+
+async def _has_truncations(conn: AsyncConnection[Any]) -> bool:
+    cur = await conn.execute("SELECT to_regclass('embedpool_sync.truncations') IS NOT NULL")
+    row = await cur.fetchone()
+    return bool(row and row[0])
 
 
 async def claim(conn: AsyncConnection[Any], sync: str, limit: int) -> Claimed | None:

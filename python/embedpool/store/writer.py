@@ -455,6 +455,18 @@ async def hashes(conn: AsyncConnection[Any], info: CollectionInfo, ids: list[str
     return {doc_id: bytes(digest) for doc_id, digest in await cur.fetchall()}
 
 
+async def ids_after(conn: AsyncConnection[Any], collection: str, after: str | None, limit: int) -> list[str]:
+    """Up to `limit` of the collection's ids, in id order, after `after` (from the start when None)."""
+    info = await collections.lookup(conn, collection)
+    cur = await conn.execute(
+        sql.SQL("SELECT id FROM {} WHERE collection_id = %s::int8 AND id > %s ORDER BY id LIMIT %s").format(
+            sql.Identifier(collections.partition_name(info))
+        ),
+        (info.id, after if after is not None else "", limit),
+    )
+    return [doc_id for (doc_id,) in await cur.fetchall()]
+
+
 def checked_ids(ids: Sequence[str]) -> list[str]:
     if isinstance(ids, str):
         raise InvalidArgument("ids must be a sequence of strings, not one string")
