@@ -4,6 +4,7 @@ truncate, the window cap, admission counting windows, and the HTTP door."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,31 @@ def test_windows_stored_as_passages_of_their_document(
     assert [row.id for row in _rows(stub, "passages", "doc")] == ["doc#w0", "doc#w1", "doc#w2"]
     again = stub.Embed(pb.EmbedRequest(documents=[shorter], skip_vectors=True, **store), timeout=120)
     assert again.upsert.unchanged == 3
+
+
+def test_concurrent_versions_of_a_document_never_leave_its_windows_mixed(
+    server: Running, stub: pb_grpc.EmbedderStub, words: list[str]
+) -> None:
+    """A 4-window and a 2-window version of one document, sent at once, round after round: each write's rows and
+    its removal of the longer version's extra windows are one transaction, so what is stored is always one whole
+    version (separate statements could leave the long version's first windows with its last ones removed)."""
+    stub.CreateCollection(pb.CreateCollectionRequest(name="versions"), timeout=60)
+    store: dict[str, Any] = {"collection": "versions", "long_inputs": pb.LONG_INPUTS_CHUNK, "store_windows": True}
+    for r in range(6):  # new words each round: every version is embedded and written again
+        versions = [" ".join(words[r : r + 4 * WIDTH]), " ".join(words[r + 1 : r + 1 + 2 * WIDTH])]
+        requests = [
+            pb.EmbedRequest(documents=[pb.Document(id="doc", text=text)], skip_vectors=True, **store)
+            for text in versions
+        ]
+        with ThreadPoolExecutor(2) as pool:
+            replies = list(pool.map(lambda q: stub.Embed(q, timeout=120), requests))
+        assert [len(reply.ids) for reply in replies] == [4, 2]
+        rows = _rows(stub, "versions", "doc")
+        assert [row.id for row in rows] == [f"doc#w{k}" for k in range(len(rows))]
+        counts = {int(row.metadata["windows"]) for row in rows}  # type: ignore[arg-type]  # Struct numbers
+        assert counts == {len(rows)}, (r, [dict(row.metadata) for row in rows])
+        whole = next(text for text in versions if text.startswith(rows[0].text))
+        assert whole.endswith(rows[-1].text)
 
 
 @pytest.mark.parametrize(

@@ -141,6 +141,27 @@ async def test_an_assumption_of_unchanged_rows_is_confirmed_when_writing(store: 
     assert (await _stored(store, collection, 3))["d2"] == "text 2 v2"
 
 
+async def test_removed_ids_go_in_the_writing_transaction_or_not_at_all(store: Store, collection: str) -> None:
+    vectors = unit_vectors(5, DIM)
+    everything = {f"d{i}" for i in range(5)}
+    await store.upsert(collection, rows(vectors, tag="v1"))
+    result = await store.upsert(collection, rows(vectors[:2], tag="v2"), remove=["d2", "d3", "d4", "missing"])
+    assert (result.inserted, result.updated, result.unchanged) == (0, 2, 0)
+    assert set(await _stored(store, collection, 5)) == {"d0", "d1"}
+    # A write that fails (an assumption gone stale) removes nothing.
+    await store.upsert(collection, rows(vectors[2:], start=2, tag="v1"))
+    await store.upsert(collection, rows(vectors[1:2], start=1, tag="other"))
+    with pytest.raises(StaleAssumption):
+        await store.upsert(collection, rows(vectors[:1], tag="v3"), {"d1": b"1:v2"}, remove=["d3", "d4"])
+    assert set(await _stored(store, collection, 5)) == everything
+    # Nothing to write but ids to remove; an id that is not text is refused before anything runs.
+    await store.upsert(collection, [], remove=["d4"])
+    assert set(await _stored(store, collection, 5)) == everything - {"d4"}
+    with pytest.raises(InvalidArgument):
+        await store.upsert(collection, rows(vectors[:1], tag="v4"), remove=[3])  # type: ignore[list-item]
+    assert (await _stored(store, collection, 5))["d0"] == "text 0 v2"
+
+
 async def test_rows_said_absent_are_copied_in_and_ones_stored_since_are_merged(store: Store, collection: str) -> None:
     """`absent=True` skips the stored-hash read. Here d0..d4 were stored after the caller looked (as a concurrent
     writer would): the straight COPY hits their keys and the batch is merged, newest content winning."""

@@ -274,8 +274,8 @@ class EmbeddingService:
         wait: bool,
         priority: Priority | None,
     ) -> WriteOutcome:
-        """The documents' windows upserted as rows of their own, then the windows their earlier, longer versions
-        left removed (a second statement: until it runs, a search may still see them)."""
+        """The documents' windows upserted as rows of their own, and the windows their earlier, longer versions
+        left removed in the same transaction."""
         splitter = served.pool.splitter
         if chunking is None:
             raise InvalidArgument("store_windows: needs long_inputs chunk")
@@ -294,8 +294,8 @@ class EmbeddingService:
             dim=dim,
             wait=wait,
             priority=priority or _by_size(windows),
+            remove=passages.stale_window_ids(counts, self._limits.max_windows_per_request),
         )
-        await self._store.delete(collection, passages.stale_window_ids(counts, self._limits.max_windows_per_request))
         _meter_write(outcome)
         return outcome
 

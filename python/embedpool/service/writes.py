@@ -80,6 +80,8 @@ class EmbeddedBatch:
     absent: bool = False
     """None of the rows' ids was stored when their hashes were read (before embedding): the store need not
     read them again (Store.upsert)."""
+    remove: tuple[str, ...] = ()
+    """Ids deleted in the transaction that stores the rows (windows a longer earlier version left)."""
 
     @property
     def skipped_unchanged(self) -> int:
@@ -118,7 +120,9 @@ class DocumentWriter:
         wait: bool = False,
         priority: Priority = Priority.INTERACTIVE,
         chunking: Chunking | None = None,
+        remove: Sequence[str] = (),
     ) -> WriteOutcome:
+        """Embeds and stores `documents`; `remove`: ids deleted in the same transaction."""
         batch = await self.embed(
             collection,
             documents,
@@ -131,7 +135,7 @@ class DocumentWriter:
             priority=priority,
             chunking=chunking,
         )
-        return await self.store(batch)
+        return await self.store(dataclasses.replace(batch, remove=tuple(remove)) if remove else batch)
 
     async def embed(
         self,
@@ -222,8 +226,10 @@ class DocumentWriter:
             try:
                 hashes = {doc_id: doc.content_hash for doc_id, doc in batch.assumed.items()}
                 result = (
-                    await self._store.upsert(batch.collection, batch.rows, hashes, absent=batch.absent)
-                    if batch.rows or hashes
+                    await self._store.upsert(
+                        batch.collection, batch.rows, hashes, absent=batch.absent, remove=batch.remove
+                    )
+                    if batch.rows or hashes or batch.remove
                     else UpsertResult()
                 )
                 break

@@ -259,13 +259,15 @@ class Store:
         assumed: Mapping[str, bytes] | None = None,
         *,
         absent: bool = False,
+        remove: Sequence[str] = (),
     ) -> UpsertResult:
         """Store the valid rows in one transaction; invalid ones come back in `rejected`. `assumed`: ids left
         out as unchanged, with the hash they were seen with; writer.StaleAssumption if one changed since.
-        `absent`: none of the rows' ids was stored when the caller read their hashes (see writer.upsert)."""
+        `absent`: none of the rows' ids was stored when the caller read their hashes (see writer.upsert).
+        `remove`: ids deleted in the same transaction."""
         async with self._connection() as conn:
             return await self._on_collection(
-                conn, collection, lambda info: writer.upsert(conn, info, docs, assumed, absent=absent)
+                conn, collection, lambda info: writer.upsert(conn, info, docs, assumed, absent=absent, remove=remove)
             )
 
     async def existing_hashes(self, collection: str, ids: Sequence[str]) -> dict[str, bytes]:

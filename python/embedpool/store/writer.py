@@ -382,10 +382,14 @@ async def upsert(
     assumed: Mapping[str, bytes] | None = None,
     *,
     absent: bool = False,
+    remove: Sequence[str] = (),
 ) -> UpsertResult:
-    """Store the valid `rows` in `info`'s collection in one transaction. `assumed`: ids the caller did not embed
-    because their stored hash was the given one when it looked; they are confirmed in the same transaction, and if
-    any changed since, StaleAssumption is raised with nothing written. Confirmed ids count as unchanged.
+    """Store the valid `rows` in `info`'s collection in one transaction, and delete the ids in `remove` in it
+    (the windows a document's earlier, longer version left: no one sees the two versions mixed).
+
+    `assumed`: ids the caller did not embed because their stored hash was the given one when it looked; they are
+    confirmed in the same transaction, and if any changed since, StaleAssumption is raised with nothing written.
+    Confirmed ids count as unchanged.
     `absent`: the caller read the stored hashes of the rows' ids (to skip embedding unchanged ones) and found
     none: they are not read again, the rows are copied straight in, and one stored since is caught by the
     primary key and the batch merged instead.
@@ -397,11 +401,12 @@ async def upsert(
         await conn.execute(_STAGING)
         _with_staging.add(conn)
     assumed = assumed or {}
+    remove = checked_ids(remove)
     try:
-        return await _upsert(conn, info, rows, assumed, merge=False, absent=absent)
+        return await _upsert(conn, info, rows, assumed, merge=False, absent=absent, remove=remove)
     except psycopg.errors.UniqueViolation:
         # A concurrent writer stored one of our new ids between our read and our COPY: merge instead.
-        return await _upsert(conn, info, rows, assumed, merge=True, absent=False)
+        return await _upsert(conn, info, rows, assumed, merge=True, absent=False, remove=remove)
 
 
 async def _upsert(
@@ -412,35 +417,54 @@ async def _upsert(
     *,
     merge: bool,
     absent: bool,
+    remove: list[str],
 ) -> UpsertResult:
     async with conn.transaction():
-        screened = _screen(rows, info)
-        only_assumed = {i: h for i, h in assumed.items() if i not in screened.last}
-        wanted = [*only_assumed] if absent else [*screened.last, *only_assumed]
-        # One read serves both: the hashes that make rows unchanged, and the confirmation of the assumed ones.
-        # Read after earlier writes of the same ids committed (the caller orders them), so a stale assumption
-        # is seen here rather than overwriting a newer row with the older one's "unchanged".
-        stored = await hashes(conn, info, wanted) if wanted else {}
-        stale = [i for i, h in only_assumed.items() if stored.get(i) != h]
-        if stale:
-            raise StaleAssumption(sorted(stale))
-        todo, unchanged, rejected = _select(rows, screened, stored)
-        unchanged += len(only_assumed)
-        if not todo:
-            return UpsertResult(unchanged=unchanged, rejected=rejected)
-        partition = sql.Identifier(collections.partition_name(info))
-        # Straight into the partition only where it stores the float32 vectors the COPY stream carries.
-        direct = info.storage == storages.DEFAULT
-        if direct and not merge and not any(doc_id in stored for doc_id in todo.ids):
-            await _copy(conn, partition, copy_chunks(info.id, todo))
-            return UpsertResult(inserted=len(todo), unchanged=unchanged, rejected=rejected)
-        await _copy(conn, sql.Identifier("upsert_staging"), copy_chunks(np.arange(len(todo), dtype=np.int64), todo))
-        vectors = storages.insert_values(storages.check(info.storage))
-        cur = await conn.execute(sql.SQL(_MERGE).format(partition=partition, vectors=vectors), (info.id,))
-        counts = await cur.fetchone()
-        assert counts is not None
-        inserted, updated = counts
-        return UpsertResult(inserted, updated, unchanged + len(todo) - inserted - updated, rejected)
+        result = await _write(conn, info, rows, assumed, merge=merge, absent=absent)
+        if remove:  # after the rows: their locks are taken in id order first, as every writer takes them
+            await conn.execute(
+                "DELETE FROM documents WHERE collection_id = %s::int8 AND id = ANY(%s)", (info.id, remove)
+            )
+        return result
+
+
+async def _write(
+    conn: AsyncConnection[Any],
+    info: CollectionInfo,
+    rows: Sequence[DocumentRow],
+    assumed: Mapping[str, bytes],
+    *,
+    merge: bool,
+    absent: bool,
+) -> UpsertResult:
+    """`_upsert`'s rows, in the caller's transaction."""
+    screened = _screen(rows, info)
+    only_assumed = {i: h for i, h in assumed.items() if i not in screened.last}
+    wanted = [*only_assumed] if absent else [*screened.last, *only_assumed]
+    # One read serves both: the hashes that make rows unchanged, and the confirmation of the assumed ones.
+    # Read after earlier writes of the same ids committed (the caller orders them), so a stale assumption
+    # is seen here rather than overwriting a newer row with the older one's "unchanged".
+    stored = await hashes(conn, info, wanted) if wanted else {}
+    stale = [i for i, h in only_assumed.items() if stored.get(i) != h]
+    if stale:
+        raise StaleAssumption(sorted(stale))
+    todo, unchanged, rejected = _select(rows, screened, stored)
+    unchanged += len(only_assumed)
+    if not todo:
+        return UpsertResult(unchanged=unchanged, rejected=rejected)
+    partition = sql.Identifier(collections.partition_name(info))
+    # Straight into the partition only where it stores the float32 vectors the COPY stream carries.
+    direct = info.storage == storages.DEFAULT
+    if direct and not merge and not any(doc_id in stored for doc_id in todo.ids):
+        await _copy(conn, partition, copy_chunks(info.id, todo))
+        return UpsertResult(inserted=len(todo), unchanged=unchanged, rejected=rejected)
+    await _copy(conn, sql.Identifier("upsert_staging"), copy_chunks(np.arange(len(todo), dtype=np.int64), todo))
+    vectors = storages.insert_values(storages.check(info.storage))
+    cur = await conn.execute(sql.SQL(_MERGE).format(partition=partition, vectors=vectors), (info.id,))
+    counts = await cur.fetchone()
+    assert counts is not None
+    inserted, updated = counts
+    return UpsertResult(inserted, updated, unchanged + len(todo) - inserted - updated, rejected)
 
 
 async def hashes(conn: AsyncConnection[Any], info: CollectionInfo, ids: list[str]) -> dict[str, bytes]:
