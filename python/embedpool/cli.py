@@ -92,13 +92,15 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         source = FileSource(args.source)
         with _client(args) as client, _ProgressBar(enabled=not args.quiet) as bar:
             if not args.no_create:
-                # Without index or storage flags, an existing collection is taken as it is; with them, it must match.
+                # Without index, storage or size flags, an existing collection is taken as it is; with them, it must
+                # match.
                 index = _index_options(args)
                 client.create_collection(
                     args.collection,
                     index=index,
                     storage=args.storage or "float32",
-                    exist_ok=index is None and args.storage is None,
+                    dimensions=args.dimensions,
+                    exist_ok=index is None and args.storage is None and args.dimensions is None,
                 )
             summary = client.ingest(
                 args.collection,
@@ -296,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("float32", "float16", "binary"),
         help="new collection stores its vectors as float32 (default), float16 (half the bytes) or binary (bits"
         " for a Hamming index plus float32 for the exact rerank)",
+    )
+    ingest.add_argument(
+        "--dimensions",
+        type=int,
+        help="new collection keeps this many of the model's dimensions (a Matryoshka size the model declares,"
+        " see GetModelInfo; default: all)",
     )
     ingest.add_argument(
         "--no-bulk",

@@ -4,7 +4,9 @@ server whose model is declared to take 128 dimensions (`--matryoshka-dims 128`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
+from embedpool import cli
 from embedpool.client import Client, Document
 from embedpool.errors import InvalidArgument
 from embedpool.server.app import Running
@@ -182,3 +185,17 @@ def test_a_collection_of_a_declared_matryoshka_size(matryoshka: Running, stub: p
         assert client.get_collection("short").dim == 128
         client.create_collection("short16", storage="float16", dimensions=128)
         assert {c.name: (c.dim, c.storage) for c in client.list_collections()}["short16"] == (128, "float16")
+
+
+def test_the_ingest_command_creates_a_collection_of_a_declared_size(
+    matryoshka: Running, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"id": f"d{i}", "text": text}) + "\n" for i, text in enumerate(TEXTS)))
+    command = ["ingest", "short-cli", str(source), "--target", f"127.0.0.1:{matryoshka.port}", "--quiet"]
+    assert cli.main([*command, "--dimensions", "128"]) == 0
+    assert json.loads(capsys.readouterr().out)["inserted"] == len(TEXTS)
+    with Client(f"127.0.0.1:{matryoshka.port}") as client:
+        assert client.get_collection("short-cli").dim == 128
+    assert cli.main([*command, "--dimensions", "64"]) == 1  # a size the model does not declare
+    assert "InvalidArgument" in capsys.readouterr().err
