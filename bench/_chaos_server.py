@@ -27,6 +27,7 @@ from embedpool.v1 import embedpool_pb2_grpc as pb_grpc
 SERVICE = pb.DESCRIPTOR.services_by_name["Embedder"]
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED})
 _READY_TIMEOUT_S = 180
+READABLE_LOG_LEVELS = ("debug", "info")  # levels at which the server logs its ready line, with the bound port
 
 
 class ServerProcess:
@@ -34,6 +35,9 @@ class ServerProcess:
     stderr is drained by a thread into a bounded buffer (the server logs every failed RPC at info)."""
 
     def __init__(self, data_dir: Path, model_dir: Path, env: dict[str, str] | None = None, **flags: object) -> None:
+        if str(flags.get("log_level", "info")).lower() not in READABLE_LOG_LEVELS:
+            # The bound port comes from the info-level ready line: above info, the wait would never end.
+            raise ValueError(f"log_level must be one of {', '.join(READABLE_LOG_LEVELS)}, got {flags['log_level']!r}")
         self.data_dir = data_dir
         self.model_dir = model_dir
         self.flags = {"port": 0, "metrics_port": -1, "http_port": 0, "log_format": "json", **flags}

@@ -56,7 +56,15 @@ from typing import Any
 import grpc
 import grpc.aio
 import numpy as np
-from _chaos_server import RETRYABLE, SERVICE, RssSampler, ServerProcess, settle_rss, wait_until
+from _chaos_server import (
+    READABLE_LOG_LEVELS,
+    RETRYABLE,
+    SERVICE,
+    RssSampler,
+    ServerProcess,
+    settle_rss,
+    wait_until,
+)
 from corpus import passages
 
 from embedpool.v1 import embedpool_pb2 as pb
@@ -1036,7 +1044,13 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="environment of the server process (e.g. MALLOC_ARENA_MAX=2); repeatable",
     )
-    parser.add_argument("--server-log-level", default="info", help="the server's --log-level (its default: info)")
+    parser.add_argument(
+        "--server-log-level",
+        default="info",
+        choices=READABLE_LOG_LEVELS,
+        help="the server's --log-level (its default: info; the bench reads the bound port from its info-level"
+        " ready line)",
+    )
     args = parser.parse_args()
     args.seconds = args.seconds or (10.0 if args.quick else 60.0)
     args.documents = args.documents or (3000 if args.quick else 20_000)
