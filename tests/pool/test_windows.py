@@ -51,6 +51,32 @@ def test_split_keeps_each_document_in_its_windows(lengths: list[int], overlap: i
         assert count == len(spans(len(doc), width, overlap))
 
 
+@given(lengths=st.lists(st.integers(0, 400), min_size=1, max_size=4), prompt=st.integers(1, 20))
+def test_a_prompt_starts_every_window_and_takes_its_room(lengths: list[int], prompt: int) -> None:
+    max_length = 64
+    width = max_length - 2 - prompt
+    tokens = np.arange(50_000, 50_000 + prompt, dtype=np.int64)
+    documents = [np.arange(1000 * d, 1000 * d + n, dtype=np.int64) for d, n in enumerate(lengths)]
+    ids = np.concatenate([np.concatenate([[101], doc, [102]]) for doc in documents])
+    offsets = np.concatenate([[0], np.cumsum([n + 2 for n in lengths])]).astype(np.int64)
+    windows = split(ids, offsets, SPECIALS, max_length, Chunking(overlap=3, max_windows=10_000), tokens)
+    assert windows.token_counts.tolist() == [n + 2 + prompt for n in lengths]  # the prompt counted once
+    w = 0
+    for doc in documents:
+        for start, end in spans(len(doc), width, 3):
+            row = windows.ids[windows.offsets[w] : windows.offsets[w + 1]].tolist()
+            assert row == [101, *tokens.tolist(), *doc[start:end].tolist(), 102] and len(row) <= max_length
+            assert windows.weights[w] == end - start  # weighted by the document's tokens, not the prompt's
+            w += 1
+    assert w == len(windows)
+
+
+def test_a_prompt_that_leaves_no_room_is_refused() -> None:
+    ids, offsets = np.array([101, 5, 6, 102]), np.array([0, 4])
+    with pytest.raises(InvalidArgument, match=r"must be below the 2 tokens of a window \(the prompt takes 60\)"):
+        split(ids, offsets, SPECIALS, 64, Chunking(overlap=2), np.arange(60))
+
+
 def test_split_names_the_document_past_the_cap() -> None:
     ids = np.concatenate([[101], np.arange(10), [102], [101], np.arange(200), [102]]).astype(np.int64)
     offsets = np.array([0, 12, 214])

@@ -108,6 +108,24 @@ def test_a_request_names_its_model_or_gets_the_default(stub: pb_grpc.EmbedderStu
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND and "no-such-model" in (missing.value.details() or "")
 
 
+def test_chunked_the_prompt_starts_every_window(stub: pb_grpc.EmbedderStub) -> None:
+    """A 300-word query in windows of the small model's 128 positions: [CLS] "query" ":" 124 words [SEP]. Its
+    vector is the mean of those windows' vectors, each embedded as the prompt and its words, weighted by words."""
+    vocabulary = ["river", "stone", "light", "paper", "garden", "music", "window", "market", "winter", "table"]
+    words = [vocabulary[(i * 7 + i // 10) % len(vocabulary)] for i in range(300)]
+    # One token a word (the MiniLM vocabulary holds each whole).
+    assert list(_embed(stub, [" ".join(vocabulary)], model=SMALL).token_counts) == [2 + len(vocabulary)]
+    request = pb.EmbedRequest(
+        documents=[pb.Document(text=" ".join(words))], model=SMALL, input_type="query", long_inputs=pb.LONG_INPUTS_CHUNK
+    )
+    chunked = stub.Embed(request, timeout=60)
+    assert list(chunked.token_counts) == [2 + 2 + 300] and list(chunked.window_counts) == [3]
+    spans = [(0, 124), (124, 248), (248, 300)]
+    each = _vectors(_embed(stub, [" ".join(words[a:b]) for a, b in spans], model=SMALL, input_type="query"))
+    mean = (each * np.array([[b - a] for a, b in spans], dtype=np.float32)).sum(axis=0)
+    np.testing.assert_allclose(_vectors(chunked)[0], mean / np.linalg.norm(mean), atol=1e-5)
+
+
 def test_the_models_prompt_goes_before_each_text(stub: pb_grpc.EmbedderStub) -> None:
     text = f"what is a vector database {uuid.uuid4().hex[:6]}"
     as_query = _embed(stub, [text], model=SMALL, input_type="query")

@@ -27,6 +27,8 @@ class Chunking:
     """Content tokens each window shares with the one before (the caller checks it is below half a window)."""
     max_windows: int = 256
     """Windows of the whole request, at most."""
+    prompt: str = ""
+    """The model's prompt for these texts (not in them): put at the start of every window, not the first only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +106,14 @@ class Splitter:
 
     def windows(self, texts: Sequence[str], chunking: Chunking) -> Windows:
         ids, offsets = self.encode(texts)
-        return split(ids, offsets, self.specials, self.max_length, chunking)
+        return split(ids, offsets, self.specials, self.max_length, chunking, self.content(chunking.prompt))
+
+    def content(self, text: str) -> NDArray[np.int64]:
+        """`text`'s tokens without the special ones around them."""
+        if not text:
+            return np.empty(0, np.int64)
+        ids, _ = self.encode([text])
+        return ids[len(self.specials.prefix) : len(ids) - len(self.specials.suffix)]
 
     def passages(self, text: str, overlap: int) -> list[Passage]:
         """The windows of `text` as stretches of it, from the first character of a window's first token to the last
@@ -134,11 +143,23 @@ def spans(content: int, width: int, overlap: int) -> list[tuple[int, int]]:
 
 
 def split(
-    ids: NDArray[np.int64], offsets: NDArray[np.int64], specials: Specials, max_length: int, chunking: Chunking
+    ids: NDArray[np.int64],
+    offsets: NDArray[np.int64],
+    specials: Specials,
+    max_length: int,
+    chunking: Chunking,
+    prompt: NDArray[np.int64] | None = None,
 ) -> Windows:
-    """Windows of `max_length` tokens (special tokens included) of the untruncated documents `ids`/`offsets`.
+    """Windows of `max_length` tokens (special tokens included) of the untruncated documents `ids`/`offsets`, each
+    starting with the `prompt` tokens (the prompt's content tokens, counted once in each document's tokens).
     InvalidArgument naming the text ("text i ...") with which the request passes `chunking.max_windows`."""
-    width = max_length - len(specials)
+    prompt = np.empty(0, np.int64) if prompt is None else prompt
+    width = max_length - len(specials) - len(prompt)
+    if not 0 <= chunking.overlap < width:
+        raise InvalidArgument(
+            f"chunk_overlap_tokens {chunking.overlap} must be below the {width} tokens of a window"
+            + (f" (the prompt takes {len(prompt)})" if len(prompt) else "")
+        )
     head, tail = len(specials.prefix), len(specials.suffix)
     pieces: list[NDArray[np.int64]] = []
     weights: list[int] = []
@@ -152,16 +173,16 @@ def split(
                 f" {chunking.max_windows} windows (max_windows)"
             )
         for start, end in windows:
-            pieces += (specials.prefix, content[start:end], specials.suffix)
+            pieces += (specials.prefix, prompt, content[start:end], specials.suffix)
             weights.append(end - start)
         counts.append(len(windows))
-    lengths = np.asarray(weights, dtype=np.int64) + len(specials)
+    lengths = np.asarray(weights, dtype=np.int64) + len(specials) + len(prompt)
     return Windows(
         ids=np.concatenate(pieces) if pieces else np.empty(0, np.int64),
         offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         weights=np.asarray(weights, dtype=np.float32),
         counts=np.asarray(counts, dtype=np.int64),
-        token_counts=np.diff(offsets),
+        token_counts=np.diff(offsets) + len(prompt),
     )
 
 

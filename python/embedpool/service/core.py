@@ -6,6 +6,7 @@ before it gets here, and the caller's usage is metered here (security.usage.mete
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -137,8 +138,8 @@ class EmbeddingService:
         put before each text (None: the model's default prompt, if it has one). A call of a few texts is served
         from the query cache where it can: token_counts report every text's tokens, cached or not, while the
         caller's usage (and tokens/s quota) counts only the tokens embedded now. `chunking`: each text embedded
-        whole in windows of the model's length, pooled into one vector (pool.windows; the prompt, if any, is in the
-        first window only); never from the query cache."""
+        whole in windows of the model's length, pooled into one vector (pool.windows; the prompt, if any, starts
+        every window); never from the query cache."""
         check.texts(texts, self._limits, field)
         served = self._models.named(model)
         size = self.dimensions(served, dimensions)
@@ -202,7 +203,10 @@ class EmbeddingService:
         prompt: str,
         chunking: Chunking | None = None,
     ) -> Embeddings:
-        inputs = [prompt + text for text in texts] if prompt else texts
+        if chunking is not None and prompt:  # the pool puts it at the start of every window
+            inputs, chunking = texts, dataclasses.replace(chunking, prompt=prompt)
+        else:
+            inputs = [prompt + text for text in texts] if prompt else texts
         try:
             embedded = await served.pool.embed(
                 inputs, truncate=truncate, deadline=deadline, priority=_by_size(texts), chunking=chunking

@@ -162,6 +162,9 @@ class DocumentWriter:
         # A pooled vector of a whole long text is another vector than its truncated one: the window overlap is part
         # of what the row depends on (the window cap is not: it only refuses).
         hashed = self._hashed_model if chunking is None else f"{self._hashed_model}\x00chunk:{chunking.overlap}"
+        if chunking is not None and self._prompt:
+            # Since the prompt starts every window (not the first only): rows embedded before are embedded again.
+            hashed += "\x00prompt-per-window"
         hashes = {i: content_hash(hashed, documents[i].text, checked[i][1]) for i in latest}
         assumed: dict[str, Unembedded] = {}
         stored: dict[str, bytes] = {}
@@ -176,10 +179,10 @@ class DocumentWriter:
         vectors: NDArray[np.float32] | None = None
         rows: list[DocumentRow] = []
         if todo:
-            texts = [self._prompt + documents[i].text for i in todo]
+            texts, prompted = self._prompted([documents[i].text for i in todo], chunking)
             try:
                 embedded = await self._pool.embed(
-                    texts, truncate=truncate, deadline=deadline, wait=wait, priority=priority, chunking=chunking
+                    texts, truncate=truncate, deadline=deadline, wait=wait, priority=priority, chunking=prompted
                 )
             except InvalidArgument as e:  # the tokenizer's "text j" is todo[j] of the request
                 raise renamed_text_error(e, lambda j: f"documents[{todo[j]}].text") from None
@@ -259,16 +262,26 @@ class DocumentWriter:
             batch.dim,
         )
 
+    def _prompted(self, texts: list[str], chunking: Chunking | None) -> tuple[list[str], Chunking | None]:
+        """What the pool embeds: the texts with the prompt before each, or, chunked, the texts as they are and the
+        prompt for the pool to put at the start of every window."""
+        if not self._prompt:
+            return texts, chunking
+        if chunking is not None:
+            return texts, dataclasses.replace(chunking, prompt=self._prompt)
+        return [self._prompt + text for text in texts], None
+
     async def _embed_assumed(self, batch: EmbeddedBatch, ids: Sequence[str]) -> EmbeddedBatch:
         """`batch` with the documents of `ids` embedded after all: their rows changed since they were checked."""
         docs = [batch.assumed[doc_id] for doc_id in ids]
+        texts, chunking = self._prompted([d.text for d in docs], batch.chunking)
         embedded = await self._pool.embed(
-            [self._prompt + d.text for d in docs],
+            texts,
             truncate=batch.truncate,
             deadline=batch.deadline,
             wait=batch.wait,
             priority=batch.priority,
-            chunking=batch.chunking,
+            chunking=chunking,
         )
         token_counts = list(batch.token_counts)
         for doc, count in zip(docs, embedded.token_counts, strict=True):
