@@ -169,7 +169,12 @@ def test_no_data_rpc_statement_grows_with_the_collection(
     grown = {
         query: (on_small.get(query, 0.0), blocks)
         for query, blocks in on_large.items()
-        if "pg_stat_statements" not in query and blocks > GROWTH * on_small.get(query, 0.0) + SLACK_BLOCKS
+        if "pg_stat_statements" not in query
+        # A statement recorded on the large side only has no small-side cost to compare with unless it reads a
+        # collection's partition. Seen once: the collection listing (the same statement on both sides, over every
+        # collection) was recorded in no small-side round of one CI run.
+        and (query in on_small or "documents_cN" in query)
+        and blocks > GROWTH * on_small.get(query, 0.0) + SLACK_BLOCKS
     }
     assert not grown, f"statements whose cost grows with the collection (blocks small -> large): {grown}"
 
