@@ -6,7 +6,6 @@ before it gets here, and the caller's usage is metered here (security.usage.mete
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from embedpool.service.ingest import run_ingest
 from embedpool.service.limits import Limits
 from embedpool.service.models import QUERY, Models, ServedModel
 from embedpool.service.query_cache import QueryCache
-from embedpool.service.writes import EmbeddedBatch, fitted
+from embedpool.service.writes import EmbeddedBatch, fitted, prompted
 from embedpool.store import CollectionInfo, CollectionStats, HnswOptions, Store
 from embedpool.store.keys import KeyRecord
 
@@ -203,10 +202,7 @@ class EmbeddingService:
         prompt: str,
         chunking: Chunking | None = None,
     ) -> Embeddings:
-        if chunking is not None and prompt:  # the pool puts it at the start of every window
-            inputs, chunking = texts, dataclasses.replace(chunking, prompt=prompt)
-        else:
-            inputs = [prompt + text for text in texts] if prompt else texts
+        inputs, chunking = prompted(texts, prompt, chunking)
         try:
             embedded = await served.pool.embed(
                 inputs, truncate=truncate, deadline=deadline, priority=_by_size(texts), chunking=chunking

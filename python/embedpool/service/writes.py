@@ -37,6 +37,16 @@ def content_hash(model: str, text: str, canonical_metadata: str) -> bytes:
     return hashlib.sha256(f"{model}\x00{text}\x00{canonical_metadata}".encode()).digest()
 
 
+def prompted(texts: Sequence[str], prompt: str, chunking: Chunking | None) -> tuple[Sequence[str], Chunking | None]:
+    """What the pool embeds: the texts with `prompt` before each, or, chunked, the texts as they are and the
+    prompt for the pool to put at the start of every window."""
+    if not prompt:
+        return texts, chunking
+    if chunking is not None:
+        return texts, dataclasses.replace(chunking, prompt=prompt)
+    return [prompt + text for text in texts], None
+
+
 def fitted(vectors: NDArray[np.float32], dim: int) -> NDArray[np.float32]:
     """`vectors` for a collection of `dim` (the model's, or a Matryoshka size it declares): the first `dim`
     components, normalised again."""
@@ -179,10 +189,15 @@ class DocumentWriter:
         vectors: NDArray[np.float32] | None = None
         rows: list[DocumentRow] = []
         if todo:
-            texts, prompted = self._prompted([documents[i].text for i in todo], chunking)
+            texts, prompted_chunking = prompted([documents[i].text for i in todo], self._prompt, chunking)
             try:
                 embedded = await self._pool.embed(
-                    texts, truncate=truncate, deadline=deadline, wait=wait, priority=priority, chunking=prompted
+                    texts,
+                    truncate=truncate,
+                    deadline=deadline,
+                    wait=wait,
+                    priority=priority,
+                    chunking=prompted_chunking,
                 )
             except InvalidArgument as e:  # the tokenizer's "text j" is todo[j] of the request
                 raise renamed_text_error(e, lambda j: f"documents[{todo[j]}].text") from None
@@ -262,19 +277,10 @@ class DocumentWriter:
             batch.dim,
         )
 
-    def _prompted(self, texts: list[str], chunking: Chunking | None) -> tuple[list[str], Chunking | None]:
-        """What the pool embeds: the texts with the prompt before each, or, chunked, the texts as they are and the
-        prompt for the pool to put at the start of every window."""
-        if not self._prompt:
-            return texts, chunking
-        if chunking is not None:
-            return texts, dataclasses.replace(chunking, prompt=self._prompt)
-        return [self._prompt + text for text in texts], None
-
     async def _embed_assumed(self, batch: EmbeddedBatch, ids: Sequence[str]) -> EmbeddedBatch:
         """`batch` with the documents of `ids` embedded after all: their rows changed since they were checked."""
         docs = [batch.assumed[doc_id] for doc_id in ids]
-        texts, chunking = self._prompted([d.text for d in docs], batch.chunking)
+        texts, chunking = prompted([d.text for d in docs], self._prompt, batch.chunking)
         embedded = await self._pool.embed(
             texts,
             truncate=batch.truncate,

@@ -282,12 +282,12 @@ async def uninstall(conn: AsyncConnection[Any], source: SyncSource) -> None:
         sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(source.truncate_trigger_name), source.relation)
     )
     await conn.execute("DELETE FROM embedpool_sync.changes WHERE sync = %s", (source.name,))
-    if await _has_truncations(conn):
+    if await _exists(conn, "embedpool_sync.truncations"):  # an older embedpool's install has none
         await conn.execute("DELETE FROM embedpool_sync.truncations WHERE sync = %s", (source.name,))
 
 
-async def _has_truncations(conn: AsyncConnection[Any]) -> bool:
-    cur = await conn.execute("SELECT to_regclass('embedpool_sync.truncations') IS NOT NULL")
+async def _exists(conn: AsyncConnection[Any], relation: str) -> bool:
+    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (relation,))
     row = await cur.fetchone()
     return bool(row and row[0])
 
@@ -386,6 +386,4 @@ async def queue_stats(conn: AsyncConnection[Any], sync: str) -> QueueStats:
 
 
 async def has_queue(conn: AsyncConnection[Any]) -> bool:
-    cur = await conn.execute("SELECT to_regclass('embedpool_sync.changes') IS NOT NULL")
-    row = await cur.fetchone()
-    return bool(row and row[0])
+    return await _exists(conn, "embedpool_sync.changes")
