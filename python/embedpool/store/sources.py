@@ -17,6 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from embedpool.errors import InvalidArgument, NotFound
 from embedpool.store.dberrors import database_errors
+from embedpool.store.liveness import check_idle
 
 __all__ = ["APPLICATION_NAME", "DEFAULT", "SourceDatabases", "parse_databases"]
 
@@ -68,7 +69,7 @@ class SourceDatabases:
                     "connect_timeout": max(1, round(self._timeout)),
                     "application_name": APPLICATION_NAME,  # so an operator can see (and count) them
                 },
-                check=AsyncConnectionPool.check_connection,
+                check=check_idle,
                 timeout=self._timeout,
                 reconnect_timeout=self._timeout,
                 open=False,

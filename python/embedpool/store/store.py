@@ -21,6 +21,7 @@ from embedpool.store._codec import configure_connection
 from embedpool.store.catalog import CollectionCache
 from embedpool.store.collections import HnswOptions
 from embedpool.store.dberrors import database_errors
+from embedpool.store.liveness import check_idle
 from embedpool.store.migrations import migrate_up
 from embedpool.store.records import CollectionInfo, CollectionStats, DocumentRow, Hit, UpsertResult
 
@@ -74,9 +75,9 @@ class Store:
                 max_size=max_size,
                 kwargs={"autocommit": True, "connect_timeout": connect_timeout, "options": options},
                 configure=configure_connection,
-                # One empty round trip per checkout: after a database restart, stale connections are replaced
-                # instead of failing the first request that draws each of them.
-                check=AsyncConnectionPool.check_connection,
+                # After a database restart, stale connections are replaced instead of failing the first request
+                # that draws each of them.
+                check=check_idle,
                 timeout=timeout,
                 # The pool retries a failed connect with doubling delays, without bound but this one: after a
                 # minute-long outage it would wait a minute more once the database is back. Giving up after
