@@ -5,14 +5,16 @@ and with --before DIR another checkout with its own built `_native*.so`), so two
 against the same server in one run, taking turns round by round. In every round a child measures, on the
 same 1,000-row batches of 384-d vectors:
 
-- copy_ceiling: the pre-built binary COPY stream of each batch into a logged table with a primary key; no
-  upsert semantics and no client work inside the timing (as in bench/ingest.py).
+- copy_ceiling: the pre-built binary COPY stream of each batch into a logged table with a primary key, the
+  COPY its own transaction (autocommit: no BEGIN or COMMIT round trip); no upsert semantics and no client work
+  inside the timing (as in bench/ingest.py).
 - copy_partition: the same, into the partition of a second fresh collection (its primary key and metadata
   GIN index, no HNSW index): what Postgres spends on the rows where the writer puts them.
 - writer_fresh: `Store.upsert` of the same rows into a fresh collection without its HNSW index, called as the
   server calls it (service.writes): the metadata already JSON-encoded (the service encodes it for the content
   hash) and `absent=True` (the service read the ids' stored hashes before embedding them and found none), where
-  the tree has them. Validation, encoding and COPY straight into the partition, one transaction per batch.
+  the tree has them, with the collection rows cached as in a running server (Store.running). Validation,
+  encoding and COPY straight into the partition, one transaction per batch.
 - writer_plain: the same into a third collection without those hints: the id lookup and the stored-hash read
   in the transaction, the metadata encoded by the writer (what any other caller of Store.upsert gets).
 - writer_changed: the same ids again with new content (the staging table and merge).
@@ -79,75 +81,82 @@ async def _child(uri: str, n_rows: int, label: str) -> dict[str, list[float]]:
     served = as_served(fresh)
     batches = [fresh[i : i + BATCH] for i in range(0, n_rows, BATCH)]
     store = await Store.open(uri)
-    keys = ("client", "copy_ceiling", "copy_partition", "writer_fresh", "writer_plain")
-    ms: dict[str, list[float]] = {key: [] for key in keys}
-    ms["writer_changed"] = []
-    async with await AsyncConnection.connect(uri, autocommit=True) as plain:
-        info = await store.create_collection(f"{label}_{os.getpid()}_{time.monotonic_ns()}", model="b", dim=DIM)
-        await plain.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index_name(info))))
+    # As the server runs it: collection rows cached (no lookup per upsert). Its start-up pass that builds missing
+    # indexes is let finish first, so that it cannot build the ones these collections drop.
+    async with store.running():
+        await store.finish_interrupted_builds()
+        keys = ("client", "copy_ceiling", "copy_partition", "writer_fresh", "writer_plain")
+        ms: dict[str, list[float]] = {key: [] for key in keys}
+        ms["writer_changed"] = []
+        async with await AsyncConnection.connect(uri, autocommit=True) as plain:
+            info = await store.create_collection(f"{label}_{os.getpid()}_{time.monotonic_ns()}", model="b", dim=DIM)
+            await plain.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index_name(info))))
 
-        for batch in batches:
-            started = time.perf_counter()
-            list(copy_chunks(info.id, validate(batch, info)[0]))
-            ms["client"].append((time.perf_counter() - started) * 1e3)
+            for batch in batches:
+                started = time.perf_counter()
+                list(copy_chunks(info.id, validate(batch, info)[0]))
+                ms["client"].append((time.perf_counter() - started) * 1e3)
 
-        table = sql.Identifier(f"ceiling_{info.id}")
-        await plain.execute(
-            sql.SQL(
-                "CREATE TABLE {} (collection_id int8, embedding vector, id text, text text, metadata jsonb,"
-                " content_hash bytea, PRIMARY KEY (collection_id, id))"
-            ).format(table)
-        )
-        twin = await store.create_collection(f"twin_{info.name}", model="b", dim=DIM)
-        await plain.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index_name(twin))))
-        generic = await store.create_collection(f"plain_{info.name}", model="b", dim=DIM)
-        await plain.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index_name(generic))))
-        streams = [[bytes(c) for c in copy_chunks(info.id, validate(b, info)[0])] for b in batches]
-        twin_streams = [[bytes(c) for c in copy_chunks(twin.id, validate(b, twin)[0])] for b in batches]
-        copy = "COPY {} (collection_id, embedding, id, text, metadata, content_hash) FROM STDIN (FORMAT BINARY)"
-        query, twin_query = (sql.SQL(copy).format(target) for target in (table, sql.Identifier(partition_name(twin))))
-        # Batch by batch, the ceiling's COPY and then the writer's upsert of the same rows: the load on a shared
-        # machine drifts, and the two see the same moment of it.
-        hints: dict[str, Any] = {"absent": True} if hinted else {}
+            table = sql.Identifier(f"ceiling_{info.id}")
+            await plain.execute(
+                sql.SQL(
+                    "CREATE TABLE {} (collection_id int8, embedding vector, id text, text text, metadata jsonb,"
+                    " content_hash bytea, PRIMARY KEY (collection_id, id))"
+                ).format(table)
+            )
+            twin = await store.create_collection(f"twin_{info.name}", model="b", dim=DIM)
+            await plain.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index_name(twin))))
+            generic = await store.create_collection(f"plain_{info.name}", model="b", dim=DIM)
+            await plain.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index_name(generic))))
+            streams = [[bytes(c) for c in copy_chunks(info.id, validate(b, info)[0])] for b in batches]
+            twin_streams = [[bytes(c) for c in copy_chunks(twin.id, validate(b, twin)[0])] for b in batches]
+            copy = "COPY {} (collection_id, embedding, id, text, metadata, content_hash) FROM STDIN (FORMAT BINARY)"
+            query, twin_query = (
+                sql.SQL(copy).format(target) for target in (table, sql.Identifier(partition_name(twin)))
+            )
+            # Batch by batch, the ceiling's COPY and then the writer's upsert of the same rows: the load on a shared
+            # machine drifts, and the two see the same moment of it.
+            hints: dict[str, Any] = {"absent": True} if hinted else {}
 
-        async def copy(key: str, target: sql.Composed, data: list[bytes]) -> None:
-            started = time.perf_counter()
-            async with plain.transaction(), plain.cursor() as cur, cur.copy(target) as stream:
-                for chunk in data:
-                    await stream.write(chunk)
-            ms[key].append((time.perf_counter() - started) * 1e3)
+            async def copy(key: str, target: sql.Composed, data: list[bytes]) -> None:
+                started = time.perf_counter()
+                # Autocommit: the COPY is its own transaction, no BEGIN or COMMIT round trip.
+                async with plain.cursor() as cur, cur.copy(target) as stream:
+                    for chunk in data:
+                        await stream.write(chunk)
+                ms[key].append((time.perf_counter() - started) * 1e3)
 
-        async def upsert(key: str, name: str, rows: list[DocumentRow], **options: Any) -> None:
-            started = time.perf_counter()
-            result = await store.upsert(name, rows, **options)
-            ms[key].append((time.perf_counter() - started) * 1e3)
-            assert result.inserted == len(rows), result
+            async def upsert(key: str, name: str, rows: list[DocumentRow], **options: Any) -> None:
+                started = time.perf_counter()
+                result = await store.upsert(name, rows, **options)
+                ms[key].append((time.perf_counter() - started) * 1e3)
+                assert result.inserted == len(rows), result
 
-        for b, (chunks, twin_chunks, batch) in enumerate(zip(streams, twin_streams, batches, strict=True)):
-            steps = [
-                copy("copy_ceiling", query, chunks),
-                copy("copy_partition", twin_query, twin_chunks),
-                upsert("writer_fresh", info.name, served[b * BATCH : (b + 1) * BATCH], **hints),
-                upsert("writer_plain", generic.name, batch),
-            ]
-            # The order turns a step each batch: a step right after another commit reads a little faster, and
-            # every arm takes every place equally often.
-            for step in steps[b % 4 :] + steps[: b % 4]:
-                await step
-        await plain.execute(sql.SQL("DROP TABLE {}").format(table))
-        for name in (info.name, twin.name, generic.name):
-            assert (await store.stats(name)).count == n_rows
-        await store.drop_collection(twin.name)
-        await store.drop_collection(generic.name)
+            for b, (chunks, twin_chunks, batch) in enumerate(zip(streams, twin_streams, batches, strict=True)):
+                steps = [
+                    copy("copy_ceiling", query, chunks),
+                    copy("copy_partition", twin_query, twin_chunks),
+                    upsert("writer_fresh", info.name, served[b * BATCH : (b + 1) * BATCH], **hints),
+                    upsert("writer_plain", generic.name, batch),
+                ]
+                # The order turns a step each batch: a step right after another commit reads a little faster, and
+                # every arm takes every place equally often.
+                for step in steps[b % 4 :] + steps[: b % 4]:
+                    await step
+            await plain.execute(sql.SQL("DROP TABLE {}").format(table))
+            for name in (info.name, twin.name, generic.name):
+                assert (await store.stats(name)).count == n_rows
+            await store.drop_collection(twin.name)
+            await store.drop_collection(generic.name)
 
-        for i in range(0, n_rows, BATCH):
-            started = time.perf_counter()
-            await store.upsert(info.name, changed[i : i + BATCH])
-            ms["writer_changed"].append((time.perf_counter() - started) * 1e3)
-        assert (await store.stats(info.name)).count == n_rows
-        stored = await store.existing_hashes(info.name, ["doc-0", f"doc-{n_rows - 1}"])
-        assert stored == {"doc-0": b"0:v2", f"doc-{n_rows - 1}": f"{n_rows - 1}:v2".encode()}, stored
-        await store.drop_collection(info.name)
+            for i in range(0, n_rows, BATCH):
+                started = time.perf_counter()
+                await store.upsert(info.name, changed[i : i + BATCH])
+                ms["writer_changed"].append((time.perf_counter() - started) * 1e3)
+            assert (await store.stats(info.name)).count == n_rows
+            stored = await store.existing_hashes(info.name, ["doc-0", f"doc-{n_rows - 1}"])
+            assert stored == {"doc-0": b"0:v2", f"doc-{n_rows - 1}": f"{n_rows - 1}:v2".encode()}, stored
+            await store.drop_collection(info.name)
     await store.close()
     return ms
 

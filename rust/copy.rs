@@ -11,11 +11,11 @@
 
 use ndarray::Array2;
 use numpy::{
-    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
-    PyUntypedArrayMethods,
+    IntoPyArray, PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArray1,
+    PyReadonlyArray2, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyBytesMethods, PyString};
+use pyo3::types::{PyBytes, PyBytesMethods, PySlice, PyString};
 
 use crate::errors::{self, Error, Result};
 
@@ -160,22 +160,41 @@ fn put_row(out: &mut Vec<u8>, rows: &Rows<'_>, k: usize) -> Result<()> {
     Ok(())
 }
 
+/// Which ends of the whole COPY stream a run of rows carries: a stream encoded a part at a time
+/// (so Postgres parses one part while the next is encoded) has the signature before its first
+/// row and the trailer after its last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Framing {
+    pub signature: bool,
+    pub trailer: bool,
+}
+
+impl Framing {
+    /// Both ends: the rows are the whole stream.
+    pub const WHOLE: Self = Self {
+        signature: true,
+        trailer: true,
+    };
+}
+
 /// The binary COPY stream of `rows`, in chunks of `chunk_rows` rows (the last may be shorter; an
 /// empty batch is one chunk of signature and trailer).
 pub fn encode_copy(rows: &Rows<'_>, chunk_rows: usize) -> Result<Vec<Vec<u8>>> {
     let mut chunks = Vec::new();
-    for_each_chunk(rows, chunk_rows, |chunk| {
+    for_each_chunk(rows, chunk_rows, Framing::WHOLE, |chunk| {
         chunks.push(chunk.to_vec());
         Ok(())
     })?;
     Ok(chunks)
 }
 
-/// Hands each chunk of [`encode_copy`] to `take`, built in one buffer that is reused: fresh
-/// megabytes for every batch cost more in page faults than the encoding itself.
+/// Hands each chunk of [`encode_copy`] to `take`, with the ends `framing` asks for, built in one
+/// buffer that is reused: fresh megabytes for every batch cost more in page faults than the
+/// encoding itself.
 pub fn for_each_chunk(
     rows: &Rows<'_>,
     chunk_rows: usize,
+    framing: Framing,
     mut take: impl FnMut(&[u8]) -> Result<()>,
 ) -> Result<()> {
     rows.check()?;
@@ -189,14 +208,16 @@ pub fn for_each_chunk(
         let end = (start + chunk_rows).min(n);
         out.clear();
         out.reserve(SIGNATURE.len() + (start..end).map(|k| rows.row_size(k)).sum::<usize>() + 2);
-        if start == 0 {
+        if start == 0 && framing.signature {
             out.extend_from_slice(SIGNATURE);
         }
         for k in start..end {
             put_row(&mut out, rows, k)?;
         }
         if end == n {
-            out.extend_from_slice(TRAILER);
+            if framing.trailer {
+                out.extend_from_slice(TRAILER);
+            }
             return take(&out);
         }
         take(&out)?;
@@ -302,7 +323,10 @@ pub enum FirstArg<'py> {
 }
 
 #[pyfunction]
-#[pyo3(signature = (first, vectors, ids, texts, metadata, hashes, *, rows = None, chunk_rows = 128))]
+#[pyo3(signature = (
+    first, vectors, ids, texts, metadata, hashes, *, rows = None, chunk_rows = 128, signature = true,
+    trailer = true,
+))]
 #[allow(clippy::too_many_arguments)]
 pub fn copy_binary<'py>(
     py: Python<'py>,
@@ -314,6 +338,8 @@ pub fn copy_binary<'py>(
     hashes: &Bound<'py, PyAny>,
     rows: Option<PyReadonlyArray1<'py, i64>>,
     chunk_rows: usize,
+    signature: bool,
+    trailer: bool,
 ) -> PyResult<Vec<Bound<'py, PyBytes>>> {
     let picks = rows
         .map(|rows| {
@@ -366,7 +392,8 @@ pub fn copy_binary<'py>(
     // copying it out would, and letting go between chunks could wait a thread switch each time.
     let mut chunks = Vec::new();
     errors::caught(|| {
-        for_each_chunk(&rows, chunk_rows, |chunk| {
+        let framing = Framing { signature, trailer };
+        for_each_chunk(&rows, chunk_rows, framing, |chunk| {
             chunks.push(PyBytes::new(py, chunk));
             Ok(())
         })
@@ -400,35 +427,153 @@ pub fn text_faults(
 
 /// `values` as one C-contiguous float32 matrix `[len, dim]` when every one is a 1-D float32 numpy
 /// array of `dim` values; otherwise None (the caller converts them its own way). The common case of
-/// the writer, without numpy's per-array work in `np.stack`.
+/// the writer, without numpy's per-array work in `np.stack`. When the values are consecutive rows of
+/// one C-contiguous matrix (the rows a batch's embeddings were cut from), the result is a view of
+/// those rows, not a copy.
 #[pyfunction]
 pub fn stack_vectors<'py>(
     py: Python<'py>,
     values: &Bound<'py, PyAny>,
     dim: usize,
 ) -> PyResult<Option<Bound<'py, PyArray2<f32>>>> {
-    let mut flat = Vec::new();
-    let mut rows = 0;
+    let mut arrays = Vec::with_capacity(values.len().unwrap_or(0));
     for value in values.try_iter()? {
         let value = value?;
-        let Ok(array) = value.cast::<PyArray1<f32>>() else {
-            return Ok(None);
-        };
-        let array = array.readonly();
-        match array.as_slice() {
-            Ok(slice) if slice.len() == dim => {
-                if rows == 0 {
-                    flat.reserve(dim * values.len().unwrap_or(1));
-                }
-                flat.extend_from_slice(slice);
-                rows += 1;
-            }
+        match value.cast_into::<PyArray1<f32>>() {
+            Ok(array) if array.is_contiguous() && array.len() == dim => arrays.push(array),
             _ => return Ok(None),
         }
     }
-    let matrix = Array2::from_shape_vec((rows, dim), flat)
+    let Some(first) = arrays.first() else {
+        return Ok(Some(Array2::<f32>::zeros((0, dim)).into_pyarray(py)));
+    };
+    let row_bytes = dim * size_of::<f32>();
+    let start = first.data() as usize;
+    let consecutive = arrays
+        .iter()
+        .enumerate()
+        .all(|(k, array)| array.data() as usize == start + k * row_bytes);
+    if consecutive {
+        if let Some(view) = rows_of_base(first, arrays.len(), dim)? {
+            return Ok(Some(view));
+        }
+    }
+    let mut flat = Vec::with_capacity(arrays.len() * dim);
+    for array in &arrays {
+        flat.extend_from_slice(array.readonly().as_slice()?);
+    }
+    let matrix = Array2::from_shape_vec((arrays.len(), dim), flat)
         .map_err(|e| Error::array("values", e.to_string()))?;
     Ok(Some(matrix.into_pyarray(py)))
+}
+
+/// The `n` rows of `dim` values that start at `first`, as a `[n, dim]` view of the array that owns
+/// that memory (`first.base`, however many views lie between); None unless that array is a
+/// C-contiguous float32 one that holds them all.
+fn rows_of_base<'py>(
+    first: &Bound<'py, PyArray1<f32>>,
+    n: usize,
+    dim: usize,
+) -> PyResult<Option<Bound<'py, PyArray2<f32>>>> {
+    let Ok(base) = first.getattr("base")?.cast_into::<PyArrayDyn<f32>>() else {
+        return Ok(None);
+    };
+    let item = size_of::<f32>();
+    let base_start = base.data() as usize;
+    let Some(offset) = (first.data() as usize).checked_sub(base_start) else {
+        return Ok(None);
+    };
+    let (start, end) = (offset / item, offset / item + n * dim);
+    if !base.is_c_contiguous() || offset % item != 0 || end > base.len() {
+        return Ok(None);
+    }
+    let flat = base.call_method1("reshape", (-1,))?;
+    let rows = flat
+        .get_item(PySlice::new(
+            first.py(),
+            to_isize(start)?,
+            to_isize(end)?,
+            1,
+        ))?
+        .call_method1("reshape", (n, dim))?;
+    Ok(Some(rows.cast_into::<PyArray2<f32>>()?))
+}
+
+fn to_isize(value: usize) -> PyResult<isize> {
+    Ok(isize::try_from(value).map_err(|e| Error::array("values", e.to_string()))?)
+}
+
+/// Why a row cannot be stored ([`vector_faults`]), most serious first: a row is given one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum VectorFault {
+    /// A NaN or an infinity (values beyond float32 range became infinite when cast).
+    NonFinite = 1,
+    /// A value beyond float16's range, in a collection that stores float16.
+    BeyondFloat16 = 2,
+    /// All zeros: no direction, in a cosine collection.
+    Zeros = 3,
+}
+
+/// |x| bits of float16's largest finite value: for finite floats, bit order is magnitude order.
+const FLOAT16_MAX_BITS: u32 = 0x477F_E000;
+
+/// The rows of a row-major `[_, dim]` matrix that cannot be stored, with why. One pass over
+/// the values' bits, without branches per value, so it vectorises.
+pub fn vector_faults(
+    vectors: &[f32],
+    dim: usize,
+    cosine: bool,
+    float16: bool,
+) -> Vec<(usize, VectorFault)> {
+    let mut faults = Vec::new();
+    if dim == 0 {
+        return faults;
+    }
+    for (k, row) in vectors.chunks_exact(dim).enumerate() {
+        let (mut largest, mut any) = (0u32, 0u32);
+        for &x in row {
+            let magnitude = x.to_bits() & 0x7FFF_FFFF;
+            largest = largest.max(magnitude);
+            any |= magnitude;
+        }
+        let fault = if largest >= 0x7F80_0000 {
+            Some(VectorFault::NonFinite)
+        } else if float16 && largest > FLOAT16_MAX_BITS {
+            Some(VectorFault::BeyondFloat16)
+        } else if cosine && any == 0 {
+            Some(VectorFault::Zeros)
+        } else {
+            None
+        };
+        faults.extend(fault.map(|fault| (k, fault)));
+    }
+    faults
+}
+
+/// Rows of `matrix` that cannot be stored, as (row, code): 1 a NaN or infinity, 2 a value beyond
+/// float16 range (checked when `float16`), 3 all zeros (checked when `cosine`). The GIL stays held:
+/// the pass is short next to a thread switch.
+#[pyfunction]
+#[pyo3(name = "vector_faults", signature = (matrix, *, cosine, float16))]
+pub fn py_vector_faults(
+    matrix: PyReadonlyArray2<'_, f32>,
+    cosine: bool,
+    float16: bool,
+) -> Vec<(usize, u8)> {
+    let dim = matrix.shape()[1];
+    let contiguous;
+    let values = match matrix.as_slice() {
+        Ok(values) if matrix.is_c_contiguous() => values,
+        _ => {
+            contiguous = matrix.as_array().iter().copied().collect::<Vec<_>>();
+            &contiguous
+        }
+    };
+    vector_faults(values, dim, cosine, float16)
+        .into_iter()
+        .map(|(k, fault)| (k, fault as u8))
+        .collect()
 }
 
 /// The element texts of the JSON array `text` (see [`split_json_array`]).
@@ -577,5 +722,73 @@ mod tests {
         assert!(!text_fits("", 1, 2));
         assert!(!text_fits("é€", 1, 4));
         assert!(!text_fits("a\0b", 0, 10));
+    }
+
+    #[test]
+    fn vector_faults_name_each_bad_row_once_most_serious_first() {
+        use VectorFault::{BeyondFloat16, NonFinite, Zeros};
+        let rows = [
+            [1.0f32, 0.0],
+            [f32::NAN, 0.0],
+            [0.0, -f32::INFINITY],
+            [-0.0, 0.0],
+            [65504.0, -65504.0],
+            [65505.0, 0.0],
+            [f32::NAN, 1e9],
+            [f32::from_bits(1), 0.0],
+        ];
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+        assert_eq!(
+            vector_faults(&flat, 2, true, true),
+            vec![
+                (1, NonFinite),
+                (2, NonFinite),
+                (3, Zeros),
+                (5, BeyondFloat16),
+                (6, NonFinite)
+            ]
+        );
+        assert_eq!(
+            vector_faults(&flat, 2, false, false),
+            vec![(1, NonFinite), (2, NonFinite), (6, NonFinite)]
+        );
+        assert!(vector_faults(&[], 0, true, true).is_empty());
+    }
+
+    #[test]
+    fn float16_max_bits_are_float16s_largest_finite_value() {
+        assert_eq!(FLOAT16_MAX_BITS, 65504.0f32.to_bits());
+    }
+
+    #[test]
+    fn parts_framed_by_where_they_lie_join_into_the_whole_stream() {
+        let vectors = [0.5f32; 10];
+        let ids = ["a", "b", "c", "d", "e"];
+        let metadata = ["{}"; 5];
+        let hashes: [&[u8]; 5] = [b"h"; 5];
+        let rows = |from: usize, to: usize| Rows {
+            first: First::One(3),
+            vectors: &vectors[from * 2..to * 2],
+            dim: 2,
+            picks: None,
+            ids: &ids[from..to],
+            texts: &ids[from..to],
+            metadata: &metadata[from..to],
+            hashes: &hashes[from..to],
+        };
+        let whole = encode_copy(&rows(0, 5), 128).unwrap().concat();
+        let mut parts = Vec::new();
+        for (from, to) in [(0, 2), (2, 3), (3, 5)] {
+            let framing = Framing {
+                signature: from == 0,
+                trailer: to == 5,
+            };
+            for_each_chunk(&rows(from, to), 128, framing, |chunk| {
+                parts.extend_from_slice(chunk);
+                Ok(())
+            })
+            .unwrap();
+        }
+        assert_eq!(parts, whole);
     }
 }

@@ -11,7 +11,9 @@ mod tokenize;
 mod topk;
 
 pub use batching::{plan, Budget};
-pub use copy::{encode_copy, split_json_array, text_fits, First, Rows};
+pub use copy::{
+    encode_copy, split_json_array, text_fits, vector_faults, First, Framing, Rows, VectorFault,
+};
 pub use errors::Error;
 pub use padding::{pad_rows, round_up, Padded};
 pub use tokenize::Encoder;
@@ -22,7 +24,9 @@ mod _native {
     #[pymodule_export]
     use crate::batching::plan_batches;
     #[pymodule_export]
-    use crate::copy::{copy_binary, json_array_items, stack_vectors, text_faults};
+    use crate::copy::{
+        copy_binary, json_array_items, py_vector_faults, stack_vectors, text_faults,
+    };
     #[pymodule_export]
     use crate::errors::{InputTooLongError, InternalError, NativeError};
     #[pymodule_export]

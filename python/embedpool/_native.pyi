@@ -2,8 +2,8 @@
 store's binary COPY stream.
 
 Every array is C-contiguous and owned by numpy. Functions release the GIL while they compute, except the
-store's helpers (copy_binary, text_faults, json_array_items, stack_vectors): they walk Python objects or make
-them as they go, for less time than a GIL handoff can take.
+store's helpers (copy_binary, text_faults, json_array_items, stack_vectors, vector_faults): they walk Python
+objects or make them as they go, or take less time than a GIL handoff can.
 """
 
 import os
@@ -26,6 +26,7 @@ __all__ = [
     "stack_vectors",
     "text_faults",
     "topk_cosine",
+    "vector_faults",
 ]
 
 class NativeError(ValueError):
@@ -109,16 +110,25 @@ def copy_binary(
     *,
     rows: NDArray[np.int64] | None = None,
     chunk_rows: int = 128,
+    signature: bool = True,
+    trailer: bool = True,
 ) -> list[bytes]:
     """Postgres binary COPY data for the columns (collection_id int8, embedding vector, id text, text text,
     metadata jsonb, content_hash bytea), in chunks of ``chunk_rows`` whole rows; ``first`` is the int8 of
     every row or of each, ``metadata`` JSON texts. ``vectors`` is C-contiguous [n, dim]: row k's vector is
     ``vectors[rows[k]]``, or ``vectors[k]`` without ``rows``. Values are written as given: check them first
-    (``text_faults``)."""
+    (``text_faults``, ``vector_faults``). ``signature``/``trailer``: whether the rows start/end the stream (a
+    stream encoded a part at a time has the signature in its first part, the trailer in its last)."""
 
 def stack_vectors(values: Sequence[object], dim: int) -> NDArray[np.float32] | None:
     """``values`` as one [len, dim] matrix when each is a C-contiguous 1-D float32 array of ``dim`` values;
-    None otherwise (convert them some other way)."""
+    None otherwise (convert them some other way). Consecutive rows of one C-contiguous matrix come back as a
+    view of those rows, not a copy."""
+
+def vector_faults(matrix: NDArray[np.float32], *, cosine: bool, float16: bool) -> list[tuple[int, int]]:
+    """(row, code) for each row of the [n, dim] ``matrix`` that cannot be stored, one code a row, the first
+    that applies: 1 a NaN or infinite value, 2 a value beyond float16 range (checked when ``float16``), 3 all
+    zeros (checked when ``cosine``)."""
 
 def text_faults(values: Sequence[object], *, min_bytes: int = 0, max_bytes: int | None = None) -> list[int]:
     """Positions of ``values`` that are not a str of ``min_bytes..max_bytes`` bytes of UTF-8 without U+0000."""

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from numpy.typing import NDArray
 
-from embedpool._native import NativeError, copy_binary, json_array_items, stack_vectors, text_faults
+from embedpool._native import NativeError, copy_binary, json_array_items, stack_vectors, text_faults, vector_faults
 from embedpool.store.writer import json_object
 
 _SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
@@ -183,6 +183,73 @@ def test_stack_vectors_takes_only_contiguous_native_float32_rows() -> None:
         [matrix[:1]],  # 2-D
     ):
         assert stack_vectors(odd, 3) is None
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        lambda m: list(m),
+        lambda m: list(m[1:3]),  # a run of rows inside the matrix
+        lambda m: list(m[1:][1:]),  # a view of a view: the memory's owner is two arrays up
+        lambda m: list(m.reshape(2, 2, 3)[1]),  # rows of a reshaped owner
+    ],
+)
+def test_stack_vectors_views_consecutive_rows_of_one_matrix(rows: Any) -> None:
+    matrix = np.arange(12, dtype=np.float32).reshape(4, 3)
+    values = rows(matrix)
+    stacked = stack_vectors(values, 3)
+    assert stacked is not None and stacked.shape == (len(values), 3) and stacked.flags.c_contiguous
+    assert np.shares_memory(stacked, matrix)
+    np.testing.assert_array_equal(stacked, np.stack(values))
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        lambda m: [m[0], m[2]],  # a gap
+        lambda m: [m[1], m[0]],  # out of order
+        lambda m: [m[0], m[0]],  # repeated
+        lambda m: list(np.zeros((4, 6), np.float32)[:, :3]),  # rows of a wider matrix
+        lambda m: [m[0], m[1].copy()],  # two owners
+    ],
+)
+def test_stack_vectors_copies_anything_else(rows: Any) -> None:
+    matrix = np.arange(12, dtype=np.float32).reshape(4, 3)
+    values = rows(matrix)
+    stacked = stack_vectors(values, 3)
+    assert stacked is not None and not np.shares_memory(stacked, matrix)
+    np.testing.assert_array_equal(stacked, np.stack(values))
+
+
+def _numpy_faults(matrix: NDArray[np.float32], cosine: bool, float16: bool) -> list[tuple[int, int]]:
+    finite = np.isfinite(matrix).all(axis=1)
+    fits = finite & (np.abs(matrix) <= 65504.0).all(axis=1) if float16 else finite
+    nonzero = matrix.any(axis=1) if cosine else np.ones(len(matrix), bool)
+    codes = np.where(~finite, 1, np.where(~fits, 2, np.where(~nonzero, 3, 0)))
+    return [(n, int(codes[n])) for n in np.flatnonzero(codes).tolist()]
+
+
+_SPECIAL = st.sampled_from([0.0, -0.0, np.nan, np.inf, -np.inf, 65504.0, -65504.0, 65505.0, 1e-45, 3e38, -1.0])
+
+
+@given(
+    hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=2, max_dims=2, min_side=0, max_side=6),
+        elements=st.one_of(_SPECIAL, st.floats(width=32)),
+    ),
+    st.booleans(),
+    st.booleans(),
+    st.booleans(),
+)
+def test_vector_faults_agree_with_numpy(
+    matrix: NDArray[np.float32], cosine: bool, float16: bool, fortran: bool
+) -> None:
+    given_matrix = np.asfortranarray(matrix) if fortran else matrix
+    if matrix.shape[1] == 0:
+        assert vector_faults(given_matrix, cosine=cosine, float16=float16) == []
+        return
+    assert vector_faults(given_matrix, cosine=cosine, float16=float16) == _numpy_faults(matrix, cosine, float16)
 
 
 def test_rows_pick_the_vectors_without_a_copy_in_order() -> None:

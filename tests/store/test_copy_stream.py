@@ -17,6 +17,7 @@ from hypothesis.extra import numpy as hnp
 from numpy.typing import NDArray
 from psycopg import AsyncConnection
 
+from embedpool import _native
 from embedpool.store import DocumentRow, EmbeddedPostgres, Store
 from embedpool.store.records import CollectionInfo
 from embedpool.store.writer import copy_chunks, validate
@@ -145,3 +146,23 @@ def test_the_copy_stream_reads_back_exactly(
         assert (text, digest) == (row.text, row.content_hash)
         assert metadata == json.loads(json.dumps(row.metadata))
         assert bits == np.asarray(row.embedding, ">f4").tobytes().hex()
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 129, 300])
+@pytest.mark.parametrize("staged", [False, True])
+def test_a_stream_encoded_chunk_by_chunk_is_the_whole_stream(
+    uri: str, portal: BlockingPortal, n: int, staged: bool
+) -> None:
+    vectors = np.random.default_rng(n).standard_normal((n, DIM)).astype(np.float32) + 4.0
+    rows = [DocumentRow(f"d{i:04}", f"t{i}", {"i": i}, f"{i}".encode(), vectors[i]) for i in range(n)]
+    batch, rejected = validate(rows, INFO)
+    assert rejected == [] and len(batch) == n
+    first = np.arange(n, dtype=np.int64) if staged else INFO.id
+    chunks = list(copy_chunks(first, batch))
+    assert len(chunks) == max(1, -(-n // 128))
+    whole = _native.copy_binary(
+        first, batch.embeddings, batch.ids, batch.texts, batch.metadata, batch.hashes, chunk_rows=1 << 20
+    )
+    assert b"".join(chunks) == b"".join(whole)
+    stored = portal.call(_round_trip, uri, rows, first)
+    assert [r[1] for r in stored] == [r.id for r in rows]

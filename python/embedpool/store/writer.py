@@ -21,7 +21,7 @@ import json
 import operator
 import re
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -154,30 +154,32 @@ def _screen(rows: Sequence[DocumentRow], info: CollectionInfo) -> _Screened:
         rejected[n] = (_shown(ids[n]), _id_or_hash_fault(ids[n], digests[n]))
     matrix, unusable = _stacked([row.embedding for row in rows], info.dim)
     rejected.update((n, (_shown(ids[n]), why)) for n, why in unusable.items() if n not in rejected)
-    # Value checks on the stacked batch: per-row numpy calls would cost more than the COPY itself. Values
-    # beyond float32 range become infinite in the cast and are refused with the NaNs.
-    finite = cast(NDArray[np.bool_], np.isfinite(matrix).all(axis=1))
-    nonzero = cast(NDArray[np.bool_], matrix.any(axis=1)) if info.metric == "cosine" else np.ones(len(rows), bool)
-    fits = finite
-    if info.storage == "float16":  # a halfvec cast would fail the whole batch in Postgres
-        fits = finite & cast(NDArray[np.bool_], (np.abs(matrix) <= _FLOAT16_MAX).all(axis=1))
-    usable = fits & nonzero
-    usable[list(rejected)] = False
-    for n in np.flatnonzero(~(fits & nonzero)).tolist():
+    # Value checks in one native pass over the stacked batch (per-row numpy calls would cost more than the
+    # COPY itself). Values beyond float32 range became infinite in the cast and are refused with the NaNs.
+    bad = _native.vector_faults(matrix, cosine=info.metric == "cosine", float16=info.storage == "float16")
+    for n, code in bad:
         if n not in rejected:
-            why = _NON_FINITE if not finite[n] else _BEYOND_FLOAT16 if not fits[n] else _ZEROS
-            rejected[n] = (_shown(ids[n]), why)
-    last = {ids[n]: n for n in np.flatnonzero(usable).tolist()}
+            rejected[n] = (_shown(ids[n]), _VECTOR_FAULTS[code])
+    usable = np.ones(len(rows), bool)
+    usable[list(rejected)] = False
+    last = {ids[n]: n for n in np.flatnonzero(usable).tolist()} if rejected else _last_positions(ids)
     return _Screened(last, ids, digests, matrix, usable, rejected)
 
 
 _TEXT = operator.attrgetter("text")
 _METADATA = operator.attrgetter("metadata")
 _METADATA_JSON = operator.attrgetter("metadata_json")
-_NON_FINITE: Final = "embedding has a NaN or infinite value (or one beyond float32 range)"
-_FLOAT16_MAX: Final = 65504.0
-_BEYOND_FLOAT16: Final = "embedding has a value beyond float16 range (65504): the collection stores float16"
-_ZEROS: Final = "embedding is all zeros: it has no cosine direction"
+# _native.vector_faults' codes.
+_VECTOR_FAULTS: Final = {
+    1: "embedding has a NaN or infinite value (or one beyond float32 range)",
+    2: "embedding has a value beyond float16 range (65504): the collection stores float16",
+    3: "embedding is all zeros: it has no cosine direction",
+}
+
+
+def _last_positions(ids: list[str]) -> dict[str, int]:
+    """Each id's last position: a dict built from (id, position) pairs keeps the last one given."""
+    return dict(zip(ids, range(len(ids)), strict=True))
 
 
 def _shown(doc_id: object) -> str:
@@ -331,17 +333,32 @@ def validate(rows: Sequence[DocumentRow], info: CollectionInfo) -> tuple[Batch, 
 
 # The column order of both COPY targets (rust/copy.rs writes the rows in it).
 _COLUMNS = ("collection_id", "embedding", "id", "text", "metadata", "content_hash")
+# Rows per COPY chunk: a few hundred kilobytes of 384-d rows, big enough that a call per chunk costs nothing.
+_CHUNK_ROWS: Final = 128
 
 
-def copy_chunks(first: int | NDArray[np.int64], batch: Batch) -> list[bytes]:
+def copy_chunks(first: int | NDArray[np.int64], batch: Batch) -> Iterator[bytes]:
     """The binary COPY data of `batch` in chunks of whole rows, with `first` (one value, or one per row) as the
-    int8 first column. Postgres parses one chunk while the next is sent."""
-    return _native.copy_binary(
-        first, batch.vectors, batch.ids, batch.texts, batch.metadata, batch.hashes, rows=batch.rows
-    )
+    int8 first column. Each chunk is encoded when it is asked for: Postgres parses one while the next is
+    encoded and sent."""
+    n = len(batch)
+    for start in range(0, max(n, 1), _CHUNK_ROWS):
+        end = min(start + _CHUNK_ROWS, n)
+        yield from _native.copy_binary(
+            first if isinstance(first, int) else first[start:end],
+            batch.vectors,
+            batch.ids[start:end],
+            batch.texts[start:end],
+            batch.metadata[start:end],
+            batch.hashes[start:end],
+            rows=batch.rows[start:end],
+            chunk_rows=_CHUNK_ROWS,
+            signature=start == 0,
+            trailer=end == n,
+        )
 
 
-async def _copy(conn: AsyncConnection[Any], table: sql.Composable, chunks: list[bytes]) -> None:
+async def _copy(conn: AsyncConnection[Any], table: sql.Composable, chunks: Iterable[bytes]) -> None:
     query = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
         table, sql.SQL(", ").join(map(sql.Identifier, _COLUMNS))
     )
@@ -391,8 +408,8 @@ async def upsert(
     confirmed in the same transaction, and if any changed since, StaleAssumption is raised with nothing written.
     Confirmed ids count as unchanged.
     `absent`: the caller read the stored hashes of the rows' ids (to skip embedding unchanged ones) and found
-    none: they are not read again, the rows are copied straight in, and one stored since is caught by the
-    primary key and the batch merged instead.
+    none: they are not read again, the rows are copied straight in (one COPY, no explicit transaction, where
+    nothing else is asked), and one stored since is caught by the primary key and the batch merged instead.
 
     `info` may come from a cache: collection rows never change, and a dropped collection's partition is gone
     (psycopg.errors.UndefinedTable, for the caller to look it up again). The partition's own lock, taken by the
@@ -403,6 +420,10 @@ async def upsert(
     assumed = assumed or {}
     remove = checked_ids(remove)
     try:
+        if absent and not assumed and not remove and info.storage == storages.DEFAULT:
+            # Nothing to read or confirm first, and the rows go straight into the partition: the one COPY is
+            # the whole write, atomic as any statement is on its own, without BEGIN and COMMIT round trips.
+            return await _write(conn, info, rows, assumed, merge=False, absent=True)
         return await _upsert(conn, info, rows, assumed, merge=False, absent=absent, remove=remove)
     except psycopg.errors.UniqueViolation:
         # A concurrent writer stored one of our new ids between our read and our COPY: merge instead.
@@ -437,7 +458,7 @@ async def _write(
     merge: bool,
     absent: bool,
 ) -> UpsertResult:
-    """`_upsert`'s rows, in the caller's transaction."""
+    """`_upsert`'s rows, in the caller's transaction (or, for `upsert`'s one-statement case, in none)."""
     screened = _screen(rows, info)
     only_assumed = {i: h for i, h in assumed.items() if i not in screened.last}
     wanted = [*only_assumed] if absent else [*screened.last, *only_assumed]
