@@ -1,5 +1,6 @@
-"""The pool's check of a connection it hands out: a healthy idle connection costs no round trip, and one whose
-backend is gone is found out and replaced before a request draws it."""
+"""The pool's check of a connection it hands out: a healthy idle connection costs no round trip, one whose
+backend is gone is found out and replaced before a request draws it, and the first one found dead has the pool
+swept of the others."""
 
 from __future__ import annotations
 
@@ -53,21 +54,21 @@ async def test_a_terminated_backend_fails_the_check(postgres: EmbeddedPostgres, 
             await check_idle(victim)  # and a broken connection stays refused
 
 
-async def test_requests_after_every_backend_was_terminated_draw_fresh_connections(
+async def test_requests_after_every_backend_was_terminated_draw_fresh_connections_in_time(
     postgres: EmbeddedPostgres,
 ) -> None:
     name = unique_name("check")
     async with await AsyncConnection.connect(postgres.uri, autocommit=True) as admin:
         backends = "SELECT array_agg(pid) FROM pg_stat_activity WHERE backend_type = 'client backend'"
         before = set((await (await admin.execute(backends)).fetchone() or [[]])[0])
-        # psycopg_pool waits 1 s, then 2 s, ... between failed checks of one request: the first request after
-        # three connections died may wait about 3 s for a live one, inside the server's default 10 s.
-        store = await Store.open(postgres.uri, min_size=3, max_size=3, timeout=10.0)
+        # psycopg_pool waits 1 s, 2 s, 4 s, ... between a request's failed checks: drawn one by one, eight dead
+        # connections would outlast the 3 s timeout. The first one found dead has the pool swept of the others.
+        store = await Store.open(postgres.uri, min_size=8, max_size=8, timeout=3.0)
         try:
             await store.create_collection(name, model="m", dim=8)
             assert (await store.upsert(name, rows(unit_vectors(20, 8, seed=3)))).inserted == 20
             pool = set((await (await admin.execute(backends)).fetchone() or [[]])[0]) - before
-            assert len(pool) == 3, pool
+            assert len(pool) == 8, pool
             cur = await admin.execute(
                 "SELECT bool_and(pg_terminate_backend(pid, 5000)) FROM unnest(%s) pid", (list(pool),)
             )

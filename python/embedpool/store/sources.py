@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from embedpool.errors import InvalidArgument, NotFound
 from embedpool.store.dberrors import database_errors
-from embedpool.store.liveness import check_idle
+from embedpool.store.liveness import IdleCheck
 
 __all__ = ["APPLICATION_NAME", "DEFAULT", "SourceDatabases", "parse_databases"]
 
@@ -69,12 +69,13 @@ class SourceDatabases:
                     "connect_timeout": max(1, round(self._timeout)),
                     "application_name": APPLICATION_NAME,  # so an operator can see (and count) them
                 },
-                check=check_idle,
+                check=(check := IdleCheck()),
                 timeout=self._timeout,
                 reconnect_timeout=self._timeout,
                 open=False,
                 name=f"embedpool-sync-{name}-{'work' if work else 'manage'}",
             )
+            check.watch(pool)
             self._pools[(name, work)] = pool
             await pool.open(wait=False)
         with database_errors():

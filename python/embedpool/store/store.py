@@ -21,7 +21,7 @@ from embedpool.store._codec import configure_connection
 from embedpool.store.catalog import CollectionCache
 from embedpool.store.collections import HnswOptions
 from embedpool.store.dberrors import database_errors
-from embedpool.store.liveness import check_idle
+from embedpool.store.liveness import IdleCheck
 from embedpool.store.migrations import migrate_up
 from embedpool.store.records import CollectionInfo, CollectionStats, DocumentRow, Hit, UpsertResult
 
@@ -77,7 +77,7 @@ class Store:
                 configure=configure_connection,
                 # After a database restart, stale connections are replaced instead of failing the first request
                 # that draws each of them.
-                check=check_idle,
+                check=(check := IdleCheck()),
                 timeout=timeout,
                 # The pool retries a failed connect with doubling delays, without bound but this one: after a
                 # minute-long outage it would wait a minute more once the database is back. Giving up after
@@ -86,6 +86,7 @@ class Store:
                 open=False,
                 name="embedpool-store",
             )
+            check.watch(pool)
             try:
                 await pool.open(wait=True, timeout=timeout)
             except BaseException:
