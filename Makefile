@@ -92,7 +92,7 @@ system-deps: ## install nginx, HAProxy and Prometheus from Debian's packages if 
 .PHONY: test
 test: lint model system-deps ## lint, cargo test, then pytest against a real server, Postgres and model
 	cargo test -q
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25  # the slowest tests in every CI log: the suite has a time budget
 
 .PHONY: bench
 bench: model ## quick benchmarks, each with its baseline in the same run (tables; JSON + PNG under bench/out)
