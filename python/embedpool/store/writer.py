@@ -77,7 +77,9 @@ class Batch:
     """JSON text."""
     hashes: list[bytes]
     vectors: NDArray[np.float32]
-    """The screened batch's matrix, [input rows, dim]: the encoder picks the rows, so no copy in id order."""
+    """The screened batch's matrix, [input rows, dim]: the encoder picks the rows, so no copy in id order. A view
+    of the caller's matrix when the rows' embeddings are its consecutive rows (no copy either): the caller leaves
+    them unchanged until the write returns, as the service does (each embedded batch is a fresh array)."""
     rows: NDArray[np.int64]
     """The row of `vectors` of each id."""
 
