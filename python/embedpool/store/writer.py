@@ -422,10 +422,6 @@ async def upsert(
     assumed = assumed or {}
     remove = checked_ids(remove)
     try:
-        if absent and not assumed and not remove and info.storage == storages.DEFAULT:
-            # Nothing to read or confirm first, and the rows go straight into the partition: the one COPY is
-            # the whole write, atomic as any statement is on its own, without BEGIN and COMMIT round trips.
-            return await _write(conn, info, rows, assumed, merge=False, absent=True)
         return await _upsert(conn, info, rows, assumed, merge=False, absent=absent, remove=remove)
     except psycopg.errors.UniqueViolation:
         # A concurrent writer stored one of our new ids between our read and our COPY: merge instead.
@@ -442,6 +438,10 @@ async def _upsert(
     absent: bool,
     remove: list[str],
 ) -> UpsertResult:
+    if absent and not merge and not assumed and not remove and info.storage == storages.DEFAULT:
+        # Nothing to read or confirm first, and the rows go straight into the partition: the one COPY is the
+        # whole write, atomic as any statement is on its own, without BEGIN and COMMIT round trips.
+        return await _write(conn, info, rows, assumed, merge=False, absent=True)
     async with conn.transaction():
         result = await _write(conn, info, rows, assumed, merge=merge, absent=absent)
         if remove:  # after the rows: their locks are taken in id order first, as every writer takes them
@@ -460,7 +460,7 @@ async def _write(
     merge: bool,
     absent: bool,
 ) -> UpsertResult:
-    """`_upsert`'s rows, in the caller's transaction (or, for `upsert`'s one-statement case, in none)."""
+    """`_upsert`'s rows, in its transaction (or in none, where the write is one statement)."""
     screened = _screen(rows, info)
     only_assumed = {i: h for i, h in assumed.items() if i not in screened.last}
     wanted = [*only_assumed] if absent else [*screened.last, *only_assumed]
