@@ -2,16 +2,17 @@
 
     python bench/frontend.py [--quick] [--threads 1,2] [--out DIR]
 
-For each thread count k (default 1 .. every core), in a fresh process whose rayon pool has k threads
-(RAYON_NUM_THREADS) and whose pool admits k tokenizing calls at once (`tokenizer_threads`), on the shared
-real-text corpus, at 1, 8, 32 and 128 documents per call:
+For each thread count k (default 1 .. every core), in a fresh process pinned to k cores (sched_setaffinity), whose
+rayon pool has k threads (RAYON_NUM_THREADS) and whose pool has k tokenizing workers (`tokenizer_threads`), on the
+shared real-text corpus, at 1, 8, 32 and 128 documents per call:
 - bare: the native tokenizer's `encode_ragged` alone, k caller threads each encoding whole calls (its GIL is
   released, so the threads run at once; a large call is also split over rayon);
 - pool: `EmbeddingPool.embed` with a session that does no inference (`--device null`'s), 64 concurrent callers:
-  admission, tokenizing (on the event loop up to 2048 characters, else on a worker thread), scheduling, padding
-  and the fan back, i.e. what the pool adds to tokenizing;
-- pool_offload: the same at 1 document per call with every call tokenized on a worker thread (none on the event
-  loop): whether offloading small calls pays on this many cores.
+  admission, tokenizing (pool.tokenizing: on the event loop while the pool is quiet or the call query-sized,
+  else in the tokenizing stage with every call waiting), scheduling, padding and the fan back, i.e. what the pool
+  adds to tokenizing, and whether its path uses the cores;
+- pool_offload: the same at 1 document per call with every call sent to the tokenizing stage (none tokenized on
+  the event loop).
 Tokens/s and docs/s per k, and each k's tokens/s over k x one thread's (the goal: >= 0.8). Every call's token
 counts are checked against one reference encoding. Also the Python cost per document where tokenizing is next to
 nothing (calls of 128 one-word texts, one caller, this process's CPU time): through the pool, and the core's
@@ -149,6 +150,9 @@ async def pool_path(
 
 def one_k(threads: int, n_texts: int, seconds: float) -> dict[str, Any]:
     """Every call size, bare and through the pool, at `threads` (this process's rayon pool has that many)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if threads <= len(cpus):  # the event loop, the feeder and the callers share the k cores too
+        os.sched_setaffinity(0, cpus[:threads])
     tokenizer, dim, _ = load_tokenizer()
     texts = corpus_texts(n_texts)
     tokenizer.encode_ragged(texts[:256])  # starts rayon's pool
@@ -244,6 +248,7 @@ def main() -> None:
     per_document = python_per_document(tokenizer, dim, 50 if args.quick else 1500)
     report = {
         "question": "tokenization tokens/s with k threads, bare and through the pool, vs k x one thread",
+        "pinned": "each k's process to k cores",
         "machine": {"cpus": cores, "platform": platform.platform()},
         "call_sizes": list(CALL_SIZES),
         "pool_callers": POOL_CALLERS,

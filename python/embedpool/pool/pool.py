@@ -7,7 +7,7 @@ import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final
 
 import anyio
 import anyio.to_thread
@@ -24,20 +24,17 @@ from embedpool.pool.handoff import Handoff
 from embedpool.pool.job import Job, Stages
 from embedpool.pool.priority import Priority
 from embedpool.pool.scheduler import Batch, BatchLimits, ClassPolicy, Scheduler
+from embedpool.pool.tokenizing import Tokenizer, TokenizeStage, Tokens
 from embedpool.pool.windows import Chunking, Splitter, Windows, pooled
 
-
-class Tokenizer(Protocol):
-    def encode_ragged(
-        self, texts: Sequence[str], *, truncate: bool = True
-    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]: ...
-
-
-# Inputs up to this many characters in all are tokenized on the event loop (~20 µs per 100 characters). That holds
-# the one loop every call shares, but on 2 cores the hop to a worker thread and back cost more: 1-document calls
-# went 0.74x as fast through the pool with only <= 256 characters inline. Whether many cores turn that around is
-# what bench/frontend.py's `pool_offload` figure measures (the GPU check runs it on 16 cores).
+# Where a call is tokenized (pool.tokenizing): on the event loop it costs no hop, but holds the one loop every call
+# shares (~20 µs per 100 characters). A query-sized call stays there always: tokenizing it costs less than
+# handing it to the tokenizing stage. A call of up to INLINE_TOKENIZE_CHARS stays there while the pool is quiet
+# (QUIET_CALLS calls in flight at most), when the loop has time to spare and the hop would only add latency.
+# Otherwise calls go to the stage, which tokenizes every call waiting in one hop, over the cores.
 INLINE_TOKENIZE_CHARS: Final = 2048
+ALWAYS_INLINE_CHARS: Final = 256
+QUIET_CALLS: Final = 2
 
 
 GAUGE_INTERVAL_S: Final = 0.25
@@ -53,6 +50,7 @@ class PoolConfig:
     max_concurrent_chars: int = 64 * 1024 * 1024
     pipeline_depth: int = 2  # batches cut ahead per session, so the next one is ready when the engine frees up
     inline_tokenize_chars: int = INLINE_TOKENIZE_CHARS
+    """Calls of up to this many characters are tokenized on the event loop while the pool is quiet (0: never)."""
     priorities: bool = True
     """Interactive work ahead of bulk (pool.priority, pool.scheduler); off, one queue in arrival order for all."""
     max_interactive_streak: int = 4
@@ -95,6 +93,8 @@ class EmbeddingPool:
             meters,
         )
         self._tokenize_limiter = anyio.CapacityLimiter(config.tokenizer_threads)
+        self._stage = TokenizeStage(tokenizer, config.tokenizer_threads, config.max_concurrent_inputs)
+        self._calls = 0  # admitted and not yet answered: how busy the event loop is likely to be
         # Every admitted job fits: a job holds >= 1 permit, so the channel can never hold more jobs than this.
         self._ingress_send, self._ingress_receive = anyio.create_memory_object_stream[Job](config.max_concurrent_inputs)
         depth = len(self._sessions) * config.pipeline_depth
@@ -169,6 +169,7 @@ class EmbeddingPool:
                 else:
                     self._permits.acquire(n, chars, priority)
                 admitted = True
+                self._calls += 1
                 if traced:
                     tokenizing_ns = tracing.wall_ns()
                 ids, offsets = (
@@ -197,6 +198,7 @@ class EmbeddingPool:
                 for feeder in self._feeders:
                     feeder.stop_if_unwanted()
             if admitted:
+                self._calls -= 1
                 self._permits.release(n, chars, priority)
             if job is not None and job.stages is not None:
                 _record_stages(job, job.stages, tokenizing_ns, chars)
@@ -221,19 +223,15 @@ class EmbeddingPool:
         except ValueError as exc:  # the extension's NativeError family, as in _tokenize
             raise InvalidArgument(str(exc)) from exc
 
-    async def _tokenize(
-        self, texts: Sequence[str], chars: int, truncate: bool
-    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    async def _tokenize(self, texts: Sequence[str], chars: int, truncate: bool) -> Tokens:
         try:
-            if chars <= self._config.inline_tokenize_chars:
-                # A query-sized input tokenizes in tens of microseconds: less than the hop to a worker thread
-                # and back, which would be most of the pool's overhead on an idle server.
+            if chars <= self._config.inline_tokenize_chars and (
+                chars <= ALWAYS_INLINE_CHARS or self._calls <= QUIET_CALLS
+            ):
                 return self._tokenizer.encode_ragged(texts, truncate=truncate)
-            return await anyio.to_thread.run_sync(
-                lambda: self._tokenizer.encode_ragged(texts, truncate=truncate), limiter=self._tokenize_limiter
-            )
         except ValueError as exc:  # the extension's NativeError family: bad input, message names the document
             raise InvalidArgument(str(exc)) from exc
+        return await self._stage.encode(texts, chars, truncate)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Runs the scheduler and the feeders until `close()`; then drains queued work and joins the threads."""
@@ -257,6 +255,7 @@ class EmbeddingPool:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._publish_gauges)
+                tg.start_soon(self._stage.run)
                 await self._scheduler.run()
                 tg.cancel_scope.cancel()
         finally:

@@ -1,0 +1,139 @@
+"""The tokenizing stage: calls waiting to be tokenized are encoded together, one worker-thread hop for many calls.
+
+A call handed to a worker thread on its own pays the hop there and back on the event loop, which every call
+shares: for calls of a few documents that costs as much loop time as tokenizing them there, so they were
+tokenized on the loop, one at a time, and many small calls used one core. Here each of `threads` workers takes
+the calls waiting (about `RUN_CHARS` characters), encodes their texts in one native call (the GIL released,
+the texts split over rayon's threads), and cuts each call's tokens back out: the loop's share per call is a
+send and a wake-up, and the tokenizing spreads over the cores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+import anyio
+import anyio.to_thread
+import numpy as np
+from numpy.typing import NDArray
+
+from embedpool.errors import InvalidArgument, Unavailable
+
+RUN_CHARS: Final = 32 * 1024
+"""A run takes waiting calls until it holds this many characters (a larger call runs alone): a call that arrives
+while every worker is busy waits for a run, so a run is kept to a few milliseconds of one core's tokenizing."""
+
+Tokens = tuple[NDArray[np.int64], NDArray[np.int64]]
+
+
+class Tokenizer(Protocol):
+    def encode_ragged(self, texts: Sequence[str], *, truncate: bool = True) -> Tokens: ...
+
+
+@dataclass(eq=False)
+class _Call:
+    texts: Sequence[str]
+    chars: int
+    truncate: bool
+    done: anyio.Event = field(default_factory=anyio.Event)
+    tokens: Tokens | None = None
+    error: Exception | None = None
+    abandoned: bool = False
+
+
+class TokenizeStage:
+    def __init__(self, tokenizer: Tokenizer, threads: int, capacity: int) -> None:
+        """`capacity`: calls waiting at most; the pool admits no more calls than this, so a send never waits."""
+        self._tokenizer = tokenizer
+        self._threads = threads
+        self._send, self._receive = anyio.create_memory_object_stream[_Call](capacity)
+
+    async def encode(self, texts: Sequence[str], chars: int, truncate: bool) -> Tokens:
+        """`texts` tokenized with others waiting at the same time; ValueError from the tokenizer becomes
+        InvalidArgument naming the document within this call."""
+        call = _Call(texts, chars, truncate)
+        try:
+            self._send.send_nowait(call)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
+            raise Unavailable("the server is shutting down") from exc
+        try:
+            await call.done.wait()
+        finally:
+            call.abandoned = not call.done.is_set()  # cancelled: a worker that has not started it skips it
+        if call.error is not None:
+            raise call.error
+        assert call.tokens is not None
+        return call.tokens
+
+    async def run(self) -> None:
+        """The workers, until cancelled; calls still waiting then are answered Unavailable."""
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(self._threads):
+                    tg.start_soon(self._worker)
+        finally:
+            self._send.close()
+            while True:
+                try:
+                    call = self._receive.receive_nowait()
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
+                call.error = Unavailable("the server is shutting down")
+                call.done.set()
+            self._receive.close()
+
+    async def _worker(self) -> None:
+        receive = self._receive
+        while True:
+            calls = [await receive.receive()]
+            chars = calls[0].chars
+            while chars < RUN_CHARS:
+                try:
+                    call = receive.receive_nowait()
+                except anyio.WouldBlock:
+                    break
+                calls.append(call)
+                chars += call.chars
+            try:
+                await anyio.to_thread.run_sync(self._encode, calls)
+            finally:
+                for call in calls:
+                    call.done.set()
+
+    def _encode(self, calls: list[_Call]) -> None:
+        """On a worker thread: every live call's tokens, one native call per truncation setting."""
+        live = [call for call in calls if not call.abandoned]
+        for truncate in (True, False):
+            group = [call for call in live if call.truncate is truncate]
+            if len(group) == 1:
+                self._encode_alone(group[0])
+            elif group:
+                self._encode_together(group, truncate)
+
+    def _encode_together(self, calls: list[_Call], truncate: bool) -> None:
+        texts: list[str] = []
+        for call in calls:
+            texts.extend(call.texts)
+        try:
+            ids, offsets = self._tokenizer.encode_ragged(texts, truncate=truncate)
+        except Exception:
+            # A message names a document of the whole run: each call again alone, to name its own.
+            for call in calls:
+                self._encode_alone(call)
+            return
+        start = 0
+        for call in calls:
+            end = start + len(call.texts)
+            first, last = offsets[start], offsets[end]
+            call.tokens = ids[first:last], offsets[start : end + 1] - first
+            start = end
+
+    def _encode_alone(self, call: _Call) -> None:
+        try:
+            call.tokens = self._tokenizer.encode_ragged(call.texts, truncate=call.truncate)
+        except ValueError as exc:  # the extension's NativeError family: bad input, message names the document
+            call.error = InvalidArgument(str(exc))
+        except Exception as exc:  # raised to the caller that waits for it, as from its own thread
+            call.error = exc
