@@ -113,13 +113,13 @@ async def test_calls_waiting_when_the_stage_stops_are_answered_unavailable(token
         except Unavailable as exc:
             errors.append(exc)
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(stage.run)
-        async with anyio.create_task_group() as callers:
-            for _ in range(3):
-                callers.start_soon(call)
+    async with anyio.create_task_group() as callers:
+        for _ in range(3):
+            callers.start_soon(call)
+        async with anyio.create_task_group() as running:
+            running.start_soon(stage.run)
             await anyio.wait_all_tasks_blocked()
-            tg.cancel_scope.cancel()
+            running.cancel_scope.cancel()
     assert len(errors) == 3
     with pytest.raises(Unavailable):  # and a call after it stopped
         await stage.encode(["late"], 4, True)

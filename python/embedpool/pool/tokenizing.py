@@ -2,14 +2,16 @@
 
 A call handed to a worker thread on its own pays the hop there and back on the event loop, which every call
 shares: for calls of a few documents that costs as much loop time as tokenizing them there, so they were
-tokenized on the loop, one at a time, and many small calls used one core. Here each of `threads` workers takes
+tokenized on the loop, one at a time, and many small calls used one core. Here each of `threads` threads takes
 the calls waiting (about `RUN_CHARS` characters), encodes their texts in one native call (the GIL released,
-the texts split over rayon's threads), and cuts each call's tokens back out: the loop's share per call is a
-send and a wake-up, and the tokenizing spreads over the cores.
+the texts split over rayon's threads), and cuts each call's tokens back out: under load the loop's share per
+call is a send and a wake-up, and the tokenizing spreads over the cores.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
@@ -17,6 +19,7 @@ from typing import Final, Protocol
 import anyio
 import anyio.to_thread
 import numpy as np
+from anyio.lowlevel import EventLoopToken, current_token
 from numpy.typing import NDArray
 
 from embedpool.errors import InvalidArgument, Unavailable
@@ -44,11 +47,22 @@ class _Call:
 
 
 class TokenizeStage:
+    """Calls wait in a bounded stream; `threads` dedicated threads encode them. Every method but `_serve` and
+    `_encode*` runs on the event loop. A thread that finishes a run posts it back onto the loop in one callback,
+    which takes the next run for it, or marks it idle; a call that arrives while a thread is idle is handed to it
+    at once. (anyio's `to_thread.run_sync` costs about three times the CPU per hop, in a task, a cancel scope and
+    a cross-thread future.)"""
+
     def __init__(self, tokenizer: Tokenizer, threads: int, capacity: int) -> None:
         """`capacity`: calls waiting at most; the pool admits no more calls than this, so a send never waits."""
         self._tokenizer = tokenizer
-        self._threads = threads
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"tokenizer-{k}", daemon=True) for k in range(threads)
+        ]
         self._send, self._receive = anyio.create_memory_object_stream[_Call](capacity)
+        self._runs: queue.SimpleQueue[list[_Call] | None] = queue.SimpleQueue()
+        self._idle = 0
+        self._token: EventLoopToken | None = None
 
     async def encode(self, texts: Sequence[str], chars: int, truncate: bool) -> Tokens:
         """`texts` tokenized with others waiting at the same time; ValueError from the tokenizer becomes
@@ -58,49 +72,78 @@ class TokenizeStage:
             self._send.send_nowait(call)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
             raise Unavailable("the server is shutting down") from exc
+        self._dispatch()
         try:
             await call.done.wait()
         finally:
-            call.abandoned = not call.done.is_set()  # cancelled: a worker that has not started it skips it
+            call.abandoned = not call.done.is_set()  # cancelled: a thread that has not started it skips it
         if call.error is not None:
             raise call.error
         assert call.tokens is not None
         return call.tokens
 
     async def run(self) -> None:
-        """The workers, until cancelled; calls still waiting then are answered Unavailable."""
+        """The threads, until cancelled; calls still waiting then are answered Unavailable."""
+        self._token = current_token()
+        for thread in self._threads:
+            thread.start()
+        self._idle = len(self._threads)
         try:
-            async with anyio.create_task_group() as tg:
-                for _ in range(self._threads):
-                    tg.start_soon(self._worker)
+            self._dispatch()
+            await anyio.sleep_forever()
         finally:
             self._send.close()
-            while True:
-                try:
-                    call = self._receive.receive_nowait()
-                except (anyio.WouldBlock, anyio.EndOfStream):
-                    break
-                call.error = Unavailable("the server is shutting down")
-                call.done.set()
-            self._receive.close()
-
-    async def _worker(self) -> None:
-        receive = self._receive
-        while True:
-            calls = [await receive.receive()]
-            chars = calls[0].chars
-            while chars < RUN_CHARS:
-                try:
-                    call = receive.receive_nowait()
-                except anyio.WouldBlock:
-                    break
-                calls.append(call)
-                chars += call.chars
-            try:
-                await anyio.to_thread.run_sync(self._encode, calls)
-            finally:
-                for call in calls:
+            while (run := self._next_run()) is not None:
+                for call in run:
+                    call.error = Unavailable("the server is shutting down")
                     call.done.set()
+            self._receive.close()
+            for _ in self._threads:
+                self._runs.put(None)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._join)
+
+    def _join(self) -> None:
+        for thread in self._threads:
+            thread.join()
+
+    def _dispatch(self) -> None:
+        """Idle threads get the calls waiting."""
+        while self._idle and (run := self._next_run()) is not None:
+            self._idle -= 1
+            self._runs.put(run)
+
+    def _next_run(self) -> list[_Call] | None:
+        """Every call waiting, until the run holds RUN_CHARS characters; None when none is waiting."""
+        calls: list[_Call] = []
+        chars = 0
+        while chars < RUN_CHARS:
+            try:
+                call = self._receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+            calls.append(call)
+            chars += call.chars
+        return calls or None
+
+    def _finished(self, calls: list[_Call]) -> None:
+        """Posted by a thread that encoded `calls`: they are answered, and the thread takes the next run."""
+        for call in calls:
+            call.done.set()
+        run = self._next_run()
+        if run is None:
+            self._idle += 1
+        else:
+            self._runs.put(run)
+
+    def _serve(self) -> None:
+        """A tokenizing thread."""
+        token = self._token
+        assert token is not None
+        while (calls := self._runs.get()) is not None:
+            self._encode(calls)
+            # (`run_sync_soon` is the backend call anyio's own from_thread helpers post with, as pool.feeder's.)
+            token.backend_class.run_sync_soon(self._finished, (calls,), token.native_token)
 
     def _encode(self, calls: list[_Call]) -> None:
         """On a worker thread: every live call's tokens, one native call per truncation setting."""
