@@ -10,6 +10,7 @@ call is a send and a wake-up, and the tokenizing spreads over the cores.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Sequence
@@ -49,8 +50,8 @@ class _Call:
 class TokenizeStage:
     """Calls wait in a bounded stream; `threads` dedicated threads encode them. Every method but `_serve` and
     `_encode*` runs on the event loop. A thread that finishes a run posts it back onto the loop in one callback,
-    which takes the next run for it, or marks it idle; a call that arrives while a thread is idle is handed to it
-    at once. (anyio's `to_thread.run_sync` costs about three times the CPU per hop, in a task, a cancel scope and
+    which takes the next run for it, or marks it idle; calls that arrive while a thread is idle are handed to it
+    by the dispatcher task, at its next turn on the loop. (anyio's `to_thread.run_sync` costs about three times the CPU per hop, in a task, a cancel scope and
     a cross-thread future.)"""
 
     def __init__(self, tokenizer: Tokenizer, threads: int, capacity: int) -> None:
@@ -63,6 +64,9 @@ class TokenizeStage:
         self._runs: queue.SimpleQueue[list[_Call] | None] = queue.SimpleQueue()
         self._idle = 0
         self._token: EventLoopToken | None = None
+        # A call arriving at an idle thread kicks the dispatcher task rather than handing itself over: the task runs
+        # after the callers woken in the same turn of the loop have sent theirs, so they share one run.
+        self._kick, self._kicked = anyio.create_memory_object_stream[None](1)
 
     async def encode(self, texts: Sequence[str], chars: int, truncate: bool) -> Tokens:
         """`texts` tokenized with others waiting at the same time; ValueError from the tokenizer becomes
@@ -72,7 +76,9 @@ class TokenizeStage:
             self._send.send_nowait(call)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
             raise Unavailable("the server is shutting down") from exc
-        self._dispatch()
+        if self._idle:
+            with contextlib.suppress(anyio.WouldBlock):  # already kicked
+                self._kick.send_nowait(None)
         try:
             await call.done.wait()
         finally:
@@ -90,8 +96,11 @@ class TokenizeStage:
         self._idle = len(self._threads)
         try:
             self._dispatch()
-            await anyio.sleep_forever()
+            async for _ in self._kicked:
+                self._dispatch()
         finally:
+            self._kick.close()
+            self._kicked.close()
             self._send.close()
             while (run := self._next_run()) is not None:
                 for call in run:
