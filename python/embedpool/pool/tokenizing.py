@@ -51,8 +51,8 @@ class TokenizeStage:
     """Calls wait in a bounded stream; `threads` dedicated threads encode them. Every method but `_serve` and
     `_encode*` runs on the event loop. A thread that finishes a run posts it back onto the loop in one callback,
     which takes the next run for it, or marks it idle; calls that arrive while a thread is idle are handed to it
-    by the dispatcher task, at its next turn on the loop. (anyio's `to_thread.run_sync` costs about three times the CPU per hop, in a task, a cancel scope and
-    a cross-thread future.)"""
+    by the dispatcher task, at its next turn on the loop. (anyio's `to_thread.run_sync` costs about three times
+    the CPU per hop, in a task, a cancel scope and a cross-thread future.)"""
 
     def __init__(self, tokenizer: Tokenizer, threads: int, capacity: int) -> None:
         """`capacity`: calls waiting at most; the pool admits no more calls than this, so a send never waits."""
