@@ -94,6 +94,10 @@ STORED_DOCUMENTS = Counter(
 # The query-embedding cache (service.query_cache): lookups by Search by text and small Embed calls, per text.
 QUERY_CACHE_HITS = Counter("embedpool_query_cache_hits_total", "query texts whose embedding the cache held")
 QUERY_CACHE_MISSES = Counter("embedpool_query_cache_misses_total", "query texts looked up and embedded")
+QUERY_CACHE_JOINED = Counter(
+    "embedpool_query_cache_joined_total",
+    "query texts missing from the cache that waited for another call embedding the same text (counted as misses too)",
+)
 QUERY_CACHE_BYTES = Gauge(
     "embedpool_query_cache_bytes", "bytes the query cache holds (vectors, texts, overhead)", multiprocess_mode="livesum"
 )

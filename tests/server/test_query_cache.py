@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ DIM = 384
 BOUND_ENTRIES = 12
 BOUND = BOUND_ENTRIES * (ENTRY_OVERHEAD + 4 * DIM + 150)  # entries of texts up to about 100 characters
 HITS, MISSES = "embedpool_query_cache_hits_total", "embedpool_query_cache_misses_total"
+JOINED = "embedpool_query_cache_joined_total"
 BYTES, ENTRIES, TOKENS = "embedpool_query_cache_bytes", "embedpool_query_cache_entries", "embedpool_tokens_total"
 LONG = "word " * 300  # 302 tokens: refused with truncate=False; short enough to be cached when truncated
 
@@ -115,6 +118,28 @@ def test_the_same_search_twice_is_a_miss_then_a_hit_with_the_same_hits(cached: S
     assert changes(middle, after)[HITS] == 1 and changes(middle, after)[MISSES] == 0
     assert changes(middle, after)[TOKENS] == 0  # nothing embedded for the hit
     assert first == second and len(first) == 5
+
+
+def test_one_query_sent_by_many_callers_at_once_is_embedded_once(cached: Server) -> None:
+    query = f"the one popular query of the hour {uuid.uuid4().hex}"
+    callers = 12
+    ready = threading.Barrier(callers)
+
+    def search(_: int) -> list[tuple[str, float]]:
+        ready.wait(timeout=30)
+        return cached.search(query)
+
+    before = metrics(cached.running)
+    with ThreadPoolExecutor(callers) as threads:
+        results = list(threads.map(search, range(callers)))
+    after = metrics(cached.running)
+    looked_up = {name: after[name] - before[name] for name in (HITS, MISSES, JOINED, TOKENS)}
+    tokens = cached.embed([query], skip_vectors=True).token_counts[0]
+    assert looked_up[TOKENS] == tokens, looked_up  # embedded once
+    assert looked_up[HITS] + looked_up[MISSES] == callers, looked_up
+    # Every miss but the first waited for it; the callers that came after it landed found it cached.
+    assert looked_up[JOINED] == looked_up[MISSES] - 1, looked_up
+    assert all(result == results[0] for result in results) and len(results[0]) == 5
 
 
 def test_an_embed_embeds_only_the_texts_the_cache_lacks_and_reports_every_token_count(cached: Server) -> None:

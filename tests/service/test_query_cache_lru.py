@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 from embedpool.service.query_cache import (
     MAX_CALL_TEXTS,
     MAX_TEXT_CHARS,
+    CachedQuery,
     QueryCache,
     QueryKey,
     entry_bytes,
@@ -132,3 +133,22 @@ def test_it_behaves_as_a_bounded_lru_and_the_gauges_follow(ops: list[tuple[bool,
         assert cache.bytes == sum(entry_bytes(key(t), vector(0)) for t in model)
     held, entries = _gauges()
     assert (held - gauges_before[0], entries - gauges_before[1]) == (cache.bytes, len(cache))
+
+
+def test_a_flight_has_one_leader_and_lands_once_for_everyone_waiting() -> None:
+    cache = QueryCache(room_for(4))
+    joined = REGISTRY.get_sample_value("embedpool_query_cache_joined_total") or 0.0
+    flight, leading = cache.flight(key("popular"))
+    again, second = cache.flight(key("popular"))
+    other, third = cache.flight(key("popular", truncate=False))  # other options: another text to embed
+    assert leading and not second and third and again is flight and other is not flight
+    assert REGISTRY.get_sample_value("embedpool_query_cache_joined_total") == joined + 1
+    entry = CachedQuery(vector(1), 3)
+    cache.land(key("popular"), flight, entry)
+    assert flight.done.is_set() and flight.entry is entry
+    landed, leads = cache.flight(key("popular"))  # landed flights are gone: the next miss leads a new one
+    assert leads and landed is not flight
+    cache.land(key("popular"), landed, None)  # a failed leader: those waiting embed the text themselves
+    assert landed.done.is_set() and landed.entry is None
+    cache.land(key("popular", truncate=False), other, None)
+    assert cache.flight(key("popular", truncate=False))[1]

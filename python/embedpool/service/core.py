@@ -9,14 +9,14 @@ import contextlib
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import numpy as np
 from numpy.typing import NDArray
 
 from embedpool import tracing
-from embedpool.errors import InvalidArgument, Overloaded, Unavailable
+from embedpool.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
 from embedpool.pool import Embeddings, Priority
 from embedpool.pool.windows import Chunking
 from embedpool.security import keyring
@@ -28,7 +28,7 @@ from embedpool.service.documents import Document, Embedded, Hit, WriteOutcome
 from embedpool.service.ingest import run_ingest
 from embedpool.service.limits import Limits
 from embedpool.service.models import QUERY, Models, ServedModel
-from embedpool.service.query_cache import QueryCache
+from embedpool.service.query_cache import CachedQuery, Flight, QueryCache, QueryKey
 from embedpool.service.writes import EmbeddedBatch, fitted, prompted
 from embedpool.store import CollectionInfo, CollectionStats, HnswOptions, Store
 from embedpool.store.keys import KeyRecord
@@ -168,29 +168,80 @@ class EmbeddingService:
         prompt: str = "",
     ) -> tuple[NDArray[np.float32], list[int]]:
         """Full-size vectors and token counts of `texts`, from the query cache when the call is query-sized (only
-        the texts it lacks are embedded, in one pool call). `name(i)`: how the caller calls text i. `prompt` goes
-        before each text (the token counts include it)."""
+        the texts it lacks are embedded, in one pool call, and those another call is embedding now are waited
+        for). `name(i)`: how the caller calls text i. `prompt` goes before each text (the token counts include it).
+        """
         if not self._queries.serves(texts):
             embedded = await self._embed_now(served, texts, truncate, deadline, name, prompt)
             return embedded.vectors, embedded.token_counts.tolist()
         keys = [QueryCache.key(served.label, truncate, text, prompt) for text in texts]
         found = [self._queries.get(key) if key is not None else None for key in keys]
-        missing = [i for i, entry in enumerate(found) if entry is None]
         vectors = np.empty((len(texts), served.model.dim), dtype=np.float32)
         counts = [0] * len(texts)
-        if missing:
-            embedded = await self._embed_now(
-                served, [texts[i] for i in missing], truncate, deadline, lambda j: name(missing[j]), prompt
-            )
-            fresh, fresh_counts = embedded.vectors, embedded.token_counts.tolist()
-            for j, i in enumerate(missing):
-                vectors[i], counts[i] = fresh[j], fresh_counts[j]
-                if (key := keys[i]) is not None:
-                    self._queries.put(key, fresh[j], fresh_counts[j])
+        # A missing text another call is embedding now is waited for, not embedded again (query_cache.Flight).
+        mine: list[int] = []
+        led: dict[int, Flight] = {}
+        joined: list[tuple[int, Flight]] = []
         for i, entry in enumerate(found):
             if entry is not None:
                 vectors[i], counts[i] = entry.vector, entry.tokens
+            elif (key := keys[i]) is None:
+                mine.append(i)
+            else:
+                flight, leading = self._queries.flight(key)
+                if leading:
+                    mine.append(i)
+                    led[i] = flight
+                else:
+                    joined.append((i, flight))  # a text twice in this call: its second waits on its first
+        try:
+            await self._embed_missing(served, texts, mine, keys, vectors, counts, truncate, deadline, name, prompt, led)
+        finally:
+            for i, flight in led.items():
+                if not flight.done.is_set():  # failed or cancelled: whoever waits embeds the text itself
+                    self._queries.land(cast(QueryKey, keys[i]), flight, None)
+        again: list[int] = []
+        for i, flight in joined:
+            try:
+                with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
+                    await flight.done.wait()
+            except TimeoutError as exc:
+                raise DeadlineExceeded("deadline passed waiting for a query's embedding") from exc
+            if flight.entry is None:
+                again.append(i)
+            else:
+                vectors[i], counts[i] = flight.entry.vector, flight.entry.tokens
+        await self._embed_missing(served, texts, again, keys, vectors, counts, truncate, deadline, name, prompt, {})
         return vectors, counts
+
+    async def _embed_missing(
+        self,
+        served: ServedModel,
+        texts: Sequence[str],
+        missing: list[int],
+        keys: list[QueryKey | None],
+        vectors: NDArray[np.float32],
+        counts: list[int],
+        truncate: bool,
+        deadline: float,
+        name: Callable[[int], str],
+        prompt: str,
+        led: Mapping[int, Flight],
+    ) -> None:
+        """Texts `missing` embedded in one pool call into `vectors` and `counts`, kept in the cache, and the
+        flights this call `led` landed with them."""
+        if not missing:
+            return
+        embedded = await self._embed_now(
+            served, [texts[i] for i in missing], truncate, deadline, lambda j: name(missing[j]), prompt
+        )
+        fresh, fresh_counts = embedded.vectors, embedded.token_counts.tolist()
+        for j, i in enumerate(missing):
+            vectors[i], counts[i] = fresh[j], fresh_counts[j]
+            if (key := keys[i]) is not None:
+                self._queries.put(key, fresh[j], fresh_counts[j])
+                if (flight := led.get(i)) is not None:
+                    self._queries.land(key, flight, CachedQuery(fresh[j], fresh_counts[j]))
 
     async def _embed_now(
         self,

@@ -9,6 +9,11 @@ records the text's token count too, which the caller reports although nothing wa
 
 The bound is in bytes: each entry counts its vector, its text and ENTRY_OVERHEAD for the Python objects around
 them; the least recently used entries go first. With `serve --workers N`, each worker has its own cache.
+
+A text missing from the cache while another call is embedding it is not embedded again: the call waits for that
+one's flight (`QueryCache.flight`), as many callers sending one popular query at once would otherwise each embed it.
+If the call it waits for fails (its own deadline, overload, a cancelled caller), the waiting call embeds the text
+itself.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Final, NamedTuple
 
+import anyio
 import numpy as np
 from numpy.typing import NDArray
 
@@ -29,6 +35,7 @@ __all__ = [
     "MAX_CALL_TEXTS",
     "MAX_TEXT_CHARS",
     "CachedQuery",
+    "Flight",
     "QueryCache",
     "QueryKey",
     "entry_bytes",
@@ -59,6 +66,15 @@ class CachedQuery(NamedTuple):
     tokens: int
 
 
+class Flight:
+    """A text being embedded by one call, which other calls missing the same text wait on."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.entry: CachedQuery | None = None
+        """Set when the call embedding it succeeded; None once done means it failed."""
+
+
 class QueryCache:
     """A least-recently-used map of QueryKey to CachedQuery, at most `max_bytes` large (0: off, nothing kept).
 
@@ -72,6 +88,7 @@ class QueryCache:
         self._entries: OrderedDict[QueryKey, CachedQuery] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._flights: dict[QueryKey, Flight] = {}
 
     @property
     def enabled(self) -> bool:
@@ -103,6 +120,23 @@ class QueryCache:
             self._entries.move_to_end(key)
         metrics.QUERY_CACHE_HITS.inc()
         return entry
+
+    def flight(self, key: QueryKey) -> tuple[Flight, bool]:
+        """The flight of `key`, and whether the caller leads it: a leader embeds the text and must `land` the
+        flight, success or not; the others wait on it (counted as joined). On the event loop only."""
+        if (flight := self._flights.get(key)) is not None:
+            metrics.QUERY_CACHE_JOINED.inc()
+            return flight, False
+        flight = self._flights[key] = Flight()
+        return flight, True
+
+    def land(self, key: QueryKey, flight: Flight, entry: CachedQuery | None) -> None:
+        """Ends a flight its leader began: `entry` is what it embedded (None: it failed, and those waiting embed
+        the text themselves)."""
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        flight.entry = entry
+        flight.done.set()
 
     def put(self, key: QueryKey, vector: NDArray[np.float32], tokens: int) -> None:
         """Keeps a copy of `vector` (a row of a batch would keep the whole batch alive), evicting the least recently
