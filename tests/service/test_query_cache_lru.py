@@ -144,11 +144,11 @@ def test_a_flight_has_one_leader_and_lands_once_for_everyone_waiting() -> None:
     assert leading and not second and third and again is flight and other is not flight
     assert REGISTRY.get_sample_value("embedpool_query_cache_joined_total") == joined + 1
     entry = CachedQuery(vector(1), 3)
-    cache.land(key("popular"), flight, entry)
+    cache.land(flight, entry)
     assert flight.done.is_set() and flight.entry is entry
     landed, leads = cache.flight(key("popular"))  # landed flights are gone: the next miss leads a new one
     assert leads and landed is not flight
-    cache.land(key("popular"), landed, None)  # a failed leader: those waiting embed the text themselves
+    cache.land(landed, None)  # a failed leader: those waiting embed the text themselves
     assert landed.done.is_set() and landed.entry is None
-    cache.land(key("popular", truncate=False), other, None)
+    cache.land(other, None)
     assert cache.flight(key("popular", truncate=False))[1]

@@ -9,7 +9,7 @@ import contextlib
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import numpy as np
@@ -197,9 +197,9 @@ class EmbeddingService:
         try:
             await self._embed_missing(served, texts, mine, keys, vectors, counts, truncate, deadline, name, prompt, led)
         finally:
-            for i, flight in led.items():
+            for flight in led.values():
                 if not flight.done.is_set():  # failed or cancelled: whoever waits embeds the text itself
-                    self._queries.land(cast(QueryKey, keys[i]), flight, None)
+                    self._queries.land(flight, None)
         again: list[int] = []
         for i, flight in joined:
             try:
@@ -241,7 +241,7 @@ class EmbeddingService:
             if (key := keys[i]) is not None:
                 self._queries.put(key, fresh[j], fresh_counts[j])
                 if (flight := led.get(i)) is not None:
-                    self._queries.land(key, flight, CachedQuery(fresh[j], fresh_counts[j]))
+                    self._queries.land(flight, CachedQuery(fresh[j], fresh_counts[j]))
 
     async def _embed_now(
         self,

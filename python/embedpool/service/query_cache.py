@@ -69,7 +69,8 @@ class CachedQuery(NamedTuple):
 class Flight:
     """A text being embedded by one call, which other calls missing the same text wait on."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: QueryKey) -> None:
+        self.key = key
         self.done = anyio.Event()
         self.entry: CachedQuery | None = None
         """Set when the call embedding it succeeded; None once done means it failed."""
@@ -127,14 +128,14 @@ class QueryCache:
         if (flight := self._flights.get(key)) is not None:
             metrics.QUERY_CACHE_JOINED.inc()
             return flight, False
-        flight = self._flights[key] = Flight()
+        flight = self._flights[key] = Flight(key)
         return flight, True
 
-    def land(self, key: QueryKey, flight: Flight, entry: CachedQuery | None) -> None:
+    def land(self, flight: Flight, entry: CachedQuery | None) -> None:
         """Ends a flight its leader began: `entry` is what it embedded (None: it failed, and those waiting embed
         the text themselves)."""
-        if self._flights.get(key) is flight:
-            del self._flights[key]
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
         flight.entry = entry
         flight.done.set()
 
